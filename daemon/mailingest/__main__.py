@@ -1,0 +1,4 @@
+"""Run the CLI as ``python -m mailingest``."""
+from mailingest.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,249 @@
+"""Command line: parse, set up logging, load config, call one function, map errors to exits."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import structlog
+
+from mailingest import __version__, commands, logs
+from mailingest.config import Config, load_config, render_config, resolve_config_path
+from mailingest.errors import (
+    EX_OK,
+    EX_USAGE,
+    STATUS_EXIT,
+    MailIngestError,
+    worst_exit,
+)
+from mailingest.output import human_bytes, print_table
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mailingest",
+        description="POP3 mail ingestion for a CRM: durable, byte-exact, shared per CRM rules.",
+    )
+    parser.add_argument("--version", action="version", version=f"mailingest {__version__}")
+    parser.add_argument(
+        "-c",
+        "--config",
+        help="config file (default: $MAILINGEST_CONFIG, else /etc/mailingest/mailingest.toml)",
+    )
+    parser.add_argument(
+        "--log-format",
+        choices=["auto", "json", "console"],
+        default=None,
+        help="log format on stderr (default: the config's, else auto)",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logs")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    sub.add_parser("run", help="the daemon (systemd Type=notify)")
+    p = sub.add_parser("fetch", help="one cycle for each (selected) account, then exit")
+    p.add_argument("--account", action="append", metavar="NAME", help="only this account")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p = sub.add_parser("check", help="connect, TLS, login, STAT; nothing fetched or changed")
+    p.add_argument("--account", action="append", metavar="NAME", help="only this account")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    sub.add_parser("config", help="validate and print the effective config, secrets redacted")
+    p = sub.add_parser("status", help="per account: last poll, result, stored count")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p = sub.add_parser("messages", help="what a CRM user may see, newest first")
+    p.add_argument("--viewer", required=True, metavar="USER")
+    p.add_argument("--account", metavar="NAME")
+    p.add_argument("--label", metavar="L")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p = sub.add_parser("show", help="one message; --raw writes the exact stored bytes")
+    p.add_argument("id", type=int, metavar="ID")
+    p.add_argument("--viewer", required=True, metavar="USER")
+    p.add_argument("--raw", action="store_true", help="write the stored bytes to stdout")
+    sub.add_parser("demo", help="ingest sample mail from a loopback POP3 server; no mailbox needed")
+    return parser
+
+
+def _load(args: argparse.Namespace) -> Config:
+    config = load_config(resolve_config_path(args.config))
+    logs.register_secrets(
+        s.reveal()
+        for a in config.accounts
+        for s in (a.password, a.smtp.password if a.smtp else None)
+        if s is not None
+    )
+    fmt = args.log_format or config.daemon.log_format
+    logs.configure(fmt, level=10 if args.verbose else 20)
+    for account in config.accounts:
+        if not account.tls_verify:
+            structlog.get_logger().warning("tls_verify_disabled", account=account.name)
+    return config
+
+
+def _emit_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, ensure_ascii=False, indent=None) + "\n")
+
+
+def _fetch(args: argparse.Namespace) -> int:
+    config = _load(args)
+    results = asyncio.run(commands.fetch(config, args.account))
+    if args.json:
+        _emit_json({"accounts": [r.to_json() for r in results]})
+    else:
+        print_table(
+            ["account", "status", "new", "bytes", "deleted", "time", "error"],
+            [
+                [
+                    r.account,
+                    r.status,
+                    r.new,
+                    human_bytes(r.bytes),
+                    r.deleted,
+                    f"{r.duration_ms / 1000:.1f}s",
+                    r.error or "",
+                ]
+                for r in results
+            ],
+        )
+    return worst_exit([STATUS_EXIT[r.status] for r in results])
+
+
+def _check(args: argparse.Namespace) -> int:
+    config = _load(args)
+    results = asyncio.run(commands.check(config, args.account))
+    if args.json:
+        _emit_json({"accounts": results})
+    else:
+        print_table(
+            ["account", "pop3", "messages", "capabilities / error"],
+            [
+                [
+                    r["account"],
+                    r["pop3"]["status"],
+                    r["pop3"]["messages"] or 0,
+                    r["pop3"]["error"] or " ".join(r["pop3"]["capabilities"]),
+                ]
+                for r in results
+            ],
+        )
+    return worst_exit([STATUS_EXIT[r["pop3"]["status"]] for r in results])
+
+
+def _config(args: argparse.Namespace) -> int:
+    config = _load(args)
+    sys.stdout.write(render_config(config))
+    return EX_OK
+
+
+def _status(args: argparse.Namespace) -> int:
+    config = _load(args)
+    rows = asyncio.run(commands.status(config))
+    if args.json:
+        _emit_json({"accounts": rows})
+    else:
+        print_table(
+            ["account", "owner", "last poll", "result", "new", "stored", "paused", "error"],
+            [
+                [
+                    r["account"],
+                    r["owner"],
+                    r["last_poll"] or "never",
+                    r["result"] or "-",
+                    r["new"],
+                    r["stored"],
+                    "yes" if r["paused"] else "no",
+                    r["error"] or "",
+                ]
+                for r in rows
+            ],
+        )
+    return EX_OK
+
+
+def _messages(args: argparse.Namespace) -> int:
+    config = _load(args)
+    found = asyncio.run(
+        commands.messages(config, args.viewer, account=args.account, label=args.label)
+    )
+    if args.json:
+        _emit_json([m.to_json() for m in found])
+    else:
+        print_table(
+            ["id", "account", "dir", "date", "from", "subject", "visibility"],
+            [
+                [
+                    m.id,
+                    m.account,
+                    m.direction,
+                    (m.date or "")[:16],
+                    m.sender or "",
+                    (m.subject or "")[:50],
+                    f"{m.visibility} ({m.reason})",
+                ]
+                for m in found
+            ],
+        )
+    return EX_OK
+
+
+def _show(args: argparse.Namespace) -> int:
+    config = _load(args)
+    out = sys.stdout.buffer
+    message = asyncio.run(
+        commands.show(config, args.id, args.viewer, raw_sink=out.write if args.raw else None)
+    )
+    if args.raw:
+        out.flush()
+        return EX_OK
+    for key, value in message.to_json().items():
+        sys.stdout.write(f"{key:>12}: {value}\n")
+    return EX_OK
+
+
+def _run(args: argparse.Namespace) -> int:
+    from mailingest.scheduler import run_daemon
+
+    config = _load(args)
+    return run_daemon(config, config_path=resolve_config_path(args.config))
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from mailingest.demo import run_demo
+
+    logs.configure(args.log_format or "auto", level=10 if args.verbose else 30)
+    return asyncio.run(run_demo(sys.stdout))
+
+
+_COMMANDS = {
+    "run": _run,
+    "fetch": _fetch,
+    "check": _check,
+    "config": _config,
+    "status": _status,
+    "messages": _messages,
+    "show": _show,
+    "demo": _demo,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse: 2 on usage errors; sysexits wants 64
+        return EX_USAGE if exc.code not in (0, None) else EX_OK
+    try:
+        return _COMMANDS[args.command](args)
+    except MailIngestError as exc:
+        sys.stderr.write(f"mailingest {args.command}: {exc}\n")
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        # `mailingest messages | head`: the reader went away; not an error of ours.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EX_OK

@@ -1,0 +1,162 @@
+"""What each CLI command does, as async functions over a config and a store.
+
+cli.py parses and prints; these functions do the work and return plain data.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+from mailingest.config import Account, Config
+from mailingest.errors import MailIngestError, PermissionDenied, UsageError
+from mailingest.fetch import FetchResult, Progress, fetch_account
+from mailingest.pop3 import Pop3Session
+from mailingest.store import Store, StoredMessage
+
+T = TypeVar("T")
+
+
+def select_accounts(config: Config, names: Sequence[str] | None) -> list[Account]:
+    """The accounts named on the command line (all when none), in config order."""
+    if not names:
+        return list(config.accounts)
+    known = {a.name: a for a in config.accounts}
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise UsageError(
+            f"unknown account {', '.join(map(repr, unknown))}; "
+            f"configured: {', '.join(known) or '(none)'}"
+        )
+    return [known[n] for n in dict.fromkeys(names)]
+
+
+@contextlib.asynccontextmanager
+async def open_store(config: Config) -> AsyncIterator[Store]:
+    store = await Store.open(config.storage.database)
+    try:
+        yield store
+    finally:
+        await store.close()
+
+
+def size_executor(concurrency: int) -> None:
+    """One worker thread per concurrent POP3 session, plus a few for parsing."""
+    loop = asyncio.get_running_loop()
+    loop.set_default_executor(ThreadPoolExecutor(max_workers=concurrency + 4))
+
+
+async def bounded(limit: int, jobs: Sequence[Callable[[], Awaitable[T]]]) -> list[T]:
+    """Run jobs concurrently, at most ``limit`` at once, results in input order."""
+    gate = asyncio.Semaphore(limit)
+
+    async def one(job: Callable[[], Awaitable[T]]) -> T:
+        async with gate:
+            return await job()
+
+    return list(await asyncio.gather(*(one(j) for j in jobs)))
+
+
+async def fetch(
+    config: Config, names: Sequence[str] | None, *, progress: Progress | None = None
+) -> list[FetchResult]:
+    accounts = select_accounts(config, names)
+    limit = config.daemon.max_concurrent
+    size_executor(limit)
+    async with open_store(config) as store:
+        return await bounded(
+            limit,
+            [
+                functools.partial(
+                    fetch_account,
+                    a,
+                    store,
+                    max_sessions=config.daemon.max_sessions_per_cycle,
+                    progress=progress,
+                )
+                for a in accounts
+            ],
+        )
+
+
+def _check_pop3(account: Account) -> dict[str, Any]:
+    """Worker-thread side of `check`: connect, TLS, login, STAT; nothing changed."""
+    session = Pop3Session(account)
+    try:
+        session.connect()
+        count, _ = session.stat()
+        caps = session.capabilities.listing()
+        session.quit()
+    except MailIngestError as exc:
+        return {"status": exc.status, "error": str(exc), "capabilities": [], "messages": None}
+    finally:
+        session.close()
+    return {"status": "ok", "error": None, "capabilities": caps, "messages": count}
+
+
+async def check(config: Config, names: Sequence[str] | None) -> list[dict[str, Any]]:
+    accounts = select_accounts(config, names)
+    size_executor(config.daemon.max_concurrent)
+
+    async def one(account: Account) -> dict[str, Any]:
+        pop3 = await asyncio.to_thread(_check_pop3, account)
+        return {"account": account.name, "pop3": pop3, "smtp": None}
+
+    return await bounded(
+        config.daemon.max_concurrent, [functools.partial(one, a) for a in accounts]
+    )
+
+
+async def status(config: Config) -> list[dict[str, Any]]:
+    async with open_store(config) as store:
+        states = await store.account_states()
+        out = []
+        for account in config.accounts:
+            state = states.get(account.name)
+            stored = state.stored if state else await store.stored_count(account.name)
+            out.append(
+                {
+                    "account": account.name,
+                    "owner": account.owner,
+                    "last_poll": state.last_poll if state else None,
+                    "result": state.result if state else None,
+                    "error": state.error if state else None,
+                    "new": state.new if state else 0,
+                    "stored": stored,
+                    "paused": state.paused if state else False,
+                    "pause_reason": state.pause_reason if state else None,
+                    "next_poll": state.next_poll if state else None,
+                    "consecutive_failures": state.consecutive_failures if state else 0,
+                }
+            )
+        return out
+
+
+async def messages(
+    config: Config, viewer: str, *, account: str | None = None, label: str | None = None
+) -> list[StoredMessage]:
+    if account is not None:
+        select_accounts(config, [account])
+    async with open_store(config) as store:
+        return await store.messages(viewer, account=account, label=label)
+
+
+async def show(
+    config: Config, message_id: int, viewer: str, *, raw_sink: Callable[[bytes], object] | None
+) -> StoredMessage:
+    """One message if ``viewer`` may see it; with ``raw_sink`` its exact bytes stream out."""
+    async with open_store(config) as store:
+        message = await store.message(message_id)
+        if message is None or not (message.owner == viewer or message.visibility == "shared"):
+            # The same answer for "absent" and "not yours": no probing for message ids.
+            raise PermissionDenied(
+                f"message {message_id} does not exist or {viewer!r} may not see it"
+            )
+        if raw_sink is not None:
+            async for chunk in store.raw_chunks(message_id):
+                raw_sink(chunk)
+        return message

@@ -1,0 +1,135 @@
+"""Header extraction from raw message bytes; never raises, whatever the bytes.
+
+The raw message is always stored as received; what this module derives is only an index
+(From/To/Cc/Subject/Date/Message-ID) and degrades to ``None``/empty on broken input.
+"""
+
+from __future__ import annotations
+
+import email.header
+import email.parser
+import email.policy
+import email.utils
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import IO
+
+#: Header blocks longer than this are cut: the index needs the first few headers only.
+MAX_HEAD = 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Headers:
+    """What the store indexes of one message."""
+
+    from_addrs: tuple[str, ...] = ()
+    to: tuple[str, ...] = ()
+    cc: tuple[str, ...] = ()
+    reply_to: tuple[str, ...] = ()
+    subject: str | None = None
+    date: str | None = None
+    message_id: str | None = None
+    references: str | None = None
+
+    @property
+    def sender(self) -> str | None:
+        return self.from_addrs[0] if self.from_addrs else None
+
+
+def read_head(stream: IO[bytes], limit: int = MAX_HEAD) -> bytes:
+    """The header block (up to the first empty line), at most ``limit`` bytes."""
+    out = bytearray()
+    while len(out) < limit:
+        line = stream.readline(limit - len(out))
+        if not line or line in (b"\r\n", b"\n"):
+            break
+        out += line
+    return bytes(out)
+
+
+def _clean(text: str) -> str:
+    """Turn surrogate-escaped 8-bit junk back into text (UTF-8 if it is, else replaced)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    return text
+
+
+def decode_text(value: str) -> str:
+    """RFC 2047 decoding that tolerates garbage: unknown charsets and bad encodings."""
+    value = _clean(value)
+    try:
+        parts = email.header.decode_header(value)
+    except Exception:
+        return " ".join(value.split())
+    words: list[str] = []
+    for chunk, charset in parts:
+        if isinstance(chunk, str):
+            words.append(chunk)
+            continue
+        try:
+            words.append(chunk.decode(charset or "ascii"))
+        except (LookupError, UnicodeDecodeError):
+            words.append(chunk.decode("utf-8", "replace"))
+    # decode_header drops the space between encoded and plain words inconsistently.
+    return " ".join("".join(words).split())
+
+
+def _addresses(values: Iterable[str]) -> tuple[str, ...]:
+    try:
+        pairs = email.utils.getaddresses([_clean(v) for v in values])
+    except Exception:
+        return ()
+    return tuple(addr.strip() for _, addr in pairs if addr and "@" in addr)
+
+
+def _date(value: str | None) -> str | None:
+    if not value:
+        return None
+    try:
+        parsed = email.utils.parsedate_to_datetime(_clean(value))
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=UTC)
+    try:
+        return parsed.astimezone(UTC).isoformat()
+    except (OverflowError, ValueError):
+        return None
+
+
+def parse_headers(head: bytes) -> Headers:
+    """Index fields of a header block; broken headers give empty fields, never an exception."""
+    try:
+        msg = email.parser.BytesHeaderParser(policy=email.policy.compat32).parsebytes(head)
+        get_all = msg.get_all
+        first = msg.get
+    except Exception:
+        return Headers()
+
+    def text(name: str) -> str | None:
+        value = first(name)
+        if value is None:
+            return None
+        return decode_text(str(value)) if not isinstance(value, str) else decode_text(value)
+
+    def raw_all(name: str) -> list[str]:
+        return [str(v) for v in (get_all(name) or [])]
+
+    message_id = text("Message-ID")
+    return Headers(
+        from_addrs=_addresses(raw_all("From")),
+        to=_addresses(raw_all("To")),
+        cc=_addresses(raw_all("Cc")),
+        reply_to=_addresses(raw_all("Reply-To")),
+        subject=text("Subject"),
+        date=_date(text("Date")),
+        message_id=message_id.strip() if message_id else None,
+        references=text("References"),
+    )
+
+
+def now_iso() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")

@@ -1,0 +1,395 @@
+"""The only module that touches ``poplib``: one blocking POP3 session per account.
+
+Every method blocks; callers run them in a worker thread. Every socket has a timeout, so a
+worker always finishes. Foreign errors become our typed errors at one boundary
+(`_translate`); after an error in the middle of a response the session is marked broken,
+its socket closed, and nothing more (no DELE, no QUIT) is ever sent on it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import poplib
+import re
+import socket
+import ssl
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+
+from mailingest.config import Account
+from mailingest.errors import (
+    AuthError,
+    Pop3Error,
+    ProtocolError,
+    TemporaryError,
+    TLSError,
+    UnavailableError,
+)
+
+#: A status line (``+OK``/``-ERR``) longer than this is a protocol error (the contract's 64 KiB).
+MAX_STATUS_LINE = 64 * 1024
+#: Message lines of any length are read in chunks of at most this many bytes.
+READ_CHUNK = 64 * 1024
+#: RETR commands kept in flight when the server advertises PIPELINING.
+PIPELINE_WINDOW = 16
+
+_CODE = re.compile(rb"^-ERR\s*\[([A-Za-z0-9/-]+)\]")
+_TRANSIENT_CODES = {"SYS/TEMP", "IN-USE", "LOGIN-DELAY"}
+
+Sink = Callable[[bytes], object]
+
+
+def response_code(reply: bytes) -> str | None:
+    """The RFC 2449 response code of an ``-ERR`` line (``AUTH``, ``IN-USE``...), upper-cased."""
+    match = _CODE.match(reply)
+    return match.group(1).decode("ascii").upper() if match else None
+
+
+def _reply_text(reply: bytes) -> str:
+    return reply[:200].decode("utf-8", "replace").strip()
+
+
+class _BoundedLines(poplib.POP3):
+    """poplib with our line rules: status lines up to 64 KiB, ``+OK`` required, EOF typed."""
+
+    def _getline(self) -> tuple[bytes, int]:
+        line = self.file.readline(MAX_STATUS_LINE + 1)
+        if len(line) > MAX_STATUS_LINE:
+            raise ProtocolError(f"server sent a line over {MAX_STATUS_LINE} bytes")
+        if not line:
+            raise TemporaryError("connection closed by the server")
+        if line.endswith(b"\r\n"):
+            return line[:-2], len(line)
+        if line.endswith(b"\n"):
+            return line[:-1], len(line)
+        # No line end: EOF in the middle of a line.
+        raise TemporaryError("connection closed in the middle of a line")
+
+    def command(self, line: str) -> bytes:
+        """Send one command and read its status line (poplib's own helper is private)."""
+        self.sock.sendall(line.encode("utf-8") + b"\r\n")
+        return self._getresp()
+
+    def _getresp(self) -> bytes:
+        resp, _ = self._getline()
+        if resp.startswith(b"+OK"):
+            return resp
+        if resp.startswith(b"-ERR"):
+            raise poplib.error_proto(resp)
+        # poplib accepts any "+..." (even "+ERR"); a reply that is neither is not success.
+        raise ProtocolError(f"malformed reply {_reply_text(resp)!r}")
+
+
+class _PlainPOP3(_BoundedLines):
+    pass
+
+
+class _SSLPOP3(_BoundedLines, poplib.POP3_SSL):
+    pass
+
+
+@dataclass
+class Capabilities:
+    """CAPA as seen before and after login; ``None`` when the server has no CAPA."""
+
+    names: dict[str, list[str]] | None = None
+    extra: dict[str, list[str]] = field(default_factory=dict)
+
+    def has(self, name: str) -> bool:
+        merged = {**(self.names or {}), **self.extra}
+        return name.upper() in merged
+
+    def arg(self, name: str) -> list[str]:
+        merged = {**(self.names or {}), **self.extra}
+        return merged.get(name.upper(), [])
+
+    def listing(self) -> list[str]:
+        merged = {**(self.names or {}), **self.extra}
+        return sorted(" ".join([k, *v]) for k, v in merged.items())
+
+    @property
+    def login_delay(self) -> int | None:
+        args = self.arg("LOGIN-DELAY")
+        return int(args[0]) if args and args[0].isdigit() else None
+
+
+def make_tls_context(account: Account) -> ssl.SSLContext:
+    """System CAs plus the account's ``ca_file``; verification off only by explicit choice."""
+    ctx = ssl.create_default_context()
+    if account.ca_file is not None:
+        ctx.load_verify_locations(cafile=str(account.ca_file))
+    if not account.tls_verify:
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+class Pop3Session:
+    """One POP3 session for one account. Not thread-safe: one worker thread at a time."""
+
+    def __init__(self, account: Account) -> None:
+        self.account = account
+        self.capabilities = Capabilities()
+        self.broken = False
+        self._pop: _BoundedLines | None = None
+
+    def __repr__(self) -> str:
+        state = "broken" if self.broken else ("open" if self._pop else "closed")
+        return f"<Pop3Session {self.account.name} {self.account.host}:{self.account.port} {state}>"
+
+    # -- error boundary -------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _translate(self, phase: str) -> Iterator[None]:
+        """Map socket/TLS/poplib errors to ours; any failure mid-response breaks the session."""
+        name = self.account.name
+        try:
+            yield
+        except Pop3Error as exc:
+            if exc.account is None:
+                exc.account = name
+            if not isinstance(exc, AuthError):
+                self._discard()
+            raise
+        except poplib.error_proto as exc:
+            reply = exc.args[0] if exc.args and isinstance(exc.args[0], bytes) else b""
+            raise self._from_err_reply(phase, reply) from exc
+        except ssl.SSLCertVerificationError as exc:
+            self._discard()
+            raise TLSError(f"certificate rejected: {exc.verify_message}", account=name) from exc
+        except ssl.SSLError as exc:
+            self._discard()
+            raise TLSError(f"TLS failed during {phase}: {exc.reason or exc}", account=name) from exc
+        except TimeoutError as exc:
+            self._discard()
+            raise TemporaryError(f"timed out during {phase}", account=name) from exc
+        except socket.gaierror as exc:
+            self._discard()
+            raise UnavailableError(
+                f"cannot resolve {self.account.host}: {exc}", account=name
+            ) from exc
+        except (ConnectionRefusedError, OSError) as exc:
+            self._discard()
+            if phase == "connect" and not isinstance(exc, ConnectionResetError):
+                raise UnavailableError(
+                    f"cannot connect to {self.account.host}:{self.account.port}: "
+                    f"{exc.strerror or exc}",
+                    account=name,
+                ) from exc
+            raise TemporaryError(
+                f"connection lost during {phase}: {exc.strerror or exc}", account=name
+            ) from exc
+
+    def _from_err_reply(self, phase: str, reply: bytes) -> Pop3Error:
+        """Type an ``-ERR`` reply by its response code and the phase it came in."""
+        name = self.account.name
+        code = response_code(reply)
+        text = _reply_text(reply)
+        if code in _TRANSIENT_CODES:
+            self._discard()
+            return TemporaryError(f"server busy during {phase}: {text}", account=name)
+        if code == "AUTH" or phase == "login":
+            return AuthError(f"login rejected: {text}", account=name)
+        if phase in {"greeting", "stls"}:
+            self._discard()
+        return ProtocolError(f"{phase} failed: {text}", account=name)
+
+    def _discard(self) -> None:
+        """Close the socket without QUIT: the server then applies no DELE of this session."""
+        self.broken = True
+        pop, self._pop = self._pop, None
+        if pop is not None:
+            with contextlib.suppress(OSError):
+                pop.close()
+
+    def _conn(self) -> _BoundedLines:
+        if self._pop is None or self.broken:
+            raise ProtocolError("session is closed", account=self.account.name)
+        return self._pop
+
+    # -- session ------------------------------------------------------------------------------
+
+    def connect(self) -> None:
+        """Connect, secure the channel, read CAPA, log in with USER/PASS, re-read CAPA."""
+        acc = self.account
+        with self._translate("connect"):
+            if acc.security == "tls":
+                self._pop = _SSLPOP3(
+                    acc.host, acc.port, context=make_tls_context(acc), timeout=acc.timeout
+                )
+            else:
+                self._pop = _PlainPOP3(acc.host, acc.port, timeout=acc.timeout)
+        self.capabilities.names = self._capa("capa")
+        if acc.security == "starttls":
+            self._starttls()
+            self.capabilities.names = self._capa("capa")
+        self._login()
+
+    def _capa(self, phase: str) -> dict[str, list[str]] | None:
+        with self._translate(phase):
+            try:
+                raw = self._conn().capa()
+            except poplib.error_proto:
+                return None  # popa3d and others: no CAPA; carry on with the basics.
+        return {k.upper(): v for k, v in raw.items()}
+
+    def _starttls(self) -> None:
+        acc = self.account
+        if "STLS" not in (self.capabilities.names or {}):
+            self._discard()
+            raise TLSError(
+                "server does not offer STLS; refusing to continue in plaintext "
+                '(set security = "tls" or, on a trusted network, "plain")',
+                account=acc.name,
+            )
+        with self._translate("stls"):
+            pop = self._conn()
+            pop.command("STLS")
+            pop.sock = make_tls_context(acc).wrap_socket(pop.sock, server_hostname=acc.host)
+            pop.file = pop.sock.makefile("rb")
+
+    def _login(self) -> None:
+        acc = self.account
+        # USER and PASS go lock-step: a pipelined PASS loses what follows it on Courier.
+        with self._translate("login"):
+            pop = self._conn()
+            pop.user(acc.username)
+            pop.pass_(acc.password.reveal())
+        after = self._capa("capa")
+        if after:
+            self.capabilities.extra = after
+        if self.capabilities.has("UTF8"):
+            # RFC 6856: without it Courier wraps raw-UTF-8 mail; only sent when advertised.
+            with self._translate("utf8"), contextlib.suppress(poplib.error_proto):
+                self._conn().command("UTF8")
+
+    def stat(self) -> tuple[int, int]:
+        with self._translate("stat"):
+            count, size = self._conn().stat()
+        return count, size
+
+    def uidl(self) -> list[tuple[int, str]]:
+        """The (message number, unique id) listing; a malformed line is a protocol error."""
+        with self._translate("uidl"):
+            _, lines, _ = self._conn().uidl()
+        return [_parse_pair(line, self.account.name, "UIDL") for line in lines]
+
+    def sizes(self) -> dict[int, int]:
+        with self._translate("list"):
+            _, lines, _ = self._conn().list()
+        out: dict[int, int] = {}
+        for line in lines:
+            num, size = _parse_pair(line, self.account.name, "LIST")
+            if not size.isdigit():
+                raise ProtocolError(f"malformed LIST line {line[:80]!r}", account=self.account.name)
+            out[num] = int(size)
+        return out
+
+    def retrieve(self, nums: Iterable[int], open_sink: Callable[[int], Sink]) -> Iterator[int]:
+        """RETR each message, streaming its dot-unstuffed CRLF lines into ``open_sink(num)``.
+
+        Yields each number once its message has been fully written to its sink. With
+        PIPELINING a window of RETR commands stays in flight; replies are read in order.
+        """
+        pending = list(nums)
+        window = PIPELINE_WINDOW if self.capabilities.has("PIPELINING") else 1
+        done = False
+        with self._translate("retr"):
+            pop = self._conn()
+            try:
+                yield from self._retr_window(pop, pending, window, open_sink)
+                done = True
+            finally:
+                if not done:
+                    # Stopped early: replies still in flight would desynchronise the session.
+                    self._discard()
+
+    def _retr_window(
+        self, pop: _BoundedLines, pending: list[int], window: int, open_sink: Callable[[int], Sink]
+    ) -> Iterator[int]:
+        sent = 0
+        for index, num in enumerate(pending):
+            while sent < len(pending) and sent < index + window:
+                pop.sock.sendall(f"RETR {pending[sent]}\r\n".encode("ascii"))
+                sent += 1
+            try:
+                pop._getresp()
+            except poplib.error_proto as exc:
+                reply = exc.args[0] if isinstance(exc.args[0], bytes) else b""
+                raise self._from_err_reply(f"retr {num}", reply) from exc
+            _stream_body(pop, open_sink(num))
+            yield num
+
+    def delete(self, nums: Iterable[int]) -> None:
+        """DELE each message; the server expunges them only at QUIT."""
+        todo = list(nums)
+        window = PIPELINE_WINDOW if self.capabilities.has("PIPELINING") else 1
+        with self._translate("dele"):
+            pop = self._conn()
+            try:
+                for start in range(0, len(todo), window):
+                    chunk = todo[start : start + window]
+                    pop.sock.sendall(b"".join(f"DELE {n}\r\n".encode("ascii") for n in chunk))
+                    for _ in chunk:
+                        pop._getresp()
+            except poplib.error_proto:
+                # Abandon without QUIT: none of this session's DELEs is applied; the next
+                # cycle deletes again from the ledger.
+                self._discard()
+                raise
+
+    def quit(self) -> None:
+        """End the session normally: the server expunges DELEted messages now."""
+        with self._translate("quit"):
+            pop = self._conn()
+            self._pop = None
+            try:
+                pop.quit()
+            finally:
+                with contextlib.suppress(OSError):
+                    pop.close()
+
+    def close(self) -> None:
+        """Abandon the session without QUIT (nothing DELEted is expunged)."""
+        self._discard()
+
+
+def _parse_pair(line: bytes, account: str, what: str) -> tuple[int, str]:
+    parts = line.split()
+    if len(parts) < 2 or not parts[0].isdigit():
+        raise ProtocolError(f"malformed {what} line {line[:80]!r}", account=account)
+    try:
+        return int(parts[0]), parts[1].decode("ascii")
+    except UnicodeDecodeError as exc:
+        raise ProtocolError(f"non-ASCII {what} id {parts[1][:80]!r}", account=account) from exc
+
+
+def _stream_body(pop: _BoundedLines, sink: Sink) -> None:
+    """Copy one multi-line body to ``sink``: dot-unstuffed, every line end CRLF.
+
+    Lines are read in chunks of at most READ_CHUNK bytes, so a multi-megabyte line never
+    sits in memory whole and poplib's 2048-byte limit does not apply.
+    """
+    read = pop.file.readline
+    at_line_start = True
+    pending_cr = False  # the previous chunk ended with CR, its LF may come next
+    while True:
+        chunk = read(READ_CHUNK)
+        if not chunk:
+            raise TemporaryError("connection closed in the middle of a message")
+        if at_line_start:
+            if chunk in (b".\r\n", b".\n"):
+                return
+            if chunk.startswith(b"."):
+                chunk = chunk[1:]
+        if chunk.endswith(b"\n"):
+            if chunk.endswith(b"\r\n") or (chunk == b"\n" and pending_cr):
+                pass
+            else:
+                chunk = chunk[:-1] + b"\r\n"
+            at_line_start = True
+            pending_cr = False
+        else:
+            at_line_start = False
+            pending_cr = chunk.endswith(b"\r")
+        sink(chunk)

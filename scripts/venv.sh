@@ -1,0 +1,18 @@
+#!/bin/sh
+# Create .venv (once) and install mailingest into it; sourced by demo.sh and test.sh.
+# usage: . scripts/venv.sh [EXTRAS]   e.g. ". scripts/venv.sh test,dev"
+set -eu
+as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
+if ! python3 -c 'import ensurepip, venv' >/dev/null 2>&1; then
+    # Debian ships venv support separately.
+    as_root apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq python3-venv
+fi
+[ -x .venv/bin/python ] || python3 -m venv .venv
+extras=${1:-}
+.venv/bin/python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
+if [ -n "$extras" ]; then
+    .venv/bin/python -m pip install -q -e ".[$extras]"
+else
+    .venv/bin/python -m pip install -q -e .
+fi

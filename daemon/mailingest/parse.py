@@ -82,7 +82,7 @@ def _addresses(values: Iterable[str]) -> tuple[str, ...]:
         pairs = email.utils.getaddresses([_clean(v) for v in values])
     except Exception:
         return ()
-    return tuple(addr.strip() for _, addr in pairs if addr and "@" in addr)
+    return tuple(addr.strip() for _, addr in pairs if addr and addr.strip())
 
 
 def _date(value: str | None) -> str | None:

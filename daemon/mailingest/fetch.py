@@ -243,6 +243,7 @@ async def fetch_account(
 ) -> FetchResult:
     """Run one cycle for one account; never raises for account-level failures."""
     started = time.monotonic()
+    log.debug("poll_started", account=account.name)
     result = FetchResult(account=account.name)
     total = _Session()
     spool_dir = store.path.parent

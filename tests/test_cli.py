@@ -1,0 +1,136 @@
+"""The CLI as a user runs it: version, demo, config output and errors, logs and secrets."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from support import run_cli, write_config
+
+from mailingest import __version__, logs
+from mailingest.popserver import Faults, Mailbox, ThreadedPop3Server
+
+PACKAGE = Path(__file__).resolve().parent.parent / "daemon" / "mailingest"
+README = Path(__file__).resolve().parent.parent / "README.md"
+SECRET = "S3cr3t-Zebra-Quartz-99"
+
+
+def _account(port: int, **overrides: object) -> dict[str, object]:
+    account: dict[str, object] = {
+        "name": "a1",
+        "owner": "alice",
+        "host": "127.0.0.1",
+        "port": port,
+        "security": "plain",
+        "allow_plaintext": True,
+        "username": "alice",
+        "password": SECRET,
+        "timeout": "5s",
+    }
+    account.update(overrides)
+    return account
+
+
+def test_version() -> None:
+    proc = run_cli(None, "--version")
+    assert proc.returncode == 0
+    assert proc.stdout.decode().strip() == f"mailingest {__version__}"
+
+
+def test_no_command_is_a_usage_error() -> None:
+    assert run_cli(None).returncode == 64
+    assert run_cli(None, "fetch", "--bogus").returncode == 64
+
+
+def test_demo_exits_0_and_shows_who_sees_what() -> None:
+    proc = run_cli(None, "demo")
+    assert proc.returncode == 0, proc.stderr.decode()
+    out = proc.stdout.decode()
+    assert "alice-mail" in out and "dana-gmail" in out
+    assert "Second fetch: 0 new" in out
+    assert "What dana sees" in out
+
+
+def test_config_prints_effective_config_with_secrets_redacted(tmp_path: Path) -> None:
+    config = write_config(tmp_path, [_account(110, password={"env": "A1_PW"})])
+    proc = run_cli(config, "config", env={"A1_PW": SECRET})
+    assert proc.returncode == 0, proc.stderr.decode()
+    out = proc.stdout.decode()
+    assert SECRET not in out
+    assert 'env = "A1_PW"' in out
+    assert "leave_on_server = true" in out
+
+
+def test_config_errors_exit_78_with_key_path(tmp_path: Path) -> None:
+    config = write_config(tmp_path, [_account(110, prot=1)])
+    proc = run_cli(config, "fetch")
+    assert proc.returncode == 78
+    assert b'accounts[0] ("a1").prot' in proc.stderr
+    config = write_config(tmp_path, [_account(110), _account(110)])
+    proc = run_cli(config, "check")
+    assert proc.returncode == 78
+    assert b'accounts[1] ("a1").name' in proc.stderr
+    proc = run_cli(tmp_path / "missing.toml", "status")
+    assert proc.returncode == 78 and b"missing.toml" in proc.stderr
+
+
+def test_group_readable_config_with_literal_password_refused(tmp_path: Path) -> None:
+    config = write_config(tmp_path, [_account(110)])
+    config.chmod(0o640)
+    proc = run_cli(config, "config")
+    assert proc.returncode == 78
+    assert SECRET.encode() not in proc.stdout + proc.stderr
+
+
+def test_secrets_never_printed_even_on_failures(tmp_path: Path) -> None:
+    with ThreadedPop3Server(
+        [Mailbox("alice", "other-password", [b"Subject: x\r\n\r\nx\r\n"])]
+    ) as srv:
+        config = write_config(tmp_path, [_account(srv.port)])
+        outputs = [
+            run_cli(config, *args)
+            for args in (
+                ("fetch", "--json"),
+                ("-v", "fetch"),
+                ("check", "--json"),
+                ("config",),
+                ("status", "--json"),
+            )
+        ]
+    for proc in outputs:
+        assert SECRET.encode() not in proc.stdout + proc.stderr
+    assert outputs[0].returncode == 77
+    assert json.loads(outputs[0].stdout)["accounts"][0]["status"] == "auth_failed"
+
+
+def test_stored_files_are_private(tmp_path: Path) -> None:
+    with ThreadedPop3Server([Mailbox("alice", SECRET, [b"Subject: x\r\n\r\nx\r\n"])]) as srv:
+        config = write_config(tmp_path, [_account(srv.port)], database="state/mail.db")
+        assert run_cli(config, "fetch").returncode == 0
+    state = tmp_path / "state"
+    assert state.stat().st_mode & 0o777 == 0o700
+    for path in state.glob("mail.db*"):
+        assert path.stat().st_mode & 0o077 == 0, path
+
+
+def test_pipelined_server_faults_reach_exit_codes(tmp_path: Path) -> None:
+    faults = Faults(err_on={"PASS": "-ERR [IN-USE] locked by another session"})
+    with ThreadedPop3Server([Mailbox("alice", SECRET, [])], faults) as srv:
+        config = write_config(tmp_path, [_account(srv.port)])
+        proc = run_cli(config, "fetch", "--json")
+    assert proc.returncode == 75
+    [result] = json.loads(proc.stdout)["accounts"]
+    assert result["status"] == "temp_failed" and "a1" in result["error"]
+
+
+def test_every_logged_event_is_in_the_catalog_and_readme() -> None:
+    used: set[str] = set()
+    pattern = re.compile(r"\.(?:debug|info|warning|error|exception)\(\s*\"(\w+)\"")
+    for path in PACKAGE.glob("*.py"):
+        used.update(pattern.findall(path.read_text(encoding="utf-8")))
+    assert used, "no log calls found"
+    assert used <= set(logs.EVENTS), used - set(logs.EVENTS)
+    readme = README.read_text(encoding="utf-8")
+    for event in logs.EVENTS:
+        assert f"`{event}`" in readme, event

@@ -126,7 +126,9 @@ def test_pipelined_server_faults_reach_exit_codes(tmp_path: Path) -> None:
 
 def test_every_logged_event_is_in_the_catalog_and_readme() -> None:
     used: set[str] = set()
-    pattern = re.compile(r"\.(?:debug|info|warning|error|exception)\(\s*\"(\w+)\"")
+    pattern = re.compile(
+        r"(?:\blog|get_logger\([^)]*\))\.(?:debug|info|warning|error|exception)\(\s*\"(\w+)\""
+    )
     for path in PACKAGE.glob("*.py"):
         used.update(pattern.findall(path.read_text(encoding="utf-8")))
     assert used, "no log calls found"

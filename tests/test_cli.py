@@ -6,10 +6,9 @@ import json
 import re
 from pathlib import Path
 
-from support import run_cli, write_config
-
 from mailingest import __version__, logs
 from mailingest.popserver import Faults, Mailbox, ThreadedPop3Server
+from support import run_cli, write_config
 
 PACKAGE = Path(__file__).resolve().parent.parent / "daemon" / "mailingest"
 README = Path(__file__).resolve().parent.parent / "README.md"

@@ -8,6 +8,7 @@ import sqlite3
 from pathlib import Path
 
 import pytest
+
 from dovecot import Mailbox
 from support import crlf, dovecot_account, fetch_json, make_message, run_cli, sha, write_config
 

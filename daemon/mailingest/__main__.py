@@ -1,4 +1,5 @@
 """Run the CLI as ``python -m mailingest``."""
+
 from mailingest.cli import main
 
 raise SystemExit(main())

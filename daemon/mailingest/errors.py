@@ -11,6 +11,8 @@
     │   ├── TLSError                69 tls_failed
     │   ├── UnavailableError        69 unavailable   (transient)
     │   ├── TemporaryError          75 temp_failed   (transient)
+    │   │   ├── BusyError               another process holds the account's lease
+    │   │   └── LoginDelayError         LOGIN-DELAY forbids logging in yet
     │   └── ProtocolError           76 error
     ├── StoreError                  75 temp_failed   (transient: disk full, locked)
     ├── SendError                   69
@@ -150,6 +152,18 @@ class TemporaryError(Pop3Error):
     exit_code = EX_TEMPFAIL
     status = "temp_failed"
     transient = True
+
+
+class BusyError(TemporaryError):
+    """Another process holds the account's lease; this run touched nothing."""
+
+
+class LoginDelayError(TemporaryError):
+    """The server's LOGIN-DELAY forbids logging in before ``retry_at`` (ISO 8601, UTC)."""
+
+    def __init__(self, message: str, *, account: str | None = None, retry_at: str) -> None:
+        super().__init__(message, account=account)
+        self.retry_at = retry_at
 
 
 class ProtocolError(Pop3Error):

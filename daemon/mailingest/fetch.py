@@ -7,11 +7,15 @@ earlier one's), so a kill at any instant re-fetches and dedups rather than loses
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
+import os
+import socket
 import tempfile
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+import uuid
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -19,7 +23,14 @@ from typing import Any
 import structlog
 
 from mailingest.config import Account
-from mailingest.errors import MailIngestError, ProtocolError, StoreError, TemporaryError
+from mailingest.errors import (
+    BusyError,
+    LoginDelayError,
+    MailIngestError,
+    ProtocolError,
+    StoreError,
+    TemporaryError,
+)
 from mailingest.parse import parse_headers, read_head
 from mailingest.pop3 import Pop3Session
 from mailingest.store import LedgerEntry, NewMessage, Store
@@ -31,6 +42,8 @@ BATCH_COUNT = 200
 BATCH_BYTES = 32 * 1024 * 1024
 #: Spool files keep at most this much of one message in memory before going to disk.
 SPOOL_MEMORY = 256 * 1024
+#: An account's lease outlives its holder by at most this long; renewed every third of it.
+LEASE_TTL = 60.0
 
 Progress = Callable[[str, int, int], None]
 
@@ -81,7 +94,6 @@ class _Session:
     new: int = 0
     bytes: int = 0
     deleted: int = 0
-    uidls_deleted: list[str] = field(default_factory=list)
 
 
 def _should_delete(account: Account, entry: LedgerEntry, now: datetime) -> bool:
@@ -169,12 +181,16 @@ def _prepare(account: Account, retrieved: list[tuple[str, _Spool]]) -> list[NewM
 
 
 async def _one_session(
-    account: Account, store: Store, spool_dir: Path, progress: Progress | None, seen: _Session
-) -> _Session:
+    account: Account, store: Store, spool_dir: Path, progress: Progress | None, result: _Session
+) -> int:
+    """One POP3 session; adds what it did to ``result`` as it goes and returns the new count."""
     session = Pop3Session(account)
-    result = _Session()
+    new_before = result.new
     try:
-        await asyncio.to_thread(session.connect)
+        try:
+            await asyncio.to_thread(session.connect)
+        finally:
+            await _pace_logins(account, store, session)
         try:
             listing = await asyncio.to_thread(session.uidl)
         except ProtocolError as exc:
@@ -210,7 +226,7 @@ async def _one_session(
                         "message_stored", account=account.name, uidl=item.uidl, size=item.size
                     )
             if progress is not None:
-                progress(account.name, seen.new + result.new, seen.bytes + result.bytes)
+                progress(account.name, result.new, result.bytes)
             if failure is not None:
                 raise failure
         ledger = await store.ledger(account.name)
@@ -226,12 +242,26 @@ async def _one_session(
             await asyncio.to_thread(session.delete, [n for n, _ in doomed])
         await asyncio.to_thread(session.quit)
         if doomed:
-            result.deleted = len(doomed)
-            result.uidls_deleted = [u for _, u in doomed]
-            await store.mark_deleted(account.name, result.uidls_deleted)
+            result.deleted += len(doomed)
+            await store.mark_deleted(account.name, [u for _, u in doomed])
     finally:
         session.close()
-    return result
+    return result.new - new_before
+
+
+async def _pace_logins(account: Account, store: Store, session: Pop3Session) -> None:
+    """Remember when the server's LOGIN-DELAY next allows a login (CAPA before or after it)."""
+    delay = session.capabilities.login_delay
+    if delay:
+        await store.set_next_login(account.name, datetime.now(UTC) + timedelta(seconds=delay))
+
+
+async def _keep_lease(store: Store, account: str, holder: str) -> None:
+    """Renew the lease while the cycle runs; if this process dies, it expires."""
+    while True:
+        await asyncio.sleep(LEASE_TTL / 3)
+        with contextlib.suppress(StoreError):
+            await store.renew_lease(account, holder, LEASE_TTL)
 
 
 async def fetch_account(
@@ -246,25 +276,23 @@ async def fetch_account(
     log.debug("poll_started", account=account.name)
     result = FetchResult(account=account.name)
     total = _Session()
-    spool_dir = store.path.parent
+    busy = False
     try:
-        for _ in range(max_sessions):
-            done = await _one_session(account, store, spool_dir, progress, total)
-            result.sessions += 1
-            total.new += done.new
-            total.bytes += done.bytes
-            total.deleted += done.deleted
-            if done.new == 0:
-                break  # the listing held nothing new: the mailbox is drained
+        busy = not await _cycle(account, store, max_sessions, progress, total, result)
     except MailIngestError as exc:
         if exc.account is None:
             exc.account = account.name
         result.status = exc.status if exc.status in _STATUSES else "error"
         result.error = str(exc)
+        if isinstance(exc, LoginDelayError):
+            await _quietly(store.set_next_login(account.name, datetime.fromisoformat(exc.retry_at)))
     except Exception as exc:  # a bug must not take down the other accounts' cycles
         log.exception("poll_crashed", account=account.name)
         result.status = "error"
         result.error = f"account {account.name!r}: internal error: {type(exc).__name__}: {exc}"
+    if busy:
+        result.status = "temp_failed"
+        result.error = str(BusyError(_BUSY, account=account.name))
     result.new, result.bytes, result.deleted = total.new, total.bytes, total.deleted
     result.duration_ms = int((time.monotonic() - started) * 1000)
     if result.status == "ok":
@@ -278,13 +306,81 @@ async def fetch_account(
         )
     else:
         log.error("poll_failed", account=account.name, error_kind=result.status, error=result.error)
-    try:
-        await store.record_poll(
-            account.name, account.owner, result=result.status, error=result.error, new=result.new
-        )
-    except StoreError as exc:
-        log.error("state_not_recorded", account=account.name, error=str(exc))
+    if not busy:  # the lease holder's record stays: this run did nothing
+        try:
+            await store.record_poll(
+                account.name,
+                account.owner,
+                result=result.status,
+                error=result.error,
+                new=result.new,
+            )
+        except StoreError as exc:
+            log.error("state_not_recorded", account=account.name, error=str(exc))
     return result
+
+
+_BUSY = "busy: another process is fetching this account; nothing was touched"
+
+
+async def _cycle(
+    account: Account,
+    store: Store,
+    max_sessions: int,
+    progress: Progress | None,
+    total: _Session,
+    result: FetchResult,
+) -> bool:
+    """Sessions under the account's lease; False if another process holds it."""
+    holder = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+    other = await store.acquire_lease(account.name, holder, LEASE_TTL)
+    if other is not None and _dead_here(other[0]):
+        other = await store.acquire_lease(account.name, holder, LEASE_TTL, stale=other[0])
+    if other is not None:
+        log.info("account_busy", account=account.name, holder=other[0])
+        return False
+    renewer = asyncio.create_task(_keep_lease(store, account.name, holder))
+    try:
+        for number in range(max_sessions):
+            allowed = await store.next_login(account.name)
+            if allowed is not None and allowed > datetime.now(UTC):
+                if number == 0:
+                    raise LoginDelayError(
+                        f"the server's LOGIN-DELAY allows the next login at "
+                        f"{allowed.isoformat(timespec='seconds')}",
+                        account=account.name,
+                        retry_at=allowed.isoformat(),
+                    )
+                break  # more mail may wait, but the next login must wait for the next poll
+            result.sessions += 1
+            if await _one_session(account, store, store.path.parent, progress, total) == 0:
+                break  # the listing held nothing new: the mailbox is drained
+    finally:
+        renewer.cancel()
+        await _quietly(store.release_lease(account.name, holder))
+    return True
+
+
+def _dead_here(holder: str) -> bool:
+    """A lease holder on this host whose process is gone (killed, crashed) holds nothing."""
+    host, _, rest = holder.partition(":")
+    pid = rest.partition(":")[0]
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False  # alive, another user's
+    return False
+
+
+async def _quietly(job: Awaitable[None]) -> None:
+    try:
+        await job
+    except StoreError as exc:
+        log.warning("state_not_recorded", error=str(exc))
 
 
 _STATUSES = {"ok", "auth_failed", "tls_failed", "unavailable", "temp_failed", "error"}

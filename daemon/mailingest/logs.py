@@ -22,6 +22,7 @@ EVENTS: dict[str, str] = {
     "message_stored": "account, uidl, size — one message committed (debug level)",
     "duplicate_uidl": "account, uidl, number — a listing held the same UIDL twice",
     "state_not_recorded": "account, error — the poll result could not be written",
+    "account_busy": "account, holder — another process holds the account's lease; skipped",
     "account_paused": "account, reason — no more logins until the config changes",
     "retry_scheduled": "account, attempt, wait_s, error_kind — a transient failure backs off",
     "tls_verify_disabled": "account — certificate checks are off for this account",

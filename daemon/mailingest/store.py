@@ -13,8 +13,10 @@ import contextlib
 import json
 import os
 import sqlite3
+import time
 from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import IO, Any
 
@@ -79,7 +81,8 @@ _MIGRATIONS: tuple[str, ...] = (
         paused INTEGER NOT NULL DEFAULT 0,
         pause_reason TEXT,
         lease_holder TEXT,
-        lease_expires REAL
+        lease_expires REAL,
+        next_login TEXT
     );
     """,
 )
@@ -162,6 +165,7 @@ class AccountState:
     pause_reason: str | None
     next_poll: str | None
     consecutive_failures: int
+    next_login: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -352,6 +356,73 @@ class Store:
         except sqlite3.Error as exc:
             raise _store_error(exc, "recording deletions") from exc
 
+    # -- leases and login pacing ----------------------------------------------------------
+
+    async def acquire_lease(
+        self, account: str, holder: str, ttl: float, *, stale: str | None = None
+    ) -> tuple[str, float] | None:
+        """Take the account's lease: None if taken, else (holder, expiry) of the one who has it.
+
+        ``stale`` names a holder known to be dead: its lease is taken over even if unexpired.
+        """
+        now = time.time()
+        try:
+            async with self._transaction():
+                await self._db.execute(
+                    "INSERT OR IGNORE INTO account_state (account) VALUES (?)", (account,)
+                )
+                cursor = await self._db.execute(
+                    "UPDATE account_state SET lease_holder = ?, lease_expires = ?"
+                    " WHERE account = ? AND (lease_holder IS NULL OR lease_holder IN (?, ?)"
+                    " OR lease_expires < ?)",
+                    (holder, now + ttl, account, holder, stale or holder, now),
+                )
+                if cursor.rowcount == 1:
+                    return None
+                cursor = await self._db.execute(
+                    "SELECT lease_holder, lease_expires FROM account_state WHERE account = ?",
+                    (account,),
+                )
+                row = await cursor.fetchone()
+        except sqlite3.Error as exc:
+            raise _store_error(exc, "taking the account lease") from exc
+        assert row is not None
+        return str(row[0]), float(row[1])
+
+    async def renew_lease(self, account: str, holder: str, ttl: float) -> None:
+        async with self._transaction():
+            await self._db.execute(
+                "UPDATE account_state SET lease_expires = ? WHERE account = ? AND lease_holder = ?",
+                (time.time() + ttl, account, holder),
+            )
+
+    async def release_lease(self, account: str, holder: str) -> None:
+        async with self._transaction():
+            await self._db.execute(
+                "UPDATE account_state SET lease_holder = NULL, lease_expires = NULL"
+                " WHERE account = ? AND lease_holder = ?",
+                (account, holder),
+            )
+
+    async def next_login(self, account: str) -> datetime | None:
+        async with self._lock:
+            cursor = await self._db.execute(
+                "SELECT next_login FROM account_state WHERE account = ?", (account,)
+            )
+            row = await cursor.fetchone()
+        return datetime.fromisoformat(row[0]) if row and row[0] else None
+
+    async def set_next_login(self, account: str, when: datetime | None) -> None:
+        """Remember the earliest next login that the server's LOGIN-DELAY allows."""
+        async with self._transaction():
+            await self._db.execute(
+                "INSERT OR IGNORE INTO account_state (account) VALUES (?)", (account,)
+            )
+            await self._db.execute(
+                "UPDATE account_state SET next_login = ? WHERE account = ?",
+                (when.isoformat(timespec="seconds") if when else None, account),
+            )
+
     # -- account state -----------------------------------------------------------------------
 
     async def record_poll(
@@ -399,6 +470,7 @@ class Store:
                 pause_reason=r["pause_reason"],
                 next_poll=r["next_poll"],
                 consecutive_failures=r["consecutive_failures"],
+                next_login=r["next_login"],
             )
             for r in rows
         }

@@ -8,6 +8,7 @@ import json
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import structlog
@@ -58,13 +59,60 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--viewer", required=True, metavar="USER")
     p.add_argument("--account", metavar="NAME")
     p.add_argument("--label", metavar="L")
+    p.add_argument("--record", metavar="ID", help="only mail linked to this CRM record")
+    p.add_argument("--limit", type=int, metavar="N", help="at most N messages (newest)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    _records_parser(sub)
     p = sub.add_parser("show", help="one message; --raw writes the exact stored bytes")
     p.add_argument("id", type=int, metavar="ID")
     p.add_argument("--viewer", required=True, metavar="USER")
     p.add_argument("--raw", action="store_true", help="write the stored bytes to stdout")
     sub.add_parser("demo", help="ingest sample mail from a loopback POP3 server; no mailbox needed")
     return parser
+
+
+def _records_parser(sub: Any) -> None:
+    records = sub.add_parser("records", help="CRM leads and contacts that mail links to")
+    rsub = records.add_subparsers(dest="records_command", required=True, metavar="ACTION")
+    p = rsub.add_parser("import", help="upsert records from a CSV (header id,kind,email,name)")
+    p.add_argument("file", metavar="FILE.csv")
+    p = rsub.add_parser("list", help="the records and their addresses")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p = rsub.add_parser("set-email", help="change a record's addresses (EMAIL[;EMAIL])")
+    p.add_argument("id", metavar="ID")
+    p.add_argument("emails", metavar="EMAIL[;EMAIL]")
+    p = rsub.add_parser("share", help="custom mode: share USER's mail with this record")
+    p.add_argument("id", metavar="ID")
+    p.add_argument("--owner", required=True, metavar="USER")
+    p.add_argument("--off", action="store_true", help="stop sharing")
+
+
+def _records(args: argparse.Namespace) -> int:
+    config = _load(args)
+    action = args.records_command
+    if action == "import":
+        path = Path(args.file)
+        count = asyncio.run(commands.records_import(config, commands.read_text(path), str(path)))
+        sys.stdout.write(f"imported {count} records from {path}\n")
+    elif action == "list":
+        found = asyncio.run(commands.records_list(config))
+        if args.json:
+            _emit_json([r.to_json() for r in found])
+        else:
+            print_table(
+                ["id", "kind", "name", "emails"],
+                [[r.id, r.kind, r.name, "; ".join(r.emails)] for r in found],
+            )
+    elif action == "set-email":
+        emails = asyncio.run(commands.records_set_email(config, args.id, args.emails))
+        sys.stdout.write(f"record {args.id}: {'; '.join(emails)}\n")
+    else:
+        notes = asyncio.run(commands.records_share(config, args.id, args.owner, not args.off))
+        state = "no longer shared" if args.off else "shared"
+        sys.stdout.write(f"{args.owner}'s mail with record {args.id}: {state}\n")
+        for note in notes:
+            sys.stderr.write(f"note: {note}\n")
+    return EX_OK
 
 
 def _load(args: argparse.Namespace) -> Config:
@@ -166,13 +214,20 @@ def _status(args: argparse.Namespace) -> int:
 def _messages(args: argparse.Namespace) -> int:
     config = _load(args)
     found = asyncio.run(
-        commands.messages(config, args.viewer, account=args.account, label=args.label)
+        commands.messages(
+            config,
+            args.viewer,
+            account=args.account,
+            label=args.label,
+            record=args.record,
+            limit=args.limit,
+        )
     )
     if args.json:
         _emit_json([m.to_json() for m in found])
     else:
         print_table(
-            ["id", "account", "dir", "date", "from", "subject", "visibility"],
+            ["id", "account", "dir", "date", "from", "subject", "records", "visibility"],
             [
                 [
                     m.id,
@@ -181,6 +236,7 @@ def _messages(args: argparse.Namespace) -> int:
                     (m.date or "")[:16],
                     m.sender or "",
                     (m.subject or "")[:50],
+                    ",".join(m.records),
                     f"{m.visibility} ({m.reason})",
                 ]
                 for m in found
@@ -224,6 +280,7 @@ _COMMANDS = {
     "config": _config,
     "status": _status,
     "messages": _messages,
+    "records": _records,
     "show": _show,
     "demo": _demo,
 }

@@ -10,13 +10,16 @@ import contextlib
 import functools
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any, TypeVar
 
+from mailingest import crm
 from mailingest.config import Account, Config
-from mailingest.errors import MailIngestError, PermissionDenied, UsageError
+from mailingest.errors import DataError, MailIngestError, PermissionDenied, UsageError
 from mailingest.fetch import FetchResult, Progress, fetch_account
 from mailingest.pop3 import Pop3Session
-from mailingest.store import Store, StoredMessage
+from mailingest.sharing import may_see
+from mailingest.store import Record, Store, StoredMessage
 
 T = TypeVar("T")
 
@@ -37,8 +40,10 @@ def select_accounts(config: Config, names: Sequence[str] | None) -> list[Account
 
 @contextlib.asynccontextmanager
 async def open_store(config: Config) -> AsyncIterator[Store]:
+    """The store, with stored mail re-tagged first if an account's sharing settings changed."""
     store = await Store.open(config.storage.database)
     try:
+        await crm.sync_settings(store, config)
         yield store
     finally:
         await store.close()
@@ -137,12 +142,20 @@ async def status(config: Config) -> list[dict[str, Any]]:
 
 
 async def messages(
-    config: Config, viewer: str, *, account: str | None = None, label: str | None = None
+    config: Config,
+    viewer: str,
+    *,
+    account: str | None = None,
+    label: str | None = None,
+    record: str | None = None,
+    limit: int | None = None,
 ) -> list[StoredMessage]:
     if account is not None:
         select_accounts(config, [account])
     async with open_store(config) as store:
-        return await store.messages(viewer, account=account, label=label)
+        return await store.messages(
+            viewer, account=account, label=label, record=record, limit=limit
+        )
 
 
 async def show(
@@ -151,7 +164,7 @@ async def show(
     """One message if ``viewer`` may see it; with ``raw_sink`` its exact bytes stream out."""
     async with open_store(config) as store:
         message = await store.message(message_id)
-        if message is None or not (message.owner == viewer or message.visibility == "shared"):
+        if message is None or not may_see(viewer, message.owner, message.visibility):
             # The same answer for "absent" and "not yours": no probing for message ids.
             raise PermissionDenied(
                 f"message {message_id} does not exist or {viewer!r} may not see it"
@@ -160,3 +173,45 @@ async def show(
             async for chunk in store.raw_chunks(message_id):
                 raw_sink(chunk)
         return message
+
+
+def read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"{path}: cannot read: {exc}") from exc
+
+
+async def records_import(config: Config, text: str, source: str) -> int:
+    """Validate the whole CSV, then upsert it in one transaction (nothing half-imported)."""
+    records = crm.parse_records_csv(text, source)
+    async with open_store(config) as store:
+        return await store.import_records(records, crm.policies(config))
+
+
+async def records_list(config: Config) -> list[Record]:
+    async with open_store(config) as store:
+        return await store.records()
+
+
+async def records_set_email(config: Config, record: str, emails: str) -> tuple[str, ...]:
+    addresses, bad = crm.parse_emails(emails)
+    if bad or not addresses:
+        raise DataError(f"not an address: {', '.join(map(repr, bad)) or repr(emails)}")
+    async with open_store(config) as store:
+        if not await store.set_record_emails(record, addresses, crm.policies(config)):
+            raise UsageError(f"no record {record!r}; see `mailingest records list`")
+    return addresses
+
+
+async def records_share(config: Config, record: str, owner: str, on: bool) -> list[str]:
+    """Set the flag; returns notes on the owner's accounts where it has no effect."""
+    async with open_store(config) as store:
+        if not await store.set_share(owner, record, on, crm.policies(config)):
+            raise UsageError(f"no record {record!r}; see `mailingest records list`")
+    return [
+        f"account {a.name!r} of {owner!r} is in {a.sharing} mode: the share flag has no "
+        'effect there (it matters only with sharing = "custom")'
+        for a in config.accounts
+        if a.owner == owner and a.sharing != "custom"
+    ]

@@ -31,6 +31,8 @@ from mailingest.errors import (
     StoreError,
     TemporaryError,
 )
+from mailingest.crm import account_policy
+from mailingest.matching import direction_of, link_addresses, normalize_all
 from mailingest.parse import parse_headers, read_head
 from mailingest.pop3 import Pop3Session
 from mailingest.store import LedgerEntry, NewMessage, Store
@@ -158,13 +160,12 @@ def _retrieve(
 
 
 def _prepare(account: Account, retrieved: list[tuple[str, _Spool]]) -> list[NewMessage]:
-    """Worker-thread side: parse headers and decide direction for each spooled message."""
+    """Worker-thread side: parse headers, decide direction and the addresses that link."""
     items: list[NewMessage] = []
     for uidl, spool in retrieved:
         spool.file.seek(0)
         headers = parse_headers(read_head(spool.file))
-        sender = (headers.sender or "").lower()
-        direction = "out" if sender and sender == account.identity else "in"
+        direction = direction_of(headers, account.identity)
         items.append(
             NewMessage(
                 uidl=uidl,
@@ -173,8 +174,10 @@ def _prepare(account: Account, retrieved: list[tuple[str, _Spool]]) -> list[NewM
                 sha256=spool.hash.hexdigest(),
                 headers=headers,
                 direction=direction,
-                visibility="private",
-                reason="unmatched",
+                senders=normalize_all(headers.from_addrs),
+                recipients_to=normalize_all(headers.to),
+                recipients_cc=normalize_all(headers.cc),
+                link=link_addresses(headers, direction),
             )
         )
     return items
@@ -185,6 +188,7 @@ async def _one_session(
 ) -> int:
     """One POP3 session; adds what it did to ``result`` as it goes and returns the new count."""
     session = Pop3Session(account)
+    policy = account_policy(account)
     new_before = result.new
     try:
         try:
@@ -214,7 +218,9 @@ async def _one_session(
             try:
                 items = await asyncio.to_thread(_prepare, account, retrieved)
                 # Shielded: once the commit is under way it completes even if we are cancelled.
-                outcomes = await asyncio.shield(store.add_batch(account.name, account.owner, items))
+                outcomes = await asyncio.shield(
+                    store.add_batch(account.name, account.owner, items, policy)
+                )
             finally:
                 for _, spool in retrieved:
                     spool.file.close()

@@ -14,7 +14,7 @@ import json
 import os
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -24,8 +24,18 @@ import aiosqlite
 
 from mailingest.errors import StoreError
 from mailingest.parse import Headers, now_iso
+from mailingest.sharing import Facts
 
 CHUNK = 1024 * 1024
+_PAGE = 5000
+
+
+def _linked_to(count: int) -> str:
+    """SQL: the message is linked to one of ``count`` records (given as parameters)."""
+    marks = ",".join("?" * count)
+    return f"m.id IN (SELECT message FROM message_records WHERE record IN ({marks}))"
+
+
 BUSY_TIMEOUT_MS = 10_000
 
 _MIGRATIONS: tuple[str, ...] = (
@@ -85,6 +95,46 @@ _MIGRATIONS: tuple[str, ...] = (
         next_login TEXT
     );
     """,
+    # 2: CRM records, their addresses, share flags, message links, settings snapshots
+    """
+    ALTER TABLE messages ADD COLUMN origin TEXT NOT NULL DEFAULT 'pop3';
+    CREATE INDEX messages_visibility ON messages (visibility, id);
+    CREATE INDEX messages_account ON messages (account, id);
+    CREATE TABLE records (
+        id TEXT PRIMARY KEY,
+        kind TEXT NOT NULL CHECK (kind IN ('lead', 'contact')),
+        name TEXT NOT NULL DEFAULT ''
+    );
+    CREATE TABLE record_emails (
+        record TEXT NOT NULL REFERENCES records (id) ON DELETE CASCADE,
+        email TEXT NOT NULL,
+        PRIMARY KEY (record, email)
+    );
+    CREATE INDEX record_emails_email ON record_emails (email);
+    CREATE TABLE shares (
+        owner TEXT NOT NULL,
+        record TEXT NOT NULL,
+        PRIMARY KEY (owner, record)
+    );
+    CREATE TABLE message_records (
+        message INTEGER NOT NULL REFERENCES messages (id) ON DELETE CASCADE,
+        record TEXT NOT NULL,
+        PRIMARY KEY (message, record)
+    );
+    CREATE INDEX message_records_record ON message_records (record, message);
+    CREATE TABLE message_addresses (
+        message INTEGER NOT NULL REFERENCES messages (id) ON DELETE CASCADE,
+        role TEXT NOT NULL CHECK (role IN ('from', 'to', 'cc')),
+        address TEXT NOT NULL,
+        PRIMARY KEY (message, role, address)
+    );
+    CREATE INDEX message_addresses_address ON message_addresses (address, role);
+    CREATE TABLE account_settings (
+        account TEXT PRIMARY KEY,
+        snapshot TEXT NOT NULL,
+        magnet_label TEXT
+    );
+    """,
 )
 
 
@@ -98,9 +148,36 @@ class NewMessage:
     sha256: str
     headers: Headers
     direction: str
-    visibility: str
-    reason: str
-    labels: tuple[str, ...] = ()
+    #: Normalised addresses by role, and the ones that link the message to records.
+    senders: tuple[str, ...] = ()
+    recipients_to: tuple[str, ...] = ()
+    recipients_cc: tuple[str, ...] = ()
+    link: tuple[str, ...] = ()
+    origin: str = "pop3"  # pop3 (fetched) | crm (sent with `send`/`reply`)
+
+
+#: Decides (visibility, reason) from a message's facts: sharing.decide with the account's
+#: policy bound. The store applies it inside its transactions but never decides itself.
+Tagger = Callable[[Facts], tuple[str, str]]
+
+
+@dataclass(frozen=True, slots=True)
+class AccountPolicy:
+    """What the store needs of an account's settings to tag and label its messages."""
+
+    tagger: Tagger
+    magnet_label: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    id: str
+    kind: str
+    name: str
+    emails: tuple[str, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"id": self.id, "kind": self.kind, "name": self.name, "emails": list(self.emails)}
 
 
 @dataclass(frozen=True, slots=True)
@@ -266,9 +343,9 @@ class Store:
         return {r[0]: LedgerEntry(r[1], r[2], r[3] is not None) for r in rows}
 
     async def add_batch(
-        self, account: str, owner: str, items: Sequence[NewMessage]
+        self, account: str, owner: str, items: Sequence[NewMessage], policy: AccountPolicy
     ) -> list[StoreOutcome]:
-        """Store messages and their ledger rows in one fsynced transaction.
+        """Store messages, their links, tags and ledger rows in one fsynced transaction.
 
         A UIDL already in the ledger (another process got there first) is skipped; content
         already stored for the account gets only a ledger row (servers that renumber UIDLs).
@@ -296,7 +373,8 @@ class Store:
                     if row:
                         message_id, duplicate = int(row[0]), True
                     else:
-                        message_id, duplicate = await self._insert(account, owner, item, received)
+                        message_id = await self._insert(account, owner, item, received, policy)
+                        duplicate = False
                     await db.execute(
                         "INSERT INTO ledger (account, uidl, message, first_seen) VALUES (?,?,?,?)",
                         (account, item.uidl, message_id, received),
@@ -307,13 +385,28 @@ class Store:
         return outcomes
 
     async def _insert(
-        self, account: str, owner: str, item: NewMessage, received: str
-    ) -> tuple[int, bool]:
+        self, account: str, owner: str, item: NewMessage, received: str, policy: AccountPolicy
+    ) -> int:
+        db = self._db
+        records = await self._records_for(item.link)
+        shared = await self._any_shared(owner, records)
+        visibility, reason = policy.tagger(
+            Facts(
+                direction=item.direction,
+                crm_sent=item.origin == "crm",
+                linked=bool(records),
+                owner_shared=shared,
+                sender_domain=_domain(item.senders[0]) if item.senders else None,
+                recipient_domains=tuple(
+                    _domain(a) for a in (*item.recipients_to, *item.recipients_cc)
+                ),
+            )
+        )
         h = item.headers
-        cursor = await self._db.execute(
+        cursor = await db.execute(
             "INSERT INTO messages (account, owner, direction, size, sha256, from_addr, to_addrs,"
-            " cc_addrs, subject, date, message_id, visibility, reason, received_at)"
-            " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            " cc_addrs, subject, date, message_id, visibility, reason, received_at, origin)"
+            " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
             (
                 account,
                 owner,
@@ -326,24 +419,55 @@ class Store:
                 h.subject,
                 h.date,
                 h.message_id,
-                item.visibility,
-                item.reason,
+                visibility,
+                reason,
                 received,
+                item.origin,
             ),
         )
         message_id = cursor.lastrowid
         assert message_id is not None
         item.spool.seek(0)
         # The generator is consumed in SQLite's thread: one chunk in memory at a time.
-        await self._db.executemany(
+        await db.executemany(
             "INSERT INTO message_chunks (message, seq, data) VALUES (?,?,?)",
             _chunks(message_id, item.spool),
         )
-        await self._db.executemany(
-            "INSERT OR IGNORE INTO message_labels (message, label) VALUES (?,?)",
-            [(message_id, label) for label in item.labels],
+        roles = (("from", item.senders), ("to", item.recipients_to), ("cc", item.recipients_cc))
+        await db.executemany(
+            "INSERT OR IGNORE INTO message_addresses (message, role, address) VALUES (?,?,?)",
+            [(message_id, role, a) for role, addresses in roles for a in addresses],
         )
-        return message_id, False
+        await db.executemany(
+            "INSERT OR IGNORE INTO message_records (message, record) VALUES (?,?)",
+            [(message_id, r) for r in records],
+        )
+        if records and policy.magnet_label:
+            await db.execute(
+                "INSERT OR IGNORE INTO message_labels (message, label) VALUES (?,?)",
+                (message_id, policy.magnet_label),
+            )
+        return message_id
+
+    async def _records_for(self, addresses: Sequence[str]) -> list[str]:
+        if not addresses:
+            return []
+        marks = ",".join("?" * len(addresses))
+        rows = await self._db.execute_fetchall(
+            f"SELECT DISTINCT record FROM record_emails WHERE email IN ({marks}) ORDER BY record",
+            tuple(addresses),
+        )
+        return [str(r[0]) for r in rows]
+
+    async def _any_shared(self, owner: str, records: Sequence[str]) -> bool:
+        if not records:
+            return False
+        marks = ",".join("?" * len(records))
+        cursor = await self._db.execute(
+            f"SELECT 1 FROM shares WHERE owner = ? AND record IN ({marks}) LIMIT 1",
+            (owner, *records),
+        )
+        return await cursor.fetchone() is not None
 
     async def mark_deleted(self, account: str, uidls: Iterable[str]) -> None:
         when = now_iso()
@@ -355,6 +479,203 @@ class Store:
                 )
         except sqlite3.Error as exc:
             raise _store_error(exc, "recording deletions") from exc
+
+    # -- CRM records, links and re-tagging ----------------------------------------------------
+
+    async def records(self) -> list[Record]:
+        async with self._lock:
+            rows = await self._db.execute_fetchall(
+                "SELECT r.id, r.kind, r.name, (SELECT group_concat(e.email, ' ') FROM"
+                " (SELECT email FROM record_emails WHERE record = r.id ORDER BY email) e)"
+                " FROM records r ORDER BY r.id"
+            )
+        return [Record(r[0], r[1], r[2], tuple((r[3] or "").split())) for r in rows]
+
+    async def import_records(
+        self, records: Sequence[Record], policies: dict[str, AccountPolicy]
+    ) -> int:
+        """Upsert records (their address sets replaced) and link stored mail, atomically."""
+        try:
+            async with self._transaction():
+                for record in records:
+                    await self._db.execute(
+                        "INSERT INTO records (id, kind, name) VALUES (?,?,?) ON CONFLICT (id)"
+                        " DO UPDATE SET kind = excluded.kind, name = excluded.name",
+                        (record.id, record.kind, record.name),
+                    )
+                    await self._replace_emails(record.id, record.emails, policies)
+                await self._retag(_linked_to(len(records)), [r.id for r in records], policies)
+        except sqlite3.Error as exc:
+            raise _store_error(exc, "importing records") from exc
+        return len(records)
+
+    async def set_record_emails(
+        self, record: str, emails: Sequence[str], policies: dict[str, AccountPolicy]
+    ) -> bool:
+        """Address change: links stay, stored mail from the new addresses links now."""
+        try:
+            async with self._transaction():
+                cursor = await self._db.execute("SELECT 1 FROM records WHERE id = ?", (record,))
+                if await cursor.fetchone() is None:
+                    return False
+                await self._replace_emails(record, emails, policies)
+                await self._retag(_linked_to(1), [record], policies)
+        except sqlite3.Error as exc:
+            raise _store_error(exc, "changing record addresses") from exc
+        return True
+
+    async def set_share(
+        self, owner: str, record: str, on: bool, policies: dict[str, AccountPolicy]
+    ) -> bool:
+        """Toggle the owner's custom-mode share flag and re-tag that mail, atomically."""
+        try:
+            async with self._transaction():
+                cursor = await self._db.execute("SELECT 1 FROM records WHERE id = ?", (record,))
+                if await cursor.fetchone() is None:
+                    return False
+                if on:
+                    await self._db.execute(
+                        "INSERT OR IGNORE INTO shares (owner, record) VALUES (?,?)", (owner, record)
+                    )
+                else:
+                    await self._db.execute(
+                        "DELETE FROM shares WHERE owner = ? AND record = ?", (owner, record)
+                    )
+                await self._retag(
+                    "m.owner = ? AND m.id IN (SELECT message FROM message_records WHERE record = ?)",
+                    [owner, record],
+                    policies,
+                )
+        except sqlite3.Error as exc:
+            raise _store_error(exc, "changing a share flag") from exc
+        return True
+
+    async def sync_settings(
+        self, snapshots: dict[str, str], policies: dict[str, AccountPolicy]
+    ) -> list[str]:
+        """Re-tag (and re-label) the mail of accounts whose sharing settings changed."""
+        changed: list[str] = []
+        try:
+            async with self._lock:
+                rows = await self._db.execute_fetchall(
+                    "SELECT account, snapshot, magnet_label FROM account_settings"
+                )
+            known = {r[0]: (r[1], r[2]) for r in rows}
+            todo = {
+                name: snap
+                for name, snap in snapshots.items()
+                if known.get(name) != (snap, policies[name].magnet_label)
+            }
+            if not todo:
+                return changed
+            async with self._transaction():
+                for name, snap in todo.items():
+                    label = policies[name].magnet_label
+                    old_label = known.get(name, (None, None))[1]
+                    if old_label and old_label != label:
+                        await self._db.execute(
+                            "DELETE FROM message_labels WHERE label = ? AND message IN"
+                            " (SELECT id FROM messages WHERE account = ?)",
+                            (old_label, name),
+                        )
+                    if label:
+                        await self._db.execute(
+                            "INSERT OR IGNORE INTO message_labels (message, label)"
+                            " SELECT DISTINCT r.message, ? FROM message_records r"
+                            " JOIN messages m ON m.id = r.message WHERE m.account = ?",
+                            (label, name),
+                        )
+                    if known.get(name, (None,))[0] != snap:
+                        await self._retag("m.account = ?", [name], policies)
+                    await self._db.execute(
+                        "INSERT INTO account_settings (account, snapshot, magnet_label)"
+                        " VALUES (?,?,?) ON CONFLICT (account) DO UPDATE SET"
+                        " snapshot = excluded.snapshot, magnet_label = excluded.magnet_label",
+                        (name, snap, label),
+                    )
+                    changed.append(name)
+        except sqlite3.Error as exc:
+            raise _store_error(exc, "re-tagging after a settings change") from exc
+        return changed
+
+    async def _replace_emails(
+        self, record: str, emails: Sequence[str], policies: dict[str, AccountPolicy]
+    ) -> None:
+        db = self._db
+        await db.execute("DELETE FROM record_emails WHERE record = ?", (record,))
+        await db.executemany(
+            "INSERT OR IGNORE INTO record_emails (record, email) VALUES (?,?)",
+            [(record, e) for e in emails],
+        )
+        if not emails:
+            return
+        marks = ",".join("?" * len(emails))
+        # Incoming mail links on its sender, the owner's outgoing mail on its recipients.
+        await db.execute(
+            "INSERT OR IGNORE INTO message_records (message, record)"
+            " SELECT DISTINCT a.message, ? FROM message_addresses a"
+            " JOIN messages m ON m.id = a.message"
+            f" WHERE a.address IN ({marks}) AND ((a.role = 'from' AND m.direction = 'in')"
+            " OR (a.role != 'from' AND m.direction = 'out'))",
+            (record, *emails),
+        )
+        for account, policy in policies.items():
+            if policy.magnet_label:
+                await db.execute(
+                    "INSERT OR IGNORE INTO message_labels (message, label)"
+                    " SELECT r.message, ? FROM message_records r JOIN messages m"
+                    " ON m.id = r.message WHERE r.record = ? AND m.account = ?",
+                    (policy.magnet_label, record, account),
+                )
+
+    async def _retag(
+        self, where: str, args: Sequence[Any], policies: dict[str, AccountPolicy]
+    ) -> int:
+        """Apply each account's tagger to the messages matching ``where``; inside a transaction.
+
+        Pages through the messages by id so memory stays bounded for large accounts.
+        """
+        db = self._db
+        last, changed = 0, 0
+        while True:
+            rows = list(
+                await db.execute_fetchall(
+                    "SELECT m.id, m.account, m.direction, m.origin, m.visibility, m.reason,"
+                    " EXISTS (SELECT 1 FROM message_records r WHERE r.message = m.id),"
+                    " EXISTS (SELECT 1 FROM message_records r JOIN shares s ON s.record = r.record"
+                    "   AND s.owner = m.owner WHERE r.message = m.id),"
+                    " (SELECT a.address FROM message_addresses a"
+                    "   WHERE a.message = m.id AND a.role = 'from' LIMIT 1),"
+                    " (SELECT group_concat(a.address, ' ') FROM message_addresses a"
+                    "   WHERE a.message = m.id AND a.role IN ('to', 'cc'))"
+                    f" FROM messages m WHERE m.id > ? AND ({where}) ORDER BY m.id LIMIT {_PAGE}",
+                    (last, *args),
+                )
+            )
+            if not rows:
+                return changed
+            updates = []
+            for r in rows:
+                policy = policies.get(r[1])
+                if policy is None:
+                    continue  # an account no longer configured keeps its tags
+                tag = policy.tagger(
+                    Facts(
+                        direction=r[2],
+                        crm_sent=r[3] == "crm",
+                        linked=bool(r[6]),
+                        owner_shared=bool(r[7]),
+                        sender_domain=_domain(r[8]) if r[8] else None,
+                        recipient_domains=tuple(_domain(a) for a in (r[9] or "").split()),
+                    )
+                )
+                if tag != (r[4], r[5]):
+                    updates.append((*tag, r[0]))
+            await db.executemany(
+                "UPDATE messages SET visibility = ?, reason = ? WHERE id = ?", updates
+            )
+            changed += len(updates)
+            last = rows[-1][0]
 
     # -- leases and login pacing ----------------------------------------------------------
 
@@ -486,7 +807,13 @@ class Store:
     # -- reading -----------------------------------------------------------------------------
 
     async def messages(
-        self, viewer: str, *, account: str | None = None, label: str | None = None
+        self,
+        viewer: str,
+        *,
+        account: str | None = None,
+        label: str | None = None,
+        record: str | None = None,
+        limit: int | None = None,
     ) -> list[StoredMessage]:
         """What ``viewer`` may see, newest first: their own mail and mail shared with all."""
         sql = "SELECT * FROM messages m WHERE (m.owner = ? OR m.visibility = 'shared')"
@@ -500,7 +827,12 @@ class Store:
                 " WHERE l.message = m.id AND l.label = ?)"
             )
             args.append(label)
+        if record is not None:
+            sql += " AND m.id IN (SELECT message FROM message_records WHERE record = ?)"
+            args.append(record)
         sql += " ORDER BY coalesce(m.date, m.received_at) DESC, m.id DESC"
+        if limit:
+            sql += f" LIMIT {int(limit)}"
         async with self._lock:
             rows = await self._db.execute_fetchall(sql, args)
             return [await self._row(r) for r in rows]
@@ -514,6 +846,9 @@ class Store:
     async def _row(self, r: sqlite3.Row) -> StoredMessage:
         labels = await self._db.execute_fetchall(
             "SELECT label FROM message_labels WHERE message = ? ORDER BY label", (r["id"],)
+        )
+        records = await self._db.execute_fetchall(
+            "SELECT record FROM message_records WHERE message = ? ORDER BY record", (r["id"],)
         )
         return StoredMessage(
             id=r["id"],
@@ -532,6 +867,7 @@ class Store:
             sha256=r["sha256"],
             received_at=r["received_at"],
             labels=[x[0] for x in labels],
+            records=[x[0] for x in records],
         )
 
     async def raw_chunks(self, message_id: int) -> AsyncIterator[bytes]:
@@ -548,6 +884,10 @@ class Store:
                 return
             yield bytes(row[0])
             seq += 1
+
+
+def _domain(address: str) -> str:
+    return address.rpartition("@")[2]
 
 
 def _chunks(message_id: int, spool: IO[bytes]) -> Iterator[tuple[int, int, bytes]]:

@@ -1,0 +1,101 @@
+"""Glue between config, CRM records and the store: policies per account, CSV import rules."""
+
+from __future__ import annotations
+
+import csv
+import functools
+import io
+import json
+
+from mailingest.config import Account, Config
+from mailingest.errors import DataError
+from mailingest.matching import normalize
+from mailingest.sharing import Policy, decide
+from mailingest.store import AccountPolicy, Record, Store
+
+KINDS = ("lead", "contact")
+CSV_HEADER = ["id", "kind", "email", "name"]
+
+
+def account_policy(account: Account) -> AccountPolicy:
+    policy = Policy(sharing=account.sharing, excluded_domains=account.excluded_domains)
+    return AccountPolicy(
+        tagger=functools.partial(decide, policy), magnet_label=account.magnet_label
+    )
+
+
+def policies(config: Config) -> dict[str, AccountPolicy]:
+    return {a.name: account_policy(a) for a in config.accounts}
+
+
+def settings_snapshot(account: Account) -> str:
+    """What tagging depends on; a change of it re-tags the account's stored mail."""
+    return json.dumps(
+        {
+            "owner": account.owner,
+            "sharing": account.sharing,
+            "excluded_domains": sorted(account.excluded_domains),
+        },
+        sort_keys=True,
+    )
+
+
+async def sync_settings(store: Store, config: Config) -> list[str]:
+    """Re-tag accounts whose sharing settings differ from the persisted snapshot."""
+    return await store.sync_settings(
+        {a.name: settings_snapshot(a) for a in config.accounts}, policies(config)
+    )
+
+
+def parse_emails(text: str) -> tuple[tuple[str, ...], list[str]]:
+    """Normalised addresses from ``a@x;b@y``, and the parts that are not addresses."""
+    good: dict[str, None] = {}
+    bad: list[str] = []
+    for part in text.split(";"):
+        part = part.strip()
+        if not part:
+            continue
+        norm = normalize(part)
+        if norm is None:
+            bad.append(part)
+        else:
+            good.setdefault(norm)
+    return tuple(good), bad
+
+
+def parse_records_csv(text: str, source: str) -> list[Record]:
+    """Validate a whole CSV first: any bad row rejects the import, naming every bad line."""
+    reader = csv.reader(io.StringIO(text))
+    header = next(reader, None)
+    if header is None or [h.strip().lower() for h in header] != CSV_HEADER:
+        raise DataError(f"{source}: line 1: expected the header {','.join(CSV_HEADER)}")
+    problems: list[str] = []
+    records: dict[str, Record] = {}
+    try:
+        rows = [(reader.line_num, row) for row in reader]
+    except csv.Error as exc:
+        raise DataError(f"{source}: line {reader.line_num}: {exc}; nothing imported") from exc
+    for line, row in rows:
+        if not any(cell.strip() for cell in row):
+            continue
+        if len(row) != len(CSV_HEADER):
+            problems.append(f"line {line}: expected 4 fields, got {len(row)}")
+            continue
+        rid, kind, emails, name = (cell.strip() for cell in row)
+        errors = []
+        if not rid:
+            errors.append("empty id")
+        if kind.lower() not in KINDS:
+            errors.append(f"unknown kind {kind!r} (lead or contact)")
+        addresses, bad = parse_emails(emails)
+        if bad:
+            errors.append(f"unparseable address {', '.join(map(repr, bad))}")
+        elif not addresses:
+            errors.append("no email address")
+        if errors:
+            problems.append(f"line {line}: {'; '.join(errors)}")
+            continue
+        records[rid] = Record(rid, kind.lower(), name, addresses)
+    if problems:
+        raise DataError(f"{source}: nothing imported; " + "; ".join(problems))
+    return list(records.values())

@@ -14,6 +14,7 @@ import socket
 import tempfile
 import time
 import uuid
+from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -23,6 +24,7 @@ from typing import Any
 import structlog
 
 from mailingest.config import Account
+from mailingest.crm import account_policy
 from mailingest.errors import (
     BusyError,
     LoginDelayError,
@@ -31,7 +33,6 @@ from mailingest.errors import (
     StoreError,
     TemporaryError,
 )
-from mailingest.crm import account_policy
 from mailingest.matching import direction_of, link_addresses, normalize_all
 from mailingest.parse import parse_headers, read_head
 from mailingest.pop3 import Pop3Session
@@ -127,12 +128,15 @@ def _batches(new: Sequence[tuple[int, str]], sizes: dict[int, int]) -> list[list
 
 
 def _retrieve(
-    session: Pop3Session, batch: list[tuple[int, str]], spool_dir: Path
-) -> tuple[list[tuple[str, _Spool]], MailIngestError | None]:
+    session: Pop3Session, batch: list[tuple[int, str]], spool_dir: Path, suspect: set[str]
+) -> tuple[list[tuple[int, str, _Spool]], MailIngestError | None]:
     """Worker-thread side: RETR a batch into spool files (pipelined when offered).
 
-    On a failure the messages received whole so far are returned with the error, so they
-    are committed before the error ends the session.
+    Returns (number, ledger key, spool) per message received whole. The key is the UIDL,
+    or, for a UIDL the listing holds more than once, the UIDL plus the content hash: such
+    an id does not tell the messages apart, their content does. On a failure the messages
+    received so far are returned with the error, so they are committed before it ends the
+    session.
     """
     spools: dict[int, _Spool] = {}
 
@@ -141,28 +145,30 @@ def _retrieve(
         return spool.write
 
     uidl_of = dict(batch)
-    done: list[tuple[str, _Spool]] = []
+    done: list[tuple[int, str, _Spool]] = []
     error: MailIngestError | None = None
     try:
         for num in session.retrieve([n for n, _ in batch], open_sink):
-            done.append((uidl_of[num], spools[num]))
+            spool, uidl = spools[num], uidl_of[num]
+            key = f"{uidl}/{spool.hash.hexdigest()}" if uidl in suspect else uidl
+            done.append((num, key, spool))
     except MailIngestError as exc:
         error = exc
     except BaseException:
         for spool in spools.values():
             spool.file.close()
         raise
-    kept = {id(s) for _, s in done}
+    kept = {id(s) for _, _, s in done}
     for spool in spools.values():
         if id(spool) not in kept:
             spool.file.close()
     return done, error
 
 
-def _prepare(account: Account, retrieved: list[tuple[str, _Spool]]) -> list[NewMessage]:
+def _prepare(account: Account, retrieved: list[tuple[int, str, _Spool]]) -> list[NewMessage]:
     """Worker-thread side: parse headers, decide direction and the addresses that link."""
     items: list[NewMessage] = []
-    for uidl, spool in retrieved:
+    for _, uidl, spool in retrieved:
         spool.file.seek(0)
         headers = parse_headers(read_head(spool.file))
         direction = direction_of(headers, account.identity)
@@ -204,17 +210,17 @@ async def _one_session(
             ) from exc
         sizes = await asyncio.to_thread(session.sizes)
         ledger = await store.ledger(account.name)
-        new: list[tuple[int, str]] = []
-        listed: set[str] = set()
-        for num, uidl in listing:
-            if uidl in listed:
-                log.warning("duplicate_uidl", account=account.name, uidl=uidl, number=num)
-                continue  # the same id twice in one listing: fetch it once
-            listed.add(uidl)
-            if uidl not in ledger:
-                new.append((num, uidl))
+        counts = Counter(uidl for _, uidl in listing)
+        suspect = {uidl for uidl, count in counts.items() if count > 1}
+        if suspect:
+            log.warning("duplicate_uidl", account=account.name, uidls=sorted(suspect)[:10])
+        # Ledger key of each message number known to be stored; DELE only ever targets these.
+        key_of = {num: uidl for num, uidl in listing if uidl in ledger and uidl not in suspect}
+        new = [(num, uidl) for num, uidl in listing if uidl in suspect or uidl not in ledger]
         for batch in _batches(new, sizes):
-            retrieved, failure = await asyncio.to_thread(_retrieve, session, batch, spool_dir)
+            retrieved, failure = await asyncio.to_thread(
+                _retrieve, session, batch, spool_dir, suspect
+            )
             try:
                 items = await asyncio.to_thread(_prepare, account, retrieved)
                 # Shielded: once the commit is under way it completes even if we are cancelled.
@@ -222,14 +228,20 @@ async def _one_session(
                     store.add_batch(account.name, account.owner, items, policy)
                 )
             finally:
-                for _, spool in retrieved:
+                for _, _, spool in retrieved:
                     spool.file.close()
-            for item, outcome in zip(items, outcomes, strict=False):
+            for num, key, _ in retrieved:
+                key_of[num] = key  # committed now, or by an earlier session
+            sizes_of = {item.uidl: item.size for item in items}
+            for outcome in outcomes:
                 if not outcome.duplicate:
                     result.new += 1
-                    result.bytes += item.size
+                    result.bytes += sizes_of[outcome.uidl]
                     log.debug(
-                        "message_stored", account=account.name, uidl=item.uidl, size=item.size
+                        "message_stored",
+                        account=account.name,
+                        uidl=outcome.uidl,
+                        size=sizes_of[outcome.uidl],
                     )
             if progress is not None:
                 progress(account.name, result.new, result.bytes)
@@ -238,18 +250,17 @@ async def _one_session(
         ledger = await store.ledger(account.name)
         now = datetime.now(UTC)
         doomed = [
-            (num, uidl)
-            for num, uidl in listing
-            if uidl in ledger and _should_delete(account, ledger[uidl], now)
+            (num, key)
+            for num, key in sorted(key_of.items())
+            if key in ledger and _should_delete(account, ledger[key], now)
         ]
-        doomed = list(dict(doomed).items())
         if doomed:
-            # Every doomed UIDL has a committed ledger row: DELE is safe now.
+            # Every doomed number maps to a committed ledger row: DELE is safe now.
             await asyncio.to_thread(session.delete, [n for n, _ in doomed])
         await asyncio.to_thread(session.quit)
         if doomed:
             result.deleted += len(doomed)
-            await store.mark_deleted(account.name, [u for _, u in doomed])
+            await store.mark_deleted(account.name, [k for _, k in doomed])
     finally:
         session.close()
     return result.new - new_before

@@ -20,7 +20,7 @@ EVENTS: dict[str, str] = {
     "poll_failed": "account, error_kind, error — a cycle ended with an error",
     "poll_crashed": "account — an internal error (a bug) ended a cycle; traceback follows",
     "message_stored": "account, uidl, size — one message committed (debug level)",
-    "duplicate_uidl": "account, uidl, number — a listing held the same UIDL twice",
+    "duplicate_uidl": "account, uidls — a listing held the same UIDL for several messages",
     "state_not_recorded": "account, error — the poll result could not be written",
     "account_busy": "account, holder — another process holds the account's lease; skipped",
     "account_paused": "account, reason — no more logins until the config changes",

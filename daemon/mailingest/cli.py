@@ -22,7 +22,7 @@ from mailingest.errors import (
     MailIngestError,
     worst_exit,
 )
-from mailingest.output import human_bytes, print_table
+from mailingest.output import LiveProgress, human_bytes, print_table
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -137,7 +137,12 @@ def _emit_json(data: Any) -> None:
 
 def _fetch(args: argparse.Namespace) -> int:
     config = _load(args)
-    results = asyncio.run(commands.fetch(config, args.account))
+    live = LiveProgress(sys.stderr) if sys.stderr.isatty() and not args.json else None
+    try:
+        results = asyncio.run(commands.fetch(config, args.account, progress=live))
+    finally:
+        if live is not None:
+            live.close()
     if args.json:
         _emit_json({"accounts": [r.to_json() for r in results]})
     else:

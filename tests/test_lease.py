@@ -1,0 +1,137 @@
+"""One fetcher per account across processes: the lease in the store, on a real Dovecot."""
+
+from __future__ import annotations
+
+import json
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from dovecot import Mailbox
+from support import crlf, dovecot_account, fetch_json, make_message, sha, write_config
+
+
+def _stored(config: Path) -> list[str]:
+    db = sqlite3.connect(config.parent / "mail.db")
+    try:
+        return [r[0] for r in db.execute("SELECT sha256 FROM messages")]
+    finally:
+        db.close()
+
+
+def _set_lease(config: Path, holder: str, expires_in: float) -> None:
+    db = sqlite3.connect(config.parent / "mail.db")
+    try:
+        db.execute(
+            "INSERT INTO account_state (account, lease_holder, lease_expires) VALUES (?,?,?)"
+            " ON CONFLICT (account) DO UPDATE SET lease_holder = excluded.lease_holder,"
+            " lease_expires = excluded.lease_expires",
+            ("acct", holder, time.time() + expires_in),
+        )
+        db.commit()
+    finally:
+        db.close()
+
+
+def test_overlapping_fetches_store_once_and_losers_report_busy(
+    tmp_path: Path, mailbox: Mailbox
+) -> None:
+    messages = [make_message(i, body=f"overlap {i}\n".encode() * 30) for i in range(1500)]
+    mailbox.deliver_many(messages)
+    config = write_config(tmp_path, [dovecot_account(mailbox, leave_on_server=False)])
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "mailingest", "-c", str(config), "fetch", "--json"],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+        )
+        for _ in range(3)
+    ]
+    outcomes = []
+    for proc in procs:
+        out, _ = proc.communicate(timeout=120)
+        outcomes.append((proc.returncode, json.loads(out)["accounts"][0]))
+    for code, result in outcomes:
+        assert code in (0, 75), outcomes
+        if code == 75:
+            assert result["status"] == "temp_failed" and "busy" in result["error"]
+            assert result["new"] == 0 and result["deleted"] == 0
+    assert any(code == 0 for code, _ in outcomes)
+    assert any(code == 75 for code, _ in outcomes), "the three runs should overlap"
+    mailbox.deliver_many(make_message(i + 5000) for i in range(10))
+
+    assert fetch_json(config)[0] == 0
+    stored = _stored(config)
+    assert len(stored) == len(set(stored)) == 1510
+    expected = {sha(crlf(m)) for m in messages} | {
+        sha(crlf(make_message(i + 5000))) for i in range(10)
+    }
+    assert set(stored) == expected
+    assert mailbox.count() == 0
+
+
+def test_live_lease_of_another_host_makes_fetch_busy(tmp_path: Path, mailbox: Mailbox) -> None:
+    mailbox.deliver(make_message(1))
+    config = write_config(tmp_path, [dovecot_account(mailbox)])
+    assert fetch_json(config)[0] == 0
+    mailbox.deliver(make_message(2))
+    _set_lease(config, "otherhost:4242:abcd", expires_in=60)
+
+    code, out = fetch_json(config)
+
+    assert code == 75
+    assert "busy" in out["accounts"][0]["error"] and out["accounts"][0]["new"] == 0
+    assert len(_stored(config)) == 1
+
+
+def test_expired_or_dead_holder_lease_is_taken_over(tmp_path: Path, mailbox: Mailbox) -> None:
+    mailbox.deliver(make_message(1))
+    config = write_config(tmp_path, [dovecot_account(mailbox)])
+    assert fetch_json(config)[0] == 0
+    mailbox.deliver(make_message(2))
+    _set_lease(config, "otherhost:4242:abcd", expires_in=-1)  # its holder died a while ago
+    assert fetch_json(config)[1]["accounts"][0]["new"] == 1
+
+    mailbox.deliver(make_message(3))
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    import socket
+
+    _set_lease(config, f"{socket.gethostname()}:{dead.pid}:dead", expires_in=60)
+    code, out = fetch_json(config)
+    assert code == 0 and out["accounts"][0]["new"] == 1
+
+
+def test_fetch_killed_holding_the_lease_does_not_block_the_next(
+    tmp_path: Path, mailbox: Mailbox
+) -> None:
+    mailbox.deliver_many(make_message(i, body=b"y" * 200_000 + b"\n") for i in range(100))
+    config = write_config(tmp_path, [dovecot_account(mailbox, leave_on_server=False)])
+    assert fetch_json(config, "--account", "acct")[0] == 0
+    mailbox.deliver_many(make_message(i + 100, body=b"z" * 200_000 + b"\n") for i in range(100))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mailingest", "-c", str(config), "fetch"],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:  # wait until it holds the lease
+        db = sqlite3.connect(config.parent / "mail.db")
+        held = db.execute("SELECT lease_holder FROM account_state").fetchone()
+        db.close()
+        if held and held[0]:
+            break
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=10)
+
+    code, out = fetch_json(config)
+
+    assert code == 0, out
+    assert len(set(_stored(config))) == len(_stored(config)) == 200
+    assert mailbox.count() == 0

@@ -15,6 +15,7 @@ import socket
 import ssl
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 from mailingest.config import Account
 from mailingest.errors import (
@@ -51,6 +52,16 @@ def _reply_text(reply: bytes) -> str:
 
 class _BoundedLines(poplib.POP3):
     """poplib with our line rules: status lines up to 64 KiB, ``+OK`` required, EOF typed."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        try:
+            super().__init__(*args, **kwargs)
+        except BaseException:
+            # poplib reads the greeting in __init__ and leaves its socket open if that fails
+            # (drop, timeout, garbage): nobody else holds the object to close it.
+            with contextlib.suppress(AttributeError, OSError):
+                self.close()
+            raise
 
     def _getline(self) -> tuple[bytes, int]:
         line = self.file.readline(MAX_STATUS_LINE + 1)
@@ -157,6 +168,11 @@ class Pop3Session:
         except ssl.SSLCertVerificationError as exc:
             self._discard()
             raise TLSError(f"certificate rejected: {exc.verify_message}", account=name) from exc
+        except (ssl.SSLEOFError, ssl.SSLZeroReturnError) as exc:
+            # The peer closed the TLS connection (e.g. a write after its drop): a drop, not a
+            # TLS failure, so temporary like the same drop over plain TCP.
+            self._discard()
+            raise TemporaryError(f"connection lost during {phase}: {exc}", account=name) from exc
         except ssl.SSLError as exc:
             self._discard()
             raise TLSError(f"TLS failed during {phase}: {exc.reason or exc}", account=name) from exc
@@ -231,6 +247,9 @@ class Pop3Session:
                 raw = self._conn().capa()
             except poplib.error_proto:
                 return None  # popa3d and others: no CAPA; carry on with the basics.
+            except (UnicodeDecodeError, IndexError) as exc:
+                # poplib's CAPA parser fails on a non-ASCII or empty line: the server's fault.
+                raise ProtocolError(f"malformed CAPA reply: {exc}") from exc
         return {k.upper(): v for k, v in raw.items()}
 
     def _starttls(self) -> None:

@@ -1,0 +1,594 @@
+"""The POP3 client against a misbehaving server: each fault ends typed, bounded and lossless.
+
+Each test runs the real client (`Pop3Session`, mostly through `fetch_account`) against the
+scripted loopback server with one fault injected, and checks that the cycle returns a typed
+status naming the account within the socket timeout, that every message is stored byte-exact
+or still on the server, and that nothing is stored twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import io
+import poplib
+import shutil
+import socket
+import ssl
+import subprocess
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, cast
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mailingest import pop3
+from mailingest.config import Account, Secret
+from mailingest.errors import ProtocolError, TemporaryError
+from mailingest.fetch import FetchResult, fetch_account
+from mailingest.pop3 import Pop3Session
+from mailingest.popserver import Faults, Mailbox, Pop3TestServer
+from mailingest.store import Store
+
+HOST = "127.0.0.1"
+USER, PASSWORD, OWNER, NAME = "alice", "pw", "alice", "acct"
+TIMEOUT = 1.0  # client socket timeout: every hang below ends after about this long
+FETCH_BOUND = 30.0
+
+
+def message(index: int) -> bytes:
+    return (
+        f"From: Lead {index} <lead{index}@example.org>\nTo: owner@example.com\n"
+        f"Subject: message {index}\nMessage-ID: <m{index}@example.org>\n\n"
+        f"Hello {index}\n.dot line\n"
+    ).encode()
+
+
+MESSAGES = [message(i) for i in range(1, 4)]
+
+
+def served(raw: bytes) -> bytes:
+    """What a POP3 client must store for ``raw``: every line ended by CRLF, a final CRLF added."""
+    if not raw:
+        return b""
+    body = raw[:-1] if raw.endswith(b"\n") else raw
+    return b"".join(line.removesuffix(b"\r") + b"\r\n" for line in body.split(b"\n"))
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def expected(messages: list[bytes]) -> list[str]:
+    return sorted(sha(served(m)) for m in messages)
+
+
+def account(port: int, **overrides: Any) -> Account:
+    fields: dict[str, Any] = {
+        "name": NAME,
+        "owner": OWNER,
+        "host": HOST,
+        "port": port,
+        "security": "plain",
+        "username": USER,
+        "password": Secret(source="literal", ref="", value=PASSWORD),
+        "allow_plaintext": True,
+        "timeout": TIMEOUT,
+    }
+    fields.update(overrides)
+    return Account(**fields)
+
+
+def mailbox(messages: list[bytes] | None = None) -> Mailbox:
+    return Mailbox(USER, PASSWORD, list(MESSAGES if messages is None else messages))
+
+
+def first_session(faults: Faults) -> Faults:
+    """``faults`` on the first connection only; later connections behave."""
+    return Faults(per_session=lambda n: faults if n == 0 else Faults())
+
+
+def session_log(server: Pop3TestServer, number: int) -> list[str]:
+    """The commands connection ``number`` sent, PASS masked by the server."""
+    prefix = f"{number}: "
+    return [e.removeprefix(prefix) for e in server.log if e.startswith(prefix)]
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[Store]:
+    opened = await Store.open(tmp_path / "mail.db")
+    try:
+        yield opened
+    finally:
+        await opened.close()
+
+
+async def fetch(acc: Account, store: Store) -> FetchResult:
+    """One cycle; returning at all (within the bound) is the "process survives" check."""
+    async with asyncio.timeout(FETCH_BOUND):
+        return await fetch_account(acc, store)
+
+
+async def stored(store: Store) -> list[str]:
+    """sha256 of every stored message, recomputed from the stored bytes and checked."""
+    digests = []
+    for item in await store.messages(viewer=OWNER):
+        raw = b"".join([chunk async for chunk in store.raw_chunks(item.id)])
+        assert sha(raw) == item.sha256 and len(raw) == item.size
+        digests.append(item.sha256)
+    return sorted(digests)
+
+
+def assert_failed(result: FetchResult, *statuses: str) -> None:
+    assert result.status in statuses, result
+    assert result.error is not None and result.error.startswith(f"account {NAME!r}: "), result
+
+
+def free_port() -> int:
+    """A loopback port with nothing listening on it (bound, then released)."""
+    with socket.socket() as sock:
+        sock.bind((HOST, 0))
+        return int(sock.getsockname()[1])
+
+
+# -- connecting --------------------------------------------------------------------------------
+
+
+async def test_connection_refused_is_unavailable(store: Store) -> None:
+    result = await fetch(account(free_port()), store)
+    assert_failed(result, "unavailable")
+    assert await stored(store) == []
+
+
+async def test_drop_before_greeting_is_temporary(store: Store) -> None:
+    async with Pop3TestServer([mailbox()], Faults(drop_before_greeting=True)) as server:
+        result = await fetch(account(server.port), store)
+        assert_failed(result, "temp_failed")
+        assert server.log == []
+        assert server.errors == []
+
+
+@pytest.mark.parametrize(
+    "greeting",
+    [
+        pytest.param("HELLO I am not POP3", id="garbage"),
+        pytest.param("+ERR welcome", id="plus-err"),
+        pytest.param("+OK " + "x" * 70_000, id="over-64-kib"),
+    ],
+)
+async def test_garbage_greeting_is_a_protocol_error(store: Store, greeting: str) -> None:
+    async with Pop3TestServer([mailbox()], Faults(greeting=greeting)) as server:
+        result = await fetch(account(server.port), store)
+        assert_failed(result, "error")
+        assert server.login_attempts == 0  # never sent a password to it
+        assert server.errors == []
+
+
+async def test_plus_err_reply_to_pass_is_not_a_login(store: Store) -> None:
+    """poplib takes any "+" line as success; "+ERR" must not log us in."""
+    faults = Faults(reply_override={"PASS": b"+ERR no\r\n"})
+    async with Pop3TestServer([mailbox()], faults) as server:
+        result = await fetch(account(server.port), store)
+        assert_failed(result, "error", "auth_failed")
+        assert server.commands_seen("UIDL") == 0 and server.commands_seen("RETR") == 0
+        assert server.errors == []
+    assert await stored(store) == []
+
+
+@pytest.mark.parametrize(
+    "reply", ["-ERR [IN-USE] locked", "-ERR [LOGIN-DELAY] wait", "-ERR [SYS/TEMP] x"]
+)
+async def test_transient_response_code_at_login_is_temporary(store: Store, reply: str) -> None:
+    async with Pop3TestServer([mailbox()], Faults(err_on={"PASS": reply})) as server:
+        result = await fetch(account(server.port), store)
+        assert_failed(result, "temp_failed")
+        assert server.login_attempts == 1
+        assert server.errors == []
+
+
+async def test_plain_err_at_login_is_auth_failed(store: Store) -> None:
+    async with Pop3TestServer([mailbox()], Faults(err_on={"PASS": "-ERR nope"})) as server:
+        result = await fetch(account(server.port), store)
+        assert_failed(result, "auth_failed")
+        assert server.login_attempts == 1
+        assert server.errors == []
+
+
+async def test_in_use_lock_from_a_concurrent_login_is_temporary(store: Store) -> None:
+    async with Pop3TestServer([mailbox()], Faults(delay={"UIDL": 0.5})) as server:
+        results = await asyncio.gather(
+            fetch(account(server.port), store),
+            fetch(account(server.port, name="twin"), store),  # same mailbox, other account
+        )
+        statuses = sorted(r.status for r in results)
+        assert statuses == ["ok", "temp_failed"], results
+        assert server.errors == []
+
+
+# -- hangs and timeouts ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("command", ["CAPA", "PASS", "UIDL", "LIST", "RETR 1", "DELE 2", "QUIT"])
+async def test_a_hanging_server_times_out_as_temporary_failure(store: Store, command: str) -> None:
+    async with Pop3TestServer([mailbox()], first_session(Faults(hang_on=command))) as server:
+        acc = account(server.port, leave_on_server=False)
+        started = time.monotonic()
+        result = await fetch(acc, store)
+        assert time.monotonic() - started < 5 * TIMEOUT
+        assert_failed(result, "temp_failed")
+        assert "timed out" in (result.error or "")
+        assert server.mailbox(USER).remaining() == len(MESSAGES)  # no QUIT done: no expunge
+        late = command in ("DELE 2", "QUIT")  # everything was committed before the hang
+        assert await stored(store) == (expected(MESSAGES) if late else [])
+        retrieved = server.commands_seen("RETR")
+
+        again = await fetch(acc, store)
+        assert again.status == "ok" and again.deleted == len(MESSAGES), again
+        if late:
+            assert server.commands_seen("RETR") == retrieved  # deleted without refetching
+        assert server.mailbox(USER).remaining() == 0
+        assert server.errors == []
+    assert await stored(store) == expected(MESSAGES)
+
+
+# -- broken replies ----------------------------------------------------------------------------
+
+
+async def test_status_line_over_64_kib_is_a_protocol_error(store: Store) -> None:
+    huge = b"+OK " + b"x" * 70_000 + b"\r\n"
+    async with Pop3TestServer([mailbox()], Faults(reply_override={"UIDL": huge})) as server:
+        result = await fetch(account(server.port, leave_on_server=False), store)
+        assert_failed(result, "error")
+        assert "65536" in (result.error or "")
+        assert server.commands_seen("RETR") == 0 and server.commands_seen("DELE") == 0
+        assert server.errors == []
+    assert await stored(store) == []
+
+
+async def test_over_long_stat_reply_breaks_the_session_for_good() -> None:
+    huge = b"+OK " + b"x" * 70_000 + b"\r\n"
+    async with Pop3TestServer([mailbox()], Faults(reply_override={"STAT": huge})) as server:
+        session = Pop3Session(account(server.port))
+        await asyncio.to_thread(session.connect)
+        with pytest.raises(ProtocolError) as caught:
+            await asyncio.to_thread(session.stat)
+        assert caught.value.account == NAME
+        assert session.broken
+        with pytest.raises(ProtocolError):  # nothing more is ever sent on it
+            await asyncio.to_thread(session.delete, [1])
+        await asyncio.to_thread(session.close)
+        assert server.commands_seen("DELE") == 0 and server.commands_seen("QUIT") == 0
+        assert server.errors == []
+
+
+@pytest.mark.parametrize("then", ["close", "silence"])
+async def test_truncated_multiline_reply_stores_nothing_of_that_message(
+    store: Store, then: str
+) -> None:
+    """RETR 2's body lacks its terminating "." and then the server closes (or goes quiet)."""
+    cut = b"+OK 40 octets\r\nFrom: x@example.org\r\nSubject: cut\r\n\r\npartial\r\n"
+    faults = Faults(
+        reply_override={"RETR 2": cut}, drop_after="RETR 3" if then == "close" else None
+    )
+    messages = MESSAGES if then == "close" else MESSAGES[:2]  # silence: RETR 2 is the last one
+    async with Pop3TestServer([mailbox(messages)], first_session(faults)) as server:
+        acc = account(server.port, leave_on_server=False)
+        first = await fetch(acc, store)
+        assert_failed(first, "temp_failed", "error")
+        assert await stored(store) == expected(messages[:1])
+        assert server.commands_seen("DELE") == 0
+        assert server.mailbox(USER).remaining() == len(messages)
+
+        second = await fetch(acc, store)
+        assert second.status == "ok", second
+        assert server.mailbox(USER).remaining() == 0
+        assert server.errors == []
+    assert await stored(store) == expected(messages)
+
+
+@pytest.mark.parametrize(
+    "listing",
+    [
+        pytest.param(b"+OK\r\n1\r\n.\r\n", id="no-id"),
+        pytest.param(b"+OK\r\none abc\r\n.\r\n", id="bad-number"),
+        pytest.param(b"+OK\r\n1 \xff\xfe\r\n.\r\n", id="non-ascii-id"),
+    ],
+)
+async def test_malformed_uidl_listing_is_an_error(store: Store, listing: bytes) -> None:
+    faults = Faults(reply_override={"UIDL": listing})
+    async with Pop3TestServer([mailbox()], faults) as server:
+        result = await fetch(account(server.port, leave_on_server=False), store)
+        assert_failed(result, "error")
+        assert "internal error" not in (result.error or "")
+        assert server.commands_seen("RETR") == 0 and server.commands_seen("DELE") == 0
+        assert server.errors == []
+
+
+async def test_err_on_uidl_is_an_error_that_names_uidl(store: Store) -> None:
+    faults = Faults(err_on={"UIDL": "-ERR command not supported"})
+    async with Pop3TestServer([mailbox()], faults) as server:
+        result = await fetch(account(server.port, leave_on_server=False), store)
+        assert_failed(result, "error")
+        assert "UIDL" in (result.error or "")
+        assert server.commands_seen("RETR") == 0 and server.commands_seen("DELE") == 0
+        assert server.errors == []
+
+
+async def test_err_on_dele_abandons_the_session_and_the_next_fetch_deletes(
+    store: Store,
+) -> None:
+    faults = first_session(Faults(err_on={"DELE 2": "-ERR cannot delete now"}))
+    async with Pop3TestServer([mailbox()], faults) as server:
+        acc = account(server.port, leave_on_server=False)
+        first = await fetch(acc, store)
+        assert_failed(first, "error", "temp_failed")
+        assert "QUIT" not in session_log(server, 0)  # no QUIT: none of its DELEs applies
+        assert await stored(store) == expected(MESSAGES)
+        assert server.mailbox(USER).remaining() == len(MESSAGES)
+        retrieved = server.commands_seen("RETR")
+
+        second = await fetch(acc, store)
+        assert second.status == "ok" and second.new == 0 and second.deleted == len(MESSAGES)
+        assert server.commands_seen("RETR") == retrieved
+        assert server.mailbox(USER).remaining() == 0
+        assert server.errors == []
+    assert await stored(store) == expected(MESSAGES)
+
+
+@pytest.mark.parametrize(
+    "capa",
+    [
+        pytest.param(b"+OK\r\nUIDL\r\nPIPE\xffLINING\r\n.\r\n", id="non-ascii"),
+        pytest.param(b"+OK\r\nUIDL\r\n\r\n.\r\n", id="empty-line"),
+    ],
+)
+async def test_malformed_capa_is_a_typed_protocol_error(store: Store, capa: bytes) -> None:
+    async with Pop3TestServer([mailbox()], Faults(reply_override={"CAPA": capa})) as server:
+        result = await fetch(account(server.port), store)
+        assert_failed(result, "error")
+        assert "internal error" not in (result.error or "")
+        assert server.errors == []
+
+
+# -- login etiquette ---------------------------------------------------------------------------
+
+
+async def test_pass_is_never_pipelined_with_what_follows(store: Store) -> None:
+    """Courier drops whatever arrived in the same read as PASS; the fetch must not care."""
+    async with Pop3TestServer([mailbox()], Faults(pass_same_write_drop=True)) as server:
+        result = await fetch(account(server.port, leave_on_server=False), store)
+        assert result.status == "ok", result
+        assert server.mailbox(USER).remaining() == 0
+        assert server.errors == []
+    assert await stored(store) == expected(MESSAGES)
+
+
+@pytest.mark.parametrize("advertised", [True, False])
+async def test_utf8_is_sent_after_login_only_when_advertised(
+    store: Store, advertised: bool
+) -> None:
+    async with Pop3TestServer([mailbox()], Faults(utf8=advertised)) as server:
+        result = await fetch(account(server.port), store)
+        assert result.status == "ok", result
+        if advertised:
+            assert server.commands_seen("UTF8") == result.sessions
+            for number in range(result.sessions):
+                log = session_log(server, number)
+                assert log.index("UTF8") > log.index("PASS ***")  # after login, once
+        else:
+            assert server.commands_seen("UTF8") == 0
+        assert server.errors == []
+    assert await stored(store) == expected(MESSAGES)
+
+
+# -- byte-exact storage ------------------------------------------------------------------------
+
+ODD = b"".join(
+    [
+        b"From: odd@example.org\nSubject: odd bytes\n\n",
+        b"bare LF line\n",
+        b"CRLF line\r\n",
+        b"NUL \x00 byte and \xff\xfe 8-bit\n",
+        b".\n",  # a lone dot: must not end the message
+        b"..two dots\n",
+        b".leading dot\n",
+        b"lone CR \r inside a line\n",
+        b"a" * (pop3.READ_CHUNK - 1) + b"\r\n",  # CR ends one read, its LF starts the next
+        b"." + b"b" * (pop3.READ_CHUNK + 10) + b"\n",  # dot-stuffed, longer than one read
+        b"c" * (3 * 1024 * 1024) + b"\n",  # a 3 MB single line
+        b"no final newline",
+    ]
+)
+ODD_MESSAGES = [
+    ODD,
+    b"Subject: only headers, no body, no newline",
+    b"Subject: dots\r\n\r\n.\r\n..\r\n...\r\n",
+    b"\x00\x00\x00",
+]
+
+
+def _poplib_reference(port: int) -> list[str]:
+    """sha256 of what stdlib poplib (line limit raised) returns for each message."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(poplib, "_MAXLINE", 8 * 1024 * 1024)
+        client = poplib.POP3(HOST, port, timeout=10)
+        try:
+            client.user(USER)
+            client.pass_(PASSWORD)
+            count, _ = client.stat()
+            digests = []
+            for number in range(1, count + 1):
+                _, lines, _ = client.retr(number)
+                digests.append(sha(b"".join(line + b"\r\n" for line in lines)))
+            client.quit()
+        finally:
+            client.close()
+    return sorted(digests)
+
+
+async def test_odd_messages_are_stored_byte_exact(store: Store) -> None:
+    async with Pop3TestServer([mailbox(ODD_MESSAGES)]) as server:
+        reference = await asyncio.to_thread(_poplib_reference, server.port)
+        result = await fetch(account(server.port, timeout=5.0), store)
+        assert result.status == "ok" and result.new == len(ODD_MESSAGES), result
+        assert result.bytes == sum(len(served(m)) for m in ODD_MESSAGES)
+        assert server.errors == []
+    assert reference == expected(ODD_MESSAGES)  # our reference agrees with poplib's
+    assert await stored(store) == reference
+
+
+async def test_an_empty_message_is_stored_as_zero_bytes(store: Store) -> None:
+    async with Pop3TestServer([mailbox([b"", message(1)])]) as server:
+        result = await fetch(account(server.port), store)
+        assert result.status == "ok" and result.new == 2, result
+        assert server.errors == []
+    assert await stored(store) == expected([b"", message(1)])
+
+
+_LINE = st.one_of(
+    st.binary(max_size=24),
+    st.lists(st.sampled_from([b".", b"\r", b"x", b"\x00", b"\xff"]), max_size=12).map(b"".join),
+).map(lambda line: line.replace(b"\n", b""))
+_LINES = st.lists(st.tuples(_LINE, st.sampled_from([b"\r\n", b"\n"])), max_size=25)
+
+
+def _wire(lines: list[tuple[bytes, bytes]]) -> bytes:
+    """The multi-line body as a server sends it: dot-stuffed, then the "." terminator."""
+    body = b"".join((b"." if line.startswith(b".") else b"") + line + end for line, end in lines)
+    return body + b".\r\n"
+
+
+def _normalised(lines: list[tuple[bytes, bytes]]) -> bytes:
+    """Each line as received, its line end (LF or CRLF) made CRLF."""
+    return b"".join((line + end)[:-1].removesuffix(b"\r") + b"\r\n" for line, end in lines)
+
+
+@settings(max_examples=300, deadline=None)
+@given(lines=_LINES, chunk=st.integers(min_value=3, max_value=16), data=st.data())
+def test_stream_body_unstuffs_and_normalises_any_split(
+    lines: list[tuple[bytes, bytes]], chunk: int, data: st.DataObject
+) -> None:
+    wire = _wire(lines)
+    truncated = data.draw(st.booleans(), label="truncated")
+    if truncated:
+        wire = wire[: data.draw(st.integers(0, len(wire) - 3), label="cut")]  # no terminator
+    out: list[bytes] = []
+    fake = cast(Any, SimpleNamespace(file=io.BytesIO(wire)))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(pop3, "READ_CHUNK", chunk)
+        if truncated:
+            with pytest.raises(TemporaryError):
+                pop3._stream_body(fake, out.append)
+            assert _normalised(lines).startswith(b"".join(out).removesuffix(b"\r"))
+        else:
+            pop3._stream_body(fake, out.append)
+            assert b"".join(out) == _normalised(lines)
+            assert fake.file.read() == b""  # stopped exactly after the terminator
+    assert all(len(piece) <= chunk + 1 for piece in out)  # memory stays bounded
+
+
+# -- TLS ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1 and its key, made with the openssl CLI."""
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.skip("openssl not installed")
+    directory = tmp_path_factory.mktemp("tls")
+    key, cert = directory / "key.pem", directory / "cert.pem"
+    subprocess.run(
+        [
+            openssl,
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+            "-days",
+            "2",
+            "-subj",
+            "/CN=mailingest test",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+        ],
+        check=True,
+        capture_output=True,
+        timeout=30,
+    )
+    return cert, key
+
+
+def server_context(certificate: tuple[Path, Path]) -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(*certificate)
+    return ctx
+
+
+@pytest.mark.parametrize("security", ["tls", "starttls"])
+async def test_self_signed_certificate_needs_its_ca_file(
+    store: Store, certificate: tuple[Path, Path], security: str
+) -> None:
+    ctx = server_context(certificate)
+    implicit = security == "tls"
+    async with Pop3TestServer([mailbox()], ssl_context=ctx, implicit_tls=implicit) as server:
+        rejected = await fetch(account(server.port, security=security), store)
+        assert_failed(rejected, "tls_failed")
+        assert "certificate" in (rejected.error or "")
+        assert server.commands_seen("USER") == 0 and server.login_attempts == 0
+
+        trusted = account(server.port, security=security, ca_file=certificate[0])
+        accepted = await fetch(trusted, store)
+        assert accepted.status == "ok" and accepted.new == len(MESSAGES), accepted
+        assert server.login_attempts == accepted.sessions
+        assert server.errors == []
+    assert await stored(store) == expected(MESSAGES)
+
+
+async def test_starttls_without_stls_offered_never_sends_the_password(store: Store) -> None:
+    async with Pop3TestServer([mailbox()]) as server:  # no ssl_context: CAPA has no STLS
+        result = await fetch(account(server.port, security="starttls"), store)
+        assert_failed(result, "tls_failed")
+        assert "STLS" in (result.error or "")
+        assert server.commands_seen("USER") == 0 and server.commands_seen("PASS") == 0
+        assert server.login_attempts == 0
+        assert server.errors == []
+    assert await stored(store) == []
+
+
+@pytest.mark.parametrize("security", ["tls", "starttls"])
+async def test_a_drop_under_tls_is_temporary_not_a_tls_failure(
+    store: Store, certificate: tuple[Path, Path], security: str
+) -> None:
+    """The peer's TLS EOF (often seen on the next pipelined write) is a drop like any other."""
+    messages = [message(i) + b"filler line\n" * 2000 for i in range(1, 41)]
+    faults = first_session(Faults(drop_mid_retr=20))
+    ctx = server_context(certificate)
+    implicit = security == "tls"
+    async with Pop3TestServer(
+        [mailbox(messages)], faults, ssl_context=ctx, implicit_tls=implicit
+    ) as server:
+        acc = account(server.port, security=security, ca_file=certificate[0], leave_on_server=False)
+        first = await fetch(acc, store)
+        assert_failed(first, "temp_failed")
+        # What arrived whole is committed: a prefix of 1..19 (a reset may cut buffered data).
+        kept = len(await stored(store))
+        assert kept <= 19 and await stored(store) == expected(messages[:kept])
+        assert server.mailbox(USER).remaining() == len(messages)
+
+        second = await fetch(acc, store)
+        assert second.status == "ok" and second.new == len(messages) - kept, second
+        assert server.mailbox(USER).remaining() == 0
+        assert server.errors == []
+    assert await stored(store) == expected(messages)

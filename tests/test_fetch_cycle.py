@@ -377,3 +377,40 @@ async def test_login_delay_ends_the_cycle_instead_of_a_refused_second_login(
         assert "LOGIN-DELAY" in (again.error or "")
         assert server.login_attempts == 1
         assert server.errors == []
+
+
+async def test_login_delay_error_is_temporary_and_moves_the_next_login(store: Store) -> None:
+    faults = sessions(Faults(err_on={"PASS": "-ERR [LOGIN-DELAY] wait"}, login_delay=5))
+    async with Pop3TestServer([mailbox()], faults) as server:
+        result = await fetch(account(server), store)
+        assert result.status == "temp_failed" and "LOGIN-DELAY" in (result.error or "")
+        allowed = await store.next_login(NAME)
+        assert allowed is not None
+        attempts = server.login_attempts
+        again = await fetch(account(server), store)
+        assert again.status == "temp_failed" and server.login_attempts == attempts
+    assert await stored(store) == []
+
+
+async def test_disk_full_while_spooling_stops_without_dele(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mailingest import fetch as fetch_module
+
+    real_write = fetch_module._Spool.write
+
+    def full(self: Any, data: bytes) -> None:
+        if self.size > 0:
+            raise OSError(28, "No space left on device")
+        real_write(self, data)
+
+    async with Pop3TestServer([mailbox()]) as server:
+        monkeypatch.setattr(fetch_module._Spool, "write", full)
+        result = await fetch(account(server, leave_on_server=False), store)
+        assert result.status == "temp_failed"
+        assert "No space left on device" in (result.error or "") and NAME in (result.error or "")
+        assert server.mailbox(USER).remaining() == len(MESSAGES)
+        monkeypatch.setattr(fetch_module._Spool, "write", real_write)
+        assert_ok(await fetch(account(server, leave_on_server=False), store), new=len(MESSAGES))
+        assert server.mailbox(USER).remaining() == 0
+    assert await stored(store) == expected(MESSAGES)

@@ -15,13 +15,17 @@ import socket
 import ssl
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from mailingest.config import Account
 from mailingest.errors import (
     AuthError,
+    LoginDelayError,
+    MailIngestError,
     Pop3Error,
     ProtocolError,
+    StoreError,
     TemporaryError,
     TLSError,
     UnavailableError,
@@ -36,6 +40,8 @@ PIPELINE_WINDOW = 16
 
 _CODE = re.compile(rb"^-ERR\s*\[([A-Za-z0-9/-]+)\]")
 _TRANSIENT_CODES = {"SYS/TEMP", "IN-USE", "LOGIN-DELAY"}
+#: Seconds to wait after ``-ERR [LOGIN-DELAY]`` when CAPA named no delay (Gmail's 300 s).
+DEFAULT_LOGIN_DELAY = 300
 
 Sink = Callable[[bytes], object]
 
@@ -162,6 +168,10 @@ class Pop3Session:
             if not isinstance(exc, AuthError):
                 self._discard()
             raise
+        except MailIngestError as exc:  # the sink failed (disk full): the reply is unread
+            exc.account = exc.account or name
+            self._discard()
+            raise
         except poplib.error_proto as exc:
             reply = exc.args[0] if exc.args and isinstance(exc.args[0], bytes) else b""
             raise self._from_err_reply(phase, reply) from exc
@@ -201,6 +211,15 @@ class Pop3Session:
         name = self.account.name
         code = response_code(reply)
         text = _reply_text(reply)
+        if code == "LOGIN-DELAY":
+            self._discard()
+            wait = self.capabilities.login_delay or DEFAULT_LOGIN_DELAY
+            retry_at = datetime.now(UTC) + timedelta(seconds=wait)
+            return LoginDelayError(
+                f"the server refuses logins this soon (LOGIN-DELAY): {text}",
+                account=name,
+                retry_at=retry_at.isoformat(),
+            )
         if code in _TRANSIENT_CODES:
             self._discard()
             return TemporaryError(f"server busy during {phase}: {text}", account=name)
@@ -411,4 +430,7 @@ def _stream_body(pop: _BoundedLines, sink: Sink) -> None:
         else:
             at_line_start = False
             pending_cr = chunk.endswith(b"\r")
-        sink(chunk)
+        try:
+            sink(chunk)
+        except OSError as exc:
+            raise StoreError(f"cannot spool the message: {exc.strerror or exc}") from exc

@@ -9,20 +9,25 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
 from mailingest import __version__, commands, logs
 from mailingest.config import Config, load_config, render_config, resolve_config_path
 from mailingest.errors import (
+    EX_DATAERR,
     EX_OK,
     EX_USAGE,
     STATUS_EXIT,
+    DataError,
     MailIngestError,
     worst_exit,
 )
 from mailingest.output import LiveProgress, human_bytes, print_table
+
+if TYPE_CHECKING:
+    from mailingest.outgoing import Sent
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -67,6 +72,18 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("id", type=int, metavar="ID")
     p.add_argument("--viewer", required=True, metavar="USER")
     p.add_argument("--raw", action="store_true", help="write the stored bytes to stdout")
+    p = sub.add_parser("send", help="send from the CRM over SMTP; stored as outgoing, tagged")
+    p.add_argument("--account", required=True, metavar="NAME")
+    p.add_argument("--to", required=True, nargs="+", action="extend", metavar="ADDR")
+    p.add_argument("--cc", nargs="+", action="extend", default=[], metavar="ADDR")
+    p.add_argument("--subject", required=True, metavar="S")
+    p.add_argument("--body-file", required=True, metavar="F", help="the body text; - for stdin")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p = sub.add_parser("reply", help="reply to a message you may see, from your primary account")
+    p.add_argument("id", type=int, metavar="ID")
+    p.add_argument("--viewer", required=True, metavar="USER")
+    p.add_argument("--body-file", required=True, metavar="F", help="the body text; - for stdin")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
     sub.add_parser("demo", help="ingest sample mail from a loopback POP3 server; no mailbox needed")
     return parser
 
@@ -171,18 +188,25 @@ def _check(args: argparse.Namespace) -> int:
         _emit_json({"accounts": results})
     else:
         print_table(
-            ["account", "pop3", "messages", "capabilities / error"],
+            ["account", "pop3", "messages", "smtp", "capabilities / errors"],
             [
                 [
                     r["account"],
                     r["pop3"]["status"],
                     r["pop3"]["messages"] or 0,
-                    r["pop3"]["error"] or " ".join(r["pop3"]["capabilities"]),
+                    r["smtp"]["status"] if r["smtp"] else "-",
+                    " / ".join(
+                        e for e in (r["pop3"]["error"], r["smtp"] and r["smtp"]["error"]) if e
+                    )
+                    or " ".join(r["pop3"]["capabilities"]),
                 ]
                 for r in results
             ],
         )
-    return worst_exit([STATUS_EXIT[r["pop3"]["status"]] for r in results])
+    statuses = [r["pop3"]["status"] for r in results]
+    statuses += [r["smtp"]["status"] for r in results if r["smtp"]]
+    codes = [STATUS_EXIT.get(status, EX_DATAERR) for status in statuses]
+    return worst_exit(codes)
 
 
 def _config(args: argparse.Namespace) -> int:
@@ -264,6 +288,45 @@ def _show(args: argparse.Namespace) -> int:
     return EX_OK
 
 
+def _body(path: str) -> str:
+    if path == "-":
+        return sys.stdin.read()
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"{path}: cannot read the body: {exc}") from exc
+
+
+def _report_sent(args: argparse.Namespace, sent: Sent) -> int:
+    if args.json:
+        _emit_json(sent.to_json())
+    else:
+        sys.stdout.write(
+            f"sent {sent.message_id} from {sent.account}; stored as message {sent.id}, "
+            f"{sent.visibility} ({sent.reason})\n"
+        )
+    for refusal in sent.refused:
+        sys.stderr.write(f"warning: recipient refused: {refusal}\n")
+    return EX_OK
+
+
+def _send(args: argparse.Namespace) -> int:
+    from mailingest import outgoing
+
+    config = _load(args)
+    body = _body(args.body_file)
+    sent = asyncio.run(outgoing.send(config, args.account, args.to, args.cc, args.subject, body))
+    return _report_sent(args, sent)
+
+
+def _reply(args: argparse.Namespace) -> int:
+    from mailingest import outgoing
+
+    config = _load(args)
+    body = _body(args.body_file)
+    return _report_sent(args, asyncio.run(outgoing.reply(config, args.id, args.viewer, body)))
+
+
 def _run(args: argparse.Namespace) -> int:
     from mailingest.scheduler import run_daemon
 
@@ -287,6 +350,8 @@ _COMMANDS = {
     "messages": _messages,
     "records": _records,
     "show": _show,
+    "send": _send,
+    "reply": _reply,
     "demo": _demo,
 }
 

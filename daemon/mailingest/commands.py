@@ -103,13 +103,26 @@ def _check_pop3(account: Account) -> dict[str, Any]:
     return {"status": "ok", "error": None, "capabilities": caps, "messages": count}
 
 
+async def _check_smtp(account: Account) -> dict[str, Any] | None:
+    """SMTP login apart from POP3: after a password change, which of the two is still wrong."""
+    if account.smtp is None:
+        return None
+    from mailingest import smtp  # aiosmtplib only where SMTP is configured
+
+    try:
+        await smtp.check_login(account.smtp, account.name)
+    except MailIngestError as exc:
+        return {"status": exc.status, "error": str(exc)}
+    return {"status": "ok", "error": None}
+
+
 async def check(config: Config, names: Sequence[str] | None) -> list[dict[str, Any]]:
     accounts = select_accounts(config, names)
     size_executor(config.daemon.max_concurrent)
 
     async def one(account: Account) -> dict[str, Any]:
         pop3 = await asyncio.to_thread(_check_pop3, account)
-        return {"account": account.name, "pop3": pop3, "smtp": None}
+        return {"account": account.name, "pop3": pop3, "smtp": await _check_smtp(account)}
 
     return await bounded(
         config.daemon.max_concurrent, [functools.partial(one, a) for a in accounts]

@@ -796,6 +796,17 @@ class Store:
             for r in rows
         }
 
+    async def count_sent_since(self, account: str, since: str) -> int:
+        """Messages sent from the CRM through this account since ``since`` (ISO 8601 UTC)."""
+        async with self._lock:
+            cursor = await self._db.execute(
+                "SELECT count(*) FROM messages WHERE account = ? AND origin = 'crm'"
+                " AND received_at >= ?",
+                (account, since),
+            )
+            row = await cursor.fetchone()
+        return int(row[0]) if row else 0
+
     async def stored_count(self, account: str) -> int:
         async with self._lock:
             cursor = await self._db.execute(

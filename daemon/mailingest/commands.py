@@ -149,6 +149,7 @@ async def status(config: Config) -> list[dict[str, Any]]:
                     "pause_reason": state.pause_reason if state else None,
                     "next_poll": state.next_poll if state else None,
                     "consecutive_failures": state.consecutive_failures if state else 0,
+                    "next_login": state.next_login if state else None,
                 }
             )
         return out

@@ -44,7 +44,7 @@ def normalize(address: str | None) -> str | None:
         return None
     try:
         _, addr = email.utils.parseaddr(address)
-    except Exception:  # noqa: BLE001 - parseaddr is tolerant; guard the odd crash anyway
+    except Exception:
         return None
     addr = addr.strip()
     local, at, domain = addr.rpartition("@")

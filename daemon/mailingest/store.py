@@ -542,7 +542,8 @@ class Store:
                         "DELETE FROM shares WHERE owner = ? AND record = ?", (owner, record)
                     )
                 await self._retag(
-                    "m.owner = ? AND m.id IN (SELECT message FROM message_records WHERE record = ?)",
+                    "m.owner = ? AND m.id IN"
+                    " (SELECT message FROM message_records WHERE record = ?)",
                     [owner, record],
                     policies,
                 )

@@ -4,9 +4,10 @@
 set -eu
 cd "$(dirname "$0")/.."
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
-if ! command -v dovecot >/dev/null 2>&1 || ! command -v openssl >/dev/null 2>&1; then
+if ! command -v dovecot >/dev/null 2>&1 || ! command -v openssl >/dev/null 2>&1 \
+    || ! command -v systemd-analyze >/dev/null 2>&1; then
     as_root apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq dovecot-pop3d openssl
+    DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq dovecot-pop3d openssl systemd
 fi
 . scripts/venv.sh test,dev
 exec .venv/bin/python -m pytest "$@"

@@ -9,7 +9,7 @@ import json
 
 from mailingest.config import Account, Config
 from mailingest.errors import DataError
-from mailingest.matching import normalize
+from mailingest.matching import normalize, normalize_domain
 from mailingest.sharing import Policy, decide
 from mailingest.store import AccountPolicy, Record, Store
 
@@ -18,7 +18,10 @@ CSV_HEADER = ["id", "kind", "email", "name"]
 
 
 def account_policy(account: Account) -> AccountPolicy:
-    policy = Policy(sharing=account.sharing, excluded_domains=account.excluded_domains)
+    # Stored addresses carry their domains in IDNA form; so must the excluded ones, or
+    # `excluded_domains = ["müller.example"]` would never match mail from that domain.
+    excluded = tuple(normalize_domain(d) or d for d in account.excluded_domains)
+    policy = Policy(sharing=account.sharing, excluded_domains=excluded)
     return AccountPolicy(
         tagger=functools.partial(decide, policy), magnet_label=account.magnet_label
     )

@@ -33,6 +33,7 @@ from mailingest.errors import (
     StoreError,
     TemporaryError,
 )
+from mailingest.logs import mask_text
 from mailingest.matching import direction_of, link_addresses, normalize_all
 from mailingest.parse import parse_headers, read_head
 from mailingest.pop3 import Pop3Session
@@ -88,6 +89,19 @@ class _Spool:
         self.hash.update(data)
         self.size += len(data)
         self.file.write(data)
+
+    def finish(self) -> None:
+        """Write out what is still buffered: a full disk fails here, typed, not at a later
+        seek or close, where it escaped as an internal error."""
+        try:
+            self.file.flush()
+        except OSError as exc:
+            raise StoreError(f"cannot spool the message: {exc.strerror or exc}") from exc
+
+    def discard(self) -> None:
+        """Close (the file goes away); data that cannot be written out (disk full) is dropped."""
+        with contextlib.suppress(OSError):
+            self.file.close()
 
 
 @dataclass
@@ -147,21 +161,25 @@ def _retrieve(
     uidl_of = dict(batch)
     done: list[tuple[int, str, _Spool]] = []
     error: MailIngestError | None = None
+    stream = session.retrieve([n for n, _ in batch], open_sink)
     try:
-        for num in session.retrieve([n for n, _ in batch], open_sink):
+        for num in stream:
             spool, uidl = spools[num], uidl_of[num]
+            spool.finish()
             key = f"{uidl}/{spool.hash.hexdigest()}" if uidl in suspect else uidl
             done.append((num, key, spool))
     except MailIngestError as exc:
         error = exc
     except BaseException:
         for spool in spools.values():
-            spool.file.close()
+            spool.discard()
         raise
+    finally:
+        stream.close()  # stopped early: the session is discarded now, before any DELE
     kept = {id(s) for _, _, s in done}
     for spool in spools.values():
         if id(spool) not in kept:
-            spool.file.close()
+            spool.discard()
     return done, error
 
 
@@ -217,6 +235,7 @@ async def _one_session(
         # Ledger key of each message number known to be stored; DELE only ever targets these.
         key_of = {num: uidl for num, uidl in listing if uidl in ledger and uidl not in suspect}
         new = [(num, uidl) for num, uidl in listing if uidl in suspect or uidl not in ledger]
+        refused: MailIngestError | None = None  # a message the server would not serve
         for batch in _batches(new, sizes):
             retrieved, failure = await asyncio.to_thread(
                 _retrieve, session, batch, spool_dir, suspect
@@ -229,7 +248,7 @@ async def _one_session(
                 )
             finally:
                 for _, _, spool in retrieved:
-                    spool.file.close()
+                    spool.discard()
             for num, key, _ in retrieved:
                 key_of[num] = key  # committed now, or by an earlier session
             sizes_of = {item.uidl: item.size for item in items}
@@ -246,7 +265,11 @@ async def _one_session(
             if progress is not None:
                 progress(account.name, result.new, result.bytes)
             if failure is not None:
-                raise failure
+                if session.broken:
+                    raise failure
+                # One RETR refused with a whole -ERR line: the session is in step, so the
+                # others are stored and DELEted as usual; the error ends the cycle below.
+                refused = refused or failure
         ledger = await store.ledger(account.name)
         now = datetime.now(UTC)
         doomed = [
@@ -261,6 +284,8 @@ async def _one_session(
         if doomed:
             result.deleted += len(doomed)
             await store.mark_deleted(account.name, [k for _, k in doomed])
+        if refused is not None:
+            raise refused
     finally:
         session.close()
     return result.new - new_before
@@ -300,13 +325,15 @@ async def fetch_account(
         if exc.account is None:
             exc.account = account.name
         result.status = exc.status if exc.status in _STATUSES else "error"
-        result.error = str(exc)
+        result.error = mask_text(str(exc))
         if isinstance(exc, LoginDelayError):
             await _quietly(store.set_next_login(account.name, datetime.fromisoformat(exc.retry_at)))
     except Exception as exc:  # a bug must not take down the other accounts' cycles
         log.exception("poll_crashed", account=account.name)
         result.status = "error"
-        result.error = f"account {account.name!r}: internal error: {type(exc).__name__}: {exc}"
+        # Masked like the logs: this text reaches stdout (`fetch --json`) and the store.
+        crash = f"account {account.name!r}: internal error: {type(exc).__name__}: {exc}"
+        result.error = mask_text(crash)
     if busy:
         result.status = "temp_failed"
         result.error = str(BusyError(_BUSY, account=account.name))
@@ -356,6 +383,7 @@ async def _cycle(
     if other is not None:
         log.info("account_busy", account=account.name, holder=other[0])
         return False
+    _RUNNING.add(holder)
     renewer = asyncio.create_task(_keep_lease(store, account.name, holder))
     try:
         for number in range(max_sessions):
@@ -374,8 +402,15 @@ async def _cycle(
                 break  # the listing held nothing new: the mailbox is drained
     finally:
         renewer.cancel()
+        _RUNNING.discard(holder)
         await _quietly(store.release_lease(account.name, holder))
     return True
+
+
+#: Lease holders of the cycles running in this process. A lease in this process's name that
+#: none of them holds was left by a cycle that could not release it (the store was locked):
+#: without this, the daemon found its own leftover "busy" until the lease expired.
+_RUNNING: set[str] = set()
 
 
 def _dead_here(holder: str) -> bool:
@@ -384,6 +419,8 @@ def _dead_here(holder: str) -> bool:
     pid = rest.partition(":")[0]
     if host != socket.gethostname() or not pid.isdigit():
         return False
+    if int(pid) == os.getpid():
+        return holder not in _RUNNING
     try:
         os.kill(int(pid), 0)
     except ProcessLookupError:

@@ -1,35 +1,58 @@
-"""structlog set-up, the event catalog, and the redaction that keeps secrets out of logs."""
+"""structlog set-up, the event catalog, and the redaction that keeps secrets out of logs.
+
+The catalog (``EVENTS``) is what monitoring is built on; docs/logging.md documents it and
+tests check both against every logger call in the package.
+"""
 
 from __future__ import annotations
 
+import json
 import logging
+import re
 import sys
 from collections.abc import Iterable, MutableMapping
 from typing import Any, TextIO
 
 import structlog
 
-#: Every event name the code logs, with its keys. A test checks the code against it.
+#: Every event name the code logs: "keys — meaning". A test checks the code against it.
 EVENTS: dict[str, str] = {
-    "daemon_started": "accounts — the daemon has its store open and its schedule built",
-    "daemon_stopping": "reason — a stop signal arrived; in-flight fetches finish or are abandoned",
-    "config_reloaded": "accounts — SIGHUP applied a new configuration",
+    "daemon_started": "accounts, paused — the store is open and the schedule built",
+    "daemon_stopping": "reason — a stop signal arrived; no new polls start",
+    "daemon_stopped": "abandoned — in-flight polls ended (finished or abandoned); store closed",
+    "config_reloaded": "accounts, added, removed, changed, restart_needed — SIGHUP applied it",
     "config_rejected": "error — SIGHUP brought an invalid configuration; the old one stays",
-    "poll_started": "account — a fetch cycle began",
+    "poll_started": "account — a fetch cycle began (debug)",
     "poll_completed": "account, new, bytes, deleted, duration_ms — one cycle's summary",
     "poll_failed": "account, error_kind, error — a cycle ended with an error",
     "poll_crashed": "account — an internal error (a bug) ended a cycle; traceback follows",
-    "message_stored": "account, uidl, size — one message committed (debug level)",
-    "duplicate_uidl": "account, uidls — a listing held the same UIDL for several messages",
+    "message_stored": "account, uidl, size — one message committed (debug)",
+    "duplicate_uidl": "account, uidls — a listing held the same UIDL twice",
     "state_not_recorded": "account, error — the poll result could not be written",
     "account_busy": "account, holder — another process holds the account's lease; skipped",
-    "account_paused": "account, reason — no more logins until the config changes",
+    "account_paused": "account, reason — no more logins until the credentials change",
+    "account_resumed": "account, reason — a reload brought other credentials; polling again",
     "retry_scheduled": "account, attempt, wait_s, error_kind — a transient failure backs off",
+    "task_failed": "message — an asyncio task failed and nobody awaited it; traceback follows",
+    "shutdown_forced": "timeout_s — work still blocked at the stop deadline; exiting anyway",
     "tls_verify_disabled": "account — certificate checks are off for this account",
     "demo_server_started": "port — the demo's loopback POP3 server is listening",
 }
 
+#: Keys on every line (``account`` where one applies), added by the processors below.
+COMMON_KEYS = ("timestamp", "level", "event")
+
+
+def event_keys(name: str) -> tuple[str, ...]:
+    """The documented keys of one event, in catalog order."""
+    keys = EVENTS[name].partition(" — ")[0]
+    return tuple(k.strip() for k in keys.split(",") if k.strip())
+
+
 _SECRET_KEYS = {"password", "pass", "secret", "auth", "authorization", "token"}
+#: A POP3/SMTP credential command written out (protocol debug, an echoed error reply);
+#: upper case only, as clients send them, so that prose such as "pass" stays readable.
+_AUTH_LINE = re.compile(r"\b(PASS|AUTH(?:\s+(?:PLAIN|LOGIN|XOAUTH2|CRAM-MD5))?|APOP)\s+\S+")
 _secrets: set[str] = set()
 
 
@@ -38,22 +61,54 @@ def register_secrets(values: Iterable[str]) -> None:
     _secrets.update(v for v in values if len(v) >= 3)
 
 
-def _mask(text: str) -> str:
-    for secret in _secrets:
+def mask_text(text: str) -> str:
+    """``text`` with registered secrets and credential commands replaced by ``***``."""
+    # Longest first: a secret that contains another must be masked whole.
+    for secret in sorted(_secrets, key=len, reverse=True):
         if secret in text:
             text = text.replace(secret, "***")
-    return text
+    return _AUTH_LINE.sub(lambda m: m.group(0).split()[0] + " ***", text)
+
+
+def _masked(value: Any) -> Any:
+    if isinstance(value, str):
+        return mask_text(value)
+    if isinstance(value, dict):
+        return {
+            k: "***" if str(k).lower() in _SECRET_KEYS else _masked(v) for k, v in value.items()
+        }
+    if isinstance(value, list | tuple | set | frozenset):
+        return [_masked(v) for v in value]
+    return value
 
 
 def redact(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
     """Drop secret-named keys and mask registered secret values anywhere in the event."""
     for key in list(event):
-        value = event[key]
-        if key.lower() in _SECRET_KEYS:
-            event[key] = "***"
-        elif isinstance(value, str) and _secrets:
-            event[key] = _mask(value)
+        event[key] = "***" if key.lower() in _SECRET_KEYS else _masked(event[key])
     return event
+
+
+def _rendered_forms(secret: str) -> set[str]:
+    """How a renderer may write a secret: as is, JSON-escaped, repr-escaped."""
+    return {secret, json.dumps(secret)[1:-1], json.dumps(secret, ensure_ascii=False)[1:-1],
+            repr(secret)[1:-1]}  # fmt: skip
+
+
+class _MaskRendered:
+    """Wraps the renderer: the finished line is masked too, whatever object carried a secret
+    (a repr, an exception text, a nested value the event processors did not reach)."""
+
+    def __init__(self, renderer: Any) -> None:
+        self.renderer = renderer
+
+    def __call__(self, logger: Any, name: str, event: MutableMapping[str, Any]) -> str:
+        line = str(self.renderer(logger, name, event))
+        for secret in sorted(_secrets, key=len, reverse=True):
+            for form in _rendered_forms(secret):
+                if form and form in line:
+                    line = line.replace(form, "***")
+        return line
 
 
 def configure(
@@ -74,7 +129,7 @@ def configure(
         # Tracebacks become text before redaction, so a secret in one is masked too.
         structlog.processors.format_exc_info,
         redact,
-        renderer,
+        _MaskRendered(renderer),
     ]
     structlog.configure(
         processors=processors,

@@ -9,16 +9,25 @@ Nothing here raises on bad input: an address that cannot be read matches nothing
 from __future__ import annotations
 
 import email.utils
+import re
 import unicodedata
 from collections.abc import Iterable
 
 from mailingest.parse import Headers
+
+#: An ASCII DNS label as mail really carries it (lenient: underscores, odd hyphens), and an
+#: address literal such as ``[192.0.2.1]``. Anything else (quotes, brackets, commas) is no
+#: domain: parseaddr hands back such fragments from garbage like ``<"@``.
+_LABEL_RE = re.compile(r"[a-z0-9_-]+")
+_LITERAL_RE = re.compile(r"\[[a-z0-9:.]+\]")
 
 
 def _ascii_domain(domain: str) -> str | None:
     domain = domain.strip().rstrip(".").lower()
     if not domain or any(c.isspace() for c in domain):
         return None
+    if domain.startswith("["):
+        return domain if _LITERAL_RE.fullmatch(domain) else None
     labels = domain.split(".")
     out: list[str] = []
     for label in labels:
@@ -35,6 +44,9 @@ def _ascii_domain(domain: str) -> str | None:
                 out.append("xn--" + label.encode("punycode").decode("ascii"))
             except UnicodeError:
                 return None
+    # Checked after the IDNA step too: nameprep maps some symbols to ASCII punctuation.
+    if not all(_LABEL_RE.fullmatch(label) for label in out):
+        return None
     return ".".join(out)
 
 
@@ -44,7 +56,7 @@ def normalize(address: str | None) -> str | None:
         return None
     try:
         _, addr = email.utils.parseaddr(address)
-    except Exception:
+    except Exception:  # parseaddr is tolerant; guard the odd crash anyway
         return None
     addr = addr.strip()
     local, at, domain = addr.rpartition("@")
@@ -53,7 +65,16 @@ def normalize(address: str | None) -> str | None:
     ascii_domain = _ascii_domain(domain)
     if ascii_domain is None:
         return None
-    return f"{local.casefold()}@{ascii_domain}"
+    canonical = f"{local.casefold()}@{ascii_domain}"
+    # A fixpoint, so record addresses and message addresses (normalised at different times,
+    # from differently written text) compare equal: a local part that only parsed thanks to
+    # its context (e.g. ``":@x`` gives ``:@x``) is no usable address.
+    try:
+        if email.utils.parseaddr(canonical)[1] != canonical:
+            return None
+    except Exception:  # as above
+        return None
+    return canonical
 
 
 def normalize_all(addresses: Iterable[str]) -> tuple[str, ...]:

@@ -10,6 +10,7 @@ import email.header
 import email.parser
 import email.policy
 import email.utils
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -48,12 +49,26 @@ def read_head(stream: IO[bytes], limit: int = MAX_HEAD) -> bytes:
     return bytes(out)
 
 
+_SURROGATES = re.compile("[\ud800-\udfff]+")
+
+
+def _unsurrogate(match: re.Match[str]) -> str:
+    run = match.group()
+    if all("\udc80" <= c <= "\udcff" for c in run):  # 8-bit bytes, surrogate-escaped
+        return run.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    # Any other surrogate (a UTF-7 or unicode-escape encoded word decodes to one): a pair
+    # becomes its character, a lone one U+FFFD.
+    return run.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
+
+
 def _clean(text: str) -> str:
-    """Turn surrogate-escaped 8-bit junk back into text (UTF-8 if it is, else replaced)."""
+    """Valid Unicode whatever came in: surrogate-escaped 8-bit junk decoded as UTF-8 where it
+    is (else replaced), other surrogates replaced. SQLite and JSON refuse lone surrogates:
+    one such Subject used to fail the storing of its whole batch, fetch after fetch."""
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
-        text = text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+        text = _SURROGATES.sub(_unsurrogate, text)
     return text
 
 
@@ -71,10 +86,10 @@ def decode_text(value: str) -> str:
             continue
         try:
             words.append(chunk.decode(charset or "ascii"))
-        except (LookupError, UnicodeDecodeError):
+        except (LookupError, UnicodeError):  # UnicodeError: the idna codec raises it bare
             words.append(chunk.decode("utf-8", "replace"))
     # decode_header drops the space between encoded and plain words inconsistently.
-    return " ".join("".join(words).split())
+    return _clean(" ".join("".join(words).split()))
 
 
 def _addresses(values: Iterable[str]) -> tuple[str, ...]:
@@ -100,10 +115,25 @@ def _date(value: str | None) -> str | None:
         return None
 
 
+class _RawValues(email.policy.Compat32):
+    """compat32 that hands header values back as parsed, 8-bit bytes surrogate-escaped.
+
+    compat32 wraps such a value in a ``Header`` whose ``str()`` turns every 8-bit byte into
+    U+FFFD, so raw UTF-8 headers (RFC 6532 mail, or Courier after ``UTF8``) lost their text
+    and their addresses; ``_clean`` decodes the escaped bytes as UTF-8 instead.
+    """
+
+    def header_fetch_parse(self, name: str, value: str) -> str:
+        return value
+
+
+_POLICY = _RawValues()
+
+
 def parse_headers(head: bytes) -> Headers:
     """Index fields of a header block; broken headers give empty fields, never an exception."""
     try:
-        msg = email.parser.BytesHeaderParser(policy=email.policy.compat32).parsebytes(head)
+        msg = email.parser.BytesHeaderParser(policy=_POLICY).parsebytes(head)
         get_all = msg.get_all
         first = msg.get
     except Exception:

@@ -13,7 +13,7 @@ import poplib
 import re
 import socket
 import ssl
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -30,6 +30,7 @@ from mailingest.errors import (
     TLSError,
     UnavailableError,
 )
+from mailingest.tls import client_context
 
 #: A status line (``+OK``/``-ERR``) longer than this is a protocol error (the contract's 64 KiB).
 MAX_STATUS_LINE = 64 * 1024
@@ -42,6 +43,8 @@ _CODE = re.compile(rb"^-ERR\s*\[([A-Za-z0-9/-]+)\]")
 _TRANSIENT_CODES = {"SYS/TEMP", "IN-USE", "LOGIN-DELAY"}
 #: Seconds to wait after ``-ERR [LOGIN-DELAY]`` when CAPA named no delay (Gmail's 300 s).
 DEFAULT_LOGIN_DELAY = 300
+#: The longest LOGIN-DELAY honoured (seconds).
+MAX_LOGIN_DELAY = 24 * 3600
 
 Sink = Callable[[bytes], object]
 
@@ -52,12 +55,20 @@ def response_code(reply: bytes) -> str | None:
     return match.group(1).decode("ascii").upper() if match else None
 
 
-def _reply_text(reply: bytes) -> str:
-    return reply[:200].decode("utf-8", "replace").strip()
+def _reply_text(reply: bytes, secret: str = "") -> str:
+    """A reply quoted in an error: the password masked first (a server may echo the command
+    it refuses, "-ERR unknown command PASS ..."), as errors reach stdout and the store, which
+    the log redaction does not cover; then cut to 200 characters."""
+    text = reply.decode("utf-8", "replace")
+    if secret:
+        text = text.replace(secret, "***")
+    return text[:200].strip()
 
 
 class _BoundedLines(poplib.POP3):
     """poplib with our line rules: status lines up to 64 KiB, ``+OK`` required, EOF typed."""
+
+    secret = ""  # the password, masked in quoted replies; set before the login
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         try:
@@ -94,7 +105,7 @@ class _BoundedLines(poplib.POP3):
         if resp.startswith(b"-ERR"):
             raise poplib.error_proto(resp)
         # poplib accepts any "+..." (even "+ERR"); a reply that is neither is not success.
-        raise ProtocolError(f"malformed reply {_reply_text(resp)!r}")
+        raise ProtocolError(f"malformed reply {_reply_text(resp, self.secret)!r}")
 
 
 class _PlainPOP3(_BoundedLines):
@@ -127,18 +138,15 @@ class Capabilities:
     @property
     def login_delay(self) -> int | None:
         args = self.arg("LOGIN-DELAY")
-        return int(args[0]) if args and args[0].isdigit() else None
+        if not args or not (args[0].isascii() and args[0].isdigit()):
+            return None
+        # Bounded: a value past datetime's range ("LOGIN-DELAY 99999999999999") crashed the
+        # cycle; past a day it is a server bug, and a day between logins still honours it.
+        return min(int(args[0]), MAX_LOGIN_DELAY)
 
 
 def make_tls_context(account: Account) -> ssl.SSLContext:
-    """System CAs plus the account's ``ca_file``; verification off only by explicit choice."""
-    ctx = ssl.create_default_context()
-    if account.ca_file is not None:
-        ctx.load_verify_locations(cafile=str(account.ca_file))
-    if not account.tls_verify:
-        ctx.check_hostname = False
-        ctx.verify_mode = ssl.CERT_NONE
-    return ctx
+    return client_context(account.ca_file, account.tls_verify)
 
 
 class Pop3Session:
@@ -210,7 +218,7 @@ class Pop3Session:
         """Type an ``-ERR`` reply by its response code and the phase it came in."""
         name = self.account.name
         code = response_code(reply)
-        text = _reply_text(reply)
+        text = _reply_text(reply, self.account.password.reveal())
         if code == "LOGIN-DELAY":
             self._discard()
             wait = self.capabilities.login_delay or DEFAULT_LOGIN_DELAY
@@ -254,6 +262,7 @@ class Pop3Session:
                 )
             else:
                 self._pop = _PlainPOP3(acc.host, acc.port, timeout=acc.timeout)
+            self._pop.secret = acc.password.reveal()
         self.capabilities.names = self._capa("capa")
         if acc.security == "starttls":
             self._starttls()
@@ -303,8 +312,13 @@ class Pop3Session:
 
     def stat(self) -> tuple[int, int]:
         with self._translate("stat"):
-            count, size = self._conn().stat()
-        return count, size
+            # Not poplib's stat(): it raises IndexError/ValueError on a reply such as "+OK".
+            reply = self._conn().command("STAT")
+            parts = reply.split()
+            if len(parts) < 3 or not parts[1].isdigit() or not parts[2].isdigit():
+                text = _reply_text(reply, self.account.password.reveal())
+                raise ProtocolError(f"malformed STAT reply {text!r}")
+        return int(parts[1]), int(parts[2])
 
     def uidl(self) -> list[tuple[int, str]]:
         """The (message number, unique id) listing; a malformed line is a protocol error."""
@@ -323,11 +337,16 @@ class Pop3Session:
             out[num] = int(size)
         return out
 
-    def retrieve(self, nums: Iterable[int], open_sink: Callable[[int], Sink]) -> Iterator[int]:
+    def retrieve(
+        self, nums: Iterable[int], open_sink: Callable[[int], Sink]
+    ) -> Generator[int, None, None]:
         """RETR each message, streaming its dot-unstuffed CRLF lines into ``open_sink(num)``.
 
         Yields each number once its message has been fully written to its sink. With
         PIPELINING a window of RETR commands stays in flight; replies are read in order.
+        A plain ``-ERR`` to one RETR (a message the server cannot serve) skips that message
+        and is raised once the others are read, the session still usable for DELE and QUIT:
+        one such message must not hold back every message after it, cycle after cycle.
         """
         pending = list(nums)
         window = PIPELINE_WINDOW if self.capabilities.has("PIPELINING") else 1
@@ -335,17 +354,20 @@ class Pop3Session:
         with self._translate("retr"):
             pop = self._conn()
             try:
-                yield from self._retr_window(pop, pending, window, open_sink)
+                refused = yield from self._retr_window(pop, pending, window, open_sink)
                 done = True
             finally:
                 if not done:
                     # Stopped early: replies still in flight would desynchronise the session.
                     self._discard()
+        if refused:
+            raise refused[0]
 
     def _retr_window(
         self, pop: _BoundedLines, pending: list[int], window: int, open_sink: Callable[[int], Sink]
-    ) -> Iterator[int]:
+    ) -> Generator[int, None, list[ProtocolError]]:
         sent = 0
+        refused: list[ProtocolError] = []
         for index, num in enumerate(pending):
             while sent < len(pending) and sent < index + window:
                 pop.sock.sendall(f"RETR {pending[sent]}\r\n".encode("ascii"))
@@ -354,9 +376,14 @@ class Pop3Session:
                 pop._getresp()
             except poplib.error_proto as exc:
                 reply = exc.args[0] if isinstance(exc.args[0], bytes) else b""
-                raise self._from_err_reply(f"retr {num}", reply) from exc
+                error = self._from_err_reply(f"retr {num}", reply)
+                if not isinstance(error, ProtocolError) or self.broken:
+                    raise error from exc  # [SYS/TEMP], [IN-USE]...: stop and retry later
+                refused.append(error)  # a whole one-line reply: the session is in step
+                continue
             _stream_body(pop, open_sink(num))
             yield num
+        return refused
 
     def delete(self, nums: Iterable[int]) -> None:
         """DELE each message; the server expunges them only at QUIT."""

@@ -1,137 +1,390 @@
-"""The daemon: one polling task per account under a concurrency limit, clean stop on signals.
+"""The daemon: one polling task per account under a concurrency limit, with backoff, the
+auth-failure pause, reload on SIGHUP, a bounded stop on SIGTERM/SIGINT and sd_notify.
 
-Shaped like arq's worker: `run_daemon()` owns the loop and always cleans up, `Daemon.run()`
-is the async entry for tests. A first slice: intervals with jitter, pause on auth failure,
-SIGHUP reload, SIGTERM/SIGINT stop with a grace period. Backoff policies and systemd
-notification build on this.
+Shaped like arq's worker: ``Daemon.run()`` owns the event loop and always cleans up,
+``Daemon.async_run()`` is the entry for tests; one task per account (``AccountRunner``) so one
+account's slowness or failure never moves another's schedule; shutdown is stop taking work
+-> grace period -> cancel -> close. Protocol work stays in fetch.py.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import random
 import signal
+import sys
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import structlog
 
-from mailingest.commands import size_executor
+from mailingest import logs
 from mailingest.config import Account, Config, load_config
-from mailingest.errors import EX_OK, MailIngestError
-from mailingest.fetch import fetch_account
-from mailingest.store import Store
+from mailingest.errors import EX_OK, MailIngestError, StoreError
+from mailingest.fetch import FetchResult, fetch_account
+from mailingest.retry import Backoff, same_login
+from mailingest.runner import AccountRunner
+from mailingest.store import DaemonState, Store
+from mailingest.systemd import Notifier, watchdog_period
 
 log = structlog.get_logger("mailingest.scheduler")
 
-#: Fraction of an interval added or removed at random, so accounts do not fire together.
-JITTER = 0.1
+#: First polls after start are spread over this many seconds (or the interval, if shorter).
+FIRST_SPREAD = 5.0
+#: Worker threads beyond one per concurrent fetch: header parsing, config reloads.
+EXTRA_WORKERS = 4
+WORKER_PREFIX = "mailingest-worker"
+#: The stop budget, as shares of ``shutdown_timeout`` after the signal: in-flight polls may
+#: finish until FINISH_SHARE, cancelled ones unwind until UNWIND_SHARE, then the store
+#: closes; at EXIT_SHARE the process leaves whatever still blocks (the rest is the
+#: interpreter's own exit).
+FINISH_SHARE = 0.6
+UNWIND_SHARE = 0.8
+EXIT_SHARE = 0.95
+#: STATUS= is sent at most this often (seconds).
+STATUS_EVERY = 1.0
+
+Fetch = Callable[..., Awaitable[FetchResult]]
 
 
 class Daemon:
     """Polls every configured account until stopped."""
 
-    def __init__(self, config: Config, config_path: Path | None = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        config_path: Path | None = None,
+        *,
+        backoff: Backoff | None = None,
+        fetch: Fetch = fetch_account,
+        notifier: Notifier | None = None,
+    ) -> None:
         self.config = config
         self.config_path = config_path
+        self.backoff = backoff or Backoff()
+        self.notifier = notifier or Notifier()
         self.stopping = asyncio.Event()
-        self._tasks: dict[str, asyncio.Task[None]] = {}
-        self._gate = asyncio.Semaphore(config.daemon.max_concurrent)
-        self._paused: dict[str, str] = {}  # account -> password value that was rejected
+        self.gate = asyncio.Semaphore(config.daemon.max_concurrent)
+        self.last_error: tuple[str, str] | None = None  # (account, error) until it recovers
+        self.fetch = fetch
+        self._runners: dict[str, AccountRunner] = {}
+        self._retiring: set[AccountRunner] = set()  # removed by a reload, finishing their poll
         self._store: Store | None = None
+        self._stop_at: float | None = None
+        self._reloads: asyncio.Task[None] | None = None
+        self._reload_again = False
+        self._status_pending: asyncio.TimerHandle | None = None
+        self._executors: list[ThreadPoolExecutor] = []
+        self._owns_process = False
 
     def __repr__(self) -> str:
-        return f"<Daemon accounts={len(self._tasks)} stopping={self.stopping.is_set()}>"
+        return (
+            f"<Daemon accounts={len(self._runners)} paused={self.paused_count()} "
+            f"stopping={self.stopping.is_set()}>"
+        )
 
-    async def run(self, *, signals: bool = True) -> int:
-        size_executor(self.config.daemon.max_concurrent)
-        self._store = await Store.open(self.config.storage.database)
+    @property
+    def store(self) -> Store:
+        assert self._store is not None, "the store opens in async_run()"
+        return self._store
+
+    # -- entry points ---------------------------------------------------------------------
+
+    def run(self) -> int:
+        """Own the event loop and the process; return once stopped.
+
+        The stop is bounded by ``shutdown_timeout`` even when a worker thread is blocked in
+        a socket call whose timeout is longer (a thread cannot be cancelled): at the
+        deadline the process exits anyway. That is as safe as a kill, which the store is
+        built to survive: every commit is durable, and no DELE is applied without a QUIT.
+        """
+        self._owns_process = True
+        with asyncio.Runner() as runner:
+            code = runner.run(self.async_run())
+            for executor in self._executors:
+                executor.shutdown(wait=False, cancel_futures=True)
+        return code
+
+    async def async_run(self, *, signals: bool = True) -> int:
+        """The daemon on the running loop (tests run it with ``signals=False``)."""
         loop = asyncio.get_running_loop()
-        if signals:
+        self._size_executor(self.config.daemon.max_concurrent)
+        previous_handler = loop.get_exception_handler()
+        loop.set_exception_handler(_log_loop_error)  # keep even these lines JSON
+        watchdog: asyncio.Task[None] | None = None
+        if signals:  # before anything slow: a SIGTERM during start-up is a clean stop too
             loop.add_signal_handler(signal.SIGTERM, self.stop, "SIGTERM")
             loop.add_signal_handler(signal.SIGINT, self.stop, "SIGINT")
             loop.add_signal_handler(signal.SIGHUP, self.reload)
         try:
-            self._start_accounts(self.config.accounts)
-            log.info("daemon_started", accounts=len(self.config.accounts))
+            self._store = await Store.open(self.config.storage.database)
+            states = await self.store.daemon_states()
+            await self._start(list(self.config.accounts), states)
+            log.info("daemon_started", accounts=len(self._runners), paused=self.paused_count())
+            self.notifier.ready(self.summary())
+            period = watchdog_period()
+            if period is not None and self.notifier.enabled:
+                watchdog = asyncio.create_task(self._watchdog(period), name="watchdog")
             await self.stopping.wait()
-            await self._drain()
         finally:
+            self.stop("error")  # no-op after a signal; after an exception, still drain
+            self.notifier.stopping()
+            abandoned = await self._drain()
+            if watchdog is not None:
+                watchdog.cancel()
+            if self._status_pending is not None:
+                self._status_pending.cancel()
             if signals:
                 for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                     loop.remove_signal_handler(sig)
-            await self._store.close()
+            if self._store is not None:
+                await self._store.close()
+            self.notifier.close()
+            log.info("daemon_stopped", abandoned=abandoned)
+            if not self._owns_process:  # else keep it: leftovers are reported at loop close
+                loop.set_exception_handler(previous_handler)
         return EX_OK
 
     def stop(self, reason: str = "requested") -> None:
-        if not self.stopping.is_set():
-            log.info("daemon_stopping", reason=reason)
-            self.stopping.set()
+        """Stop taking work; in-flight polls get the grace period (signal-handler safe)."""
+        if self.stopping.is_set():
+            return
+        self._stop_at = time.monotonic()
+        log.info("daemon_stopping", reason=reason)
+        self.stopping.set()
+        if self._owns_process:
+            _exit_at(self._by(EXIT_SHARE), self.config.daemon.shutdown_timeout)
+        for runner in self._all_runners():
+            runner.wake()
 
     def reload(self) -> None:
-        if self.config_path is None:
+        """SIGHUP: re-read the config file; reloads never overlap (one runs, one may queue)."""
+        if self.stopping.is_set() or self.config_path is None:
             return
+        if self._reloads is not None and not self._reloads.done():
+            self._reload_again = True
+            return
+        self._reloads = asyncio.create_task(self._reload_loop(), name="reload")
+
+    async def _reload_loop(self) -> None:
+        while True:
+            self._reload_again = False
+            await self._reload_once()
+            if not self._reload_again or self.stopping.is_set():
+                return
+
+    async def _reload_once(self) -> None:
+        assert self.config_path is not None
+        self.notifier.reloading()
         try:
-            new = load_config(self.config_path)
+            new = await asyncio.to_thread(load_config, self.config_path)
         except MailIngestError as exc:
             log.error("config_rejected", error=str(exc))
-            return
-        old = {a.name: a for a in self.config.accounts}
-        self.config = new
-        for account in new.accounts:
-            if old.get(account.name) != account:
-                task = self._tasks.pop(account.name, None)
-                if task is not None:
-                    task.cancel()
-                self._start_accounts([account])
-        for name in set(old) - {a.name for a in new.accounts}:
-            task = self._tasks.pop(name, None)
-            if task is not None:
-                task.cancel()
-        log.info("config_reloaded", accounts=len(new.accounts))
+        else:
+            await self.apply(new)
+        self.notifier.ready(self.summary())
 
-    def _start_accounts(self, accounts: tuple[Account, ...] | list[Account]) -> None:
-        for account in accounts:
-            self._tasks[account.name] = asyncio.create_task(
-                self._account_loop(account), name=f"poll:{account.name}"
+    # -- configuration ----------------------------------------------------------------------
+
+    async def apply(self, new: Config) -> None:
+        """Switch to ``new``: add, remove and change accounts without dropping in-flight work."""
+        logs.register_secrets(a.password.reveal() for a in new.accounts)
+        old = self.config
+        restart_needed = [
+            key
+            for key, before, after in (
+                ("storage.database", old.storage.database, new.storage.database),
+                ("daemon.log_format", old.daemon.log_format, new.daemon.log_format),
             )
+            if before != after
+        ]
+        self.config = new
+        if new.daemon.max_concurrent != old.daemon.max_concurrent:
+            # Polls under the old gate keep their slot; new polls queue at the new size.
+            self.gate = asyncio.Semaphore(new.daemon.max_concurrent)
+            self._size_executor(new.daemon.max_concurrent)
+        wanted = {a.name: a for a in new.accounts}
+        removed = [name for name in self._runners if name not in wanted]
+        for name in removed:
+            runner = self._runners.pop(name)
+            runner.retired = True
+            self._retiring.add(runner)
+            runner.wake()
+        added = [a for a in new.accounts if a.name not in self._runners]
+        changed = []
+        for account in new.accounts:
+            current = self._runners.get(account.name)
+            if current is not None and await current.update(account):
+                changed.append(account.name)
+        if added:
+            states = await self._states()
+            await self._start(added, states)
+        log.info(
+            "config_reloaded",
+            accounts=len(new.accounts),
+            added=[a.name for a in added],
+            removed=removed,
+            changed=changed,
+            restart_needed=restart_needed,
+        )
+        self.status_changed()
 
-    async def _account_loop(self, account: Account) -> None:
-        assert self._store is not None
-        interval = account.poll_interval or self.config.daemon.poll_interval
-        await asyncio.sleep(random.uniform(0, min(interval, 5.0)))  # spread the first polls
-        while not self.stopping.is_set():
-            rejected = self._paused.get(account.name)
-            if rejected is not None and rejected == account.password.reveal():
-                return  # paused until a reload brings another password
-            self._paused.pop(account.name, None)
-            async with self._gate:
-                if self.stopping.is_set():
-                    return
-                # Shielded: a cancelled loop lets its cycle finish its commit and QUIT.
-                result = await asyncio.shield(
-                    fetch_account(
-                        account, self._store, max_sessions=self.config.daemon.max_sessions_per_cycle
-                    )
-                )
-            if result.status == "auth_failed":
-                self._paused[account.name] = account.password.reveal()
-                log.warning("account_paused", account=account.name, reason="auth_failed")
-                return
-            delay = interval * (1 + random.uniform(-JITTER, JITTER))
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.stopping.wait(), timeout=delay)
+    async def _states(self) -> dict[str, DaemonState]:
+        try:
+            return await self.store.daemon_states()
+        except StoreError as exc:
+            log.error("state_not_recorded", error=str(exc))
+            return {}
 
-    async def _drain(self) -> None:
-        """Let in-flight cycles finish within the grace period, then cancel them."""
-        tasks = list(self._tasks.values())
-        if not tasks:
+    async def _start(self, accounts: list[Account], states: dict[str, DaemonState]) -> None:
+        """Create the accounts' runners: restore a pause, honour a persisted next poll."""
+        first: dict[str, datetime | None] = {}
+        now = datetime.now(UTC)
+        for account in accounts:
+            runner = AccountRunner(self, account)
+            state = states.get(account.name)
+            if state is not None and state.paused:
+                key = state.pause_key
+                if key is not None and await asyncio.to_thread(same_login, key, account):
+                    runner.pause_key = key  # still the login that was rejected
+                else:
+                    await runner.resume("credentials_changed")
+            delay = random.uniform(0, min(runner.interval, FIRST_SPREAD))
+            if state is not None and state.next_poll and not runner.paused:
+                persisted = (datetime.fromisoformat(state.next_poll) - now).total_seconds()
+                if persisted > 0:
+                    delay = min(persisted, runner.interval)  # a restart keeps a backoff
+            if state is not None and state.next_login:
+                floor = (datetime.fromisoformat(state.next_login) - now).total_seconds()
+                delay = max(delay, floor)
+            first[account.name] = None if runner.paused else now + timedelta(seconds=delay)
+            self._runners[account.name] = runner
+            runner.start(delay)
+        with contextlib.suppress(StoreError):
+            await self.store.set_next_polls(first)
+
+    def _size_executor(self, concurrency: int) -> None:
+        """One worker thread per concurrent POP3 session, plus a few for parsing and reloads.
+
+        Named threads, so that a stack dump (py-spy, gdb) shows which are ours.
+        """
+        executor = ThreadPoolExecutor(concurrency + EXTRA_WORKERS, thread_name_prefix=WORKER_PREFIX)
+        asyncio.get_running_loop().set_default_executor(executor)
+        for old in self._executors:
+            old.shutdown(wait=False)  # running jobs finish; the threads then exit
+        self._executors.append(executor)
+
+    # -- state for status and systemd -------------------------------------------------------
+
+    def forget(self, runner: AccountRunner) -> None:
+        """A runner's task ended (removed by a reload, or stopped)."""
+        self._retiring.discard(runner)
+
+    def _all_runners(self) -> list[AccountRunner]:
+        return [*self._runners.values(), *self._retiring]
+
+    def paused_count(self) -> int:
+        return sum(r.paused for r in self._runners.values())
+
+    def summary(self) -> str:
+        """The one-line STATUS=: accounts, polling now, paused, last error."""
+        polling = sum(r.in_flight for r in self._all_runners())
+        text = f"{len(self._runners)} accounts, {polling} polling, {self.paused_count()} paused"
+        if self.last_error is not None:
+            text += f"; last error: {self.last_error[1]}"
+        return logs.mask_text(text)
+
+    def lags(self) -> dict[str, float]:
+        """How late (seconds) each account's last poll started after it was due."""
+        return {name: r.lag for name, r in self._runners.items() if r.lag is not None}
+
+    def note_result(self, account: str, result: FetchResult) -> None:
+        """Remember the last error for STATUS=; forget it once that account polls fine."""
+        if result.status != "ok":
+            self.last_error = (account, result.error or result.status)
+        elif self.last_error is not None and self.last_error[0] == account:
+            self.last_error = None
+        self.status_changed()
+
+    def status_changed(self) -> None:
+        """Send STATUS= soon: changes within STATUS_EVERY go out as one datagram."""
+        if not self.notifier.enabled or self._status_pending is not None:
             return
-        _, pending = await asyncio.wait(tasks, timeout=self.config.daemon.shutdown_timeout)
-        for task in pending:
-            task.cancel()
-        await asyncio.gather(*pending, return_exceptions=True)
+
+        def flush() -> None:
+            self._status_pending = None
+            self.notifier.status(self.summary())
+
+        loop = asyncio.get_running_loop()
+        self._status_pending = loop.call_later(STATUS_EVERY, flush)
+
+    async def _watchdog(self, period: float) -> None:
+        """WATCHDOG=1 from the event loop itself: a blocked loop stops the pings."""
+        while True:
+            self.notifier.watchdog()
+            await asyncio.sleep(period)
+
+    # -- shutdown -----------------------------------------------------------------------------
+
+    def _by(self, share: float) -> float:
+        """Monotonic time at ``share`` of the stop budget after the stop began."""
+        start = self._stop_at if self._stop_at is not None else time.monotonic()
+        return start + self.config.daemon.shutdown_timeout * share
+
+    async def _drain(self) -> int:
+        """Let in-flight polls finish for part of the grace period, then cancel them.
+
+        A cancelled poll is abandoned without QUIT, so the server applies none of its DELEs;
+        everything it committed stays committed. Returns how many polls were abandoned.
+        """
+        runners = self._all_runners()
+        tasks = [r.task for r in runners if r.task is not None]
+        busy = [r.task for r in runners if r.task is not None and r.in_flight]
+        for runner in runners:
+            if runner.task is not None and not runner.in_flight:
+                runner.task.cancel()  # asleep or queued at the gate: nothing to lose
+        pending: set[asyncio.Task[None]] = set()
+        if busy:
+            left = self._by(FINISH_SHARE) - time.monotonic()
+            _, pending = await asyncio.wait(busy, timeout=max(0.0, left))
+            for task in pending:
+                task.cancel()
+        if tasks:  # cancelled polls unwind (close the session, release the lease)
+            left = self._by(UNWIND_SHARE) - time.monotonic()
+            await asyncio.wait(tasks, timeout=max(0.05, left))
+        if self._reloads is not None:
+            self._reloads.cancel()
+            await asyncio.gather(self._reloads, return_exceptions=True)
+        return len(pending)
+
+
+def _log_loop_error(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    """asyncio's own reports (a task failed and nobody awaited it) as catalogued events."""
+    exc = context.get("exception")
+    log.error("task_failed", message=str(context.get("message", "")), exc_info=exc)
+
+
+def _exit_at(deadline: float, timeout: float) -> None:
+    """Exit the process at ``deadline`` (monotonic) if it is still running then."""
+
+    def force() -> None:
+        log.warning("shutdown_forced", timeout_s=timeout)
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        os._exit(EX_OK)
+
+    timer = threading.Timer(max(0.0, deadline - time.monotonic()), force)
+    timer.daemon = True  # never keeps the process alive by itself
+    timer.start()
 
 
 def run_daemon(config: Config, *, config_path: Path | None = None) -> int:
-    return asyncio.run(Daemon(config, config_path).run())
+    return Daemon(config, config_path).run()

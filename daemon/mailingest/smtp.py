@@ -25,16 +25,11 @@ from mailingest.errors import (
     TLSError,
     UnavailableError,
 )
+from mailingest.tls import client_context
 
 
 def _tls_context(settings: SmtpSettings) -> ssl.SSLContext:
-    ctx = ssl.create_default_context()
-    if settings.ca_file is not None:
-        ctx.load_verify_locations(cafile=str(settings.ca_file))
-    if not settings.tls_verify:
-        ctx.check_hostname = False
-        ctx.verify_mode = ssl.CERT_NONE
-    return ctx
+    return client_context(settings.ca_file, settings.tls_verify)
 
 
 def from_address(account: Account) -> str:

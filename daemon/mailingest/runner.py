@@ -1,0 +1,256 @@
+"""One account's schedule in the daemon: sleep until due, poll under the gate, back off on
+transient failures, pause on a rejected login.
+
+Each account has its own task running an ``AccountRunner``, so one account's slowness or
+failure never moves another's schedule; the only shared resource is the concurrency gate.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING, Any
+
+import structlog
+
+from mailingest.config import Account
+from mailingest.errors import StoreError
+from mailingest.fetch import FetchResult
+from mailingest.retry import (
+    PollFailure,
+    attempt_wait,
+    failure_of,
+    login_key,
+    poll_retrying,
+    same_login,
+)
+
+if TYPE_CHECKING:
+    from mailingest.scheduler import Daemon
+
+log = structlog.get_logger("mailingest.scheduler")
+
+#: Fraction of an interval added or removed at random, so accounts do not fire together.
+JITTER = 0.1
+
+
+class Interrupted(Exception):
+    """The account changed or the daemon is stopping: this attempt does not start."""
+
+
+class AccountRunner:
+    """One account's schedule: sleep until due, poll under the gate, retry, or pause."""
+
+    def __init__(self, daemon: Daemon, account: Account) -> None:
+        self.daemon = daemon
+        self.account = account
+        self.generation = 0  # bumped when a reload changes the account
+        self.retired = False
+        self.pause_key: str | None = None  # set while paused: the rejected login's hash
+        self.in_flight = False
+        self.task: asyncio.Task[None] | None = None
+        self.due = 0.0  # loop time of the next poll
+        self.lag: float | None = None
+        self._wake: asyncio.Future[None] | None = None
+        self._woken = False
+        self._polled = account  # the settings the last poll used (a reload may change them)
+
+    def __repr__(self) -> str:
+        state = "paused" if self.paused else ("polling" if self.in_flight else "idle")
+        return f"<AccountRunner {self.account.name} {state} gen={self.generation}>"
+
+    @property
+    def name(self) -> str:
+        return self.account.name
+
+    @property
+    def interval(self) -> float:
+        return self.account.poll_interval or self.daemon.config.daemon.poll_interval
+
+    @property
+    def paused(self) -> bool:
+        return self.pause_key is not None
+
+    @property
+    def done(self) -> bool:
+        return self.retired or self.daemon.stopping.is_set()
+
+    def start(self, delay: float) -> None:
+        self.due = asyncio.get_running_loop().time() + delay
+        self.task = asyncio.create_task(self._run(delay), name=f"poll:{self.name}")
+        self.task.add_done_callback(self._reap)
+
+    def _reap(self, task: asyncio.Task[None]) -> None:
+        self.daemon.forget(self)
+        if not task.cancelled() and task.exception() is not None:
+            exc = task.exception()
+            log.error("poll_crashed", account=self.name, exc_info=exc)
+
+    def wake(self) -> None:
+        """End the current sleep (or the next one): reload, shutdown."""
+        self._woken = True
+        if self._wake is not None and not self._wake.done():
+            self._wake.set_result(None)
+
+    async def sleep(self, seconds: float | None) -> None:
+        """Sleep ``seconds`` (None: until woken), unless woken first."""
+        if self._woken:
+            self._woken = False
+            return
+        loop = asyncio.get_running_loop()
+        waiter = self._wake = loop.create_future()
+        handle = None
+        if seconds is not None:
+            handle = loop.call_later(max(0.0, seconds), _resolve, waiter)
+        try:
+            await waiter
+        finally:
+            if handle is not None:
+                handle.cancel()
+            self._wake = None
+            self._woken = False
+
+    async def _run(self, delay: float) -> None:
+        loop = asyncio.get_running_loop()
+        with structlog.contextvars.bound_contextvars(account=self.name):
+            while not self.done:
+                self.due = loop.time() + delay
+                await self.sleep(None if self.paused else delay)
+                if self.done or self.paused:
+                    continue
+                delay = await self._cycle()
+
+    async def _cycle(self) -> float:
+        """Poll, retrying transient failures; the delay until the next poll."""
+        generation = self.generation
+        retrying = poll_retrying(
+            backoff=self.daemon.backoff,
+            interval=self.interval,
+            sleep=self._retry_sleep,
+            stop=lambda: self.done or self.generation != generation,
+            before_sleep=self._retry_scheduled,
+        )
+        try:
+            result: FetchResult = await retrying(self._attempt, generation)
+        except (Interrupted, PollFailure):
+            return 0.0  # changed: poll again at once; stopping: the loop ends
+        except Exception:  # a bug must not end this account's polling for good
+            log.exception("poll_crashed", account=self.name)
+            return await self._schedule(self.interval)
+        if result.status == "auth_failed":
+            await self._pause(self._polled)
+            return 0.0
+        return await self._schedule(self.interval * (1 + random.uniform(-JITTER, JITTER)))
+
+    async def _attempt(self, generation: int) -> FetchResult:
+        daemon = self.daemon
+        if self.done or self.generation != generation:
+            raise Interrupted
+        account = self._polled = self.account
+        async with daemon.gate:
+            if self.done or self.generation != generation:
+                raise Interrupted
+            self.lag = max(0.0, asyncio.get_running_loop().time() - self.due)
+            self.in_flight = True
+            daemon.status_changed()
+            try:
+                result = await daemon.fetch(
+                    account, daemon.store, max_sessions=daemon.config.daemon.max_sessions_per_cycle
+                )
+            finally:
+                self.in_flight = False
+        daemon.note_result(self.name, result)
+        if result.status == "ok":
+            return result
+        failure = PollFailure(result.status, result.error)
+        if failure.transient:
+            failure.floor = await self._login_floor()
+            raise failure
+        return result
+
+    def _retry_scheduled(self, retry_state: Any) -> None:
+        failure = failure_of(retry_state)
+        log.warning(
+            "retry_scheduled",
+            account=self.name,
+            attempt=retry_state.attempt_number,
+            wait_s=round(attempt_wait(retry_state), 3),
+            error_kind=failure.status if failure else "error",
+        )
+
+    async def _retry_sleep(self, seconds: float) -> None:
+        await self._record_next_poll(seconds)
+        await self.sleep(seconds)
+
+    async def _schedule(self, delay: float) -> float:
+        """The next regular poll: ``delay`` from now, but never before LOGIN-DELAY allows."""
+        delay = max(delay, await self._login_floor())
+        await self._record_next_poll(delay)
+        return delay
+
+    async def _record_next_poll(self, delay: float) -> None:
+        self.due = asyncio.get_running_loop().time() + delay
+        when = datetime.now(UTC) + timedelta(seconds=delay)
+        try:
+            await self.daemon.store.set_next_polls({self.name: when})
+        except StoreError as exc:
+            log.error("state_not_recorded", account=self.name, error=str(exc))
+
+    async def _login_floor(self) -> float:
+        """Seconds until the server's LOGIN-DELAY allows the next login (0 if it does now)."""
+        try:
+            allowed = await self.daemon.store.next_login(self.name)
+        except StoreError:
+            return 0.0
+        if allowed is None:
+            return 0.0
+        return max(0.0, (allowed - datetime.now(UTC)).total_seconds())
+
+    async def _pause(self, rejected: Account) -> None:
+        """The server rejected the login: no more attempts until other credentials come.
+
+        Mail providers lock accounts that keep retrying a bad password, so the pause is
+        keyed on the rejected login (stored as a salted hash, so it survives a restart).
+        """
+        key = await asyncio.to_thread(login_key, rejected)
+        self.pause_key = key
+        log.warning("account_paused", account=self.name, reason="auth_failed")
+        try:
+            await self.daemon.store.set_paused(self.name, "auth_failed", key)
+        except StoreError as exc:
+            log.error("state_not_recorded", account=self.name, error=str(exc))
+        self.daemon.status_changed()
+        # A reload during that poll may already have brought the fix.
+        if self.account is not rejected and not await asyncio.to_thread(
+            same_login, key, self.account
+        ):
+            await self.resume("credentials_changed")
+
+    async def resume(self, reason: str) -> None:
+        self.pause_key = None
+        log.info("account_resumed", account=self.name, reason=reason)
+        try:
+            await self.daemon.store.clear_pause(self.name)
+        except StoreError as exc:
+            log.error("state_not_recorded", account=self.name, error=str(exc))
+        self.daemon.status_changed()
+
+    async def update(self, account: Account) -> bool:
+        """A reload brought ``account``; True if it differs. A changed account polls at once,
+        except a paused one whose login is still the rejected one."""
+        if account == self.account:
+            return False
+        self.account = account
+        self.generation += 1
+        if self.pause_key is not None:
+            if await asyncio.to_thread(same_login, self.pause_key, account):
+                return True  # other settings changed; the login is still the rejected one
+            await self.resume("credentials_changed")
+        self.wake()
+        return True
+
+
+def _resolve(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)

@@ -1,0 +1,323 @@
+"""Hostile-server faults the first fault suites left out, on the scripted loopback server.
+
+Drops at PASS, after login, between RETR and DELE and among the DELEs (a drop at QUIT is in
+test_fetch_cycle); a message the server refuses to serve; UIDLs that change between sessions
+for the same content; malformed STAT replies and LOGIN-DELAY values. For each: the cycle returns
+(the process survives), the status is typed and names the account in the result and in the
+``poll_failed`` log line, the status is one the retry policy retries or not as it should,
+and every message ends up stored once, byte-exact, or still on the server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from structlog.testing import capture_logs
+
+from mailingest import commands
+from mailingest.config import Account, Secret
+from mailingest.fetch import FetchResult, fetch_account
+from mailingest.popserver import Faults, Mailbox, Pop3TestServer
+from mailingest.retry import PollFailure
+from mailingest.store import Store
+
+HOST = "127.0.0.1"
+USER, PASSWORD, OWNER, NAME = "alice", "pw", "alice", "acct"
+TIMEOUT = 1.0
+FETCH_BOUND = 30.0
+#: Statuses the daemon's retry policy backs off and retries; the others wait for a change.
+RETRIED = {"temp_failed", "unavailable"}
+
+
+def message(index: int) -> bytes:
+    return (
+        f"From: Lead {index} <lead{index}@example.org>\nTo: owner@example.com\n"
+        f"Subject: message {index}\nMessage-ID: <m{index}@example.org>\n\nHello {index}\n"
+    ).encode()
+
+
+MESSAGES = [message(i) for i in range(1, 6)]
+
+
+def served(raw: bytes) -> bytes:
+    if not raw:
+        return b""
+    body = raw[:-1] if raw.endswith(b"\n") else raw
+    return b"".join(line.removesuffix(b"\r") + b"\r\n" for line in body.split(b"\n"))
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def expected(messages: list[bytes]) -> list[str]:
+    return sorted(sha(served(m)) for m in messages)
+
+
+def account(port: int, **overrides: Any) -> Account:
+    fields: dict[str, Any] = {
+        "name": NAME,
+        "owner": OWNER,
+        "host": HOST,
+        "port": port,
+        "security": "plain",
+        "username": USER,
+        "password": Secret(source="literal", ref="", value=PASSWORD),
+        "allow_plaintext": True,
+        "timeout": TIMEOUT,
+    }
+    fields.update(overrides)
+    return Account(**fields)
+
+
+def first_session(faults: Faults) -> Faults:
+    return Faults(per_session=lambda n: faults if n == 0 else Faults())
+
+
+def session_log(server: Pop3TestServer, number: int) -> list[str]:
+    prefix = f"{number}: "
+    return [e.removeprefix(prefix) for e in server.log if e.startswith(prefix)]
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[Store]:
+    opened = await Store.open(tmp_path / "mail.db")
+    try:
+        yield opened
+    finally:
+        await opened.close()
+
+
+async def fetch(acc: Account, store: Store, **kw: Any) -> FetchResult:
+    async with asyncio.timeout(FETCH_BOUND):
+        return await fetch_account(acc, store, **kw)
+
+
+async def stored(store: Store) -> list[str]:
+    """sha256 of every stored message, recomputed from the stored bytes."""
+    digests = []
+    for item in await store.messages(viewer=OWNER):
+        raw = b"".join([chunk async for chunk in store.raw_chunks(item.id)])
+        assert sha(raw) == item.sha256 and len(raw) == item.size
+        digests.append(item.sha256)
+    return sorted(digests)
+
+
+# -- one table: fault -> typed status, retry, what is committed, what the next fetch does ------
+
+
+@dataclass(frozen=True)
+class Case:
+    faults: Faults
+    status: str
+    committed: int  # messages stored by the failed cycle (a prefix of MESSAGES)
+    refetch: bool = True  # the next cycle RETRs again (False: it only DELEs)
+    text: str = ""  # in the error message
+
+
+CASES = {
+    "drop-when-pass-arrives": Case(Faults(drop_after="PASS"), "temp_failed", 0, text="closed"),
+    "drop-after-login": Case(Faults(drop_after="UIDL"), "temp_failed", 0, text="closed"),
+    "drop-after-list": Case(Faults(drop_after="RETR 1"), "temp_failed", 0),
+    "drop-between-retr-and-dele": Case(Faults(drop_after="DELE"), "temp_failed", 5, refetch=False),
+    "drop-in-the-middle-of-dele": Case(
+        Faults(drop_after="DELE 3"), "temp_failed", 5, refetch=False
+    ),
+    "sys-temp-on-dele": Case(
+        Faults(err_on={"DELE 4": "-ERR [SYS/TEMP] try later"}), "temp_failed", 5, refetch=False
+    ),
+    "retr-status-over-64-kib": Case(
+        Faults(reply_override={"RETR 2": b"+OK " + b"x" * 70_000 + b"\r\n"}), "error", 1
+    ),
+    "uidl-without-terminator": Case(
+        Faults(reply_override={"UIDL": b"+OK\r\n1 a\r\n2 b\r\n"}), "temp_failed", 0, text="timed"
+    ),
+    "garbage-reply-to-retr": Case(
+        Faults(reply_override={"RETR 4": b"HTTP/1.1 400 Bad Request\r\n"}), "error", 3
+    ),
+}
+
+
+@pytest.mark.parametrize("name", CASES)
+async def test_fault_is_typed_logged_and_loses_or_duplicates_nothing(
+    store: Store, name: str
+) -> None:
+    case = CASES[name]
+    async with Pop3TestServer(
+        [Mailbox(USER, PASSWORD, list(MESSAGES))], first_session(case.faults)
+    ) as server:
+        acc = account(server.port, leave_on_server=False)
+        with capture_logs() as logs:
+            first = await fetch(acc, store)
+
+        assert first.status == case.status, first
+        # The daemon's policy retries by the status's error class (tested with the scheduler).
+        assert PollFailure(first.status, first.error).transient == (case.status in RETRIED)
+        assert first.error is not None and first.error.startswith(f"account {NAME!r}: ")
+        assert case.text in first.error, first.error
+        [failed] = [e for e in logs if e["event"] == "poll_failed"]
+        assert failed["account"] == NAME and failed["error_kind"] == case.status
+        assert failed["log_level"] == "error"
+        assert await stored(store) == expected(MESSAGES[: case.committed])
+        assert server.mailbox(USER).remaining() == len(MESSAGES)  # no QUIT: nothing expunged
+        assert "QUIT" not in session_log(server, 0)
+        retrieved = server.commands_seen("RETR")
+
+        second = await fetch(acc, store)
+
+        assert second.status == "ok", second
+        assert second.new == len(MESSAGES) - case.committed
+        assert second.deleted == len(MESSAGES)
+        if not case.refetch:
+            assert server.commands_seen("RETR") == retrieved  # DELE from the ledger only
+        assert server.mailbox(USER).remaining() == 0
+        assert server.errors == []
+    assert await stored(store) == expected(MESSAGES)
+
+
+# -- a message the server will not serve -------------------------------------------------------
+
+
+@pytest.mark.parametrize("pipelining", [True, False])
+async def test_a_message_the_server_refuses_does_not_hold_back_the_others(
+    store: Store, pipelining: bool
+) -> None:
+    """A plain -ERR to RETR of one message, at every cycle (a corrupt file on the server).
+
+    It used to end the session at once: in a deleting account nothing after it was ever
+    stored and nothing before it ever deleted. Now the others are stored and deleted, the
+    refused one stays on the server, and each cycle reports the error (not retried early).
+    """
+    capa = ["UIDL", "PIPELINING"] if pipelining else ["UIDL"]
+    refuse = "-ERR message is corrupt"
+
+    def faults(number: int) -> Faults:  # it is message 3 at first, message 1 once 1-2 are gone
+        return Faults(capa=capa, err_on={"RETR 3" if number == 0 else "RETR 1": refuse})
+
+    box = Mailbox(USER, PASSWORD, list(MESSAGES))
+    async with Pop3TestServer([box], Faults(per_session=faults)) as server:
+        acc = account(server.port, leave_on_server=False)
+        with capture_logs() as logs:
+            first = await fetch(acc, store)
+        assert first.status == "error" and "corrupt" in (first.error or ""), first
+        assert first.error is not None and first.error.startswith(f"account {NAME!r}: ")
+        assert [e["account"] for e in logs if e["event"] == "poll_failed"] == [NAME]
+        assert first.new == 4 and first.deleted == 4
+        assert box.messages == [MESSAGES[2]]  # only the refused one is left
+        assert await stored(store) == expected(MESSAGES[:2] + MESSAGES[3:])
+
+        second = await fetch(acc, store)
+        assert second.status == "error" and second.new == 0 and second.deleted == 0, second
+        assert box.messages == [MESSAGES[2]]
+        assert server.errors == []
+    assert await stored(store) == expected(MESSAGES[:2] + MESSAGES[3:])
+
+
+# -- UIDLs that change between sessions --------------------------------------------------------
+
+
+async def test_uidls_renumbered_after_a_crash_before_dele_store_nothing_twice(
+    store: Store,
+) -> None:
+    """Session 1 stores all and dies at DELE; the server then renumbers every UIDL."""
+    box = Mailbox(USER, PASSWORD, list(MESSAGES), uidls=[f"old-{i}" for i in range(5)])
+    async with Pop3TestServer([box], first_session(Faults(drop_after="DELE"))) as server:
+        acc = account(server.port, leave_on_server=False)
+        first = await fetch(acc, store)
+        assert first.status == "temp_failed" and first.new == len(MESSAGES), first
+        assert box.uidls is not None
+        box.uidls[:] = [f"new-{i}" for i in range(5)]  # e.g. a server migration
+
+        second = await fetch(acc, store)
+
+        assert second.status == "ok" and second.new == 0, second  # content already stored
+        assert second.deleted == len(MESSAGES)
+        assert box.remaining() == 0
+        assert server.errors == []
+    assert await stored(store) == expected(MESSAGES)
+
+
+async def test_uidls_renumbered_at_every_session_of_one_cycle_drain_once(store: Store) -> None:
+    """A capped listing (Gmail) and new UIDLs at every login, within one deleting fetch."""
+    messages = [message(i) for i in range(1, 13)]
+    box = Mailbox(USER, PASSWORD, list(messages))
+
+    def renumbering(number: int) -> Faults:
+        box._sync()
+        assert box.uidls is not None
+        box.uidls[:] = [f"s{number}-{i}" for i in range(len(box.uidls))]
+        return Faults(max_list=5)
+
+    async with Pop3TestServer([box], Faults(per_session=renumbering)) as server:
+        result = await fetch(account(server.port, leave_on_server=False), store)
+        assert result.status == "ok" and result.new == len(messages), result
+        assert result.deleted == len(messages) and box.remaining() == 0
+        assert server.commands_seen("RETR") == len(messages)  # each retrieved once
+        assert server.errors == []
+    assert await stored(store) == expected(messages)
+
+
+async def test_uidls_renumbered_between_keeping_fetches_retrieve_but_store_once(
+    store: Store,
+) -> None:
+    """leave_on_server: new UIDLs look like new mail; its content is stored once only."""
+    box = Mailbox(USER, PASSWORD, list(MESSAGES), uidls=[f"a-{i}" for i in range(5)])
+    async with Pop3TestServer([box]) as server:
+        acc = account(server.port)
+        assert (await fetch(acc, store)).new == len(MESSAGES)
+        assert box.uidls is not None
+        box.uidls[:] = [f"b-{i}" for i in range(5)]
+        again = await fetch(acc, store)
+        assert again.status == "ok" and again.new == 0, again
+        third = await fetch(acc, store)  # the new UIDLs are in the ledger now
+        assert third.new == 0 and server.commands_seen("RETR") == 2 * len(MESSAGES)
+        assert box.remaining() == len(MESSAGES) and server.errors == []
+    assert await stored(store) == expected(MESSAGES)
+
+
+async def test_same_content_under_two_uidls_is_stored_once_and_both_deleted(
+    store: Store,
+) -> None:
+    """A resent message, byte for byte: one stored copy, and no copy left on the server."""
+    same = message(9)
+    box = Mailbox(USER, PASSWORD, [same, message(1), same], uidls=["x", "y", "z"])
+    async with Pop3TestServer([box]) as server:
+        result = await fetch(account(server.port, leave_on_server=False), store)
+        assert result.status == "ok" and result.new == 2 and result.deleted == 3, result
+        assert box.remaining() == 0 and server.errors == []
+    assert await stored(store) == expected([same, message(1)])
+
+
+# -- malformed replies outside the fetch path ----------------------------------------------
+
+
+@pytest.mark.parametrize("reply", [b"+OK\r\n", b"+OK lots of mail\r\n", b"+OK 3\r\n"])
+async def test_malformed_stat_reply_is_a_typed_error_for_check(reply: bytes) -> None:
+    """`mailingest check` ran poplib's stat(), which raised IndexError/ValueError here."""
+    faults = Faults(reply_override={"STAT": reply})
+    async with Pop3TestServer([Mailbox(USER, PASSWORD, list(MESSAGES))], faults) as server:
+        result = await asyncio.to_thread(commands._check_pop3, account(server.port))
+        assert result["status"] == "error", result
+        assert result["error"].startswith(f"account {NAME!r}: malformed STAT reply")
+        assert server.errors == []
+
+
+@pytest.mark.parametrize("delay", [10**12, 10**30])
+async def test_absurd_login_delay_is_bounded_not_a_crash(store: Store, delay: int) -> None:
+    """CAPA "LOGIN-DELAY 10^12" overflowed datetime: the cycle crashed as an internal error."""
+    async with Pop3TestServer(
+        [Mailbox(USER, PASSWORD, list(MESSAGES))], Faults(login_delay=delay)
+    ) as server:
+        result = await fetch(account(server.port), store)
+        assert result.status == "ok" and result.new == len(MESSAGES), result
+        allowed = await store.next_login(NAME)
+        assert allowed is not None  # honoured, within a day
+        again = await fetch(account(server.port), store)
+        assert again.status == "temp_failed" and "LOGIN-DELAY" in (again.error or "")
+        assert server.login_attempts == 1 and server.errors == []

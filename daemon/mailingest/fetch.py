@@ -242,10 +242,16 @@ async def _one_session(
             )
             try:
                 items = await asyncio.to_thread(_prepare, account, retrieved)
-                # Shielded: once the commit is under way it completes even if we are cancelled.
-                outcomes = await asyncio.shield(
+                # Shielded: once the commit is under way it completes even if we are cancelled,
+                # and the spools it reads stay open until it has.
+                commit = asyncio.ensure_future(
                     store.add_batch(account.name, account.owner, items, policy)
                 )
+                try:
+                    outcomes = await asyncio.shield(commit)
+                except asyncio.CancelledError:
+                    await asyncio.wait({commit})
+                    raise
             finally:
                 for _, _, spool in retrieved:
                     spool.discard()
@@ -349,7 +355,24 @@ async def fetch_account(
             duration_ms=result.duration_ms,
         )
     else:
-        log.error("poll_failed", account=account.name, error_kind=result.status, error=result.error)
+        # retry_in_s: a one-shot fetch never retries; the daemon logs `retry_scheduled` with
+        # its wait when it backs off. Transient failures are warnings, the rest errors.
+        if result.status in _TRANSIENT_STATUSES:
+            log.warning(
+                "poll_failed",
+                account=account.name,
+                error_kind=result.status,
+                error=result.error,
+                retry_in_s=None,
+            )
+        else:
+            log.error(
+                "poll_failed",
+                account=account.name,
+                error_kind=result.status,
+                error=result.error,
+                retry_in_s=None,
+            )
     if not busy:  # the lease holder's record stays: this run did nothing
         try:
             await store.record_poll(
@@ -438,5 +461,6 @@ async def _quietly(job: Awaitable[None]) -> None:
 
 
 _STATUSES = {"ok", "auth_failed", "tls_failed", "unavailable", "temp_failed", "error"}
+_TRANSIENT_STATUSES = {"unavailable", "temp_failed"}
 
 __all__ = ["FetchResult", "TemporaryError", "fetch_account"]

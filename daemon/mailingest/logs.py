@@ -24,7 +24,7 @@ EVENTS: dict[str, str] = {
     "config_rejected": "error — SIGHUP brought an invalid configuration; the old one stays",
     "poll_started": "account — a fetch cycle began (debug)",
     "poll_completed": "account, new, bytes, deleted, duration_ms — one cycle's summary",
-    "poll_failed": "account, error_kind, error — a cycle ended with an error",
+    "poll_failed": "account, error_kind, error, retry_in_s — a cycle ended with an error",
     "poll_crashed": "account — an internal error (a bug) ended a cycle; traceback follows",
     "message_stored": "account, uidl, size — one message committed (debug)",
     "duplicate_uidl": "account, uidls — a listing held the same UIDL twice",

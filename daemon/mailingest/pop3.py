@@ -242,6 +242,10 @@ class Pop3Session:
         self.broken = True
         pop, self._pop = self._pop, None
         if pop is not None:
+            # Shut the socket down first: a worker thread blocked reading it returns at once,
+            # instead of holding the file's lock (and this caller) until its timeout.
+            with contextlib.suppress(OSError):
+                pop.sock.shutdown(socket.SHUT_RDWR)
             with contextlib.suppress(OSError):
                 pop.close()
 

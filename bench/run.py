@@ -264,6 +264,8 @@ def _record(row: Row, tool: Tool, outcome: Outcome, case: Case, directory: Path)
     row.fetched = outcome.fetched
     if outcome.error:
         row.errors.append(outcome.error)
+    if outcome.note:
+        row.notes.append(outcome.note)
     if outcome.fetched != len(case.expected) and tool.stores:
         row.errors.append(f"fetched {outcome.fetched} of {len(case.expected)}")
     if isinstance(tool, Mailingest) and outcome.fetched:
@@ -413,7 +415,7 @@ def table(rows: list[Row], runs: int) -> str:
     for r in rows:
         ratio = r.wall / mpop[r.case] if r.wall and mpop.get(r.case) else None
         rss = _fmt(r.rss, ".1f") + ("" if r.exact_rss else " (upper bound)")
-        notes = "; ".join([*r.notes, *(f"**{e}**" for e in dict.fromkeys(r.errors))])
+        notes = "; ".join(dict.fromkeys([*r.notes, *(f"**{e}**" for e in r.errors)]))
         fetched = f"{r.fetched}/{r.expected}" if r.expected else "—"
         out.append(
             f"| {r.case} | {r.tool} | {_fmt(r.wall, '.2f')} | {_fmt(ratio, '.2f')} "

@@ -232,3 +232,23 @@ def test_renumbered_uidls_do_not_duplicate(
         assert len(_stored(config)) == 5
     finally:
         dovecot.restart(uidl_format="%08Xu%08Xv")
+
+
+def test_repeated_fetches_never_retry_a_rejected_password(tmp_path: Path, mailbox: Mailbox) -> None:
+    """A timer-driven fetch honours the auth pause: one rejected login, then none."""
+    mailbox.deliver(make_message(1))
+    before = mailbox.dovecot.password_mismatches(mailbox.user, settle=0.2)
+    config = write_config(tmp_path, [dovecot_account(mailbox, password="wrong-Pw-271828")])
+    for _ in range(3):
+        code, out = fetch_json(config)
+        assert code == 77 and out["accounts"][0]["status"] == "auth_failed"
+    assert "no login attempted" in out["accounts"][0]["error"]
+    assert mailbox.dovecot.password_mismatches(mailbox.user) - before == 1
+    [state] = json.loads(run_cli(config, "status", "--json").stdout)["accounts"]
+    assert state["paused"] is True and state["pause_reason"] == "auth_failed"
+
+    config = write_config(tmp_path, [dovecot_account(mailbox)])  # the password is fixed
+    code, out = fetch_json(config)
+    assert code == 0 and out["accounts"][0]["new"] == 1
+    [state] = json.loads(run_cli(config, "status", "--json").stdout)["accounts"]
+    assert state["paused"] is False

@@ -13,15 +13,20 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
+import structlog
+
 from mailingest import crm
 from mailingest.config import Account, Config
 from mailingest.errors import DataError, MailIngestError, PermissionDenied, UsageError
 from mailingest.fetch import FetchResult, Progress, fetch_account
+from mailingest.logs import mask_text
 from mailingest.pop3 import Pop3Session
+from mailingest.retry import login_key, same_login
 from mailingest.sharing import may_see
-from mailingest.store import Record, Store, StoredMessage
+from mailingest.store import DaemonState, Record, Store, StoredMessage
 
 T = TypeVar("T")
+log = structlog.get_logger("mailingest.commands")
 
 
 def select_accounts(config: Config, names: Sequence[str] | None) -> list[Account]:
@@ -73,19 +78,55 @@ async def fetch(
     limit = config.daemon.max_concurrent
     size_executor(limit)
     async with open_store(config) as store:
+        states = await store.daemon_states()
         return await bounded(
             limit,
             [
                 functools.partial(
-                    fetch_account,
+                    _one_shot,
                     a,
                     store,
+                    states.get(a.name),
                     max_sessions=config.daemon.max_sessions_per_cycle,
                     progress=progress,
                 )
                 for a in accounts
             ],
         )
+
+
+async def _one_shot(
+    account: Account,
+    store: Store,
+    state: DaemonState | None,
+    *,
+    max_sessions: int,
+    progress: Progress | None,
+) -> FetchResult:
+    """A cycle that honours the auth pause, as the daemon does.
+
+    A timer-driven `fetch` must not log in with a password the server already rejected
+    (providers lock mailboxes that keep trying): a paused account whose login is unchanged
+    is reported without a login; a new rejection pauses it; a success clears the pause.
+    """
+    if state is not None and state.paused and state.pause_key:
+        if await asyncio.to_thread(same_login, state.pause_key, account):
+            return FetchResult(
+                account=account.name,
+                status="auth_failed",
+                error=f"account {account.name!r}: paused since the server rejected this "
+                "login; no login attempted. Put the new password in the config.",
+            )
+    result = await fetch_account(account, store, max_sessions=max_sessions, progress=progress)
+    try:
+        if result.status == "auth_failed":
+            key = await asyncio.to_thread(login_key, account)
+            await store.set_paused(account.name, "auth_failed", key)
+        elif result.status == "ok" and state is not None and state.paused:
+            await store.clear_pause(account.name)
+    except MailIngestError as exc:
+        log.error("state_not_recorded", account=account.name, error=str(exc))
+    return result
 
 
 def _check_pop3(account: Account) -> dict[str, Any]:
@@ -98,6 +139,9 @@ def _check_pop3(account: Account) -> dict[str, Any]:
         session.quit()
     except MailIngestError as exc:
         return {"status": exc.status, "error": str(exc), "capabilities": [], "messages": None}
+    except Exception as exc:  # a bug in one account's check must not hide the others'
+        error = mask_text(f"account {account.name!r}: internal error: {type(exc).__name__}: {exc}")
+        return {"status": "error", "error": error, "capabilities": [], "messages": None}
     finally:
         session.close()
     return {"status": "ok", "error": None, "capabilities": caps, "messages": count}
@@ -111,8 +155,8 @@ async def _check_smtp(account: Account) -> dict[str, Any] | None:
 
     try:
         await smtp.check_login(account.smtp, account.name)
-    except MailIngestError as exc:
-        return {"status": exc.status, "error": str(exc)}
+    except MailIngestError as exc:  # the server's reply is quoted: mask what it may echo
+        return {"status": exc.status, "error": mask_text(str(exc))}
     return {"status": "ok", "error": None}
 
 

@@ -523,6 +523,10 @@ def _checked(t: _Table, key: str, secret: Secret) -> Secret:
         )
     if "\0" in secret.value:
         raise t.error(key, f"the password ({secret.describe()}) contains a NUL byte; remove it")
+    try:
+        secret.value.encode("utf-8")
+    except UnicodeEncodeError:  # an environment variable holding bytes that are not UTF-8
+        raise t.error(key, f"the password ({secret.describe()}) is not valid UTF-8 text") from None
     return secret
 
 

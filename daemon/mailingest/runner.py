@@ -215,11 +215,12 @@ class AccountRunner:
         """
         key = await asyncio.to_thread(login_key, rejected)
         self.pause_key = key
-        log.warning("account_paused", account=self.name, reason="auth_failed")
         try:
             await self.daemon.store.set_paused(self.name, "auth_failed", key)
         except StoreError as exc:
             log.error("state_not_recorded", account=self.name, error=str(exc))
+        # Logged once the pause is saved: whoever reacts to the line sees it in `status`.
+        log.warning("account_paused", account=self.name, reason="auth_failed")
         self.daemon.status_changed()
         # A reload during that poll may already have brought the fix.
         if self.account is not rejected and not await asyncio.to_thread(

@@ -131,6 +131,9 @@ def configure(
         redact,
         _MaskRendered(renderer),
     ]
+    if not use_json and out.isatty():
+        # A line starts by erasing `fetch`'s live progress line, which redraws after it.
+        processors.append(lambda _logger, _name, line: "\r\x1b[K" + line)
     structlog.configure(
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(level),

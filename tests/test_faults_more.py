@@ -163,7 +163,9 @@ async def test_fault_is_typed_logged_and_loses_or_duplicates_nothing(
         assert case.text in first.error, first.error
         [failed] = [e for e in logs if e["event"] == "poll_failed"]
         assert failed["account"] == NAME and failed["error_kind"] == case.status
-        assert failed["log_level"] == "error"
+        # Transient failures are warnings (the daemon retries them), the rest errors.
+        assert failed["log_level"] == ("warning" if case.status in RETRIED else "error")
+        assert failed["retry_in_s"] is None  # a one-shot fetch never retries
         assert await stored(store) == expected(MESSAGES[: case.committed])
         assert server.mailbox(USER).remaining() == len(MESSAGES)  # no QUIT: nothing expunged
         assert "QUIT" not in session_log(server, 0)

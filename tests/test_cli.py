@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from mailingest import __version__, logs
@@ -98,3 +99,32 @@ def test_every_logged_event_is_in_the_catalog_and_docs() -> None:
     for event in logs.EVENTS:
         assert f"`{event}`" in catalog, event
     assert "docs/logging.md" in README.read_text(encoding="utf-8")  # the README points there
+
+
+def test_status_shows_the_next_login_that_login_delay_allows(tmp_path: Path) -> None:
+    paced = ThreadedPop3Server(
+        [Mailbox("alice", SECRET, [b"Subject: one\n\nhi\n"])], Faults(login_delay=300)
+    )
+    with paced, ThreadedPop3Server([Mailbox("alice", SECRET, [])]) as plain:
+        config = write_config(
+            tmp_path, [_account(paced.port), _account(plain.port, name="a2", owner="bob")]
+        )
+        before = datetime.now(UTC).replace(microsecond=0)
+        proc = run_cli(config, "fetch", "--json")
+        after = datetime.now(UTC)
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert [r["new"] for r in json.loads(proc.stdout)["accounts"]] == [1, 0]
+
+    proc = run_cli(config, "status", "--json")
+    assert proc.returncode == 0, proc.stderr.decode()
+    rows = {r["account"]: r for r in json.loads(proc.stdout)["accounts"]}
+    assert rows["a2"]["next_login"] is None
+    allowed = datetime.fromisoformat(rows["a1"]["next_login"])
+    assert before + timedelta(seconds=300) <= allowed <= after + timedelta(seconds=300)
+
+    proc = run_cli(config, "status")
+    assert proc.returncode == 0, proc.stderr.decode()
+    header, _, *lines = proc.stdout.decode().splitlines()
+    start, end = header.index("next login"), header.index("failures")
+    cells = {line.split()[0]: line[start:end].strip() for line in lines}
+    assert cells == {"a1": rows["a1"]["next_login"], "a2": ""}

@@ -225,7 +225,7 @@ def _status(args: argparse.Namespace) -> int:
         print_table(
             [
                 *("account", "owner", "last poll", "result", "new", "stored"),
-                *("paused", "next poll", "failures", "error"),
+                *("paused", "next poll", "next login", "failures", "error"),
             ],
             [
                 [
@@ -237,6 +237,7 @@ def _status(args: argparse.Namespace) -> int:
                     r["stored"],
                     f"yes ({r['pause_reason']})" if r["paused"] else "no",
                     r["next_poll"] or "-",
+                    r["next_login"] or "",  # LOGIN-DELAY: blank unless the server set one
                     r["consecutive_failures"],
                     r["error"] or "",
                 ]

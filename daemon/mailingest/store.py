@@ -356,126 +356,175 @@ class Store:
 
         A UIDL already in the ledger (another process got there first) is skipped; content
         already stored for the account gets only a ledger row (servers that renumber UIDLs).
+        The batch costs a fixed number of statements, not a number per message: each one is
+        a hop to SQLite's thread, and per-message hops cost more than the writes themselves.
         """
         outcomes: list[StoreOutcome] = []
-        db = self._db
         received = now_iso()
         try:
             async with self._transaction():
+                known = await self._in_ledger(account, [item.uidl for item in items])
+                by_sha = await self._ids_by_sha(account, [item.sha256 for item in items])
+                # Ids are handed out here, under the write lock BEGIN IMMEDIATE took, exactly
+                # as SQLite would (max + 1), so the rows below can go in with executemany.
+                next_id = await self._max_message_id() + 1
+                fresh: list[tuple[NewMessage, int]] = []
+                ledger_rows: list[tuple[str, str, int, str]] = []
                 for item in items:
-                    known = await (
-                        await db.execute(
-                            "SELECT 1 FROM ledger WHERE account = ? AND uidl = ?",
-                            (account, item.uidl),
-                        )
-                    ).fetchone()
-                    if known:
+                    if item.uidl in known:
                         continue
-                    row = await (
-                        await db.execute(
-                            "SELECT id FROM messages WHERE account = ? AND sha256 = ?",
-                            (account, item.sha256),
-                        )
-                    ).fetchone()
-                    if row:
-                        message_id, duplicate = int(row[0]), True
-                    else:
-                        message_id = await self._insert(account, owner, item, received, policy)
-                        duplicate = False
-                    await db.execute(
-                        "INSERT INTO ledger (account, uidl, message, first_seen) VALUES (?,?,?,?)",
-                        (account, item.uidl, message_id, received),
-                    )
+                    known.add(item.uidl)  # a UIDL twice in one batch is stored once
+                    message_id = by_sha.get(item.sha256)
+                    duplicate = message_id is not None
+                    if message_id is None:
+                        message_id = by_sha[item.sha256] = next_id
+                        next_id += 1
+                        fresh.append((item, message_id))
+                    ledger_rows.append((account, item.uidl, message_id, received))
                     outcomes.append(StoreOutcome(item.uidl, message_id, duplicate))
+                if fresh:
+                    await self._insert(account, owner, fresh, received, policy)
+                await self._db.executemany(
+                    "INSERT INTO ledger (account, uidl, message, first_seen) VALUES (?,?,?,?)",
+                    ledger_rows,
+                )
         except sqlite3.Error as exc:
             raise _store_error(exc, f"storing mail of account {account!r}") from exc
         return outcomes
 
-    async def _insert(
-        self, account: str, owner: str, item: NewMessage, received: str, policy: AccountPolicy
-    ) -> int:
-        db = self._db
-        records = await self._records_for(item.link)
-        shared = await self._any_shared(owner, records)
-        visibility, reason = policy.tagger(
-            Facts(
-                direction=item.direction,
-                crm_sent=item.origin == "crm",
-                linked=bool(records),
-                owner_shared=shared,
-                sender_domain=_domain(item.senders[0]) if item.senders else None,
-                recipient_domains=tuple(
-                    _domain(a) for a in (*item.recipients_to, *item.recipients_cc)
-                ),
+    async def _in_ledger(self, account: str, uidls: Sequence[str]) -> set[str]:
+        found: set[str] = set()
+        for part in _parts(uidls):
+            marks = ",".join("?" * len(part))
+            rows = await self._db.execute_fetchall(
+                f"SELECT uidl FROM ledger WHERE account = ? AND uidl IN ({marks})",
+                (account, *part),
             )
+            found.update(str(r[0]) for r in rows)
+        return found
+
+    async def _ids_by_sha(self, account: str, hashes: Sequence[str]) -> dict[str, int]:
+        found: dict[str, int] = {}
+        for part in _parts(hashes):
+            marks = ",".join("?" * len(part))
+            rows = await self._db.execute_fetchall(
+                f"SELECT sha256, id FROM messages WHERE account = ? AND sha256 IN ({marks})",
+                (account, *part),
+            )
+            found.update((str(r[0]), int(r[1])) for r in rows)
+        return found
+
+    async def _max_message_id(self) -> int:
+        rows = await self._db.execute_fetchall("SELECT coalesce(max(id), 0) FROM messages")
+        return int(next(iter(rows))[0])
+
+    async def _insert(
+        self,
+        account: str,
+        owner: str,
+        fresh: Sequence[tuple[NewMessage, int]],
+        received: str,
+        policy: AccountPolicy,
+    ) -> None:
+        """Insert new messages with their raw chunks, addresses, links, tags and labels."""
+        db = self._db
+        records_of = await self._records_by_address(
+            sorted({a for item, _ in fresh for a in item.link})
         )
-        h = item.headers
-        cursor = await db.execute(
-            "INSERT INTO messages (account, owner, direction, size, sha256, from_addr, to_addrs,"
-            " cc_addrs, subject, date, message_id, visibility, reason, received_at, origin)"
-            " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-            (
-                account,
-                owner,
-                item.direction,
-                item.size,
-                item.sha256,
-                h.sender,
-                json.dumps(list(h.to)),
-                json.dumps(list(h.cc)),
-                h.subject,
-                h.date,
-                h.message_id,
-                visibility,
-                reason,
-                received,
-                item.origin,
-            ),
+        shared = await self._shared_records(
+            owner, sorted({r for rs in records_of.values() for r in rs})
         )
-        message_id = cursor.lastrowid
-        assert message_id is not None
-        item.spool.seek(0)
+        rows: list[tuple[Any, ...]] = []
+        addresses: list[tuple[int, str, str]] = []
+        links: list[tuple[int, str]] = []
+        labels: list[tuple[int, str]] = []
+        for item, message_id in fresh:
+            records = sorted({r for a in item.link for r in records_of.get(a, ())})
+            visibility, reason = policy.tagger(
+                Facts(
+                    direction=item.direction,
+                    crm_sent=item.origin == "crm",
+                    linked=bool(records),
+                    owner_shared=any(r in shared for r in records),
+                    sender_domain=_domain(item.senders[0]) if item.senders else None,
+                    recipient_domains=tuple(
+                        _domain(a) for a in (*item.recipients_to, *item.recipients_cc)
+                    ),
+                )
+            )
+            h = item.headers
+            rows.append(
+                (
+                    message_id,
+                    account,
+                    owner,
+                    item.direction,
+                    item.size,
+                    item.sha256,
+                    h.sender,
+                    json.dumps(list(h.to)),
+                    json.dumps(list(h.cc)),
+                    h.subject,
+                    h.date,
+                    h.message_id,
+                    visibility,
+                    reason,
+                    received,
+                    item.origin,
+                )
+            )
+            roles = (
+                ("from", item.senders),
+                ("to", item.recipients_to),
+                ("cc", item.recipients_cc),
+            )
+            addresses.extend((message_id, role, a) for role, found in roles for a in found)
+            links.extend((message_id, r) for r in records)
+            if records and policy.magnet_label:
+                labels.append((message_id, policy.magnet_label))
+        await db.executemany(
+            "INSERT INTO messages (id, account, owner, direction, size, sha256, from_addr,"
+            " to_addrs, cc_addrs, subject, date, message_id, visibility, reason, received_at,"
+            " origin) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            rows,
+        )
         # The generator is consumed in SQLite's thread: one chunk in memory at a time.
         await db.executemany(
             "INSERT INTO message_chunks (message, seq, data) VALUES (?,?,?)",
-            _chunks(message_id, item.spool),
+            _all_chunks(fresh),
         )
-        roles = (("from", item.senders), ("to", item.recipients_to), ("cc", item.recipients_cc))
         await db.executemany(
             "INSERT OR IGNORE INTO message_addresses (message, role, address) VALUES (?,?,?)",
-            [(message_id, role, a) for role, addresses in roles for a in addresses],
+            addresses,
         )
         await db.executemany(
-            "INSERT OR IGNORE INTO message_records (message, record) VALUES (?,?)",
-            [(message_id, r) for r in records],
+            "INSERT OR IGNORE INTO message_records (message, record) VALUES (?,?)", links
         )
-        if records and policy.magnet_label:
-            await db.execute(
-                "INSERT OR IGNORE INTO message_labels (message, label) VALUES (?,?)",
-                (message_id, policy.magnet_label),
-            )
-        return message_id
+        await db.executemany(
+            "INSERT OR IGNORE INTO message_labels (message, label) VALUES (?,?)", labels
+        )
 
-    async def _records_for(self, addresses: Sequence[str]) -> list[str]:
-        found: set[str] = set()
+    async def _records_by_address(self, addresses: Sequence[str]) -> dict[str, set[str]]:
+        found: dict[str, set[str]] = {}
         for part in _parts(addresses):  # a mass mailing may list thousands of recipients
             marks = ",".join("?" * len(part))
             rows = await self._db.execute_fetchall(
-                f"SELECT DISTINCT record FROM record_emails WHERE email IN ({marks})", part
+                f"SELECT email, record FROM record_emails WHERE email IN ({marks})", part
             )
-            found.update(str(r[0]) for r in rows)
-        return sorted(found)
+            for email, record in rows:
+                found.setdefault(str(email), set()).add(str(record))
+        return found
 
-    async def _any_shared(self, owner: str, records: Sequence[str]) -> bool:
+    async def _shared_records(self, owner: str, records: Sequence[str]) -> set[str]:
+        found: set[str] = set()
         for part in _parts(records):
             marks = ",".join("?" * len(part))
-            cursor = await self._db.execute(
-                f"SELECT 1 FROM shares WHERE owner = ? AND record IN ({marks}) LIMIT 1",
+            rows = await self._db.execute_fetchall(
+                f"SELECT record FROM shares WHERE owner = ? AND record IN ({marks})",
                 (owner, *part),
             )
-            if await cursor.fetchone() is not None:
-                return True
-        return False
+            found.update(str(r[0]) for r in rows)
+        return found
 
     async def mark_deleted(self, account: str, uidls: Iterable[str]) -> None:
         when = now_iso()
@@ -1007,6 +1056,12 @@ def _parts(values: Sequence[str]) -> Iterator[Sequence[str]]:
     """``values`` in slices of at most _IN_LIST, for IN (...) lists."""
     for start in range(0, len(values), _IN_LIST):
         yield values[start : start + _IN_LIST]
+
+
+def _all_chunks(fresh: Sequence[tuple[NewMessage, int]]) -> Iterator[tuple[int, int, bytes]]:
+    for item, message_id in fresh:
+        item.spool.seek(0)
+        yield from _chunks(message_id, item.spool)
 
 
 def _chunks(message_id: int, spool: IO[bytes]) -> Iterator[tuple[int, int, bytes]]:

@@ -7,10 +7,14 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
+from daemon_support import WAIT, DaemonProcess, wait_until
 from dovecot import Mailbox
+from mailingest.fetch import BATCH_COUNT
+from proxy import CommandProxy
 from support import crlf, dovecot_account, fetch_json, make_message, sha, write_config
 
 
@@ -135,3 +139,58 @@ def test_fetch_killed_holding_the_lease_does_not_block_the_next(
     assert code == 0, out
     assert len(set(_stored(config))) == len(_stored(config)) == 200
     assert mailbox.count() == 0
+
+
+def _lease_holder(config: Path) -> str | None:
+    db = sqlite3.connect(f"file:{config.parent / 'mail.db'}?mode=ro", uri=True)
+    try:
+        row = db.execute("SELECT lease_holder FROM account_state").fetchone()
+    finally:
+        db.close()
+    return row[0] if row else None
+
+
+def test_daemon_killed_holding_the_lease_does_not_block_the_next_fetch(
+    tmp_path: Path, mailbox: Mailbox
+) -> None:
+    """`run` is SIGKILLed mid-cycle: one batch committed, nothing deleted, its lease left."""
+    messages = [make_message(i) for i in range(300)]
+    mailbox.deliver_many(messages)
+    stalled, release = threading.Event(), threading.Event()
+
+    def hold(line: bytes) -> None:
+        # RETR 201 is sent only once the first batch (200) is committed: stall a later one.
+        if line.split() == [b"RETR", b"250"] and not stalled.is_set():
+            stalled.set()
+            release.wait(WAIT)  # blocks the proxy: the daemon waits, holding the lease
+
+    try:
+        with CommandProxy(mailbox.dovecot.port, hold) as proxy:
+            account = dovecot_account(mailbox, port=proxy.port, leave_on_server=False)
+            daemon_config = write_config(
+                tmp_path, [account], daemon={"poll_interval": "1s", "log_format": "json"}
+            )
+            with DaemonProcess(daemon_config) as daemon:
+                wait_until(stalled.is_set, "the daemon's cycle to reach RETR 250")
+                holder = _lease_holder(daemon_config)
+                assert holder is not None and holder.split(":")[1] == str(daemon.proc.pid)
+                assert len(_stored(daemon_config)) == BATCH_COUNT
+                daemon.proc.send_signal(signal.SIGKILL)
+                daemon.proc.wait(timeout=10)
+            release.set()
+    finally:
+        release.set()
+    assert _lease_holder(daemon_config) == holder  # killed holding it, nothing released it
+    assert mailbox.count() == len(messages)  # no QUIT: nothing deleted
+
+    config = write_config(tmp_path, [dovecot_account(mailbox, leave_on_server=False)])
+    code, out = fetch_json(config)
+
+    assert code == 0, out
+    assert out["accounts"][0]["new"] == len(messages) - BATCH_COUNT
+    assert out["accounts"][0]["deleted"] == len(messages)
+    stored = _stored(config)
+    assert len(stored) == len(set(stored)) == len(messages)
+    assert set(stored) == {sha(crlf(m)) for m in messages}
+    assert mailbox.count() == 0
+    assert _lease_holder(config) is None

@@ -7,7 +7,9 @@ import email.policy
 import json
 import ssl
 import subprocess
+import sys
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,31 +20,49 @@ from aiosmtpd.smtp import AuthResult, Envelope, LoginPassword, Session
 
 from dovecot import free_port
 from mailingest.popserver import Mailbox, ThreadedPop3Server
-from support import run_cli, sha, write_config
+from support import TIMEOUT, run_cli, sha, write_config
 
 SMTP_USER, SMTP_PASSWORD = "alice-out", "Smtp-Pass-Walnut-77"
 
 
 @dataclass
 class Recorder:
-    """aiosmtpd handler that keeps every envelope."""
+    """aiosmtpd handler and authenticator that keeps every accepted envelope.
+
+    A test makes the server refuse by setting ``auth_reply``, ``rcpt_reply`` or ``data_reply``
+    to the reply line it should answer with instead.
+    """
 
     received: list[tuple[str, list[str], bytes]] = field(default_factory=list)
+    auth_reply: str | None = None
+    rcpt_reply: str | None = None
+    data_reply: str | None = None
+
+    async def handle_RCPT(
+        self, server: Any, session: Session, envelope: Envelope, address: str, options: list[str]
+    ) -> str:
+        if self.rcpt_reply:
+            return self.rcpt_reply
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
 
     async def handle_DATA(self, server: Any, session: Session, envelope: Envelope) -> str:
+        if self.data_reply:
+            return self.data_reply
         content = envelope.original_content or b""
         self.received.append((str(envelope.mail_from), list(envelope.rcpt_tos), content))
         return "250 OK"
 
-
-def _authenticator(
-    server: Any, session: Session, envelope: Envelope, mechanism: str, data: Any
-) -> AuthResult:
-    ok = isinstance(data, LoginPassword) and (data.login, data.password) == (
-        SMTP_USER.encode(),
-        SMTP_PASSWORD.encode(),
-    )
-    return AuthResult(success=ok, handled=False)  # handled=False: aiosmtpd answers 535
+    def authenticate(
+        self, server: Any, session: Session, envelope: Envelope, mechanism: str, data: Any
+    ) -> AuthResult:
+        if self.auth_reply:
+            return AuthResult(success=False, handled=False, message=self.auth_reply)
+        ok = isinstance(data, LoginPassword) and (data.login, data.password) == (
+            SMTP_USER.encode(),
+            SMTP_PASSWORD.encode(),
+        )
+        return AuthResult(success=ok, handled=False)  # handled=False: aiosmtpd answers 535
 
 
 @pytest.fixture(scope="module")
@@ -66,38 +86,49 @@ class SmtpServer:
     cert: Path
 
 
-def _start(cert: tuple[Path, Path], *, starttls: bool) -> tuple[Controller, SmtpServer]:
+@contextmanager
+def _serving(cert: tuple[Path, Path], security: str) -> Iterator[SmtpServer]:
+    """aiosmtpd on loopback; ``security``: starttls (required), tls (implicit) or plain."""
     recorder = Recorder()
     context = None
-    if starttls:
+    if security != "plain":
         context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         context.load_cert_chain(str(cert[0]), str(cert[1]))
+    starttls = security == "starttls"
     port = free_port()
     controller = Controller(
         recorder,
         hostname="127.0.0.1",
         port=port,
-        authenticator=_authenticator,
-        auth_require_tls=starttls,
-        tls_context=context,
+        ssl_context=context if security == "tls" else None,
+        authenticator=recorder.authenticate,
+        auth_require_tls=starttls,  # implicit TLS is invisible to aiosmtpd's check
+        tls_context=context if starttls else None,
         require_starttls=starttls,
     )
     controller.start()
-    return controller, SmtpServer(port, recorder, cert[0])
+    try:
+        yield SmtpServer(port, recorder, cert[0])
+    finally:
+        controller.stop()
 
 
 @pytest.fixture
 def smtp_server(cert: tuple[Path, Path]) -> Iterator[SmtpServer]:
-    controller, server = _start(cert, starttls=True)
-    yield server
-    controller.stop()
+    with _serving(cert, "starttls") as server:
+        yield server
 
 
 @pytest.fixture
 def smtp_without_starttls(cert: tuple[Path, Path]) -> Iterator[SmtpServer]:
-    controller, server = _start(cert, starttls=False)
-    yield server
-    controller.stop()
+    with _serving(cert, "plain") as server:
+        yield server
+
+
+@pytest.fixture
+def smtps_server(cert: tuple[Path, Path]) -> Iterator[SmtpServer]:
+    with _serving(cert, "tls") as server:
+        yield server
 
 
 INBOX = [
@@ -108,9 +139,20 @@ INBOX = [
 ]
 
 
+def _without_reply_to(subject: str) -> list[bytes]:
+    """An inbox of one message that has no Reply-To, with the given Subject."""
+    return [
+        b"From: Lead One <lead@customer.example>\r\nTo: alice@crm.example\r\n"
+        b"Subject: " + subject.encode() + b"\r\nMessage-ID: <q2@customer.example>\r\n"
+        b"Date: Tue, 24 Nov 2026 11:00:00 +0000\r\n\r\nhello again\r\n"
+    ]
+
+
 @pytest.fixture
-def pop3() -> Iterator[ThreadedPop3Server]:
-    boxes = [Mailbox("alice", "pw-a", list(INBOX)), Mailbox("bob", "pw-b", [])]
+def pop3(request: pytest.FixtureRequest) -> Iterator[ThreadedPop3Server]:
+    """alice's inbox is INBOX unless a test parametrizes ``pop3`` indirectly with another."""
+    inbox: list[bytes] = getattr(request, "param", INBOX)
+    boxes = [Mailbox("alice", "pw-a", list(inbox)), Mailbox("bob", "pw-b", [])]
     with ThreadedPop3Server(boxes) as server:
         yield server
 
@@ -140,6 +182,7 @@ def _accounts(pop3: ThreadedPop3Server, server: SmtpServer, **alice: Any) -> lis
         "timeout": "5s",
     }
     smtp_table.update(alice.pop("smtp", {}))
+    smtp_table = {k: v for k, v in smtp_table.items() if v is not None}  # None: leave key out
     return [
         account("alice", from_address="alice@crm.example", smtp=smtp_table, **alice),
         account("bob", smtp={**smtp_table}),
@@ -157,6 +200,23 @@ def _send(config: Path, body: Path, *extra: str, to: str = "lead@customer.exampl
         config, "send", "--account", "alice-mail", "--to", to, "--subject",
         "Angebot für Q4: 10 % Rabatt €", "--body-file", str(body), "--json", *extra,
     )  # fmt: skip
+
+
+def _send_stdin(config: Path, body: bytes) -> subprocess.CompletedProcess[bytes]:
+    """`send --body-file -` with ``body`` on stdin (support.run_cli gives the CLI no stdin)."""
+    return subprocess.run(
+        [sys.executable, "-m", "mailingest", "-c", str(config), "send", "--account",
+         "alice-mail", "--to", "lead@customer.example", "--subject", "Aus stdin",
+         "--body-file", "-", "--json"],
+        input=body,
+        capture_output=True,
+        timeout=TIMEOUT,
+    )  # fmt: skip
+
+
+def _assert_nothing_sent_or_stored(config: Path, server: SmtpServer) -> None:
+    assert server.recorder.received == []
+    assert _messages(config, "alice") == []
 
 
 def _messages(config: Path, viewer: str) -> list[dict[str, Any]]:
@@ -333,3 +393,134 @@ def test_reply_sender_ambiguous_is_a_usage_error(
     )  # fmt: skip
     assert proc.returncode == 64
     assert b"primary = true" in proc.stderr
+
+
+def test_implicit_tls_sends_and_stores(
+    tmp_path: Path, smtps_server: SmtpServer, pop3: ThreadedPop3Server
+) -> None:
+    config = write_config(tmp_path, _accounts(pop3, smtps_server, smtp={"security": "tls"}))
+    proc = _send(config, _body(tmp_path))
+    assert proc.returncode == 0, proc.stderr.decode()
+    sent = json.loads(proc.stdout)
+    [(_, rcpts, data)] = smtps_server.recorder.received
+    assert rcpts == ["lead@customer.example"]
+    raw = run_cli(config, "show", str(sent["id"]), "--viewer", "alice", "--raw").stdout
+    assert raw == data
+
+
+@pytest.mark.parametrize("security", ["tls", "starttls"])
+def test_untrusted_certificate_is_refused_as_tls_failure_and_nothing_stored(
+    tmp_path: Path,
+    cert: tuple[Path, Path],
+    pop3: ThreadedPop3Server,
+    security: str,
+) -> None:
+    with _serving(cert, security) as server:
+        smtp = {"security": security, "ca_file": None}  # the test CA is not in the system store
+        config = write_config(tmp_path, _accounts(pop3, server, smtp=smtp))
+        proc = _send(config, _body(tmp_path))
+        assert proc.returncode == 69
+        assert b"SMTP certificate rejected" in proc.stderr
+        check = run_cli(config, "check", "--json", "--account", "alice-mail")
+        [result] = json.loads(check.stdout)["accounts"]
+        assert result["smtp"]["status"] == "tls_failed"
+        _assert_nothing_sent_or_stored(config, server)
+
+
+def test_unreachable_smtp_server_exit_69_nothing_stored(
+    tmp_path: Path, cert: tuple[Path, Path], pop3: ThreadedPop3Server
+) -> None:
+    closed = SmtpServer(free_port(), Recorder(), cert[0])  # nothing listens on this port
+    config = write_config(tmp_path, _accounts(pop3, closed))
+    proc = _send(config, _body(tmp_path))
+    assert proc.returncode == 69
+    assert b"cannot connect to the SMTP server" in proc.stderr
+    _assert_nothing_sent_or_stored(config, closed)
+
+
+@pytest.mark.parametrize(
+    ("phase", "reply", "code"),
+    [
+        ("rcpt", "450 4.2.0 Mailbox busy, try later", 75),
+        ("data", "451 4.3.0 Queue full, try later", 75),
+        ("rcpt", "550 5.1.1 No such user here", 65),
+        ("data", "554 5.7.1 Message rejected as spam", 65),
+    ],
+)
+def test_server_refusal_4xx_is_temporary_5xx_is_data_error_with_the_servers_words(
+    tmp_path: Path,
+    smtp_server: SmtpServer,
+    pop3: ThreadedPop3Server,
+    phase: str,
+    reply: str,
+    code: int,
+) -> None:
+    setattr(smtp_server.recorder, f"{phase}_reply", reply)
+    config = write_config(tmp_path, _accounts(pop3, smtp_server))
+    proc = _send(config, _body(tmp_path))
+    assert proc.returncode == code, proc.stderr.decode()
+    assert reply.encode() in proc.stderr
+    _assert_nothing_sent_or_stored(config, smtp_server)
+
+
+@pytest.mark.parametrize(
+    ("reply", "code", "status"),
+    [
+        ("454 4.7.0 Temporary authentication failure", 75, "temp_failed"),
+        ("535 5.7.8 Authentication credentials invalid", 77, "auth_failed"),
+    ],
+)
+def test_auth_reply_4xx_is_temporary_5xx_is_auth_failed(
+    tmp_path: Path,
+    smtp_server: SmtpServer,
+    pop3: ThreadedPop3Server,
+    reply: str,
+    code: int,
+    status: str,
+) -> None:
+    smtp_server.recorder.auth_reply = reply
+    config = write_config(tmp_path, _accounts(pop3, smtp_server))
+    proc = _send(config, _body(tmp_path))
+    assert proc.returncode == code, proc.stderr.decode()
+    assert reply.encode() in proc.stderr
+    check = run_cli(config, "check", "--json", "--account", "alice-mail")
+    assert check.returncode == code
+    [result] = json.loads(check.stdout)["accounts"]
+    assert result["smtp"]["status"] == status
+    _assert_nothing_sent_or_stored(config, smtp_server)
+
+
+def test_send_reads_the_body_from_stdin_with_body_file_dash(
+    tmp_path: Path, smtp_server: SmtpServer, pop3: ThreadedPop3Server
+) -> None:
+    config = write_config(tmp_path, _accounts(pop3, smtp_server))
+    proc = _send_stdin(config, "Grüße von stdin\nZeile zwei\n".encode())
+    assert proc.returncode == 0, proc.stderr.decode()
+    [(_, _, data)] = smtp_server.recorder.received
+    parsed = email.message_from_bytes(data, policy=email.policy.default)
+    assert parsed.get_content().replace("\r\n", "\n") == "Grüße von stdin\nZeile zwei\n"
+    [stored] = _messages(config, "alice")
+    assert stored["id"] == json.loads(proc.stdout)["id"]
+
+
+@pytest.mark.parametrize(
+    ("pop3", "subject"),
+    [(_without_reply_to("Quote"), "Re: Quote"), (_without_reply_to("AW: Angebot"), "AW: Angebot")],
+    indirect=["pop3"],
+)
+def test_reply_without_reply_to_goes_to_from_and_re_is_added_once(
+    tmp_path: Path, smtp_server: SmtpServer, pop3: ThreadedPop3Server, subject: str
+) -> None:
+    config = write_config(tmp_path, _accounts(pop3, smtp_server))
+    assert run_cli(config, "fetch", "--account", "alice-mail").returncode == 0
+    [original] = _messages(config, "alice")
+    proc = run_cli(
+        config, "reply", str(original["id"]), "--viewer", "alice", "--body-file",
+        str(_body(tmp_path, "Thanks!\n")),
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr.decode()
+    [(_, rcpts, data)] = smtp_server.recorder.received
+    parsed = email.message_from_bytes(data, policy=email.policy.default)
+    assert rcpts == ["lead@customer.example"]  # no Reply-To: the From address
+    assert parsed["Subject"] == subject
+    assert parsed["In-Reply-To"] == "<q2@customer.example>"

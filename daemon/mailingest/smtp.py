@@ -1,8 +1,9 @@
 """The only module that touches aiosmtplib: build a message, log in, send, type the failures.
 
 ``starttls`` refuses to go on when the server does not offer STARTTLS: the password is
-never sent in the clear by accident. Failures map to our errors: auth -> 77, unavailable
-or TLS -> 69, a 4xx reply -> 75 (try later), a 5xx reply -> 65 (the server's words kept).
+never sent in the clear by accident. Failures map to our errors: a rejected login -> 77,
+unavailable or TLS -> 69, a 4xx reply (AUTH included) -> 75 (try later), a 5xx reply -> 65
+(the server's words kept).
 """
 
 from __future__ import annotations
@@ -128,7 +129,10 @@ def _translate(account: str, phase: str) -> Iterator[None]:
     except MailIngestError:
         raise
     except aiosmtplib.SMTPAuthenticationError as exc:
-        raise AuthError(f"SMTP login rejected: {exc.code} {exc.message}", account=account) from exc
+        # aiosmtplib raises this for any reply but 235: a 4xx (454 "try later") did not
+        # judge the password, so it is temporary; a 5xx (535) rejected it.
+        text = f"SMTP login rejected: {exc.code} {exc.message}"
+        raise _by_reply(exc.code, text, account, otherwise=AuthError) from exc
     except aiosmtplib.SMTPRecipientsRefused as exc:
         codes = [r.code for r in exc.recipients]
         text = "; ".join(f"{r.recipient}: {r.code} {r.message}" for r in exc.recipients)
@@ -137,20 +141,16 @@ def _translate(account: str, phase: str) -> Iterator[None]:
         raise DataError(f"SMTP recipients refused: {text}", account=account) from exc
     except aiosmtplib.SMTPResponseException as exc:
         text = f"SMTP {phase} refused: {exc.code} {exc.message}"
-        if 400 <= exc.code < 500:
-            raise TemporaryError(text, account=account) from exc
-        if phase == "connect":
-            raise UnavailableError(text, account=account) from exc
-        raise DataError(text, account=account) from exc
+        otherwise = UnavailableError if phase == "connect" else DataError
+        raise _by_reply(exc.code, text, account, otherwise=otherwise) from exc
     except aiosmtplib.SMTPTimeoutError as exc:
         raise TemporaryError(f"SMTP timed out during {phase}", account=account) from exc
-    except ssl.SSLCertVerificationError as exc:
-        raise TLSError(f"SMTP certificate rejected: {exc.verify_message}", account=account) from exc
     except ssl.SSLError as exc:
-        raise TLSError(
-            f"SMTP TLS failed during {phase}: {exc.reason or exc}", account=account
-        ) from exc
+        raise _tls_error(exc, account, phase) from exc
     except aiosmtplib.SMTPConnectError as exc:
+        if isinstance(exc.__cause__, ssl.SSLError):
+            # Implicit TLS: aiosmtplib wraps a failed handshake in a connect error.
+            raise _tls_error(exc.__cause__, account, phase) from exc
         raise UnavailableError(
             f"cannot connect to the SMTP server: {exc}", account=account
         ) from exc
@@ -164,6 +164,21 @@ def _translate(account: str, phase: str) -> Iterator[None]:
         raise UnavailableError(
             f"cannot reach the SMTP server: {exc.strerror or exc}", account=account
         ) from exc
+
+
+def _by_reply(
+    code: int, text: str, account: str, *, otherwise: type[MailIngestError]
+) -> MailIngestError:
+    """A 4xx reply means try later (75), whatever the command; any other is ``otherwise``."""
+    if 400 <= code < 500:
+        return TemporaryError(text, account=account)
+    return otherwise(text, account=account)
+
+
+def _tls_error(exc: ssl.SSLError, account: str, phase: str) -> TLSError:
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return TLSError(f"SMTP certificate rejected: {exc.verify_message}", account=account)
+    return TLSError(f"SMTP TLS failed during {phase}: {exc.reason or exc}", account=account)
 
 
 async def send(

@@ -180,6 +180,23 @@ def test_one_address_however_written_normalises_alike(local: str, domain: str, n
     assert normalize(f"{local}@{ascii_domain}") == plain
 
 
+ATEXT = st.text(st.sampled_from(list("aZ09!#$%&'*+/=?^_`{|}~-.@<> \t\"(),;:[]\\")), max_size=40)
+PHRASE = st.text(st.sampled_from(list("aZ09 \t")), max_size=12)
+
+
+@settings(max_examples=1000, deadline=None)
+@given(ATEXT, PHRASE, LOCAL, st.lists(st.text("abz09-", min_size=1, max_size=5), min_size=1))
+def test_fast_path_reads_addresses_as_the_email_parser_does(
+    text: str, phrase: str, local: str, labels: list[str]
+) -> None:
+    """normalize() skips the email package for the common shapes; it must agree with it."""
+    from mailingest.matching import _normalize_parsed
+
+    address = f"{local}@{'.'.join(labels)}"
+    for candidate in (text, f"{phrase}<{address}>", f" {address} ", f"{phrase} <{text}>"):
+        assert normalize(candidate) == _normalize_parsed(candidate), candidate
+
+
 # -- POP3 reply parsing ------------------------------------------------------------------------
 
 

@@ -50,10 +50,29 @@ def _ascii_domain(domain: str) -> str | None:
     return ".".join(out)
 
 
+#: The common shapes, ``local@domain`` and ``Name Words <local@domain>`` with a dot-atom
+#: address and a plain phrase, read without the email package's address parser: it costs
+#: more than everything else a fetch does per message. Anything else takes the full path.
+_ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
+_ADDR = rf"({_ATOM}(?:\.{_ATOM})*)@([A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*)"
+_SIMPLE_RE = re.compile(rf"[ \t]*(?:{_ADDR}|(?:[A-Za-z0-9]+[ \t]+)*<{_ADDR}>)[ \t]*")
+
+
 def normalize(address: str | None) -> str | None:
     """``local@domain`` in canonical form, or None when the text holds no usable address."""
     if not address:
         return None
+    simple = _SIMPLE_RE.fullmatch(address)
+    if simple is not None:
+        local, domain = simple.group(1, 2) if simple.group(1) else simple.group(3, 4)
+        # A dot-atom local part and an ASCII domain: what the full path below gives.
+        ascii_domain = _ascii_domain(domain)
+        return None if ascii_domain is None else f"{local.lower()}@{ascii_domain}"
+    return _normalize_parsed(address)
+
+
+def _normalize_parsed(address: str) -> str | None:
+    """normalize() through the email package's address parser: any text at all."""
     try:
         _, addr = email.utils.parseaddr(address)
     except Exception:  # parseaddr is tolerant; guard the odd crash anyway

@@ -16,7 +16,7 @@ import subprocess
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pytest
 
@@ -32,6 +32,7 @@ MESSAGES = [
 ]
 
 Serve = Callable[..., Awaitable[Pop3TestServer]]
+Handshake = Literal["drop", "reset", "garbage"]
 
 
 def served(raw: bytes) -> bytes:
@@ -621,3 +622,36 @@ def test_list_sizes_equal_the_octets_retr_serves() -> None:
                 assert b"".join(line + b"\r\n" for line in lines) == served(raw)
         finally:
             conn.close()
+
+
+@pytest.mark.parametrize("implicit", [True, False], ids=["implicit-tls", "stls"])
+@pytest.mark.parametrize("how", ["drop", "reset", "garbage"])
+async def test_tls_handshake_fault_answers_the_client_hello_without_tls(
+    serve: Serve,
+    tls_context: tuple[ssl.SSLContext, ssl.SSLContext],
+    how: Handshake,
+    implicit: bool,
+) -> None:
+    server_ctx, _ = tls_context
+    server = await serve(Faults(tls_handshake=how), ssl_context=server_ctx, implicit_tls=implicit)
+    reader, writer = await asyncio.open_connection(HOST, server.port)
+    try:
+        if not implicit:
+            assert (await reader.readline()).startswith(b"+OK")  # greeting
+            writer.write(b"STLS\r\n")
+            assert await reader.readline() == b"+OK begin TLS negotiation\r\n"
+        writer.write(b"\x16\x03\x01\x00\x05hello")  # stands in for a ClientHello
+        await writer.drain()
+        if how == "reset":
+            with pytest.raises(ConnectionResetError):
+                await asyncio.wait_for(reader.read(), TIMEOUT)
+        elif how == "drop":
+            assert await asyncio.wait_for(reader.read(), TIMEOUT) == b""
+        else:
+            line = await asyncio.wait_for(reader.readline(), TIMEOUT)
+            assert line == b"+OK plaintext POP3 server, not TLS\r\n"
+    finally:
+        writer.close()
+        with contextlib.suppress(ConnectionError):
+            await writer.wait_closed()
+    assert server.sessions == 0 and server.login_attempts == 0

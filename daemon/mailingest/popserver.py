@@ -9,12 +9,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import socket
 import ssl
+import struct
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 _T = TypeVar("_T")
 _CHUNK = 64 * 1024  # RETR is written and drained in pieces of this size: memory stays bounded
@@ -109,6 +111,9 @@ class Faults:
     delay: dict[str, float] = field(default_factory=dict)  # command -> seconds before replying
     greeting: str = "+OK mailingest test server ready"
     drop_before_greeting: bool = False
+    # Break the TLS handshake (implicit TLS on connect, or after "+OK" to STLS): read the
+    # ClientHello, then "drop" (close), "reset" (TCP RST) or answer "garbage" (plaintext).
+    tls_handshake: Literal["drop", "reset", "garbage"] | None = None
     pass_same_write_drop: bool = False  # Courier: data read together with PASS is lost
     utf8: bool = False  # advertise UTF8 and accept the UTF8 command
     reply_override: dict[str, bytes] = field(default_factory=dict)  # raw reply; effect kept
@@ -201,7 +206,7 @@ class _Session:
         self.entries: list[_Entry] = []
         self.deleted: set[int] = set()  # 0-based indices into entries
         self.retrieved: set[int] = set()  # keys
-        self.tls = server.implicit_tls
+        self.tls = False  # until a handshake (implicit TLS or STLS) completes
         self.mute = False
 
     async def run(self) -> None:
@@ -316,12 +321,35 @@ class _Session:
     async def _stls(self) -> bool:
         if self.tls:
             return await self._reply("-ERR already under TLS")
-        assert self.server.ssl_context is not None
         await self._reply("+OK begin TLS negotiation")
         self.buf.clear()  # plaintext sent before the handshake must not count (injection)
-        await self.writer.start_tls(self.server.ssl_context)
-        self.tls = True
-        return True
+        return await self.start_tls()
+
+    async def start_tls(self) -> bool:
+        """The server side of the TLS handshake, or its fault; False: the session ends here."""
+        assert self.server.ssl_context is not None
+        how = self.faults.tls_handshake
+        if how is None:
+            await self.writer.start_tls(self.server.ssl_context)
+            self.tls = True
+            return True
+        # Read the ClientHello first: closing with it unread would make every fault a reset.
+        async with asyncio.timeout(self.server.idle_timeout):
+            if not await self.reader.read(_CHUNK):
+                return False
+        if how == "reset":
+            sock = self.writer.get_extra_info("socket")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            self.writer.transport.abort()
+        elif how == "garbage":
+            # A plaintext POP3 server where TLS was expected; then wait for the client to go.
+            self.writer.write(b"+OK plaintext POP3 server, not TLS\r\n")
+            await self.writer.drain()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.server.idle_timeout):
+                    while await self.reader.read(_CHUNK):
+                        pass
+        return False
 
     async def _pass(self, arg: str) -> bool:
         """Checks in the order real servers do: password, LOGIN-DELAY, then the lock."""
@@ -440,6 +468,8 @@ class Pop3TestServer:
         max_clients: int = 64,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        if implicit_tls and ssl_context is None:
+            raise ValueError("implicit_tls needs an ssl_context")
         self.mailboxes = list(mailboxes)
         self.faults = faults if faults is not None else Faults()
         self.host, self.port = host, 0
@@ -467,8 +497,8 @@ class Pop3TestServer:
 
     async def start(self, port: int = 0) -> int:
         """Listen (port 0: a free one) and return the bound port."""
-        tls = self.ssl_context if self.implicit_tls else None
-        self._server = await asyncio.start_server(self._handle, self.host, port, ssl=tls)
+        # Implicit TLS is started per connection (``_serve``), so faults can break it.
+        self._server = await asyncio.start_server(self._handle, self.host, port)
         self.port = int(self._server.sockets[0].getsockname()[1])
         return self.port
 
@@ -519,6 +549,8 @@ class Pop3TestServer:
         faults = base.per_session(number) if base.per_session else base
         session = _Session(self, number, faults, reader, writer)
         try:
+            if self.implicit_tls and not await session.start_tls():
+                return
             if len(self._tasks) > self.max_clients:
                 writer.write(b"-ERR [SYS/TEMP] too many connections\r\n")
             else:

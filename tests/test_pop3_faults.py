@@ -11,16 +11,18 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import io
+import json
 import poplib
 import shutil
 import socket
+import sqlite3
 import ssl
 import subprocess
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, cast
+from typing import Any, Literal, cast
 
 import pytest
 from hypothesis import given, settings
@@ -28,11 +30,19 @@ from hypothesis import strategies as st
 
 from mailingest import pop3
 from mailingest.config import Account, Secret
-from mailingest.errors import ProtocolError, TemporaryError
+from mailingest.errors import (
+    EX_TEMPFAIL,
+    EX_UNAVAILABLE,
+    STATUS_EXIT,
+    ProtocolError,
+    TemporaryError,
+    TLSError,
+)
 from mailingest.fetch import FetchResult, fetch_account
 from mailingest.pop3 import Pop3Session
-from mailingest.popserver import Faults, Mailbox, Pop3TestServer
+from mailingest.popserver import Faults, Mailbox, Pop3TestServer, ThreadedPop3Server
 from mailingest.store import Store
+from support import run_cli, write_config
 
 HOST = "127.0.0.1"
 USER, PASSWORD, OWNER, NAME = "alice", "pw", "alice", "acct"
@@ -592,3 +602,98 @@ async def test_a_drop_under_tls_is_temporary_not_a_tls_failure(
         assert server.mailbox(USER).remaining() == 0
         assert server.errors == []
     assert await stored(store) == expected(messages)
+
+
+_HANDSHAKE_FAULTS = [
+    pytest.param(security, how, status, id=f"{security}-{how}")
+    for security in ("tls", "starttls")
+    for how, status in (
+        ("drop", "temp_failed"),
+        ("reset", "temp_failed"),
+        ("garbage", "tls_failed"),
+    )
+]
+
+
+@pytest.mark.parametrize(("security", "how", "status"), _HANDSHAKE_FAULTS)
+async def test_broken_tls_handshake_is_typed_sends_no_password_and_touches_nothing(
+    store: Store,
+    certificate: tuple[Path, Path],
+    security: str,
+    how: Literal["drop", "reset", "garbage"],
+    status: str,
+) -> None:
+    """The server accepts TCP (tls) or answers +OK to STLS (starttls), then breaks the
+    handshake: a close or reset is a drop, transient (temp_failed, 75, as the contract's "TLS
+    handshake reset"); non-TLS bytes fail the handshake itself (tls_failed, 69)."""
+    broken = Faults(tls_handshake=how)
+    faults = Faults(per_session=lambda n: broken if n < 2 else Faults())
+    ctx = server_context(certificate)
+    implicit = security == "tls"
+    async with Pop3TestServer(
+        [mailbox()], faults, ssl_context=ctx, implicit_tls=implicit
+    ) as server:
+        acc = account(server.port, security=security, ca_file=certificate[0], leave_on_server=False)
+        session = Pop3Session(acc)
+        with pytest.raises(TemporaryError if status == "temp_failed" else TLSError) as caught:
+            await asyncio.to_thread(session.connect)
+        assert caught.value.account == NAME and session.broken
+        await asyncio.to_thread(session.close)
+
+        result = await fetch(acc, store)
+        assert_failed(result, status)
+        assert STATUS_EXIT[result.status] == (
+            EX_TEMPFAIL if status == "temp_failed" else EX_UNAVAILABLE
+        )
+        assert result.new == 0 and result.deleted == 0
+        for number in (0, 1):
+            assert session_log(server, number) == ([] if implicit else ["CAPA", "STLS"])
+        assert server.login_attempts == 0
+        assert await stored(store) == []
+        assert server.mailbox(USER).remaining() == len(MESSAGES)
+
+        again = await fetch(acc, store)  # the handshake works again: everything, once
+        assert again.status == "ok" and again.new == len(MESSAGES), again
+        assert server.mailbox(USER).remaining() == 0
+        assert server.errors == []
+    assert await stored(store) == expected(MESSAGES)
+
+
+def test_fetch_cli_reports_each_broken_handshake_and_exits_with_the_worst(
+    tmp_path: Path, certificate: tuple[Path, Path]
+) -> None:
+    """A plaintext server on the TLS port (69) and a drop after STLS (75), in one `fetch`."""
+    ctx = server_context(certificate)
+    garbage = ThreadedPop3Server(
+        [mailbox()], Faults(tls_handshake="garbage"), ssl_context=ctx, implicit_tls=True
+    )
+    dropped = ThreadedPop3Server([mailbox()], Faults(tls_handshake="drop"), ssl_context=ctx)
+    with garbage, dropped:
+        common: dict[str, Any] = {"owner": OWNER, "host": HOST, "username": USER}
+        common |= {"password": PASSWORD, "ca_file": str(certificate[0]), "timeout": "5s"}
+        common["leave_on_server"] = False
+        config = write_config(
+            tmp_path,
+            [
+                {"name": "pop3s", "port": garbage.port, "security": "tls", **common},
+                {"name": "stls", "port": dropped.port, "security": "starttls", **common},
+            ],
+        )
+        proc = run_cli(config, "fetch", "--json")
+        for server in (garbage.server, dropped.server):
+            assert server.login_attempts == 0 and server.errors == []
+            assert server.mailbox(USER).remaining() == len(MESSAGES)
+    assert proc.returncode == EX_UNAVAILABLE, proc.stderr.decode()
+    results = {r["account"]: r for r in json.loads(proc.stdout)["accounts"]}
+    assert results["pop3s"]["status"] == "tls_failed"
+    assert results["pop3s"]["error"].startswith("account 'pop3s': TLS failed")
+    assert results["stls"]["status"] == "temp_failed"
+    assert results["stls"]["error"].startswith("account 'stls': connection lost during stls")
+    for result in results.values():
+        assert result["new"] == 0 and result["deleted"] == 0
+    assert b"Traceback" not in proc.stderr
+    db = sqlite3.connect(tmp_path / "mail.db")
+    try:
+        assert db.execute("SELECT count(*) FROM messages").fetchone()[0] == 0
+    finally:
+        db.close()

@@ -437,31 +437,43 @@ def _stream_body(pop: _BoundedLines, sink: Sink) -> None:
     """Copy one multi-line body to ``sink``: dot-unstuffed, every line end CRLF.
 
     Lines are read in chunks of at most READ_CHUNK bytes, so a multi-megabyte line never
-    sits in memory whole and poplib's 2048-byte limit does not apply.
+    sits in memory whole and poplib's 2048-byte limit does not apply. They reach the sink
+    gathered into pieces of about READ_CHUNK: a sink call per line (hash, spool write)
+    cost more than reading the line.
     """
     read = pop.file.readline
     at_line_start = True
     pending_cr = False  # the previous chunk ended with CR, its LF may come next
+    parts: list[bytes] = []
+    gathered = 0
     while True:
         chunk = read(READ_CHUNK)
         if not chunk:
             raise TemporaryError("connection closed in the middle of a message")
         if at_line_start:
             if chunk in (b".\r\n", b".\n"):
-                return
+                break
             if chunk.startswith(b"."):
                 chunk = chunk[1:]
         if chunk.endswith(b"\n"):
-            if chunk.endswith(b"\r\n") or (chunk == b"\n" and pending_cr):
-                pass
-            else:
+            if not (chunk.endswith(b"\r\n") or (chunk == b"\n" and pending_cr)):
                 chunk = chunk[:-1] + b"\r\n"
             at_line_start = True
             pending_cr = False
         else:
             at_line_start = False
             pending_cr = chunk.endswith(b"\r")
-        try:
-            sink(chunk)
-        except OSError as exc:
-            raise StoreError(f"cannot spool the message: {exc.strerror or exc}") from exc
+        parts.append(chunk)
+        gathered += len(chunk)
+        if gathered >= READ_CHUNK:
+            _to_sink(sink, parts)
+            parts, gathered = [], 0
+    if parts:
+        _to_sink(sink, parts)
+
+
+def _to_sink(sink: Sink, parts: list[bytes]) -> None:
+    try:
+        sink(b"".join(parts))
+    except OSError as exc:
+        raise StoreError(f"cannot spool the message: {exc.strerror or exc}") from exc

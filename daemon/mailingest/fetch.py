@@ -37,7 +37,7 @@ from mailingest.logs import mask_text
 from mailingest.matching import direction_of, link_addresses, normalize_all
 from mailingest.parse import parse_headers, read_head
 from mailingest.pop3 import Pop3Session
-from mailingest.store import LedgerEntry, NewMessage, Store
+from mailingest.store import AccountPolicy, LedgerEntry, NewMessage, Store
 
 log = structlog.get_logger("mailingest.fetch")
 
@@ -183,6 +183,27 @@ def _retrieve(
     return done, error
 
 
+_Retrieved = tuple[list[tuple[int, str, "_Spool"]], list[NewMessage], MailIngestError | None]
+
+
+def _retrieve_prepared(
+    account: Account,
+    session: Pop3Session,
+    batch: list[tuple[int, str]],
+    spool_dir: Path,
+    suspect: set[str],
+) -> _Retrieved:
+    """Worker-thread side: RETR a batch, then parse what came whole (see _retrieve)."""
+    retrieved, failure = _retrieve(session, batch, spool_dir, suspect)
+    try:
+        items = _prepare(account, retrieved)
+    except BaseException:
+        for _, _, spool in retrieved:
+            spool.discard()
+        raise
+    return retrieved, items, failure
+
+
 def _prepare(account: Account, retrieved: list[tuple[int, str, _Spool]]) -> list[NewMessage]:
     """Worker-thread side: parse headers, decide direction and the addresses that link."""
     items: list[NewMessage] = []
@@ -212,7 +233,6 @@ async def _one_session(
 ) -> int:
     """One POP3 session; adds what it did to ``result`` as it goes and returns the new count."""
     session = Pop3Session(account)
-    policy = account_policy(account)
     new_before = result.new
     try:
         try:
@@ -235,47 +255,17 @@ async def _one_session(
         # Ledger key of each message number known to be stored; DELE only ever targets these.
         key_of = {num: uidl for num, uidl in listing if uidl in ledger and uidl not in suspect}
         new = [(num, uidl) for num, uidl in listing if uidl in suspect or uidl not in ledger]
-        refused: MailIngestError | None = None  # a message the server would not serve
-        for batch in _batches(new, sizes):
-            retrieved, failure = await asyncio.to_thread(
-                _retrieve, session, batch, spool_dir, suspect
-            )
-            try:
-                items = await asyncio.to_thread(_prepare, account, retrieved)
-                # Shielded: once the commit is under way it completes even if we are cancelled,
-                # and the spools it reads stay open until it has.
-                commit = asyncio.ensure_future(
-                    store.add_batch(account.name, account.owner, items, policy)
-                )
-                try:
-                    outcomes = await asyncio.shield(commit)
-                except asyncio.CancelledError:
-                    await asyncio.wait({commit})
-                    raise
-            finally:
-                for _, _, spool in retrieved:
-                    spool.discard()
-            for num, key, _ in retrieved:
-                key_of[num] = key  # committed now, or by an earlier session
-            sizes_of = {item.uidl: item.size for item in items}
-            for outcome in outcomes:
-                if not outcome.duplicate:
-                    result.new += 1
-                    result.bytes += sizes_of[outcome.uidl]
-                    log.debug(
-                        "message_stored",
-                        account=account.name,
-                        uidl=outcome.uidl,
-                        size=sizes_of[outcome.uidl],
-                    )
-            if progress is not None:
-                progress(account.name, result.new, result.bytes)
-            if failure is not None:
-                if session.broken:
-                    raise failure
-                # One RETR refused with a whole -ERR line: the session is in step, so the
-                # others are stored and DELEted as usual; the error ends the cycle below.
-                refused = refused or failure
+        refused = await _store_batches(
+            account,
+            store,
+            session,
+            _batches(new, sizes),
+            spool_dir,
+            suspect,
+            key_of,
+            result,
+            progress,
+        )
         ledger = await store.ledger(account.name)
         now = datetime.now(UTC)
         doomed = [
@@ -295,6 +285,104 @@ async def _one_session(
     finally:
         session.close()
     return result.new - new_before
+
+
+async def _store_batches(
+    account: Account,
+    store: Store,
+    session: Pop3Session,
+    batches: list[list[tuple[int, str]]],
+    spool_dir: Path,
+    suspect: set[str],
+    key_of: dict[int, str],
+    result: _Session,
+    progress: Progress | None,
+) -> MailIngestError | None:
+    """RETR and commit batch after batch; returns a refused message's error, if any.
+
+    The next batch is retrieved while this one commits, so network and SQLite work overlap.
+    ``key_of`` gains each committed message's ledger key: DELE only ever targets those.
+    """
+    policy = account_policy(account)
+    refused: MailIngestError | None = None  # a message the server would not serve
+
+    def retrieve(index: int) -> asyncio.Future[_Retrieved] | None:
+        if index >= len(batches):
+            return None
+        return asyncio.ensure_future(
+            asyncio.to_thread(
+                _retrieve_prepared, account, session, batches[index], spool_dir, suspect
+            )
+        )
+
+    fetching = retrieve(0)
+    try:
+        for index in range(len(batches)):
+            assert fetching is not None
+            retrieved, items, failure = await fetching
+            # The next RETRs go out now unless this batch failed (then it decides below).
+            fetching = retrieve(index + 1) if failure is None else None
+            await _commit(account, store, policy, retrieved, items, result)
+            for num, key, _ in retrieved:
+                key_of[num] = key  # committed now, or by an earlier session
+            if progress is not None:
+                progress(account.name, result.new, result.bytes)
+            if failure is not None:
+                if session.broken:
+                    raise failure
+                # One RETR refused with a whole -ERR line: the session is in step, so the
+                # others are stored and DELEted as usual; the error ends the cycle later.
+                refused = refused or failure
+                fetching = retrieve(index + 1)
+    finally:
+        if fetching is not None:
+            await _abandon(session, fetching)
+    return refused
+
+
+async def _abandon(session: Pop3Session, fetching: asyncio.Future[_Retrieved]) -> None:
+    """Leaving early (a failed commit, a cancel) with a retrieval in flight: abandon the
+    session, which ends that retrieval too. Nothing it fetched is committed or DELEted, so
+    it is fetched again next time."""
+    session.close()
+    await asyncio.wait({fetching})
+    if not fetching.cancelled() and fetching.exception() is None:
+        for _, _, spool in fetching.result()[0]:
+            spool.discard()
+
+
+async def _commit(
+    account: Account,
+    store: Store,
+    policy: AccountPolicy,
+    retrieved: list[tuple[int, str, _Spool]],
+    items: list[NewMessage],
+    result: _Session,
+) -> None:
+    """Commit one retrieved batch (one fsynced transaction) and count what was new."""
+    try:
+        # Shielded: once the commit is under way it completes even if we are cancelled,
+        # and the spools it reads stay open until it has.
+        commit = asyncio.ensure_future(store.add_batch(account.name, account.owner, items, policy))
+        try:
+            outcomes = await asyncio.shield(commit)
+        except asyncio.CancelledError:
+            await asyncio.wait({commit})
+            raise
+    finally:
+        for _, _, spool in retrieved:
+            spool.discard()
+    sizes_of = {item.uidl: item.size for item in items}
+    for outcome in outcomes:
+        if not outcome.duplicate:
+            result.new += 1
+            result.bytes += sizes_of[outcome.uidl]
+            log.debug(
+                "message_stored",
+                account=account.name,
+                uidl=outcome.uidl,
+                size=sizes_of[outcome.uidl],
+            )
 
 
 async def _pace_logins(account: Account, store: Store, session: Pop3Session) -> None:

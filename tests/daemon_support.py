@@ -100,10 +100,12 @@ class DaemonProcess:
     def send(self, sig: signal.Signals) -> None:
         self.proc.send_signal(sig)
 
-    def stop(self, timeout: float = WAIT) -> tuple[int, float]:
-        """SIGTERM; the exit code and how long the process took to exit."""
+    def stop(
+        self, timeout: float = WAIT, sig: signal.Signals = signal.SIGTERM
+    ) -> tuple[int, float]:
+        """SIGTERM (or ``sig``); the exit code and how long the process took to exit."""
         started = time.monotonic()
-        self.proc.send_signal(signal.SIGTERM)
+        self.proc.send_signal(sig)
         code = self.proc.wait(timeout)
         return code, time.monotonic() - started
 

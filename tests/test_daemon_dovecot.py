@@ -140,7 +140,10 @@ def test_wrong_password_one_login_then_fixed_by_reload(
     assert status(config)["a"]["paused"] is False
 
 
-def test_sigterm_abandons_a_hung_fetch_in_time_and_deletes_nothing(tmp_path: Path) -> None:
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_sigterm_or_sigint_abandons_a_hung_fetch_in_time_exits_0_and_deletes_nothing(
+    tmp_path: Path, sig: signal.Signals
+) -> None:
     box = ScriptedMailbox("u", "Pw-12345", [make_message(i) for i in range(3)])
     with ThreadedPop3Server([box], Faults(hang_on="RETR 2")) as server:
         account = {
@@ -158,7 +161,34 @@ def test_sigterm_abandons_a_hung_fetch_in_time_and_deletes_nothing(tmp_path: Pat
         config = write_config(tmp_path, [account], daemon={**DAEMON, "shutdown_timeout": "2s"})
         with DaemonProcess(config) as daemon:
             wait_until(lambda: server.server.commands_seen("RETR 2") > 0, "the hung RETR")
-            code, took = daemon.stop()
+            code, took = daemon.stop(sig=sig)
             assert code == 0 and took < STOP_BOUND, daemon.text()
+            assert daemon.events("daemon_stopping")[0]["reason"] == sig.name
+            assert len(daemon.events("daemon_stopped")) == 1
         assert server.server.commands_seen("DELE") == 0
         assert box.remaining() == 3
+
+
+def test_sigint_stops_an_idle_daemon_cleanly_with_exit_0(tmp_path: Path) -> None:
+    box = ScriptedMailbox("u", "Pw-12345", [make_message(1)])
+    with ThreadedPop3Server([box]) as server:
+        account = {
+            "name": "idle",
+            "owner": "alice",
+            "host": "127.0.0.1",
+            "port": server.port,
+            "security": "plain",
+            "allow_plaintext": True,
+            "username": "u",
+            "password": "Pw-12345",
+        }
+        config = write_config(tmp_path, [account], daemon={**DAEMON, "poll_interval": "1h"})
+        with DaemonProcess(config) as daemon:
+            daemon.wait_event("poll_completed", account="idle")
+            code, took = daemon.stop(sig=signal.SIGINT)
+            assert code == 0 and took < STOP_BOUND, daemon.text()
+            assert [e["reason"] for e in daemon.events("daemon_stopping")] == ["SIGINT"]
+            assert daemon.events("daemon_stopped")[0]["abandoned"] == 0
+            assert daemon.events("shutdown_forced") == []  # stopped, not cut off
+            assert "Traceback" not in daemon.text() and "KeyboardInterrupt" not in daemon.text()
+    assert status(config)["idle"]["stored"] == 1

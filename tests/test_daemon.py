@@ -298,3 +298,28 @@ async def test_at_most_max_concurrent_polls_run_at_once(tmp_path: Path) -> None:
         async with running(Daemon(load_config(config), config, fetch=noting)):
             await until(lambda: len(done) == 6, "every account to poll")
     assert peak == 2
+
+
+async def test_mail_a_poll_stores_under_old_sharing_settings_is_retagged_when_it_ends(
+    tmp_path: Path,
+) -> None:
+    """A reload to `public` while a poll retrieves under `private`: that poll tags what it
+    stores the old way, so its account is re-tagged once it ends, not left half-applied."""
+    messages = [make_message(i) for i in range(1, 4)]
+    faults = Faults(per_session=lambda n: Faults(delay={"RETR 3": 3.0}) if n == 0 else Faults())
+    server = Pop3TestServer([Mailbox("u", PASSWORD, list(messages))], faults)
+    async with server:
+        config = config_file(tmp_path, [account(server.port, "a")], poll_interval="1h")
+        csv = "id,kind,email,name\nL1,lead,lead@example.org,Lead\n"
+        await commands.records_import(load_config(config), csv, "records.csv")
+        daemon = Daemon(load_config(config), config, backoff=FAST)
+        with capture_logs() as logs:
+            async with running(daemon):
+                await until(lambda: server.commands_seen("RETR 3") > 0, "the slow retrieval")
+                config_file(tmp_path, [account(server.port, "a", sharing="public")])
+                daemon.reload()
+                await until(lambda: bool(events(logs, "poll_completed", "a")), "the poll's end")
+                await until(lambda: not daemon.retag_pending, "the re-tag after the poll")
+                seen = await daemon.store.messages("bob")
+    assert events(logs, "mail_retagged")[-1]["accounts"] == ["a"]
+    assert [(m.visibility, m.reason) for m in seen] == [("shared", "public")] * len(messages)

@@ -6,6 +6,7 @@ import csv
 import functools
 import io
 import json
+from collections.abc import Collection
 
 from mailingest.config import Account, Config
 from mailingest.errors import DataError
@@ -43,10 +44,25 @@ def settings_snapshot(account: Account) -> str:
     )
 
 
-async def sync_settings(store: Store, config: Config) -> list[str]:
-    """Re-tag accounts whose sharing settings differ from the persisted snapshot."""
+def tagging(account: Account) -> tuple[str, str | None]:
+    """Everything the tags and labels of the account's stored mail depend on."""
+    return settings_snapshot(account), account.magnet_label
+
+
+async def sync_settings(
+    store: Store, config: Config, accounts: Collection[str] | None = None
+) -> list[str]:
+    """Re-tag (and re-label) the stored mail of accounts whose sharing settings differ from
+    the persisted snapshot, all in one transaction; the accounts it re-tagged.
+
+    Every start goes through here: each CLI command, the daemon's start and its reloads.
+    ``accounts`` limits it to those names (default: every configured account).
+    """
+    chosen = [a for a in config.accounts if accounts is None or a.name in accounts]
+    if not chosen:
+        return []
     return await store.sync_settings(
-        {a.name: settings_snapshot(a) for a in config.accounts}, policies(config)
+        {a.name: settings_snapshot(a) for a in chosen}, policies(config)
     )
 
 

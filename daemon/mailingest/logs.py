@@ -22,6 +22,7 @@ EVENTS: dict[str, str] = {
     "daemon_stopped": "abandoned — in-flight polls ended (finished or abandoned); store closed",
     "config_reloaded": "accounts, added, removed, changed, restart_needed — SIGHUP applied it",
     "config_rejected": "error — SIGHUP brought an invalid configuration; the old one stays",
+    "mail_retagged": "accounts — changed sharing settings re-tagged these accounts' stored mail",
     "poll_started": "account — a fetch cycle began (debug)",
     "poll_completed": "account, new, bytes, deleted, duration_ms — one cycle's summary",
     "poll_failed": "account, error_kind, error, retry_in_s — a cycle ended with an error",

@@ -54,7 +54,7 @@ class AccountRunner:
         self.lag: float | None = None
         self._wake: asyncio.Future[None] | None = None
         self._woken = False
-        self._polled = account  # the settings the last poll used (a reload may change them)
+        self.polled = account  # the settings the last poll used (a reload may change them)
 
     def __repr__(self) -> str:
         state = "paused" if self.paused else ("polling" if self.in_flight else "idle")
@@ -139,7 +139,7 @@ class AccountRunner:
             log.exception("poll_crashed", account=self.name)
             return await self._schedule(self.interval)
         if result.status == "auth_failed":
-            await self._pause(self._polled)
+            await self._pause(self.polled)
             return 0.0
         return await self._schedule(self.interval * (1 + random.uniform(-JITTER, JITTER)))
 
@@ -147,7 +147,7 @@ class AccountRunner:
         daemon = self.daemon
         if self.done or self.generation != generation:
             raise Interrupted
-        account = self._polled = self.account
+        account = self.polled = self.account
         async with daemon.gate:
             if self.done or self.generation != generation:
                 raise Interrupted
@@ -160,6 +160,10 @@ class AccountRunner:
                 )
             finally:
                 self.in_flight = False
+        if self.name in daemon.retag_pending:
+            # A reload changed the sharing settings during this poll, which tagged what it
+            # stored the old way: re-tag now that it is over (or retry a failed re-tag).
+            await daemon.sync_settings([self.name])
         daemon.note_result(self.name, result)
         if result.status == "ok":
             return result

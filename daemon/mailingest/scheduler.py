@@ -17,7 +17,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -25,7 +25,7 @@ from typing import Any
 
 import structlog
 
-from mailingest import logs
+from mailingest import crm, logs
 from mailingest.config import Account, Config, load_config
 from mailingest.errors import EX_OK, MailIngestError, StoreError
 from mailingest.fetch import FetchResult, fetch_account
@@ -83,6 +83,10 @@ class Daemon:
         self._status_pending: asyncio.TimerHandle | None = None
         self._executors: list[ThreadPoolExecutor] = []
         self._owns_process = False
+        self._sync_lock = asyncio.Lock()
+        #: Accounts whose stored mail may still carry tags of older sharing settings: a poll
+        #: under those settings is still storing, or the re-tag failed (retried after a poll).
+        self.retag_pending: set[str] = set()
 
     def __repr__(self) -> str:
         return (
@@ -125,6 +129,7 @@ class Daemon:
             loop.add_signal_handler(signal.SIGHUP, self.reload)
         try:
             self._store = await Store.open(self.config.storage.database)
+            await self.sync_settings()  # settings changed while stopped: re-tag before polling
             states = await self.store.daemon_states()
             await self._start(list(self.config.accounts), states)
             log.info("daemon_started", accounts=len(self._runners), paused=self.paused_count())
@@ -226,6 +231,9 @@ class Daemon:
         if added:
             states = await self._states()
             await self._start(added, states)
+        # After the runners took the new settings: a poll still under the old ones is then
+        # either seen in flight here, or re-tags its account itself once it ends.
+        await self.sync_settings()
         log.info(
             "config_reloaded",
             accounts=len(new.accounts),
@@ -235,6 +243,39 @@ class Daemon:
             restart_needed=restart_needed,
         )
         self.status_changed()
+
+    async def sync_settings(self, names: Collection[str] | None = None) -> None:
+        """Re-tag the stored mail of accounts (default: all) whose sharing settings changed,
+        in one transaction: the code path of every CLI command's start.
+
+        An account being polled under other settings is left until that poll ends (its runner
+        calls this again then): a poll tags what it stores with the settings it started with,
+        so re-tagging before it ends would leave that mail tagged the old way for good. A store
+        error is logged, and the account's next poll tries again.
+        """
+        async with self._sync_lock:  # one at a time, each with the config current by then
+            current = {a.name: a for a in self.config.accounts}
+            wanted = set(current) if names is None else set(names) & set(current)
+            polling = {
+                r.name
+                for r in self._all_runners()
+                if r.in_flight
+                and r.name in wanted
+                and crm.tagging(r.polled) != crm.tagging(current[r.name])
+            }
+            todo = wanted - polling
+            left = {n for n in self.retag_pending if n in current and n not in wanted}
+            self.retag_pending = left | polling
+            if not todo:
+                return
+            try:
+                changed = await crm.sync_settings(self.store, self.config, todo)
+            except StoreError as exc:
+                self.retag_pending |= todo
+                log.error("state_not_recorded", error=str(exc))
+                return
+            if changed:
+                log.info("mail_retagged", accounts=changed)
 
     async def _states(self) -> dict[str, DaemonState]:
         try:

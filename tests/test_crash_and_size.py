@@ -2,26 +2,46 @@
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import random
 import signal
-import sqlite3
 import subprocess
 import sys
+import threading
 import time
+from collections import Counter
 from pathlib import Path
 
 from dovecot import Dovecot, Mailbox
+from mailingest.store import Store
+from proxy import CommandProxy
 from support import crlf, dovecot_account, fetch_json, make_message, sha, write_config
 
-ROUNDS = 6
+MESSAGES = 300
+KILLS = 5  # kills that must interrupt a running fetch
+MAX_ROUNDS = 15  # a round whose fetch ended before its kill does not count; bounded anyway
+OWNER = "alice"  # dovecot_account()'s owner
 
 
 def _stored_hashes(config: Path) -> list[str]:
-    db = sqlite3.connect(config.parent / "mail.db")
+    """sha256 of every stored message, recomputed from the bytes the store gives back."""
+    database = config.parent / "mail.db"
+    return asyncio.run(_read_hashes(database)) if database.exists() else []
+
+
+async def _read_hashes(database: Path) -> list[str]:
+    store = await Store.open(database)
     try:
-        return [r[0] for r in db.execute("SELECT sha256 FROM messages")]
+        digests = []
+        for item in await store.messages(viewer=OWNER):
+            digest = hashlib.sha256()
+            async for chunk in store.raw_chunks(item.id):
+                digest.update(chunk)
+            digests.append(digest.hexdigest())
+        return digests
     finally:
-        db.close()
+        await store.close()
 
 
 def _fetch_process(config: Path) -> subprocess.Popen[bytes]:
@@ -33,45 +53,115 @@ def _fetch_process(config: Path) -> subprocess.Popen[bytes]:
     )
 
 
-def _calibrate(tmp_path: Path, mailbox: Mailbox, messages: list[bytes]) -> float:
-    """Seconds one whole fetch process of this many messages takes on this machine."""
-    mailbox.deliver_many(messages)
-    directory = tmp_path / "calibration"
-    directory.mkdir()
-    config = write_config(directory, [dovecot_account(mailbox, leave_on_server=False)])
-    started = time.monotonic()
-    proc = _fetch_process(config)
-    assert proc.wait(timeout=60) == 0
-    return time.monotonic() - started
+class _QuitGate:
+    """Proxy hook: notes when the client's first command and first QUIT pass.
+
+    With ``hold`` a QUIT never reaches the server: the client waits for its reply until it
+    is killed, then the proxy drops both connections. To the server that is a client killed
+    just before QUIT (DELEs sent, nothing expunged), so no kill round drains the mailbox and
+    every round leaves work for the next kill to interrupt. Kills after an expunging QUIT
+    are left to bench/kill_campaign.py, which refills the mailbox between kills.
+    """
+
+    def __init__(self, *, hold: bool) -> None:
+        self.hold = hold
+        self.connected = threading.Event()
+        self.released = threading.Event()
+        self.connected_at = 0.0
+        self.quit_at: float | None = None
+
+    def __call__(self, line: bytes) -> None:
+        if not self.connected.is_set():
+            self.connected_at = time.monotonic()
+            self.connected.set()
+        if line.strip().upper() != b"QUIT":
+            return
+        if self.quit_at is None:
+            self.quit_at = time.monotonic()
+        if self.hold:
+            self.released.wait(30)
+            raise ConnectionAbortedError("QUIT withheld")  # the proxy closes both sides
 
 
-def test_sigkill_at_random_instants_loses_and_duplicates_nothing(
+def _pop3_seconds(mailbox: Mailbox, directory: Path, *, leave_on_server: bool) -> float:
+    """How long one fetch of ``mailbox`` talks POP3: from its first command to its QUIT."""
+    gate = _QuitGate(hold=False)
+    with CommandProxy(mailbox.dovecot.port, gate) as proxy:
+        account = dovecot_account(mailbox, port=proxy.port, leave_on_server=leave_on_server)
+        code = _fetch_process(write_config(directory, [account])).wait(timeout=60)
+    assert code == 0 and gate.quit_at is not None, "a calibration fetch failed"
+    return gate.quit_at - gate.connected_at
+
+
+def _kill_round(
+    mailbox: Mailbox, directory: Path, window: float, rng: random.Random
+) -> tuple[bool, bool]:
+    """Start a deleting fetch; once it has connected, SIGKILL it after uniform(0, window) s.
+
+    Returns whether the kill interrupted the running fetch and whether it had reached QUIT.
+    """
+    gate = _QuitGate(hold=True)
+    with CommandProxy(mailbox.dovecot.port, gate) as proxy:
+        account = dovecot_account(mailbox, port=proxy.port, leave_on_server=False)
+        proc = _fetch_process(write_config(directory, [account]))
+        try:
+            while not gate.connected.wait(0.01):
+                assert proc.poll() is None, f"fetch exited ({proc.returncode}) before connecting"
+            time.sleep(rng.uniform(0, window))
+            proc.send_signal(signal.SIGKILL)
+            code = proc.wait(timeout=30)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(timeout=30)
+            gate.released.set()  # before the proxy stops: its thread may wait on a QUIT
+    return code == -signal.SIGKILL, gate.quit_at is not None
+
+
+def test_sigkill_at_random_instants_of_a_deleting_fetch_loses_and_duplicates_nothing(
     tmp_path: Path, mailbox: Mailbox, dovecot: Dovecot
 ) -> None:
-    """300 messages arrive in rounds; each round's deleting fetch is killed at a random instant."""
-    messages = [make_message(i, body=f"body {i}\n".encode() * 40) for i in range(300)]
-    per_round = len(messages) // ROUNDS
-    whole = _calibrate(tmp_path, dovecot.new_mailbox(), messages[:per_round])
-    config = write_config(tmp_path, [dovecot_account(mailbox, leave_on_server=False)])
+    """300 messages arrive once; fetches of them are SIGKILLed at random instants of their POP3
+    talk until 5 kills interrupted one; then one clean fetch. Each is stored exactly once."""
+    messages = [make_message(i, body=f"body {i}\n".encode() * 40) for i in range(MESSAGES)]
+    # Calibration on an identical mailbox: one fetch that retrieves and stores all (deletes
+    # none), then one that has nothing new and deletes all.
+    (tmp_path / "calibration").mkdir()
+    twin = dovecot.new_mailbox()
+    twin.deliver_many(messages)
+    retrieving = _pop3_seconds(twin, tmp_path / "calibration", leave_on_server=True)
+    deleting = _pop3_seconds(twin, tmp_path / "calibration", leave_on_server=False)
+    assert twin.count() == 0
+    config = tmp_path / "mailingest.toml"
+    mailbox.deliver_many(messages)
     seed = random.randrange(1 << 30)
     rng = random.Random(seed)
-    killed = 0
-    for start in range(0, len(messages), per_round):
-        mailbox.deliver_many(messages[start : start + per_round])
-        proc = _fetch_process(config)
-        # Anywhere from late start-up to the end: login, RETR, commit, DELE or QUIT.
-        time.sleep(rng.uniform(0.4, 1.0) * whole)
-        proc.send_signal(signal.SIGKILL)
-        killed += proc.wait(timeout=30) == -signal.SIGKILL
-    assert killed >= 3, f"seed {seed}: the kills should land while fetches run"
+    kills = at_quit = rounds = 0
+    history = []  # per round: messages not yet stored, then K(illed) / Q(killed at QUIT) / E(nded)
+    while kills < KILLS and rounds < MAX_ROUNDS:
+        rounds += 1
+        left = MESSAGES - len(_stored_hashes(config))
+        # The round's POP3 talk: RETR and commit what is not stored yet, DELE all, QUIT.
+        window = deleting + retrieving * left / MESSAGES
+        interrupted, reached_quit = _kill_round(mailbox, tmp_path, window, rng)
+        kills += interrupted
+        at_quit += interrupted and reached_quit
+        history.append(f"{left}{'E' if not interrupted else 'Q' if reached_quit else 'K'}")
+    figures = (
+        f"seed {seed}: {kills} kills interrupted a fetch in {rounds} rounds ({at_quit} waiting "
+        f"on QUIT): {' '.join(history)}; calibrated {retrieving:.3f} s + {deleting:.3f} s"
+    )
+    print(figures)
+    assert kills >= KILLS, figures
 
+    config = write_config(tmp_path, [dovecot_account(mailbox, leave_on_server=False)])
     code, out = fetch_json(config)
 
-    assert code == 0, (seed, out)
-    stored = _stored_hashes(config)
-    assert len(stored) == len(set(stored)), f"seed {seed}: duplicates stored"
-    assert sorted(stored) == sorted(sha(crlf(m)) for m in messages), f"seed {seed}: lost mail"
-    assert mailbox.count() == 0
+    assert code == 0, (figures, out)
+    stored = Counter(_stored_hashes(config))
+    assert max(stored.values()) == 1, f"{figures}: duplicates stored"
+    assert stored == Counter(sha(crlf(m)) for m in messages), f"{figures}: lost or foreign mail"
+    assert mailbox.count() == 0, figures
 
 
 _MEASURED_FETCH = """

@@ -300,6 +300,39 @@ async def test_at_most_max_concurrent_polls_run_at_once(tmp_path: Path) -> None:
     assert peak == 2
 
 
+async def test_a_cycle_cut_short_by_login_delay_polls_again_once_the_delay_allows(
+    tmp_path: Path,
+) -> None:
+    """Five messages, two listed per session (as Gmail caps a listing), a 2 s LOGIN-DELAY
+    and an hourly poll: the daemon drains the mailbox in sessions 2 s apart, not hours."""
+    messages = [make_message(i) for i in range(1, 6)]
+    server = Pop3TestServer(
+        [Mailbox("u", PASSWORD, list(messages))], Faults(max_list=2, login_delay=2)
+    )
+    async with server:
+        config = config_file(
+            tmp_path, [account(server.port, "a", leave_on_server=False)], poll_interval="1h"
+        )
+        async with running(Daemon(load_config(config), config, backoff=FAST)):
+            await until(lambda: server.sessions >= 2, "the second session", within=20.0)
+            await until(lambda: server.mailboxes[0].remaining() == 0, "the mailbox drained")
+            # The session that found nothing new ends the early polls: back to the interval.
+            await until(lambda: server.sessions >= 4, "the session that finds nothing new")
+
+            async def next_poll_in() -> float:
+                when = (await status(config))["a"]["next_poll"]
+                return (datetime.fromisoformat(when) - datetime.now(UTC)).total_seconds()
+
+            deadline = time.monotonic() + BOUND
+            while await next_poll_in() < 1800:
+                assert time.monotonic() < deadline, "the next poll never went back to 1 h"
+                await asyncio.sleep(0.05)
+            assert server.sessions == 4
+    assert server.login_attempts == server.sessions  # never a login the server refused
+    rows = await status(config)
+    assert rows["a"]["stored"] == len(messages)
+
+
 async def test_mail_a_poll_stores_under_old_sharing_settings_is_retagged_when_it_ends(
     tmp_path: Path,
 ) -> None:

@@ -33,6 +33,8 @@ log = structlog.get_logger("mailingest.scheduler")
 
 #: Fraction of an interval added or removed at random, so accounts do not fire together.
 JITTER = 0.1
+#: Seconds added to a stored next-login time (kept to the whole second, cut down).
+LOGIN_MARGIN = 1.0
 
 
 class Interrupted(Exception):
@@ -141,7 +143,17 @@ class AccountRunner:
         if result.status == "auth_failed":
             await self._pause(self.polled)
             return 0.0
-        return await self._schedule(self.interval * (1 + random.uniform(-JITTER, JITTER)))
+        delay = self.interval * (1 + random.uniform(-JITTER, JITTER))
+        if result.new and result.sessions < self.daemon.config.daemon.max_sessions_per_cycle:
+            # The cycle stored new mail but started fewer sessions than it may: its last
+            # listing held nothing new, or LOGIN-DELAY forbade the next login with mail
+            # perhaps still waiting. In that case the next poll comes as soon as the server
+            # allows. (When a session outlasted the delay and the next one found the mailbox
+            # drained, this costs one early login that finds nothing.)
+            floor = await self._login_floor()
+            if floor > 0:
+                delay = min(delay, floor)
+        return await self._schedule(delay)
 
     async def _attempt(self, generation: int) -> FetchResult:
         daemon = self.daemon
@@ -207,9 +219,7 @@ class AccountRunner:
             allowed = await self.daemon.store.next_login(self.name)
         except StoreError:
             return 0.0
-        if allowed is None:
-            return 0.0
-        return max(0.0, (allowed - datetime.now(UTC)).total_seconds())
+        return seconds_until_login(allowed)
 
     async def _pause(self, rejected: Account) -> None:
         """The server rejected the login: no more attempts until other credentials come.
@@ -254,6 +264,18 @@ class AccountRunner:
             await self.resume("credentials_changed")
         self.wake()
         return True
+
+
+def seconds_until_login(allowed: datetime | None) -> float:
+    """Seconds until a login at ``allowed`` (as the store keeps it) is surely allowed.
+
+    The store keeps the time to the second, cut down: the server's delay may end up to a
+    second later, and a login that comes too soon is refused and costs a retry.
+    """
+    if allowed is None:
+        return 0.0
+    allowed += timedelta(seconds=LOGIN_MARGIN)
+    return max(0.0, (allowed - datetime.now(UTC)).total_seconds())
 
 
 def _resolve(waiter: asyncio.Future[None]) -> None:

@@ -30,7 +30,7 @@ from mailingest.config import Account, Config, load_config
 from mailingest.errors import EX_OK, MailIngestError, StoreError
 from mailingest.fetch import FetchResult, fetch_account
 from mailingest.retry import Backoff, same_login
-from mailingest.runner import AccountRunner
+from mailingest.runner import AccountRunner, seconds_until_login
 from mailingest.store import DaemonState, Store
 from mailingest.systemd import Notifier, watchdog_period
 
@@ -303,7 +303,7 @@ class Daemon:
                 if persisted > 0:
                     delay = min(persisted, runner.interval)  # a restart keeps a backoff
             if state is not None and state.next_login:
-                floor = (datetime.fromisoformat(state.next_login) - now).total_seconds()
+                floor = seconds_until_login(datetime.fromisoformat(state.next_login))
                 delay = max(delay, floor)
             first[account.name] = None if runner.paused else now + timedelta(seconds=delay)
             self._runners[account.name] = runner

@@ -15,10 +15,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import pytest
 from structlog.testing import capture_logs
 
 from dovecot import free_port
-from mailingest import commands
+from mailingest import commands, runner
 from mailingest.config import Account, load_config
 from mailingest.fetch import FetchResult, fetch_account
 from mailingest.popserver import Faults, Mailbox, Pop3TestServer
@@ -298,6 +299,51 @@ async def test_at_most_max_concurrent_polls_run_at_once(tmp_path: Path) -> None:
         async with running(Daemon(load_config(config), config, fetch=noting)):
             await until(lambda: len(done) == 6, "every account to poll")
     assert peak == 2
+
+
+@pytest.mark.xfail(
+    not runner.LOGS_POLL_FAILED,
+    reason="fetch_account must leave poll_failed to the daemon (log_failure=False)",
+    strict=True,
+)
+async def test_poll_failed_in_the_daemon_carries_the_backoff_wait_before_the_retry(
+    tmp_path: Path,
+) -> None:
+    faults = Faults(
+        per_session=lambda n: (
+            Faults(err_on={"PASS": "-ERR [SYS/TEMP] maintenance, try later"}) if n < 2 else Faults()
+        )
+    )
+    server = Pop3TestServer([Mailbox("u", PASSWORD, [make_message(1)])], faults)
+    async with server:
+        config = config_file(tmp_path, [account(server.port, "a")])
+        with capture_logs() as logs:
+            async with running(Daemon(load_config(config), config, backoff=FAST)):
+                await until(lambda: bool(events(logs, "poll_completed", "a")), "a good poll")
+    failed = events(logs, "poll_failed", "a")
+    retries = events(logs, "retry_scheduled", "a")
+    assert len(failed) == len(retries) == 2
+    for line, retry in zip(failed, retries, strict=True):
+        assert line["error_kind"] == "temp_failed" and line["log_level"] == "warning"
+        assert "SYS/TEMP" in line["error"]
+        assert line["retry_in_s"] == retry["wait_s"] > 0
+    # Each poll_failed comes before its retry_scheduled: one failure, one line of each.
+    order = [e["event"] for e in logs if e["event"] in ("poll_failed", "retry_scheduled")]
+    assert order == ["poll_failed", "retry_scheduled"] * 2
+
+
+async def test_poll_failed_of_a_rejected_login_has_no_retry_wait_the_account_pauses(
+    tmp_path: Path,
+) -> None:
+    server = Pop3TestServer([Mailbox("u", PASSWORD, [make_message(1)])])
+    async with server:
+        config = config_file(tmp_path, [account(server.port, "a", password=WRONG)])
+        with capture_logs() as logs:
+            async with running(Daemon(load_config(config), config, backoff=FAST)):
+                await until(lambda: bool(events(logs, "account_paused", "a")), "the pause")
+    [failed] = events(logs, "poll_failed", "a")
+    assert (failed["error_kind"], failed["retry_in_s"]) == ("auth_failed", None)
+    assert failed["log_level"] == "error"
 
 
 async def test_a_cycle_cut_short_by_login_delay_polls_again_once_the_delay_allows(

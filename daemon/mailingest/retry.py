@@ -63,6 +63,11 @@ def is_transient(exc: BaseException) -> bool:
     return isinstance(exc, PollFailure) and exc.transient
 
 
+def transient_status(status: str) -> bool:
+    """Whether a poll that ended in ``status`` may be retried early (backoff)."""
+    return _STATUS_ERRORS.get(status, ProtocolError).transient
+
+
 @dataclass(frozen=True, slots=True)
 class Backoff:
     """Exponential waits with jitter, capped, per account.

@@ -8,6 +8,7 @@ failure never moves another's schedule; the only shared resource is the concurre
 from __future__ import annotations
 
 import asyncio
+import inspect
 import random
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
@@ -16,7 +17,7 @@ import structlog
 
 from mailingest.config import Account
 from mailingest.errors import StoreError
-from mailingest.fetch import FetchResult
+from mailingest.fetch import FetchResult, fetch_account
 from mailingest.retry import (
     PollFailure,
     attempt_wait,
@@ -24,6 +25,7 @@ from mailingest.retry import (
     login_key,
     poll_retrying,
     same_login,
+    transient_status,
 )
 
 if TYPE_CHECKING:
@@ -33,6 +35,10 @@ log = structlog.get_logger("mailingest.scheduler")
 
 #: Fraction of an interval added or removed at random, so accounts do not fire together.
 JITTER = 0.1
+#: The daemon logs `poll_failed` itself, with the wait it chose before the next attempt,
+#: once ``fetch_account`` can leave that line to its caller (``log_failure=False``). Until
+#: then the fetch logs it, with ``retry_in_s`` null, as in a one-shot fetch.
+LOGS_POLL_FAILED = "log_failure" in inspect.signature(fetch_account).parameters
 #: Seconds added to a stored next-login time (kept to the whole second, cut down).
 LOGIN_MARGIN = 1.0
 
@@ -135,15 +141,23 @@ class AccountRunner:
         )
         try:
             result: FetchResult = await retrying(self._attempt, generation)
-        except (Interrupted, PollFailure):
+        except Interrupted:
             return 0.0  # changed: poll again at once; stopping: the loop ends
+        except PollFailure as failure:  # transient, and the retries stopped: as above
+            self._poll_failed(failure.status, str(failure.error), None if self.done else 0.0)
+            return 0.0
         except Exception:  # a bug must not end this account's polling for good
             log.exception("poll_crashed", account=self.name)
             return await self._schedule(self.interval)
+        delay = self.interval * (1 + random.uniform(-JITTER, JITTER))
         if result.status == "auth_failed":
+            self._poll_failed(result.status, result.error, None)  # paused: no retry
             await self._pause(self.polled)
             return 0.0
-        delay = self.interval * (1 + random.uniform(-JITTER, JITTER))
+        if result.status != "ok":  # TLS or protocol: an early retry would fail the same way
+            delay = await self._schedule(delay)
+            self._poll_failed(result.status, result.error, None if self.done else round(delay, 3))
+            return delay
         if result.new and result.sessions < self.daemon.config.daemon.max_sessions_per_cycle:
             # The cycle stored new mail but started fewer sessions than it may: its last
             # listing held nothing new, or LOGIN-DELAY forbade the next login with mail
@@ -160,6 +174,7 @@ class AccountRunner:
         if self.done or self.generation != generation:
             raise Interrupted
         account = self.polled = self.account
+        options: dict[str, Any] = {"log_failure": False} if LOGS_POLL_FAILED else {}
         async with daemon.gate:
             if self.done or self.generation != generation:
                 raise Interrupted
@@ -168,7 +183,10 @@ class AccountRunner:
             daemon.status_changed()
             try:
                 result = await daemon.fetch(
-                    account, daemon.store, max_sessions=daemon.config.daemon.max_sessions_per_cycle
+                    account,
+                    daemon.store,
+                    max_sessions=daemon.config.daemon.max_sessions_per_cycle,
+                    **options,
                 )
             finally:
                 self.in_flight = False
@@ -187,13 +205,38 @@ class AccountRunner:
 
     def _retry_scheduled(self, retry_state: Any) -> None:
         failure = failure_of(retry_state)
+        wait = round(attempt_wait(retry_state), 3)
+        status = failure.status if failure else "error"
+        self._poll_failed(status, str(failure.error) if failure else None, wait)
         log.warning(
             "retry_scheduled",
             account=self.name,
             attempt=retry_state.attempt_number,
-            wait_s=round(attempt_wait(retry_state), 3),
-            error_kind=failure.status if failure else "error",
+            wait_s=wait,
+            error_kind=status,
         )
+
+    def _poll_failed(self, status: str, error: str | None, retry_in: float | None) -> None:
+        """The cycle's `poll_failed`, with the wait before the next attempt (None: paused or
+        stopping). A warning when the failure is transient, as in a one-shot fetch."""
+        if not LOGS_POLL_FAILED:
+            return  # the fetch logged it
+        if transient_status(status):
+            log.warning(
+                "poll_failed",
+                account=self.name,
+                error_kind=status,
+                error=error,
+                retry_in_s=retry_in,
+            )
+        else:
+            log.error(
+                "poll_failed",
+                account=self.name,
+                error_kind=status,
+                error=error,
+                retry_in_s=retry_in,
+            )
 
     async def _retry_sleep(self, seconds: float) -> None:
         await self._record_next_poll(seconds)

@@ -135,8 +135,22 @@ CASES = {
     "retr-status-over-64-kib": Case(
         Faults(reply_override={"RETR 2": b"+OK " + b"x" * 70_000 + b"\r\n"}), "error", 1
     ),
+    # UIDL and LIST go out in one write (PIPELINING): LIST's status line arrives where the
+    # missing "." should be, and is no UIDL line.
     "uidl-without-terminator": Case(
-        Faults(reply_override={"UIDL": b"+OK\r\n1 a\r\n2 b\r\n"}), "temp_failed", 0, text="timed"
+        Faults(reply_override={"UIDL": b"+OK\r\n1 a\r\n2 b\r\n"}),
+        "error",
+        0,
+        text="malformed UIDL line",
+    ),
+    "uidl-without-terminator-lock-step": Case(
+        Faults(
+            reply_override={"UIDL": b"+OK\r\n1 a\r\n2 b\r\n"},
+            capa=["TOP", "USER", "UIDL", "RESP-CODES"],
+        ),
+        "temp_failed",
+        0,
+        text="timed",
     ),
     "garbage-reply-to-retr": Case(
         Faults(reply_override={"RETR 4": b"HTTP/1.1 400 Bad Request\r\n"}), "error", 3

@@ -29,7 +29,6 @@ from mailingest.errors import (
     BusyError,
     LoginDelayError,
     MailIngestError,
-    ProtocolError,
     StoreError,
     TemporaryError,
 )
@@ -239,14 +238,7 @@ async def _one_session(
             await asyncio.to_thread(session.connect)
         finally:
             await _pace_logins(account, store, session)
-        try:
-            listing = await asyncio.to_thread(session.uidl)
-        except ProtocolError as exc:
-            raise ProtocolError(
-                f"server refused UIDL ({exc.message}); without UIDL there is no safe dedup",
-                account=account.name,
-            ) from exc
-        sizes = await asyncio.to_thread(session.sizes)
+        listing, sizes = await asyncio.to_thread(session.listing)
         ledger = await store.ledger(account.name)
         counts = Counter(uidl for _, uidl in listing)
         suspect = {uidl for uidl, count in counts.items() if count > 1}

@@ -435,11 +435,24 @@ class _Session:
         for chunk in _served_chunks(entry.raw):
             if cut is not None and sent + len(chunk) >= cut:
                 await self._send(chunk[: cut - sent])
+                await self._hang_up()
                 return False
             await self._send(chunk)
             sent += len(chunk)
         self.retrieved.add(entry.key)
         return await self._reply(".")
+
+    async def _hang_up(self) -> None:
+        """Close our side (FIN) and wait for the client to go. A close with pipelined
+        commands still unread would be a reset, which discards what the client has not yet
+        read, and the drop would cut more than the message it is meant to."""
+        if not self.writer.can_write_eof():
+            return
+        self.writer.write_eof()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self.server.idle_timeout):
+                while await self.reader.read(_CHUNK):
+                    pass
 
     async def _quit(self) -> bool:
         """UPDATE state: only a QUIT expunges; a dropped connection deletes nothing."""

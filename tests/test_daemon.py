@@ -15,11 +15,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import pytest
 from structlog.testing import capture_logs
 
 from dovecot import free_port
-from mailingest import commands, runner
+from mailingest import commands
 from mailingest.config import Account, load_config
 from mailingest.fetch import FetchResult, fetch_account
 from mailingest.popserver import Faults, Mailbox, Pop3TestServer
@@ -301,11 +300,6 @@ async def test_at_most_max_concurrent_polls_run_at_once(tmp_path: Path) -> None:
     assert peak == 2
 
 
-@pytest.mark.xfail(
-    not runner.LOGS_POLL_FAILED,
-    reason="fetch_account must leave poll_failed to the daemon (log_failure=False)",
-    strict=True,
-)
 async def test_poll_failed_in_the_daemon_carries_the_backoff_wait_before_the_retry(
     tmp_path: Path,
 ) -> None:

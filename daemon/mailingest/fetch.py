@@ -398,8 +398,13 @@ async def fetch_account(
     *,
     max_sessions: int = 10,
     progress: Progress | None = None,
+    log_failure: bool = True,
 ) -> FetchResult:
-    """Run one cycle for one account; never raises for account-level failures."""
+    """Run one cycle for one account; never raises for account-level failures.
+
+    ``log_failure=False`` leaves the `poll_failed` line to the caller: the daemon logs it
+    with the wait it chose before the next attempt.
+    """
     started = time.monotonic()
     log.debug("poll_started", account=account.name)
     result = FetchResult(account=account.name)
@@ -434,9 +439,9 @@ async def fetch_account(
             deleted=result.deleted,
             duration_ms=result.duration_ms,
         )
-    else:
-        # retry_in_s: a one-shot fetch never retries; the daemon logs `retry_scheduled` with
-        # its wait when it backs off. Transient failures are warnings, the rest errors.
+    elif log_failure:
+        # retry_in_s: a one-shot fetch never retries. Transient failures are warnings, the
+        # rest errors.
         if result.status in _TRANSIENT_STATUSES:
             log.warning(
                 "poll_failed",

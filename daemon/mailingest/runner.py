@@ -8,7 +8,6 @@ failure never moves another's schedule; the only shared resource is the concurre
 from __future__ import annotations
 
 import asyncio
-import inspect
 import random
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
@@ -17,7 +16,7 @@ import structlog
 
 from mailingest.config import Account
 from mailingest.errors import StoreError
-from mailingest.fetch import FetchResult, fetch_account
+from mailingest.fetch import FetchResult
 from mailingest.retry import (
     PollFailure,
     attempt_wait,
@@ -35,12 +34,6 @@ log = structlog.get_logger("mailingest.scheduler")
 
 #: Fraction of an interval added or removed at random, so accounts do not fire together.
 JITTER = 0.1
-#: The daemon logs `poll_failed` itself, with the wait it chose before the next attempt,
-#: once ``fetch_account`` can leave that line to its caller (``log_failure=False``). Until
-#: then the fetch logs it, with ``retry_in_s`` null, as in a one-shot fetch.
-LOGS_POLL_FAILED = "log_failure" in inspect.signature(fetch_account).parameters
-#: Seconds added to a stored next-login time (kept to the whole second, cut down).
-LOGIN_MARGIN = 1.0
 
 
 class Interrupted(Exception):
@@ -174,7 +167,6 @@ class AccountRunner:
         if self.done or self.generation != generation:
             raise Interrupted
         account = self.polled = self.account
-        options: dict[str, Any] = {"log_failure": False} if LOGS_POLL_FAILED else {}
         async with daemon.gate:
             if self.done or self.generation != generation:
                 raise Interrupted
@@ -186,7 +178,7 @@ class AccountRunner:
                     account,
                     daemon.store,
                     max_sessions=daemon.config.daemon.max_sessions_per_cycle,
-                    **options,
+                    log_failure=False,  # logged here, with the wait before the next attempt
                 )
             finally:
                 self.in_flight = False
@@ -219,8 +211,6 @@ class AccountRunner:
     def _poll_failed(self, status: str, error: str | None, retry_in: float | None) -> None:
         """The cycle's `poll_failed`, with the wait before the next attempt (None: paused or
         stopping). A warning when the failure is transient, as in a one-shot fetch."""
-        if not LOGS_POLL_FAILED:
-            return  # the fetch logged it
         if transient_status(status):
             log.warning(
                 "poll_failed",
@@ -310,14 +300,9 @@ class AccountRunner:
 
 
 def seconds_until_login(allowed: datetime | None) -> float:
-    """Seconds until a login at ``allowed`` (as the store keeps it) is surely allowed.
-
-    The store keeps the time to the second, cut down: the server's delay may end up to a
-    second later, and a login that comes too soon is refused and costs a retry.
-    """
+    """Seconds until a login at ``allowed`` (as the store keeps it, rounded up) is allowed."""
     if allowed is None:
         return 0.0
-    allowed += timedelta(seconds=LOGIN_MARGIN)
     return max(0.0, (allowed - datetime.now(UTC)).total_seconds())
 
 

@@ -16,7 +16,7 @@ import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import IO, Any
 
@@ -811,7 +811,7 @@ class Store:
                 )
                 await self._db.execute(
                     "UPDATE account_state SET next_login = ? WHERE account = ?",
-                    (when.isoformat(timespec="seconds") if when else None, account),
+                    (_to_second_up(when).isoformat() if when else None, account),
                 )
         except sqlite3.Error as exc:
             raise _store_error(exc, "recording the next allowed login") from exc
@@ -1046,6 +1046,13 @@ class DaemonState:
     next_poll: str | None
     next_login: str | None
     consecutive_failures: int
+
+
+def _to_second_up(when: datetime) -> datetime:
+    """Whole seconds, rounded up: a login allowed at the stored time is never too early."""
+    if when.microsecond:
+        when = when.replace(microsecond=0) + timedelta(seconds=1)
+    return when
 
 
 def _domain(address: str) -> str:

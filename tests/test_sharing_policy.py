@@ -914,3 +914,38 @@ def test_what_each_viewer_sees_matches_the_model(
     *modes, records, mail = start
     with tempfile.TemporaryDirectory(prefix="mailingest-prop-") as tmp:
         asyncio.run(_run_sequence(Path(tmp), [*modes, *records, *mail, *ops]))
+
+
+async def test_a_reader_sees_a_settings_change_whole_or_not_at_all(tmp_path: Path) -> None:
+    """A viewer query on another connection, while re-tags commit: each message's tag, links
+    and labels come from one state (private, unlabelled / public, labelled CRM)."""
+    private, public = account(), account(sharing="public", label="CRM")
+    async with open_store(tmp_path) as writer, open_store(tmp_path) as reader:
+        await writer.import_records([Record("L1", "lead", "", ("lead@customer.example",))], {})
+        await crm.sync_settings(writer, config_of([private], tmp_path / "mail.db"))
+        for n in range(40):
+            await store_one(writer, private, raw_message(n, "lead@customer.example", [OWN]), n)
+
+        async def toggle() -> None:
+            for flip in range(12):  # bounded: the reader stops when this is done
+                chosen = public if flip % 2 == 0 else private
+                await crm.sync_settings(writer, config_of([chosen], tmp_path / "mail.db"))
+
+        async def read() -> set[tuple[str, ...]]:
+            seen: set[tuple[str, ...]] = set()
+            while not toggling.done():
+                for m in await reader.messages("alice"):
+                    seen.add((m.visibility, m.reason, *m.labels))
+                    assert m.records == ["L1"]
+                states = {(m.visibility, tuple(m.labels)) for m in await reader.messages("alice")}
+                assert len(states) == 1, states  # never half re-tagged
+            return seen
+
+        toggling = asyncio.ensure_future(toggle())
+        try:
+            seen = await read()
+        finally:
+            toggling.cancel()
+            await asyncio.wait({toggling})
+        toggling.result()  # the re-tags themselves succeeded
+    assert seen <= {("private", "mode_private"), ("shared", "public", "CRM")}

@@ -923,42 +923,48 @@ class Store:
         sql += " ORDER BY coalesce(m.date, m.received_at) DESC, m.id DESC"
         if limit:
             sql += f" LIMIT {int(limit)}"
-        async with self._lock:
-            rows = await self._db.execute_fetchall(sql, args)
-            return [await self._row(r) for r in rows]
+        async with self._snapshot():
+            return await self._rows(await self._db.execute_fetchall(sql, args))
 
     async def message(self, message_id: int) -> StoredMessage | None:
-        async with self._lock:
-            cursor = await self._db.execute("SELECT * FROM messages WHERE id = ?", (message_id,))
-            row = await cursor.fetchone()
-            return await self._row(row) if row else None
+        async with self._snapshot():
+            rows = await self._db.execute_fetchall(
+                "SELECT * FROM messages WHERE id = ?", (message_id,)
+            )
+            found = await self._rows(rows)
+        return found[0] if found else None
 
-    async def _row(self, r: sqlite3.Row) -> StoredMessage:
-        labels = await self._db.execute_fetchall(
-            "SELECT label FROM message_labels WHERE message = ? ORDER BY label", (r["id"],)
-        )
-        records = await self._db.execute_fetchall(
-            "SELECT record FROM message_records WHERE message = ? ORDER BY record", (r["id"],)
-        )
-        return StoredMessage(
-            id=r["id"],
-            account=r["account"],
-            owner=r["owner"],
-            direction=r["direction"],
-            sender=r["from_addr"],
-            to=json.loads(r["to_addrs"]),
-            cc=json.loads(r["cc_addrs"]),
-            subject=r["subject"],
-            date=r["date"],
-            message_id=r["message_id"],
-            visibility=r["visibility"],
-            reason=r["reason"],
-            size=r["size"],
-            sha256=r["sha256"],
-            received_at=r["received_at"],
-            labels=[x[0] for x in labels],
-            records=[x[0] for x in records],
-        )
+    @contextlib.asynccontextmanager
+    async def _snapshot(self) -> AsyncIterator[None]:
+        """A read transaction: its queries all see one committed state (WAL), so a re-tag
+        or relink committed meanwhile by another process is seen whole or not at all."""
+        async with self._lock:
+            await self._db.execute("BEGIN")
+            try:
+                yield
+            finally:
+                with contextlib.suppress(sqlite3.Error):
+                    await self._db.execute("COMMIT")
+
+    async def _rows(self, rows: Iterable[sqlite3.Row]) -> list[StoredMessage]:
+        found = list(rows)
+        ids = [int(r["id"]) for r in found]
+        labels = await self._by_message("SELECT message, label FROM message_labels", ids)
+        records = await self._by_message("SELECT message, record FROM message_records", ids)
+        return [_stored(r, labels.get(r["id"], []), records.get(r["id"], [])) for r in found]
+
+    async def _by_message(self, select: str, ids: Sequence[int]) -> dict[int, list[str]]:
+        """``select`` (message, value) for these messages: their values, sorted."""
+        out: dict[int, list[str]] = {}
+        for start in range(0, len(ids), _IN_LIST):
+            part = ids[start : start + _IN_LIST]
+            marks = ",".join("?" * len(part))
+            rows = await self._db.execute_fetchall(
+                f"{select} WHERE message IN ({marks}) ORDER BY 2", part
+            )
+            for message, value in rows:
+                out.setdefault(int(message), []).append(str(value))
+        return out
 
     async def raw_chunks(self, message_id: int) -> AsyncIterator[bytes]:
         """The stored bytes of one message, a chunk at a time."""
@@ -1046,6 +1052,28 @@ class DaemonState:
     next_poll: str | None
     next_login: str | None
     consecutive_failures: int
+
+
+def _stored(r: sqlite3.Row, labels: list[str], records: list[str]) -> StoredMessage:
+    return StoredMessage(
+        id=r["id"],
+        account=r["account"],
+        owner=r["owner"],
+        direction=r["direction"],
+        sender=r["from_addr"],
+        to=json.loads(r["to_addrs"]),
+        cc=json.loads(r["cc_addrs"]),
+        subject=r["subject"],
+        date=r["date"],
+        message_id=r["message_id"],
+        visibility=r["visibility"],
+        reason=r["reason"],
+        size=r["size"],
+        sha256=r["sha256"],
+        received_at=r["received_at"],
+        labels=labels,
+        records=records,
+    )
 
 
 def _to_second_up(when: datetime) -> datetime:

@@ -84,10 +84,16 @@ class Mailingest(Tool):
     name = "mailingest"
     program = sys.executable
 
-    def __init__(self, *, max_concurrent: int | None = None) -> None:
+    def __init__(
+        self, *, max_concurrent: int | None = None, max_sessions: int | None = None
+    ) -> None:
         self.max_concurrent = max_concurrent
-        if max_concurrent is not None:
-            self.name = f"mailingest max_concurrent={max_concurrent}"
+        self.max_sessions = max_sessions
+        settings = [f"max_concurrent={max_concurrent}"] if max_concurrent is not None else []
+        if max_sessions is not None:
+            settings.append(f"max_sessions_per_cycle={max_sessions}")
+        if settings:
+            self.name = "mailingest " + " ".join(settings)
 
     def available(self) -> bool:
         probe = [sys.executable, "-c", "import mailingest"]
@@ -102,6 +108,8 @@ class Mailingest(Tool):
         lines = ["[storage]", 'database = "mail.db"', "", "[daemon]", 'log_format = "json"']
         if self.max_concurrent is not None:
             lines.append(f"max_concurrent = {self.max_concurrent}")
+        if self.max_sessions is not None:
+            lines.append(f"max_sessions_per_cycle = {self.max_sessions}")
         for a in accounts:
             lines += [
                 "",

@@ -313,17 +313,17 @@ async def test_renumbered_uidls_do_not_store_the_same_content_twice(store: Store
 
 @pytest.mark.parametrize(
     ("max_sessions", "stored_count"),
-    [pytest.param(10, 600, id="ten"), pytest.param(1, 250, id="one")],
+    [pytest.param(10, 1000, id="ten"), pytest.param(1, 250, id="one")],
 )
 async def test_capped_listing_is_drained_by_several_sessions_in_one_fetch(
     store: Store, max_sessions: int, stored_count: int
 ) -> None:
-    messages = [message(i) for i in range(600)]
+    messages = [message(i) for i in range(1000)]
     faults = Faults(max_list=250, hide_retrieved=True)
     async with Pop3TestServer([mailbox(messages)], faults) as server:
         result = await fetch(account(server), store, max_sessions=max_sessions)
         assert_ok(result, new=stored_count)
-        assert result.sessions == min(max_sessions, 4)  # 250 + 250 + 100, then an empty one
+        assert result.sessions == min(max_sessions, 5)  # 4 x 250, then an empty one
         assert server.commands_seen("RETR") == stored_count
         assert server.errors == []
     assert await stored(store) == expected(messages[:stored_count])

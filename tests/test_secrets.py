@@ -213,6 +213,7 @@ def setup(dovecot: Dovecot, smtp_port: int, tmp_path_factory: pytest.TempPathFac
     (directory / "body.txt").write_text("Thanks, see you.\n")
     setup = Setup(config, env, directory)
     imported = setup.run("records", "import", str(directory / "records.csv"))
+    imported.check()
     assert imported.code == 0, imported.stderr.decode()
     fetched = setup.run("fetch", "--json")
     statuses = {a["account"]: a["status"] for a in json.loads(fetched.stdout)["accounts"]}
@@ -243,6 +244,11 @@ def _commands(setup: Setup) -> list[tuple[str, ...]]:
         ("show", message, "--viewer", "mallory"),
         ("records", "list"),
         ("records", "list", "--json"),
+        # Writes that leave the state as it is (commands run concurrently here).
+        ("records", "import", str(setup.directory / "records.csv")),
+        ("records", "set-email", "L1", "lead@example.org"),
+        ("records", "share", "L1", "--owner", "alice", "--off"),
+        ("records", "share", "NOPE", "--owner", "alice"),
         ("send", "--account", "env", "--to", "lead@example.org", "--subject", "Hi",
          "--body-file", str(setup.directory / "body.txt")),
         ("send", "--account", "wrong", "--to", "lead@example.org", "--subject", "Hi",

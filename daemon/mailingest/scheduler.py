@@ -265,15 +265,17 @@ class Daemon:
             }
             todo = wanted - polling
             left = {n for n in self.retag_pending if n in current and n not in wanted}
-            self.retag_pending = left | polling
+            # Pending until the re-tag has committed: whoever waits for the set to empty
+            # then reads the new tags.
+            self.retag_pending = left | polling | todo
             if not todo:
                 return
             try:
                 changed = await crm.sync_settings(self.store, self.config, todo)
             except StoreError as exc:
-                self.retag_pending |= todo
                 log.error("state_not_recorded", error=str(exc))
                 return
+            self.retag_pending -= todo
             if changed:
                 log.info("mail_retagged", accounts=changed)
 

@@ -411,7 +411,7 @@ from mailingest.cli import main
 def crash(self, *args, **kwargs):
     raise RuntimeError(f"boom while holding {self.account.password.reveal()!s}")
 pop3.Pop3Session.stat = crash
-pop3.Pop3Session.uidl = crash
+pop3.Pop3Session.listing = crash
 sys.exit(main(sys.argv[1:]))
 """
 

@@ -311,7 +311,9 @@ async def _store_batches(
     try:
         for index in range(len(batches)):
             assert fetching is not None
-            retrieved, items, failure = await fetching
+            # Shielded: a cancel must not leave the worker thread running unwatched; the
+            # finally below closes the session, which ends it, and discards what it spooled.
+            retrieved, items, failure = await asyncio.shield(fetching)
             # The next RETRs go out now unless this batch failed (then it decides below).
             fetching = retrieve(index + 1) if failure is None else None
             await _commit(account, store, policy, retrieved, items, result)
@@ -337,10 +339,16 @@ async def _abandon(session: Pop3Session, fetching: asyncio.Future[_Retrieved]) -
     session, which ends that retrieval too. Nothing it fetched is committed or DELEted, so
     it is fetched again next time."""
     session.close()
+    # Its spools are discarded when it ends, even if another cancel cuts this wait short.
+    fetching.add_done_callback(_discard_retrieved)
     await asyncio.wait({fetching})
-    if not fetching.cancelled() and fetching.exception() is None:
-        for _, _, spool in fetching.result()[0]:
-            spool.discard()
+
+
+def _discard_retrieved(fetching: asyncio.Future[_Retrieved]) -> None:
+    if fetching.cancelled() or fetching.exception() is not None:
+        return  # an exception is the worker's own cleanup having run (see _retrieve)
+    for _, _, spool in fetching.result()[0]:
+        spool.discard()
 
 
 async def _commit(

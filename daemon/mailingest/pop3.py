@@ -13,6 +13,7 @@ import poplib
 import re
 import socket
 import ssl
+import threading
 from collections.abc import Callable, Generator, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -160,13 +161,15 @@ def make_tls_context(account: Account) -> ssl.SSLContext:
 
 
 class Pop3Session:
-    """One POP3 session for one account. Not thread-safe: one worker thread at a time."""
+    """One POP3 session for one account. Not thread-safe: one worker thread at a time, except
+    that ``close()`` may come from another thread to end a worker's blocked read."""
 
     def __init__(self, account: Account) -> None:
         self.account = account
         self.capabilities = Capabilities()
         self.broken = False
         self._pop: _BoundedLines | None = None
+        self._closing = threading.Lock()  # a worker and close() may discard at once
 
     def __repr__(self) -> str:
         state = "broken" if self.broken else ("open" if self._pop else "closed")
@@ -249,8 +252,9 @@ class Pop3Session:
 
     def _discard(self) -> None:
         """Close the socket without QUIT: the server then applies no DELE of this session."""
-        self.broken = True
-        pop, self._pop = self._pop, None
+        with self._closing:
+            self.broken = True
+            pop, self._pop = self._pop, None
         if pop is not None:
             # Shut the socket down first: a worker thread blocked reading it returns at once,
             # instead of holding the file's lock (and this caller) until its timeout.

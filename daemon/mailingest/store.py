@@ -327,8 +327,11 @@ class Store:
     async def _transaction(self) -> AsyncIterator[None]:
         """BEGIN IMMEDIATE ... COMMIT: the write lock up front, so no upgrade deadlock."""
         async with self._lock:
-            await self._db.execute("BEGIN IMMEDIATE")
             try:
+                # Inside the try: a cancel while BEGIN waits in SQLite's queue still gets
+                # its ROLLBACK queued behind it, so the connection never stays in a
+                # transaction (and ROLLBACK without one is an error that is ignored).
+                await self._db.execute("BEGIN IMMEDIATE")
                 yield
             except BaseException:
                 with contextlib.suppress(sqlite3.Error):
@@ -939,8 +942,8 @@ class Store:
         """A read transaction: its queries all see one committed state (WAL), so a re-tag
         or relink committed meanwhile by another process is seen whole or not at all."""
         async with self._lock:
-            await self._db.execute("BEGIN")
             try:
+                await self._db.execute("BEGIN")  # in the try: as in _transaction
                 yield
             finally:
                 with contextlib.suppress(sqlite3.Error):

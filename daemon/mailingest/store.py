@@ -701,7 +701,10 @@ class Store:
         """
         db = self._db
         last, changed = 0, 0
+        decided: dict[tuple[Any, ...], tuple[str, str]] = {}
         while True:
+            if len(decided) > 100_000:
+                decided.clear()  # bounded memory, whatever the variety of the mail
             rows = list(
                 await db.execute_fetchall(
                     "SELECT m.id, m.account, m.direction, m.origin, m.visibility, m.reason,"
@@ -724,16 +727,21 @@ class Store:
                 policy = policies.get(r[1])
                 if policy is None:
                     continue  # an account no longer configured keeps its tags
-                tag = policy.tagger(
-                    Facts(
-                        direction=r[2],
-                        crm_sent=r[3] == "crm",
-                        linked=bool(r[6]),
-                        owner_shared=bool(r[7]),
-                        sender_domain=_domain(r[8]) if r[8] else None,
-                        recipient_domains=tuple(_domain(a) for a in (r[9] or "").split()),
+                # Most messages share their facts with many others: decide each set once.
+                sender = _domain(r[8]) if r[8] else None
+                key = (r[1], r[2], r[3], bool(r[6]), bool(r[7]), sender, r[9])
+                tag = decided.get(key)
+                if tag is None:
+                    tag = decided[key] = policy.tagger(
+                        Facts(
+                            direction=r[2],
+                            crm_sent=r[3] == "crm",
+                            linked=bool(r[6]),
+                            owner_shared=bool(r[7]),
+                            sender_domain=sender,
+                            recipient_domains=tuple(_domain(a) for a in (r[9] or "").split()),
+                        )
                     )
-                )
                 if tag != (r[4], r[5]):
                     updates.append((*tag, r[0]))
             await db.executemany(

@@ -17,7 +17,7 @@ from mailingest.systemd import Notifier, one_line, watchdog_period
 UNITS = Path(__file__).resolve().parent.parent / "systemd"
 SERVICES = ("mailingest.service", "mailingest-fetch.service")
 ALL_UNITS = (*SERVICES, "mailingest-fetch.timer")
-INSTALLED_BINARY = "/usr/local/bin/mailingest"
+EXEC_START = "/usr/bin/env mailingest "
 MAX_EXPOSURE = 2.0
 
 
@@ -106,31 +106,17 @@ def _settings(unit: str) -> dict[str, list[str]]:
     return out
 
 
-def _testable_copies(tmp_path: Path) -> list[Path]:
-    """The units with ExecStart= pointing at a stub, since verify checks the binary exists."""
-    stub = tmp_path / "bin" / "mailingest"
-    stub.parent.mkdir()
-    stub.write_text("#!/bin/sh\nexit 0\n")
-    stub.chmod(0o755)
-    copies = []
-    for unit in ALL_UNITS:
-        text = (UNITS / unit).read_text(encoding="utf-8")
-        copy = tmp_path / unit
-        copy.write_text(text.replace(INSTALLED_BINARY, str(stub)), encoding="utf-8")
-        copies.append(copy)
-    return copies
-
-
 def test_units_say_what_the_contract_asks() -> None:
     daemon = _settings("mailingest.service")
     assert daemon["Type"] == ["notify"]
-    assert daemon["ExecStart"][0].startswith(INSTALLED_BINARY)
+    assert daemon["ExecStart"][0].startswith(EXEC_START)
     assert daemon["ExecStart"][0].endswith(" run")
     assert daemon["ExecReload"] == ["/bin/kill -HUP $MAINPID"]
     assert daemon["Restart"] == ["on-failure"]
     assert daemon["WatchdogSec"]
     fetch = _settings("mailingest-fetch.service")
     assert fetch["Type"] == ["oneshot"] and fetch["ExecStart"][0].endswith(" fetch")
+    assert fetch["ExecStart"][0].startswith(EXEC_START)
     for unit in (daemon, fetch):
         assert unit["DynamicUser"] == ["yes"] and unit["User"] == ["mailingest"]
         assert unit["StateDirectory"] == ["mailingest"]
@@ -139,9 +125,10 @@ def test_units_say_what_the_contract_asks() -> None:
     assert _settings("mailingest-fetch.timer")["Unit"] == ["mailingest-fetch.service"]
 
 
-def test_systemd_analyze_verify_prints_nothing(tmp_path: Path) -> None:
+def test_systemd_analyze_verify_prints_nothing() -> None:
+    """The units as shipped, whether or not mailingest is installed on this machine."""
     proc = subprocess.run(
-        [_analyze(), "verify", *map(str, _testable_copies(tmp_path))],
+        [_analyze(), "verify", *(str(UNITS / unit) for unit in ALL_UNITS)],
         capture_output=True,
         text=True,
         timeout=120,

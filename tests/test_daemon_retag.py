@@ -15,7 +15,7 @@ import sqlite3
 from pathlib import Path
 from typing import Any
 
-from daemon_support import DaemonProcess
+from daemon_support import DaemonProcess, wait_until
 from mailingest.popserver import Mailbox, ThreadedPop3Server
 from support import fetch_json, make_message, run_cli, write_config
 
@@ -130,3 +130,28 @@ def test_a_restart_with_unchanged_settings_retags_nothing(tmp_path: Path) -> Non
             daemon.wait_event("config_reloaded")
             assert daemon.stop()[0] == 0
             assert daemon.events("mail_retagged") == []
+
+
+def test_a_reload_retags_mail_stored_after_a_cli_command_saved_the_new_settings(
+    tmp_path: Path,
+) -> None:
+    """Edit the config, run any command (it re-tags and saves the new settings), reload:
+    what the daemon stored in between, under its old settings, is re-tagged too."""
+    box = Mailbox("u", PASSWORD, [make_message(1)])
+    polling = {**DAEMON, "poll_interval": "1s"}
+    with ThreadedPop3Server([box]) as server:
+        config = write_config(tmp_path, [_account(server.port)], daemon=polling)
+        _import_records(config)
+        with DaemonProcess(config) as daemon:
+            daemon.wait_event("poll_completed", account="a")
+            write_config(tmp_path, [_account(server.port, sharing="public")], daemon=polling)
+            assert len(_messages(config, "bob")) == 1  # this command re-tagged at its start
+            server.server.mailbox("u").add(make_message(2))
+            wait_until(lambda: len(_stored_tags(config)) == 2, "the daemon to store message 2")
+            assert _stored_tags(config)[1] == ("private", "mode_private")  # its old settings
+
+            daemon.send(signal.SIGHUP)
+            daemon.wait_event("config_reloaded")
+            assert daemon.events("mail_retagged")[-1]["accounts"] == ["a"]
+            assert _stored_tags(config) == [("shared", "public")] * 2
+            assert daemon.stop()[0] == 0

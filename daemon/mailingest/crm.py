@@ -50,19 +50,24 @@ def tagging(account: Account) -> tuple[str, str | None]:
 
 
 async def sync_settings(
-    store: Store, config: Config, accounts: Collection[str] | None = None
+    store: Store,
+    config: Config,
+    accounts: Collection[str] | None = None,
+    *,
+    force: Collection[str] = (),
 ) -> list[str]:
     """Re-tag (and re-label) the stored mail of accounts whose sharing settings differ from
     the persisted snapshot, all in one transaction; the accounts it re-tagged.
 
     Every start goes through here: each CLI command, the daemon's start and its reloads.
-    ``accounts`` limits it to those names (default: every configured account).
+    ``accounts`` limits it to those names (default: every configured account); ``force``
+    re-tags those even where the snapshot already matches (see Store.sync_settings).
     """
     chosen = [a for a in config.accounts if accounts is None or a.name in accounts]
     if not chosen:
         return []
     return await store.sync_settings(
-        {a.name: settings_snapshot(a) for a in chosen}, policies(config)
+        {a.name: settings_snapshot(a) for a in chosen}, policies(config), force
     )
 
 

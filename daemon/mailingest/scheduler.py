@@ -87,6 +87,10 @@ class Daemon:
         #: Accounts whose stored mail may still carry tags of older sharing settings: a poll
         #: under those settings is still storing, or the re-tag failed (retried after a poll).
         self.retag_pending: set[str] = set()
+        #: Accounts whose tagging this daemon changed on a reload: re-tagged even if the
+        #: saved snapshot already matches, as a CLI command may have saved the new settings
+        #: while this daemon still stored mail under the old ones.
+        self.retag_forced: set[str] = set()
 
     def __repr__(self) -> str:
         return (
@@ -211,6 +215,10 @@ class Daemon:
             if before != after
         ]
         self.config = new
+        before = {a.name: crm.tagging(a) for a in old.accounts}
+        self.retag_forced = {n for n in self.retag_forced if n in before} | {
+            a.name for a in new.accounts if a.name in before and before[a.name] != crm.tagging(a)
+        }
         if new.daemon.max_concurrent != old.daemon.max_concurrent:
             # Polls under the old gate keep their slot; new polls queue at the new size.
             self.gate = asyncio.Semaphore(new.daemon.max_concurrent)
@@ -270,12 +278,14 @@ class Daemon:
             self.retag_pending = left | polling | todo
             if not todo:
                 return
+            forced = todo & self.retag_forced
             try:
-                changed = await crm.sync_settings(self.store, self.config, todo)
+                changed = await crm.sync_settings(self.store, self.config, todo, force=forced)
             except StoreError as exc:
                 log.error("state_not_recorded", error=str(exc))
                 return
             self.retag_pending -= todo
+            self.retag_forced -= forced
             if changed:
                 log.info("mail_retagged", accounts=changed)
 

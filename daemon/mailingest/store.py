@@ -14,7 +14,7 @@ import json
 import os
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -615,9 +615,17 @@ class Store:
         return True
 
     async def sync_settings(
-        self, snapshots: dict[str, str], policies: dict[str, AccountPolicy]
+        self,
+        snapshots: dict[str, str],
+        policies: dict[str, AccountPolicy],
+        force: Collection[str] = (),
     ) -> list[str]:
-        """Re-tag (and re-label) the mail of accounts whose sharing settings changed."""
+        """Re-tag (and re-label) the mail of accounts whose sharing settings changed.
+
+        ``force``: accounts re-tagged and re-labelled even if the snapshot matches, because
+        mail was stored under other settings after the snapshot was saved (a daemon still
+        running with its old config while a CLI command already saved the new one).
+        """
         changed: list[str] = []
         try:
             async with self._lock:
@@ -628,7 +636,7 @@ class Store:
             todo = {
                 name: snap
                 for name, snap in snapshots.items()
-                if known.get(name) != (snap, policies[name].magnet_label)
+                if known.get(name) != (snap, policies[name].magnet_label) or name in force
             }
             if not todo:
                 return changed
@@ -636,7 +644,13 @@ class Store:
                 for name, snap in todo.items():
                     label = policies[name].magnet_label
                     old_label = known.get(name, (None, None))[1]
-                    if old_label and old_label != label:
+                    if name in force:  # whatever label the mail got: only this one stays
+                        await self._db.execute(
+                            "DELETE FROM message_labels WHERE label IS NOT ? AND message IN"
+                            " (SELECT id FROM messages WHERE account = ?)",
+                            (label, name),
+                        )
+                    elif old_label and old_label != label:
                         await self._db.execute(
                             "DELETE FROM message_labels WHERE label = ? AND message IN"
                             " (SELECT id FROM messages WHERE account = ?)",
@@ -649,7 +663,7 @@ class Store:
                             " JOIN messages m ON m.id = r.message WHERE m.account = ?",
                             (label, name),
                         )
-                    if known.get(name, (None,))[0] != snap:
+                    if name in force or known.get(name, (None,))[0] != snap:
                         await self._retag("m.account = ?", [name], policies)
                     await self._db.execute(
                         "INSERT INTO account_settings (account, snapshot, magnet_label)"

@@ -524,3 +524,13 @@ def test_reply_without_reply_to_goes_to_from_and_re_is_added_once(
     assert rcpts == ["lead@customer.example"]  # no Reply-To: the From address
     assert parsed["Subject"] == subject
     assert parsed["In-Reply-To"] == "<q2@customer.example>"
+
+
+def test_a_body_on_stdin_that_is_not_utf8_is_bad_input_and_nothing_is_sent(
+    tmp_path: Path, smtp_server: SmtpServer, pop3: ThreadedPop3Server
+) -> None:
+    config = write_config(tmp_path, _accounts(pop3, smtp_server))
+    proc = _send_stdin(config, "Grüße".encode("latin-1"))
+    assert proc.returncode == 65, proc.stderr.decode()
+    assert b"cannot read the body" in proc.stderr
+    _assert_nothing_sent_or_stored(config, smtp_server)

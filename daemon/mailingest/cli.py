@@ -296,9 +296,10 @@ def _show(args: argparse.Namespace) -> int:
 
 
 def _body(path: str) -> str:
-    if path == "-":
-        return sys.stdin.read()
+    """The body text, UTF-8 whether from a file or stdin (not the locale's encoding)."""
     try:
+        if path == "-":
+            return sys.stdin.buffer.read().decode("utf-8")
         return Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise DataError(f"{path}: cannot read the body: {exc}") from exc

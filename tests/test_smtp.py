@@ -9,6 +9,7 @@ import ssl
 import subprocess
 import sys
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -376,6 +377,18 @@ def test_daily_limit_reached_exit_75_and_nothing_sent(
     assert b"daily limit of 2" in proc.stderr and b"resets at" in proc.stderr
     assert len(smtp_server.recorder.received) == 2
     assert len(_messages(config, "alice")) == 2
+
+
+def test_concurrent_sends_at_the_daily_limit_send_only_what_the_limit_allows(
+    tmp_path: Path, smtp_server: SmtpServer, pop3: ThreadedPop3Server
+) -> None:
+    config = write_config(tmp_path, _accounts(pop3, smtp_server, smtp={"daily_limit": 1}))
+    body = _body(tmp_path)
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        codes = sorted(pool.map(lambda _: _send(config, body).returncode, range(4)))
+    assert codes == [0, 75, 75, 75]
+    assert len(smtp_server.recorder.received) == 1
+    assert len(_messages(config, "alice")) == 1
 
 
 def test_reply_sender_ambiguous_is_a_usage_error(

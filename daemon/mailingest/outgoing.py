@@ -6,10 +6,14 @@ message is sent, and only a sent message is stored, linked and tagged (``crm_sen
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import fcntl
 import hashlib
 import io
+import os
 import re
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -101,7 +105,44 @@ async def _send_and_store(
 ) -> Sent:
     if account.smtp is None:
         raise ConfigError(f"account {account.name!r} has no [accounts.smtp] table: it cannot send")
-    await _within_limit(store, account)
+    if not account.smtp.daily_limit:
+        return await _build_send_store(
+            store, account, to, cc, subject, body, in_reply_to, references
+        )
+    # Count, send and store as one step per account, across processes: two sends at the
+    # limit must not both see room for one more.
+    async with _one_sender(store, account):
+        await _within_limit(store, account)
+        return await _build_send_store(
+            store, account, to, cc, subject, body, in_reply_to, references
+        )
+
+
+@contextlib.asynccontextmanager
+async def _one_sender(store: Store, account: Account) -> AsyncIterator[None]:
+    """An exclusive lock file per account next to the database; the kernel drops it if
+    the process dies, so nothing is left to clean up."""
+    digest = hashlib.sha256(account.name.encode("utf-8")).hexdigest()[:16]
+    path = store.path.with_name(f"{store.path.name}.send-{digest}.lock")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        await asyncio.to_thread(fcntl.flock, fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+async def _build_send_store(
+    store: Store,
+    account: Account,
+    to: Sequence[str],
+    cc: Sequence[str],
+    subject: str,
+    body: str,
+    in_reply_to: str | None,
+    references: str | None,
+) -> Sent:
+    assert account.smtp is not None
     data, message_id = smtp.build_message(
         account,
         to=to,

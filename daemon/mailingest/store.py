@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator, Callable, Collection, Iterable, Itera
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, TypeVar
 
 import aiosqlite
 
@@ -31,6 +31,7 @@ _PAGE = 5000
 #: Values bound in one IN (...) list: under SQLite's smallest limit on parameters (999
 #: before 3.32), and small enough that a subquery re-run for every re-tag page stays cheap.
 _IN_LIST = 500
+_T = TypeVar("_T")
 
 
 def _linked_to(count: int) -> str:
@@ -396,26 +397,21 @@ class Store:
         return outcomes
 
     async def _in_ledger(self, account: str, uidls: Sequence[str]) -> set[str]:
-        found: set[str] = set()
-        for part in _parts(uidls):
-            marks = ",".join("?" * len(part))
-            rows = await self._db.execute_fetchall(
-                f"SELECT uidl FROM ledger WHERE account = ? AND uidl IN ({marks})",
-                (account, *part),
-            )
-            found.update(str(r[0]) for r in rows)
-        return found
+        sql = "SELECT uidl FROM ledger WHERE account = ? AND uidl IN ({marks})"
+        return {str(r[0]) for r in await self._rows_in(sql, uidls, account)}
 
     async def _ids_by_sha(self, account: str, hashes: Sequence[str]) -> dict[str, int]:
-        found: dict[str, int] = {}
-        for part in _parts(hashes):
+        sql = "SELECT sha256, id FROM messages WHERE account = ? AND sha256 IN ({marks})"
+        return {str(r[0]): int(r[1]) for r in await self._rows_in(sql, hashes, account)}
+
+    async def _rows_in(self, sql: str, values: Sequence[Any], *before: Any) -> list[sqlite3.Row]:
+        """``sql`` with an ``IN ({marks})`` list, run over ``values`` in parts of at most
+        _IN_LIST (SQLite's parameter limit); ``before`` binds the parameters ahead of it."""
+        rows: list[sqlite3.Row] = []
+        for part in _parts(values):
             marks = ",".join("?" * len(part))
-            rows = await self._db.execute_fetchall(
-                f"SELECT sha256, id FROM messages WHERE account = ? AND sha256 IN ({marks})",
-                (account, *part),
-            )
-            found.update((str(r[0]), int(r[1])) for r in rows)
-        return found
+            rows.extend(await self._db.execute_fetchall(sql.format(marks=marks), (*before, *part)))
+        return rows
 
     async def _max_message_id(self) -> int:
         rows = await self._db.execute_fetchall("SELECT coalesce(max(id), 0) FROM messages")
@@ -508,26 +504,16 @@ class Store:
         )
 
     async def _records_by_address(self, addresses: Sequence[str]) -> dict[str, set[str]]:
+        # A mass mailing may list thousands of recipients: _rows_in splits the list.
+        sql = "SELECT email, record FROM record_emails WHERE email IN ({marks})"
         found: dict[str, set[str]] = {}
-        for part in _parts(addresses):  # a mass mailing may list thousands of recipients
-            marks = ",".join("?" * len(part))
-            rows = await self._db.execute_fetchall(
-                f"SELECT email, record FROM record_emails WHERE email IN ({marks})", part
-            )
-            for email, record in rows:
-                found.setdefault(str(email), set()).add(str(record))
+        for email, record in await self._rows_in(sql, addresses):
+            found.setdefault(str(email), set()).add(str(record))
         return found
 
     async def _shared_records(self, owner: str, records: Sequence[str]) -> set[str]:
-        found: set[str] = set()
-        for part in _parts(records):
-            marks = ",".join("?" * len(part))
-            rows = await self._db.execute_fetchall(
-                f"SELECT record FROM shares WHERE owner = ? AND record IN ({marks})",
-                (owner, *part),
-            )
-            found.update(str(r[0]) for r in rows)
-        return found
+        sql = "SELECT record FROM shares WHERE owner = ? AND record IN ({marks})"
+        return {str(r[0]) for r in await self._rows_in(sql, records, owner)}
 
     async def mark_deleted(self, account: str, uidls: Iterable[str]) -> None:
         when = now_iso()
@@ -981,14 +967,10 @@ class Store:
     async def _by_message(self, select: str, ids: Sequence[int]) -> dict[int, list[str]]:
         """``select`` (message, value) for these messages: their values, sorted."""
         out: dict[int, list[str]] = {}
-        for start in range(0, len(ids), _IN_LIST):
-            part = ids[start : start + _IN_LIST]
-            marks = ",".join("?" * len(part))
-            rows = await self._db.execute_fetchall(
-                f"{select} WHERE message IN ({marks}) ORDER BY 2", part
-            )
-            for message, value in rows:
-                out.setdefault(int(message), []).append(str(value))
+        for message, value in await self._rows_in(select + " WHERE message IN ({marks})", ids):
+            out.setdefault(int(message), []).append(str(value))
+        for values in out.values():
+            values.sort()
         return out
 
     async def raw_chunks(self, message_id: int) -> AsyncIterator[bytes]:
@@ -1112,7 +1094,7 @@ def _domain(address: str) -> str:
     return address.rpartition("@")[2]
 
 
-def _parts(values: Sequence[str]) -> Iterator[Sequence[str]]:
+def _parts(values: Sequence[_T]) -> Iterator[Sequence[_T]]:
     """``values`` in slices of at most _IN_LIST, for IN (...) lists."""
     for start in range(0, len(values), _IN_LIST):
         yield values[start : start + _IN_LIST]

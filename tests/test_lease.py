@@ -159,7 +159,7 @@ def test_daemon_killed_holding_the_lease_does_not_block_the_next_fetch(
     stalled, release = threading.Event(), threading.Event()
 
     def hold(line: bytes) -> None:
-        # RETR 201 is sent only once the first batch (200) is committed: stall a later one.
+        # Batch 2 (from RETR 201) is retrieved while batch 1 (200) commits: stall it.
         if line.split() == [b"RETR", b"250"] and not stalled.is_set():
             stalled.set()
             release.wait(WAIT)  # blocks the proxy: the daemon waits, holding the lease
@@ -174,7 +174,8 @@ def test_daemon_killed_holding_the_lease_does_not_block_the_next_fetch(
                 wait_until(stalled.is_set, "the daemon's cycle to reach RETR 250")
                 holder = _lease_holder(daemon_config)
                 assert holder is not None and holder.split(":")[1] == str(daemon.proc.pid)
-                assert len(_stored(daemon_config)) == BATCH_COUNT
+                # Batch 1's commit goes on while batch 2 is stalled; batch 2 cannot commit.
+                wait_until(lambda: len(_stored(daemon_config)) == BATCH_COUNT, "batch 1's commit")
                 daemon.proc.send_signal(signal.SIGKILL)
                 daemon.proc.wait(timeout=10)
             release.set()

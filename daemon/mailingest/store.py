@@ -849,7 +849,9 @@ class Store:
                     " last_poll = excluded.last_poll, result = excluded.result,"
                     " error = excluded.error, new = excluded.new,"
                     " consecutive_failures = CASE WHEN ? THEN consecutive_failures + 1 ELSE 0 END,"
-                    " next_poll = excluded.next_poll",
+                    # The daemon's schedule is its own (set_next_polls): a poll result
+                    # without one keeps it, so `status` never loses the next poll.
+                    " next_poll = coalesce(excluded.next_poll, account_state.next_poll)",
                     (account, owner, now_iso(), result, error, new, int(failed), next_poll, failed),
                 )
         except sqlite3.Error as exc:

@@ -1,12 +1,14 @@
-"""Shared fixtures: one private Dovecot POP3 server per test session, a fresh mailbox per test."""
+"""Shared fixtures: one private Dovecot per test session, a fresh mailbox per test, a store."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import pytest
 
 from dovecot import Dovecot, Mailbox, private_dovecot
+from mailingest.store import Store
 
 
 @pytest.fixture(scope="session")
@@ -20,3 +22,13 @@ def dovecot(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Dovecot]:
 def mailbox(dovecot: Dovecot) -> Mailbox:
     """A new, empty user on the session's Dovecot (`u<n>`, password `pw-u<n>-Zq9!`)."""
     return dovecot.new_mailbox()
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[Store]:
+    """A new SQLite store in the test's own directory."""
+    opened = await Store.open(tmp_path / "mail.db")
+    try:
+        yield opened
+    finally:
+        await opened.close()

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from dovecot import Dovecot, Mailbox
+from mailingest.store import Store
 
 TIMEOUT = 120
 
@@ -62,19 +63,14 @@ def write_config(
 def dovecot_account(mailbox: Mailbox, name: str = "acct", **overrides: Any) -> dict[str, Any]:
     """An account table for a Dovecot test mailbox over plain POP3 on loopback."""
     server: Dovecot = mailbox.dovecot
-    account: dict[str, Any] = {
+    fields = {
         "name": name,
-        "owner": "alice",
         "host": server.host,
-        "port": server.port,
-        "security": "plain",
-        "allow_plaintext": True,
         "username": mailbox.user,
         "password": mailbox.password,
         "timeout": "20s",
     }
-    account.update(overrides)
-    return account
+    return loopback_account(server.port, **(fields | overrides))
 
 
 def run_cli(
@@ -121,3 +117,28 @@ def make_message(
         f"Date: Tue, 24 Nov 2026 10:{index % 60:02d}:00 +0000\n"
         f"Message-ID: <m{index}@example.org>\n\n"
     ).encode() + text
+
+
+async def stored_hashes(store: Store, viewer: str) -> list[str]:
+    """sha256 of every message ``viewer`` sees, recomputed from the stored bytes and checked
+    against the store's own record, sorted."""
+    digests = []
+    for item in await store.messages(viewer=viewer):
+        raw = b"".join([chunk async for chunk in store.raw_chunks(item.id)])
+        assert sha(raw) == item.sha256 and len(raw) == item.size
+        digests.append(item.sha256)
+    return sorted(digests)
+
+
+def loopback_account(port: int, /, **fields: Any) -> dict[str, Any]:
+    """An account table for a POP3 server on 127.0.0.1, plain POP3 (opted in); ``fields``
+    (name, username, password, ...) are added or replace the defaults."""
+    return {
+        "owner": "alice",
+        "host": "127.0.0.1",
+        "port": port,
+        "security": "plain",
+        "allow_plaintext": True,
+        "timeout": "5s",
+        **fields,
+    }

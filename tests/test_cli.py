@@ -9,7 +9,7 @@ from pathlib import Path
 
 from mailingest import __version__, logs
 from mailingest.popserver import Faults, Mailbox, ThreadedPop3Server
-from support import run_cli, write_config
+from support import loopback_account, run_cli, write_config
 
 PACKAGE = Path(__file__).resolve().parent.parent / "daemon" / "mailingest"
 README = Path(__file__).resolve().parent.parent / "README.md"
@@ -18,19 +18,9 @@ SECRET = "S3cr3t-Zebra-Quartz-99"
 
 
 def _account(port: int, **overrides: object) -> dict[str, object]:
-    account: dict[str, object] = {
-        "name": "a1",
-        "owner": "alice",
-        "host": "127.0.0.1",
-        "port": port,
-        "security": "plain",
-        "allow_plaintext": True,
-        "username": "alice",
-        "password": SECRET,
-        "timeout": "5s",
-    }
-    account.update(overrides)
-    return account
+    return loopback_account(
+        port, **({"name": "a1", "username": "alice", "password": SECRET} | overrides)
+    )
 
 
 def test_version() -> None:

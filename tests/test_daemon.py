@@ -25,7 +25,7 @@ from mailingest.popserver import Faults, Mailbox, Pop3TestServer
 from mailingest.retry import Backoff
 from mailingest.scheduler import Daemon
 from mailingest.store import Store
-from support import make_message, write_config
+from support import loopback_account, make_message, write_config
 
 PASSWORD = "Right-Horse-7"
 WRONG = "Wrong-Horse-7"
@@ -34,19 +34,9 @@ FAST = Backoff(initial=0.2, cap=1.6)
 
 
 def account(port: int, name: str, **overrides: Any) -> dict[str, Any]:
-    fields: dict[str, Any] = {
-        "name": name,
-        "owner": "alice",
-        "host": "127.0.0.1",
-        "port": port,
-        "security": "plain",
-        "allow_plaintext": True,
-        "username": "u",
-        "password": PASSWORD,
-        "timeout": "5s",
-    }
-    fields.update(overrides)
-    return fields
+    return loopback_account(
+        port, **({"name": name, "username": "u", "password": PASSWORD} | overrides)
+    )
 
 
 def config_file(tmp_path: Path, accounts: list[dict[str, Any]], **daemon: Any) -> Path:

@@ -17,7 +17,7 @@ from typing import Any
 
 from daemon_support import DaemonProcess, wait_until
 from mailingest.popserver import Mailbox, ThreadedPop3Server
-from support import fetch_json, make_message, run_cli, write_config
+from support import fetch_json, loopback_account, make_message, run_cli, write_config
 
 PASSWORD = "Pw-retag-12345"
 RECORDS = "id,kind,email,name\nL1,lead,lead@example.org,Lead One\n"
@@ -26,19 +26,9 @@ DAEMON = {"poll_interval": "1h", "log_format": "json", "shutdown_timeout": "5s"}
 
 
 def _account(port: int, **overrides: Any) -> dict[str, Any]:
-    fields: dict[str, Any] = {
-        "name": "a",
-        "owner": "alice",
-        "host": "127.0.0.1",
-        "port": port,
-        "security": "plain",
-        "allow_plaintext": True,
-        "username": "u",
-        "password": PASSWORD,
-        "timeout": "5s",
-    }
-    fields.update(overrides)
-    return fields
+    return loopback_account(
+        port, **({"name": "a", "username": "u", "password": PASSWORD} | overrides)
+    )
 
 
 def _import_records(config: Path) -> None:

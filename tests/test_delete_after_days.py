@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 from collections import Counter
-from collections.abc import AsyncIterator
 from datetime import datetime, timedelta, tzinfo
 from pathlib import Path
 from typing import Self
@@ -55,15 +54,6 @@ def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
     monkeypatch.setattr(fetch_module, "datetime", MovedDatetime)
     monkeypatch.setattr(parse_module, "datetime", MovedDatetime)
     return moved
-
-
-@pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[Store]:
-    opened = await Store.open(tmp_path / "mail.db")
-    try:
-        yield opened
-    finally:
-        await opened.close()
 
 
 def account(tmp_path: Path, mailbox: Mailbox, days: int) -> Account:

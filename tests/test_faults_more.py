@@ -11,10 +11,7 @@ and every message ends up stored once, byte-exact, or still on the server.
 from __future__ import annotations
 
 import asyncio
-import hashlib
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -26,6 +23,7 @@ from mailingest.fetch import FetchResult, fetch_account
 from mailingest.popserver import Faults, Mailbox, Pop3TestServer
 from mailingest.retry import PollFailure
 from mailingest.store import Store
+from support import sha, stored_hashes
 
 HOST = "127.0.0.1"
 USER, PASSWORD, OWNER, NAME = "alice", "pw", "alice", "acct"
@@ -50,10 +48,6 @@ def served(raw: bytes) -> bytes:
         return b""
     body = raw[:-1] if raw.endswith(b"\n") else raw
     return b"".join(line.removesuffix(b"\r") + b"\r\n" for line in body.split(b"\n"))
-
-
-def sha(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 def expected(messages: list[bytes]) -> list[str]:
@@ -85,28 +79,13 @@ def session_log(server: Pop3TestServer, number: int) -> list[str]:
     return [e.removeprefix(prefix) for e in server.log if e.startswith(prefix)]
 
 
-@pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[Store]:
-    opened = await Store.open(tmp_path / "mail.db")
-    try:
-        yield opened
-    finally:
-        await opened.close()
-
-
 async def fetch(acc: Account, store: Store, **kw: Any) -> FetchResult:
     async with asyncio.timeout(FETCH_BOUND):
         return await fetch_account(acc, store, **kw)
 
 
 async def stored(store: Store) -> list[str]:
-    """sha256 of every stored message, recomputed from the stored bytes."""
-    digests = []
-    for item in await store.messages(viewer=OWNER):
-        raw = b"".join([chunk async for chunk in store.raw_chunks(item.id)])
-        assert sha(raw) == item.sha256 and len(raw) == item.size
-        digests.append(item.sha256)
-    return sorted(digests)
+    return await stored_hashes(store, OWNER)
 
 
 # -- one table: fault -> typed status, retry, what is committed, what the next fetch does ------

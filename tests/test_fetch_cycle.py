@@ -8,9 +8,6 @@ stored byte-exact exactly once, and nothing leaves the server before it is store
 from __future__ import annotations
 
 import asyncio
-import hashlib
-from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -19,6 +16,7 @@ from mailingest.config import Account, Secret
 from mailingest.fetch import FetchResult, fetch_account
 from mailingest.popserver import Faults, Mailbox, Pop3TestServer
 from mailingest.store import Store
+from support import sha, stored_hashes
 
 HOST = "127.0.0.1"
 USER, PASSWORD, OWNER, NAME = "alice", "pw", "alice", "acct"
@@ -43,10 +41,6 @@ def served(raw: bytes) -> bytes:
         return b""
     body = raw[:-1] if raw.endswith(b"\n") else raw
     return b"".join(line.removesuffix(b"\r") + b"\r\n" for line in body.split(b"\n"))
-
-
-def sha(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 def expected(messages: list[bytes]) -> list[str]:
@@ -79,15 +73,6 @@ def sessions(first: Faults, rest: Faults | None = None) -> Faults:
     return Faults(per_session=lambda n: first if n == 0 else later)
 
 
-@pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[Store]:
-    opened = await Store.open(tmp_path / "mail.db")
-    try:
-        yield opened
-    finally:
-        await opened.close()
-
-
 async def fetch(acc: Account, store: Store, **kw: Any) -> FetchResult:
     """One cycle; returning at all (within the bound) is the "process survives" check."""
     async with asyncio.timeout(FETCH_BOUND):
@@ -95,13 +80,7 @@ async def fetch(acc: Account, store: Store, **kw: Any) -> FetchResult:
 
 
 async def stored(store: Store) -> list[str]:
-    """sha256 of every stored message, recomputed from the stored bytes and checked."""
-    digests = []
-    for item in await store.messages(viewer=OWNER):
-        raw = b"".join([chunk async for chunk in store.raw_chunks(item.id)])
-        assert sha(raw) == item.sha256 and len(raw) == item.size
-        digests.append(item.sha256)
-    return sorted(digests)
+    return await stored_hashes(store, OWNER)
 
 
 def assert_ok(result: FetchResult, new: int | None = None) -> None:

@@ -16,7 +16,7 @@ from pathlib import Path
 from mailingest.fetch import BATCH_COUNT
 from mailingest.output import human_bytes
 from mailingest.popserver import Mailbox, ThreadedPop3Server
-from support import TIMEOUT, run_cli, write_config
+from support import TIMEOUT, loopback_account, run_cli, write_config
 
 PASSWORD = "pw-progress"
 #: More than two group-commit batches, so the line is rewritten with growing counts.
@@ -32,17 +32,7 @@ PROGRESS = re.compile(rb"\r\x1b\[K(a1: (\d+) msgs, ([\d.]+ [KMG]?B) \(([\d.]+ [K
 def _config(directory: Path, port: int) -> Path:
     """A fresh store in its own directory: each run fetches every message anew."""
     directory.mkdir()
-    account = {
-        "name": "a1",
-        "owner": "alice",
-        "host": "127.0.0.1",
-        "port": port,
-        "security": "plain",
-        "allow_plaintext": True,
-        "username": "alice",
-        "password": PASSWORD,
-        "timeout": "20s",
-    }
+    account = loopback_account(port, name="a1", username="alice", password=PASSWORD, timeout="20s")
     return write_config(directory, [account])
 
 

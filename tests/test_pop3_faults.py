@@ -9,7 +9,6 @@ or still on the server, and that nothing is stored twice.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import io
 import json
 import poplib
@@ -19,7 +18,6 @@ import sqlite3
 import ssl
 import subprocess
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Literal, cast
@@ -42,7 +40,7 @@ from mailingest.fetch import FetchResult, fetch_account
 from mailingest.pop3 import Pop3Session
 from mailingest.popserver import Faults, Mailbox, Pop3TestServer, ThreadedPop3Server
 from mailingest.store import Store
-from support import run_cli, write_config
+from support import run_cli, sha, stored_hashes, write_config
 
 HOST = "127.0.0.1"
 USER, PASSWORD, OWNER, NAME = "alice", "pw", "alice", "acct"
@@ -67,10 +65,6 @@ def served(raw: bytes) -> bytes:
         return b""
     body = raw[:-1] if raw.endswith(b"\n") else raw
     return b"".join(line.removesuffix(b"\r") + b"\r\n" for line in body.split(b"\n"))
-
-
-def sha(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 def expected(messages: list[bytes]) -> list[str]:
@@ -108,15 +102,6 @@ def session_log(server: Pop3TestServer, number: int) -> list[str]:
     return [e.removeprefix(prefix) for e in server.log if e.startswith(prefix)]
 
 
-@pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[Store]:
-    opened = await Store.open(tmp_path / "mail.db")
-    try:
-        yield opened
-    finally:
-        await opened.close()
-
-
 async def fetch(acc: Account, store: Store) -> FetchResult:
     """One cycle; returning at all (within the bound) is the "process survives" check."""
     async with asyncio.timeout(FETCH_BOUND):
@@ -124,13 +109,7 @@ async def fetch(acc: Account, store: Store) -> FetchResult:
 
 
 async def stored(store: Store) -> list[str]:
-    """sha256 of every stored message, recomputed from the stored bytes and checked."""
-    digests = []
-    for item in await store.messages(viewer=OWNER):
-        raw = b"".join([chunk async for chunk in store.raw_chunks(item.id)])
-        assert sha(raw) == item.sha256 and len(raw) == item.size
-        digests.append(item.sha256)
-    return sorted(digests)
+    return await stored_hashes(store, OWNER)
 
 
 def assert_failed(result: FetchResult, *statuses: str) -> None:

@@ -36,6 +36,7 @@ from mailingest.logs import mask_text
 from mailingest.matching import direction_of, link_addresses, normalize_all
 from mailingest.parse import parse_headers, read_head
 from mailingest.pop3 import Pop3Session
+from mailingest.retry import transient_status
 from mailingest.store import AccountPolicy, LedgerEntry, NewMessage, Store
 
 log = structlog.get_logger("mailingest.fetch")
@@ -448,24 +449,7 @@ async def fetch_account(
             duration_ms=result.duration_ms,
         )
     elif log_failure:
-        # retry_in_s: a one-shot fetch never retries. Transient failures are warnings, the
-        # rest errors.
-        if result.status in _TRANSIENT_STATUSES:
-            log.warning(
-                "poll_failed",
-                account=account.name,
-                error_kind=result.status,
-                error=result.error,
-                retry_in_s=None,
-            )
-        else:
-            log.error(
-                "poll_failed",
-                account=account.name,
-                error_kind=result.status,
-                error=result.error,
-                retry_in_s=None,
-            )
+        log_poll_failed(account.name, result.status, result.error, None)  # no retry here
     if not busy:  # the lease holder's record stays: this run did nothing
         try:
             await store.record_poll(
@@ -478,6 +462,19 @@ async def fetch_account(
         except StoreError as exc:
             log.error("state_not_recorded", account=account.name, error=str(exc))
     return result
+
+
+def log_poll_failed(account: str, status: str, error: str | None, retry_in: float | None) -> None:
+    """`poll_failed`, with the wait before the next attempt (None: none comes: a one-shot
+    fetch, a paused account, a stopping daemon). Transient failures are warnings."""
+    if transient_status(status):
+        log.warning(
+            "poll_failed", account=account, error_kind=status, error=error, retry_in_s=retry_in
+        )
+    else:
+        log.error(
+            "poll_failed", account=account, error_kind=status, error=error, retry_in_s=retry_in
+        )
 
 
 _BUSY = "busy: another process is fetching this account; nothing was touched"
@@ -554,6 +551,4 @@ async def _quietly(job: Awaitable[None]) -> None:
 
 
 _STATUSES = {"ok", "auth_failed", "tls_failed", "unavailable", "temp_failed", "error"}
-_TRANSIENT_STATUSES = {"unavailable", "temp_failed"}
-
 __all__ = ["FetchResult", "TemporaryError", "fetch_account"]

@@ -16,7 +16,7 @@ import structlog
 
 from mailingest.config import Account
 from mailingest.errors import StoreError
-from mailingest.fetch import FetchResult
+from mailingest.fetch import FetchResult, log_poll_failed
 from mailingest.retry import (
     PollFailure,
     attempt_wait,
@@ -24,7 +24,6 @@ from mailingest.retry import (
     login_key,
     poll_retrying,
     same_login,
-    transient_status,
 )
 
 if TYPE_CHECKING:
@@ -209,24 +208,7 @@ class AccountRunner:
         )
 
     def _poll_failed(self, status: str, error: str | None, retry_in: float | None) -> None:
-        """The cycle's `poll_failed`, with the wait before the next attempt (None: paused or
-        stopping). A warning when the failure is transient, as in a one-shot fetch."""
-        if transient_status(status):
-            log.warning(
-                "poll_failed",
-                account=self.name,
-                error_kind=status,
-                error=error,
-                retry_in_s=retry_in,
-            )
-        else:
-            log.error(
-                "poll_failed",
-                account=self.name,
-                error_kind=status,
-                error=error,
-                retry_in_s=retry_in,
-            )
+        log_poll_failed(self.name, status, error, retry_in)
 
     async def _retry_sleep(self, seconds: float) -> None:
         await self._record_next_poll(seconds)

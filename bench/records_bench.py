@@ -233,7 +233,7 @@ async def time_queries(db: Path, cases: list[tuple[str, str]], repeat: int) -> d
                 "max_ms": round(max(runs) * 1000, 2),
             }
         # The statements the store issues for one call, for EXPLAIN QUERY PLAN.
-        await store._db.set_trace_callback(statements.append)  # bench only: peek at the SQL
+        await store._db._db.set_trace_callback(statements.append)  # type: ignore[attr-defined]  # bench only: peek at the SQL
         await store.messages(cases[0][0], record=cases[0][1], limit=50)
     finally:
         await store.close()

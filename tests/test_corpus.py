@@ -21,7 +21,8 @@ import pytest
 
 from dovecot import Dovecot
 from mailingest.matching import direction_of, link_addresses, normalize, normalize_all
-from mailingest.parse import Headers, parse_headers, read_head
+from mailingest.model import Headers
+from mailingest.parse import parse_headers, read_head
 from support import dovecot_account, fetch_json, run_cli, write_config
 
 CORPUS_DIR = Path(__file__).resolve().parent / "corpus"

@@ -3,7 +3,7 @@
 A message's age counts from when the account first stored it (its ledger row's first_seen),
 not from its Date header: fetch compares first_seen with ``datetime.now(UTC)``. Neither
 ``fetch_account`` nor the store takes a clock, so the ``clock`` fixture moves the one both
-read: ``datetime`` in mailingest.fetch (the age check) and in mailingest.parse (``now_iso``,
+read: ``datetime`` in mailingest.fetch (the age check) and in the store's ``_db`` (``now_iso``,
 which stamps first_seen).
 """
 
@@ -20,10 +20,10 @@ import pytest
 
 from dovecot import Mailbox
 from mailingest import fetch as fetch_module
-from mailingest import parse as parse_module
 from mailingest.config import Account, load_config
 from mailingest.fetch import FetchResult, fetch_account
 from mailingest.store import Store
+from mailingest.store import _db as store_db_module
 from support import crlf, dovecot_account, make_message, sha, write_config
 
 DAYS = 3
@@ -52,7 +52,7 @@ def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
             return cls.fromtimestamp(real.timestamp(), real.tzinfo)
 
     monkeypatch.setattr(fetch_module, "datetime", MovedDatetime)
-    monkeypatch.setattr(parse_module, "datetime", MovedDatetime)
+    monkeypatch.setattr(store_db_module, "datetime", MovedDatetime)
     return moved
 
 

@@ -26,7 +26,8 @@ from mailingest.matching import (
     normalize_all,
     normalize_domain,
 )
-from mailingest.parse import Headers, decode_text, parse_headers, read_head
+from mailingest.model import Headers
+from mailingest.parse import decode_text, parse_headers, read_head
 from mailingest.popserver import Mailbox, ThreadedPop3Server
 
 NAME = "fuzz"

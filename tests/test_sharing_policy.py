@@ -34,9 +34,10 @@ from mailingest.matching import (
     normalize_all,
     normalize_domain,
 )
-from mailingest.parse import Headers, parse_headers, read_head
-from mailingest.sharing import Facts, Policy, decide, may_see
-from mailingest.store import AccountPolicy, NewMessage, Record, Store
+from mailingest.model import AccountPolicy, Facts, Headers, NewMessage, Record
+from mailingest.parse import parse_headers, read_head
+from mailingest.sharing import Policy, decide, may_see
+from mailingest.store import Store
 
 BASE_DATE = datetime(2026, 1, 5, 9, 0, tzinfo=UTC)
 OWN = "alice@own.example"

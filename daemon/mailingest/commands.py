@@ -20,10 +20,11 @@ from mailingest.config import Account, Config
 from mailingest.errors import DataError, MailIngestError, PermissionDenied, UsageError
 from mailingest.fetch import FetchResult, Progress, fetch_account
 from mailingest.logs import mask_text
+from mailingest.model import AccountState, Record, StoredMessage
 from mailingest.pop3 import Pop3Session
 from mailingest.retry import login_key, same_login
 from mailingest.sharing import may_see
-from mailingest.store import DaemonState, Record, Store, StoredMessage
+from mailingest.store import Store
 
 T = TypeVar("T")
 log = structlog.get_logger("mailingest.commands")
@@ -78,7 +79,7 @@ async def fetch(
     limit = config.daemon.max_concurrent
     size_executor(limit)
     async with open_store(config) as store:
-        states = await store.daemon_states()
+        states = await store.account_states(counts=False)
         return await bounded(
             limit,
             [
@@ -98,7 +99,7 @@ async def fetch(
 async def _one_shot(
     account: Account,
     store: Store,
-    state: DaemonState | None,
+    state: AccountState | None,
     *,
     max_sessions: int,
     progress: Progress | None,

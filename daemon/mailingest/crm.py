@@ -11,8 +11,9 @@ from collections.abc import Collection
 from mailingest.config import Account, Config
 from mailingest.errors import DataError
 from mailingest.matching import normalize, normalize_domain
+from mailingest.model import AccountPolicy, Record
 from mailingest.sharing import Policy, decide
-from mailingest.store import AccountPolicy, Record, Store
+from mailingest.store import Store
 
 KINDS = ("lead", "contact")
 CSV_HEADER = ["id", "kind", "email", "name"]
@@ -61,12 +62,12 @@ async def sync_settings(
 
     Every start goes through here: each CLI command, the daemon's start and its reloads.
     ``accounts`` limits it to those names (default: every configured account); ``force``
-    re-tags those even where the snapshot already matches (see Store.sync_settings).
+    re-tags those even where the snapshot already matches (see Store.retag_changed).
     """
     chosen = [a for a in config.accounts if accounts is None or a.name in accounts]
     if not chosen:
         return []
-    return await store.sync_settings(
+    return await store.retag_changed(
         {a.name: settings_snapshot(a) for a in chosen}, policies(config), force
     )
 

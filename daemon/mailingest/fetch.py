@@ -34,10 +34,11 @@ from mailingest.errors import (
 )
 from mailingest.logs import mask_text
 from mailingest.matching import direction_of, link_addresses, normalize_all
+from mailingest.model import AccountPolicy, LedgerEntry, NewMessage
 from mailingest.parse import parse_headers, read_head
 from mailingest.pop3 import Pop3Session
 from mailingest.retry import transient_status
-from mailingest.store import AccountPolicy, LedgerEntry, NewMessage, Store
+from mailingest.store import Store
 
 log = structlog.get_logger("mailingest.fetch")
 
@@ -511,7 +512,7 @@ async def _cycle(
                     )
                 break  # more mail may wait, but the next login must wait for the next poll
             result.sessions += 1
-            if await _one_session(account, store, store.path.parent, progress, total) == 0:
+            if await _one_session(account, store, store.spool_dir, progress, total) == 0:
                 break  # the listing held nothing new: the mailbox is drained
     finally:
         renewer.cancel()

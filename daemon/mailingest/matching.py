@@ -13,7 +13,7 @@ import re
 import unicodedata
 from collections.abc import Iterable
 
-from mailingest.parse import Headers
+from mailingest.model import Headers
 
 #: An ASCII DNS label as mail really carries it (lenient: underscores, odd hyphens), and an
 #: address literal such as ``[192.0.2.1]``. Anything else (quotes, brackets, commas) is no

@@ -6,14 +6,10 @@ message is sent, and only a sent message is stored, linked and tagged (``crm_sen
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import fcntl
 import hashlib
 import io
-import os
 import re
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -23,9 +19,10 @@ from mailingest.commands import open_store
 from mailingest.config import Account, Config
 from mailingest.errors import ConfigError, DataError, PermissionDenied, TemporaryError, UsageError
 from mailingest.matching import normalize, normalize_all
+from mailingest.model import NewMessage
 from mailingest.parse import parse_headers, read_head
 from mailingest.sharing import may_see
-from mailingest.store import NewMessage, Store
+from mailingest.store import Store
 
 _RE = re.compile(r"^\s*(re|aw|sv)\s*:", re.IGNORECASE)
 
@@ -111,25 +108,11 @@ async def _send_and_store(
         )
     # Count, send and store as one step per account, across processes: two sends at the
     # limit must not both see room for one more.
-    async with _one_sender(store, account):
+    async with store.exclusive(f"send:{account.name}"):
         await _within_limit(store, account)
         return await _build_send_store(
             store, account, to, cc, subject, body, in_reply_to, references
         )
-
-
-@contextlib.asynccontextmanager
-async def _one_sender(store: Store, account: Account) -> AsyncIterator[None]:
-    """An exclusive lock file per account next to the database; the kernel drops it if
-    the process dies, so nothing is left to clean up."""
-    digest = hashlib.sha256(account.name.encode("utf-8")).hexdigest()[:16]
-    path = store.path.with_name(f"{store.path.name}.send-{digest}.lock")
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        await asyncio.to_thread(fcntl.flock, fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)  # releases the lock
 
 
 async def _build_send_store(

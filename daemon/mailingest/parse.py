@@ -12,30 +12,13 @@ import email.policy
 import email.utils
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC
 from typing import IO
+
+from mailingest.model import Headers
 
 #: Header blocks longer than this are cut: the index needs the first few headers only.
 MAX_HEAD = 1024 * 1024
-
-
-@dataclass(frozen=True, slots=True)
-class Headers:
-    """What the store indexes of one message."""
-
-    from_addrs: tuple[str, ...] = ()
-    to: tuple[str, ...] = ()
-    cc: tuple[str, ...] = ()
-    reply_to: tuple[str, ...] = ()
-    subject: str | None = None
-    date: str | None = None
-    message_id: str | None = None
-    references: str | None = None
-
-    @property
-    def sender(self) -> str | None:
-        return self.from_addrs[0] if self.from_addrs else None
 
 
 def read_head(stream: IO[bytes], limit: int = MAX_HEAD) -> bytes:
@@ -159,7 +142,3 @@ def parse_headers(head: bytes) -> Headers:
         message_id=message_id.strip() if message_id else None,
         references=text("References"),
     )
-
-
-def now_iso() -> str:
-    return datetime.now(UTC).isoformat(timespec="seconds")

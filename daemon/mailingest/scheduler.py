@@ -29,9 +29,10 @@ from mailingest import crm, logs
 from mailingest.config import Account, Config, load_config
 from mailingest.errors import EX_OK, MailIngestError, StoreError
 from mailingest.fetch import FetchResult, fetch_account
+from mailingest.model import AccountState
 from mailingest.retry import Backoff, same_login
 from mailingest.runner import AccountRunner, seconds_until_login
-from mailingest.store import DaemonState, Store
+from mailingest.store import Store
 from mailingest.systemd import Notifier, watchdog_period
 
 log = structlog.get_logger("mailingest.scheduler")
@@ -134,7 +135,7 @@ class Daemon:
         try:
             self._store = await Store.open(self.config.storage.database)
             await self.sync_settings()  # settings changed while stopped: re-tag before polling
-            states = await self.store.daemon_states()
+            states = await self.store.account_states(counts=False)
             await self._start(list(self.config.accounts), states)
             log.info("daemon_started", accounts=len(self._runners), paused=self.paused_count())
             self.notifier.ready(self.summary())
@@ -289,14 +290,14 @@ class Daemon:
             if changed:
                 log.info("mail_retagged", accounts=changed)
 
-    async def _states(self) -> dict[str, DaemonState]:
+    async def _states(self) -> dict[str, AccountState]:
         try:
-            return await self.store.daemon_states()
+            return await self.store.account_states(counts=False)
         except StoreError as exc:
             log.error("state_not_recorded", error=str(exc))
             return {}
 
-    async def _start(self, accounts: list[Account], states: dict[str, DaemonState]) -> None:
+    async def _start(self, accounts: list[Account], states: dict[str, AccountState]) -> None:
         """Create the accounts' runners: restore a pause, honour a persisted next poll."""
         first: dict[str, datetime | None] = {}
         now = datetime.now(UTC)

@@ -16,6 +16,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from mailingest.matching import domain_matches
+from mailingest.model import Facts
 
 PRIVATE = "private"
 SHARED = "shared"
@@ -37,18 +38,6 @@ class Policy:
 
     sharing: str = "private"  # private | custom | public
     excluded_domains: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True, slots=True)
-class Facts:
-    """What the policy needs to know about one stored message."""
-
-    direction: str  # in | out
-    crm_sent: bool  # sent from the CRM (`send`/`reply`), not fetched
-    linked: bool  # linked to at least one record
-    owner_shared: bool  # the owner shared at least one linked record (custom mode)
-    sender_domain: str | None
-    recipient_domains: tuple[str, ...] = ()
 
 
 def decide(policy: Policy, facts: Facts) -> tuple[str, str]:

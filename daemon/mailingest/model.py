@@ -1,0 +1,186 @@
+"""The shared vocabulary: types every layer passes around (stdlib only, imports nothing of ours).
+
+Keeping them here lets the store, the cycle, the daemon and the CLI agree on one set of
+types without importing each other; the store in particular needs no policy module.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import IO, Any
+
+
+class Status(StrEnum):
+    """An account's poll result, as JSON ``status``/``result`` shows it."""
+
+    OK = "ok"
+    AUTH_FAILED = "auth_failed"
+    TLS_FAILED = "tls_failed"
+    UNAVAILABLE = "unavailable"
+    TEMP_FAILED = "temp_failed"
+    ERROR = "error"
+
+
+@dataclass(frozen=True, slots=True)
+class Headers:
+    """What the store indexes of one message."""
+
+    from_addrs: tuple[str, ...] = ()
+    to: tuple[str, ...] = ()
+    cc: tuple[str, ...] = ()
+    reply_to: tuple[str, ...] = ()
+    subject: str | None = None
+    date: str | None = None
+    message_id: str | None = None
+    references: str | None = None
+
+    @property
+    def sender(self) -> str | None:
+        return self.from_addrs[0] if self.from_addrs else None
+
+
+@dataclass(frozen=True, slots=True)
+class Facts:
+    """What the sharing policy needs to know about one stored message."""
+
+    direction: str  # in | out
+    crm_sent: bool  # sent from the CRM (`send`/`reply`), not fetched
+    linked: bool  # linked to at least one record
+    owner_shared: bool  # the owner shared at least one linked record (custom mode)
+    sender_domain: str | None
+    recipient_domains: tuple[str, ...] = ()
+
+
+#: Decides (visibility, reason) from a message's facts: sharing.decide with the account's
+#: policy bound. The store applies it inside its transactions but never decides itself.
+Tagger = Callable[[Facts], tuple[str, str]]
+
+
+@dataclass(frozen=True, slots=True)
+class AccountPolicy:
+    """What the store needs of an account's settings to tag and label its messages."""
+
+    tagger: Tagger
+    magnet_label: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class NewMessage:
+    """A retrieved message waiting in its spool file, with what the fetch decided about it."""
+
+    uidl: str
+    spool: IO[bytes]
+    size: int
+    sha256: str
+    headers: Headers
+    direction: str
+    #: Normalised addresses by role, and the ones that link the message to records.
+    senders: tuple[str, ...] = ()
+    recipients_to: tuple[str, ...] = ()
+    recipients_cc: tuple[str, ...] = ()
+    link: tuple[str, ...] = ()
+    origin: str = "pop3"  # pop3 (fetched) | crm (sent with `send`/`reply`)
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    id: str
+    kind: str
+    name: str
+    emails: tuple[str, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"id": self.id, "kind": self.kind, "name": self.name, "emails": list(self.emails)}
+
+
+@dataclass(frozen=True, slots=True)
+class LedgerEntry:
+    message: int | None
+    first_seen: str
+    deleted: bool
+
+
+@dataclass(frozen=True, slots=True)
+class StoreOutcome:
+    uidl: str
+    message: int | None
+    duplicate: bool  # same content already stored for this account (renumbered UIDL)
+
+
+@dataclass(frozen=True, slots=True)
+class StoredMessage:
+    id: int
+    account: str
+    owner: str
+    direction: str
+    sender: str | None
+    to: list[str]
+    cc: list[str]
+    subject: str | None
+    date: str | None
+    message_id: str | None
+    visibility: str
+    reason: str
+    size: int
+    sha256: str
+    received_at: str
+    labels: list[str] = field(default_factory=list)
+    records: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "account": self.account,
+            "owner": self.owner,
+            "direction": self.direction,
+            "from": self.sender,
+            "to": self.to,
+            "cc": self.cc,
+            "subject": self.subject,
+            "date": self.date,
+            "message_id": self.message_id,
+            "records": self.records,
+            "visibility": self.visibility,
+            "reason": self.reason,
+            "labels": self.labels,
+            "size": self.size,
+            "sha256": self.sha256,
+            "received_at": self.received_at,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class AccountState:
+    """One account's persisted state: the last poll, and the daemon's pause and schedule
+    (times are ISO 8601 UTC strings). ``stored`` is 0 where it was not counted."""
+
+    account: str
+    owner: str | None = None
+    last_poll: str | None = None
+    result: str | None = None
+    error: str | None = None
+    new: int = 0
+    stored: int = 0
+    paused: bool = False
+    pause_reason: str | None = None
+    pause_key: str | None = None
+    next_poll: str | None = None
+    next_login: str | None = None
+    consecutive_failures: int = 0
+
+
+__all__ = [
+    "AccountPolicy",
+    "AccountState",
+    "Facts",
+    "Headers",
+    "LedgerEntry",
+    "NewMessage",
+    "Record",
+    "Status",
+    "StoreOutcome",
+    "StoredMessage",
+    "Tagger",
+]

@@ -1,0 +1,183 @@
+"""The store: the only place with SQL. One interface, backends behind it.
+
+``Store`` is the port the rest of mailingest uses; its parts (``ingest``, ``records``,
+``state``, ``read``) hold the SQL by concern and never import each other. Every public method
+runs in one ``read`` or ``write`` block of the backend, which maps driver errors to
+``StoreError`` in one place.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import hashlib
+import os
+from collections.abc import AsyncIterator, Collection, Iterable, Sequence
+from datetime import datetime
+from pathlib import Path
+
+from mailingest.model import (
+    AccountPolicy,
+    AccountState,
+    LedgerEntry,
+    NewMessage,
+    Record,
+    StoredMessage,
+    StoreOutcome,
+)
+from mailingest.store import ingest, read, records, state
+from mailingest.store._db import CHUNK, Database
+from mailingest.store._sqlite import BUSY_TIMEOUT_MS, SqliteDatabase
+
+
+class Store:
+    """An open store. Writes that must be atomic are single methods, one transaction each."""
+
+    def __init__(self, db: Database) -> None:
+        self._db = db
+
+    def __repr__(self) -> str:
+        return f"<Store {self._db!r}>"
+
+    @classmethod
+    async def open(cls, database: Path) -> Store:
+        """Open (and create or migrate) the store; raises StoreError naming the cause."""
+        return cls(await SqliteDatabase.open(database))
+
+    async def close(self) -> None:
+        await self._db.close()
+
+    @property
+    def spool_dir(self) -> Path:
+        """Where a fetch spools messages before they are stored."""
+        return self._db.spool_dir
+
+    @contextlib.asynccontextmanager
+    async def exclusive(self, name: str) -> AsyncIterator[None]:
+        """Held by one process at a time (e.g. one sender per account); dropped if it dies."""
+        assert isinstance(self._db, SqliteDatabase)
+        path = self._db.path
+        digest = hashlib.sha256(name.encode("utf-8")).hexdigest()[:16]
+        fd = os.open(path.with_name(f"{path.name}.{digest}.lock"), os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            await asyncio.to_thread(fcntl.flock, fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # releases the lock
+
+    # -- ingestion -------------------------------------------------------------------------------
+
+    async def ledger(self, account: str) -> dict[str, LedgerEntry]:
+        return await ingest.ledger(self._db, account)
+
+    async def add_batch(
+        self, account: str, owner: str, items: Sequence[NewMessage], policy: AccountPolicy
+    ) -> list[StoreOutcome]:
+        return await ingest.add_batch(self._db, account, owner, items, policy)
+
+    async def mark_deleted(self, account: str, uidls: Iterable[str]) -> None:
+        await ingest.mark_deleted(self._db, account, uidls)
+
+    # -- CRM records, links and re-tagging -------------------------------------------------------
+
+    async def records(self) -> list[Record]:
+        return await records.records(self._db)
+
+    async def import_records(
+        self, found: Sequence[Record], policies: dict[str, AccountPolicy]
+    ) -> int:
+        return await records.import_records(self._db, found, policies)
+
+    async def set_record_emails(
+        self, record: str, emails: Sequence[str], policies: dict[str, AccountPolicy]
+    ) -> bool:
+        return await records.set_record_emails(self._db, record, emails, policies)
+
+    async def set_share(
+        self, owner: str, record: str, on: bool, policies: dict[str, AccountPolicy]
+    ) -> bool:
+        return await records.set_share(self._db, owner, record, on, policies)
+
+    async def retag_changed(
+        self,
+        snapshots: dict[str, str],
+        policies: dict[str, AccountPolicy],
+        force: Collection[str] = (),
+    ) -> list[str]:
+        return await records.retag_changed(self._db, snapshots, policies, force)
+
+    # -- leases, login pacing, account state -----------------------------------------------------
+
+    async def acquire_lease(
+        self, account: str, holder: str, ttl: float, *, stale: str | None = None
+    ) -> tuple[str, float] | None:
+        return await state.acquire_lease(self._db, account, holder, ttl, stale=stale)
+
+    async def renew_lease(self, account: str, holder: str, ttl: float) -> None:
+        await state.renew_lease(self._db, account, holder, ttl)
+
+    async def release_lease(self, account: str, holder: str) -> None:
+        await state.release_lease(self._db, account, holder)
+
+    async def next_login(self, account: str) -> datetime | None:
+        return await state.next_login(self._db, account)
+
+    async def set_next_login(self, account: str, when: datetime | None) -> None:
+        await state.set_next_login(self._db, account, when)
+
+    async def record_poll(
+        self,
+        account: str,
+        owner: str,
+        *,
+        result: str,
+        error: str | None,
+        new: int,
+        next_poll: str | None = None,
+    ) -> None:
+        await state.record_poll(
+            self._db, account, owner, result=result, error=error, new=new, next_poll=next_poll
+        )
+
+    async def account_states(self, *, counts: bool = True) -> dict[str, AccountState]:
+        return await state.account_states(self._db, counts=counts)
+
+    async def count_sent_since(self, account: str, since: str) -> int:
+        return await state.count_sent_since(self._db, account, since)
+
+    async def stored_count(self, account: str) -> int:
+        return await state.stored_count(self._db, account)
+
+    async def set_paused(self, account: str, reason: str, key: str | None) -> None:
+        await state.set_paused(self._db, account, reason, key)
+
+    async def clear_pause(self, account: str) -> None:
+        await state.clear_pause(self._db, account)
+
+    async def set_next_polls(self, when: dict[str, datetime | None]) -> None:
+        await state.set_next_polls(self._db, when)
+
+    # -- reading -------------------------------------------------------------------------------
+
+    async def messages(
+        self,
+        viewer: str,
+        *,
+        account: str | None = None,
+        label: str | None = None,
+        record: str | None = None,
+        limit: int | None = None,
+    ) -> list[StoredMessage]:
+        return await read.messages(
+            self._db, viewer, account=account, label=label, record=record, limit=limit
+        )
+
+    async def message(self, message_id: int) -> StoredMessage | None:
+        return await read.message(self._db, message_id)
+
+    def raw_chunks(self, message_id: int) -> AsyncIterator[bytes]:
+        return read.raw_chunks(self._db, message_id)
+
+
+__all__ = ["BUSY_TIMEOUT_MS", "CHUNK", "Store"]

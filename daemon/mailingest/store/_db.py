@@ -1,0 +1,174 @@
+"""What every part of the store talks to: one open database, whatever the backend.
+
+The parts of the store write their SQL once, with ``?`` placeholders and the syntax SQLite
+and PostgreSQL share; a backend runs it, serialises it per connection, and maps its driver's
+errors to ``StoreError`` in exactly one place (``read``/``write``).
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, TypeVar
+
+from mailingest.errors import StoreError
+from mailingest.model import Facts
+
+#: Raw messages are stored in rows of this many bytes: memory stays bounded at any size.
+CHUNK = 1024 * 1024
+#: Values bound in one IN (...) list: under SQLite's smallest limit on parameters (999
+#: before 3.32), and small enough that a subquery re-run for every re-tag page stays cheap.
+IN_LIST = 500
+
+Row = tuple[Any, ...]
+_T = TypeVar("_T")
+
+
+class Database(abc.ABC):
+    """One connection shared by the account tasks of one process.
+
+    Statements of one transaction must not interleave with another task's, and reads must
+    not see a half-done batch: ``read`` and ``write`` hold a lock for their whole block.
+    """
+
+    #: SQL that lists one message's recipients (to and cc) as one space-separated string.
+    recipients_sql: str
+    #: The column that keeps a message's addresses in header order.
+    address_order: str
+    #: Where fetches spool messages before they are stored (same disk as the database
+    #: where there is one).
+    spool_dir: Path
+
+    def __init__(self) -> None:
+        self._lock = asyncio.Lock()
+
+    # -- what a backend provides -------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def execute(self, sql: str, args: Sequence[Any] = ()) -> int:
+        """Run one statement; the number of rows it changed."""
+
+    @abc.abstractmethod
+    async def fetchall(self, sql: str, args: Sequence[Any] = ()) -> list[Row]: ...
+
+    @abc.abstractmethod
+    async def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
+        """Run one statement per row; ``rows`` may be a generator, consumed one at a time."""
+
+    @abc.abstractmethod
+    async def next_ids(self, count: int) -> int:
+        """The first of ``count`` new message ids; inside a write transaction."""
+
+    @abc.abstractmethod
+    async def close(self) -> None: ...
+
+    @abc.abstractmethod
+    async def _begin(self, write: bool) -> None: ...
+
+    @abc.abstractmethod
+    def _driver_errors(self) -> tuple[type[BaseException], ...]: ...
+
+    # -- shared by every backend ---------------------------------------------------------------
+
+    async def fetchone(self, sql: str, args: Sequence[Any] = ()) -> Row | None:
+        rows = await self.fetchall(sql, args)
+        return rows[0] if rows else None
+
+    async def fetch_in(self, sql: str, values: Sequence[Any], *before: Any) -> list[Row]:
+        """``sql`` with an ``IN ({marks})`` list, run over ``values`` in parts of at most
+        IN_LIST; ``before`` binds the parameters ahead of it."""
+        rows: list[Row] = []
+        for part in parts(values):
+            marks = ",".join("?" * len(part))
+            rows.extend(await self.fetchall(sql.format(marks=marks), (*before, *part)))
+        return rows
+
+    @contextlib.asynccontextmanager
+    async def write(self, what: str) -> AsyncIterator[None]:
+        """One write transaction (committed durably, or rolled back whole)."""
+        with self.mapped(what):
+            async with self._lock:
+                try:
+                    # Inside the try: a cancel while BEGIN waits still gets its ROLLBACK
+                    # queued behind it, so the connection never stays in a transaction.
+                    await self._begin(write=True)
+                    yield
+                except BaseException:
+                    with contextlib.suppress(*self._driver_errors()):
+                        await self.execute("ROLLBACK")
+                    raise
+                await self.execute("COMMIT")
+
+    @contextlib.asynccontextmanager
+    async def read(self, what: str) -> AsyncIterator[None]:
+        """A read transaction: its queries all see one committed state, so a re-tag or
+        relink committed meanwhile by another process is seen whole or not at all."""
+        with self.mapped(what):
+            async with self._lock:
+                try:
+                    await self._begin(write=False)
+                    yield
+                finally:
+                    with contextlib.suppress(*self._driver_errors()):
+                        await self.execute("COMMIT")
+
+    @contextlib.contextmanager
+    def mapped(self, what: str) -> Iterator[None]:
+        """The driver's errors become ``StoreError`` that says what was being done."""
+        try:
+            yield
+        except self._driver_errors() as exc:
+            raise store_error(exc, what) from exc
+
+
+def store_error(exc: BaseException, what: str) -> StoreError:
+    text = str(exc).strip()
+    low = text.lower()
+    if "locked" in low or "busy" in low or "could not obtain lock" in low:
+        return StoreError(f"database is locked by another process while {what}; try again")
+    if "full" in low or "no space" in low:
+        return StoreError(f"disk full while {what}: {text}")
+    return StoreError(f"database error while {what}: {text}")
+
+
+def now_iso() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def domain(address: str) -> str:
+    return address.rpartition("@")[2]
+
+
+def facts(
+    direction: str,
+    origin: str,
+    linked: bool,
+    owner_shared: bool,
+    sender: str | None,
+    recipients: Iterable[str],
+) -> Facts:
+    """A message's facts from what the store keeps of it (new and re-tagged alike)."""
+    return Facts(
+        direction=direction,
+        crm_sent=origin == "crm",
+        linked=linked,
+        owner_shared=owner_shared,
+        sender_domain=domain(sender) if sender else None,
+        recipient_domains=tuple(domain(a) for a in recipients),
+    )
+
+
+def parts(values: Sequence[_T]) -> Iterator[Sequence[_T]]:
+    """``values`` in slices of at most IN_LIST, for IN (...) lists."""
+    for start in range(0, len(values), IN_LIST):
+        yield values[start : start + IN_LIST]
+
+
+def linked_to(count: int) -> str:
+    """SQL: the message is linked to one of ``count`` records (given as parameters)."""
+    marks = ",".join("?" * count)
+    return f"m.id IN (SELECT message FROM message_records WHERE record IN ({marks}))"

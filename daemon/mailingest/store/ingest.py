@@ -1,0 +1,194 @@
+"""Storing fetched and sent mail: the UIDL ledger, batches, deletions."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator, Sequence
+from typing import IO, Any
+
+from mailingest.model import AccountPolicy, LedgerEntry, NewMessage, StoreOutcome
+from mailingest.store._db import CHUNK, Database, facts, now_iso
+
+
+async def ledger(db: Database, account: str) -> dict[str, LedgerEntry]:
+    async with db.read("reading the ledger"):
+        rows = await db.fetchall(
+            "SELECT uidl, message, first_seen, deleted_at FROM ledger WHERE account = ?",
+            (account,),
+        )
+    return {r[0]: LedgerEntry(r[1], r[2], r[3] is not None) for r in rows}
+
+
+async def add_batch(
+    db: Database, account: str, owner: str, items: Sequence[NewMessage], policy: AccountPolicy
+) -> list[StoreOutcome]:
+    """Store messages, their links, tags and ledger rows in one durable transaction.
+
+    A UIDL already in the ledger (another process got there first) is skipped; content
+    already stored for the account gets only a ledger row (servers that renumber UIDLs).
+    The batch costs a fixed number of statements, not a number per message: each one is
+    a round trip, and per-message trips cost more than the writes themselves.
+    """
+    outcomes: list[StoreOutcome] = []
+    received = now_iso()
+    async with db.write(f"storing mail of account {account!r}"):
+        known = {
+            str(r[0])
+            for r in await db.fetch_in(
+                "SELECT uidl FROM ledger WHERE account = ? AND uidl IN ({marks})",
+                [item.uidl for item in items],
+                account,
+            )
+        }
+        by_sha = {
+            str(r[0]): int(r[1])
+            for r in await db.fetch_in(
+                "SELECT sha256, id FROM messages WHERE account = ? AND sha256 IN ({marks})",
+                [item.sha256 for item in items],
+                account,
+            )
+        }
+        # New content gets a provisional id -n (its place in ``fresh``) until the ids are
+        # handed out; a UIDL twice in one batch is stored once.
+        fresh: list[NewMessage] = []
+        planned: list[tuple[str, int, bool]] = []
+        for item in items:
+            if item.uidl in known:
+                continue
+            known.add(item.uidl)
+            message_id = by_sha.get(item.sha256)
+            if message_id is None:
+                fresh.append(item)
+                message_id = by_sha[item.sha256] = -len(fresh)
+                planned.append((item.uidl, message_id, False))
+            else:
+                planned.append((item.uidl, message_id, True))
+        first = await db.next_ids(len(fresh)) if fresh else 0
+
+        def real(message_id: int) -> int:
+            return first - 1 - message_id if message_id < 0 else message_id
+
+        for uidl, message_id, duplicate in planned:
+            outcomes.append(StoreOutcome(uidl, real(message_id), duplicate))
+        if fresh:
+            numbered = [(item, first + n) for n, item in enumerate(fresh)]
+            await _insert(db, account, owner, numbered, received, policy)
+        await db.executemany(
+            "INSERT INTO ledger (account, uidl, message, first_seen) VALUES (?,?,?,?)",
+            [(account, o.uidl, o.message, received) for o in outcomes],
+        )
+    return outcomes
+
+
+async def _insert(
+    db: Database,
+    account: str,
+    owner: str,
+    fresh: Sequence[tuple[NewMessage, int]],
+    received: str,
+    policy: AccountPolicy,
+) -> None:
+    """Insert new messages with their raw chunks, addresses, links, tags and labels."""
+    records_of: dict[str, set[str]] = {}
+    # A mass mailing may list thousands of recipients: fetch_in splits the list.
+    for email, record in await db.fetch_in(
+        "SELECT email, record FROM record_emails WHERE email IN ({marks})",
+        sorted({a for item, _ in fresh for a in item.link}),
+    ):
+        records_of.setdefault(str(email), set()).add(str(record))
+    shared = {
+        str(r[0])
+        for r in await db.fetch_in(
+            "SELECT record FROM shares WHERE owner = ? AND record IN ({marks})",
+            sorted({r for rs in records_of.values() for r in rs}),
+            owner,
+        )
+    }
+    rows: list[tuple[Any, ...]] = []
+    addresses: list[tuple[int, str, str]] = []
+    links: list[tuple[int, str]] = []
+    labels: list[tuple[int, str]] = []
+    for item, message_id in fresh:
+        records = sorted({r for a in item.link for r in records_of.get(a, ())})
+        visibility, reason = policy.tagger(
+            facts(
+                item.direction,
+                item.origin,
+                bool(records),
+                any(r in shared for r in records),
+                item.senders[0] if item.senders else None,
+                (*item.recipients_to, *item.recipients_cc),
+            )
+        )
+        h = item.headers
+        rows.append(
+            (
+                message_id,
+                account,
+                owner,
+                item.direction,
+                item.size,
+                item.sha256,
+                h.sender,
+                json.dumps(list(h.to)),
+                json.dumps(list(h.cc)),
+                h.subject,
+                h.date,
+                h.message_id,
+                visibility,
+                reason,
+                received,
+                item.origin,
+            )
+        )
+        roles = (("from", item.senders), ("to", item.recipients_to), ("cc", item.recipients_cc))
+        addresses.extend(_unique((message_id, role, a) for role, found in roles for a in found))
+        links.extend((message_id, r) for r in records)
+        if records and policy.magnet_label:
+            labels.append((message_id, policy.magnet_label))
+    await db.executemany(
+        "INSERT INTO messages (id, account, owner, direction, size, sha256, from_addr,"
+        " to_addrs, cc_addrs, subject, date, message_id, visibility, reason, received_at,"
+        " origin) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+        rows,
+    )
+    await db.executemany(
+        "INSERT INTO message_chunks (message, seq, data) VALUES (?,?,?)", _all_chunks(fresh)
+    )
+    await db.executemany(
+        "INSERT INTO message_addresses (message, role, address) VALUES (?,?,?)", addresses
+    )
+    await db.executemany("INSERT INTO message_records (message, record) VALUES (?,?)", links)
+    await db.executemany("INSERT INTO message_labels (message, label) VALUES (?,?)", labels)
+
+
+def _unique(rows: Iterable[tuple[int, str, str]]) -> list[tuple[int, str, str]]:
+    """Rows in their first order, each once (an address repeated in one header)."""
+    return list(dict.fromkeys(rows))
+
+
+async def mark_deleted(db: Database, account: str, uidls: Iterable[str]) -> None:
+    when = now_iso()
+    async with db.write("recording deletions"):
+        await db.executemany(
+            "UPDATE ledger SET deleted_at = ? WHERE account = ? AND uidl = ?",
+            [(when, account, u) for u in uidls],
+        )
+
+
+def _all_chunks(fresh: Sequence[tuple[NewMessage, int]]) -> Iterator[tuple[int, int, bytes]]:
+    for item, message_id in fresh:
+        item.spool.seek(0)
+        yield from _chunks(message_id, item.spool)
+
+
+def _chunks(message_id: int, spool: IO[bytes]) -> Iterator[tuple[int, int, bytes]]:
+    seq = 0
+    while True:
+        data = spool.read(CHUNK)
+        if not data and seq > 0:
+            return
+        yield message_id, seq, data
+        seq += 1
+        if not data:
+            return

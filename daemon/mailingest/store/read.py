@@ -1,0 +1,110 @@
+"""Reading stored mail: what a viewer may see, one message, its raw bytes."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+from mailingest.model import StoredMessage
+from mailingest.store._db import Database, Row
+
+_COLUMNS = (
+    "m.id, m.account, m.owner, m.direction, m.from_addr, m.to_addrs, m.cc_addrs, m.subject,"
+    " m.date, m.message_id, m.visibility, m.reason, m.size, m.sha256, m.received_at"
+)
+
+
+async def messages(
+    db: Database,
+    viewer: str,
+    *,
+    account: str | None = None,
+    label: str | None = None,
+    record: str | None = None,
+    limit: int | None = None,
+) -> list[StoredMessage]:
+    """What ``viewer`` may see, newest first: their own mail and mail shared with all."""
+    sql = f"SELECT {_COLUMNS} FROM messages m WHERE (m.owner = ? OR m.visibility = 'shared')"
+    args: list[Any] = [viewer]
+    if record is not None:
+        # Start from the record's few links. Left to itself SQLite starts from the owner
+        # and visibility indexes and visits every shared message; CROSS JOIN fixes the
+        # loop order.
+        sql = (
+            f"SELECT {_COLUMNS} FROM message_records r CROSS JOIN messages m"
+            " WHERE r.record = ? AND m.id = r.message"
+            " AND (m.owner = ? OR m.visibility = 'shared')"
+        )
+        args = [record, viewer]
+    if account is not None:
+        sql += " AND m.account = ?"
+        args.append(account)
+    if label is not None:
+        sql += " AND EXISTS (SELECT 1 FROM message_labels l WHERE l.message = m.id AND l.label = ?)"
+        args.append(label)
+    sql += " ORDER BY coalesce(m.date, m.received_at) DESC, m.id DESC"
+    if limit:
+        sql += f" LIMIT {int(limit)}"
+    async with db.read("reading messages"):
+        return await _complete(db, await db.fetchall(sql, args))
+
+
+async def message(db: Database, message_id: int) -> StoredMessage | None:
+    async with db.read("reading a message"):
+        rows = await db.fetchall(f"SELECT {_COLUMNS} FROM messages m WHERE m.id = ?", (message_id,))
+        found = await _complete(db, rows)
+    return found[0] if found else None
+
+
+async def raw_chunks(db: Database, message_id: int) -> AsyncIterator[bytes]:
+    """The stored bytes of one message, a chunk at a time."""
+    seq = 0
+    while True:
+        async with db.read("reading a raw message"):
+            row = await db.fetchone(
+                "SELECT data FROM message_chunks WHERE message = ? AND seq = ?", (message_id, seq)
+            )
+        if row is None:
+            return
+        yield bytes(row[0])
+        seq += 1
+
+
+async def _complete(db: Database, rows: Sequence[Row]) -> list[StoredMessage]:
+    ids = [int(r[0]) for r in rows]
+    labels = await _by_message(db, "SELECT message, label FROM message_labels", ids)
+    records = await _by_message(db, "SELECT message, record FROM message_records", ids)
+    return [_stored(r, labels.get(r[0], []), records.get(r[0], [])) for r in rows]
+
+
+async def _by_message(db: Database, select: str, ids: Sequence[int]) -> dict[int, list[str]]:
+    """``select`` (message, value) for these messages: their values, sorted."""
+    out: dict[int, list[str]] = {}
+    for message_id, value in await db.fetch_in(select + " WHERE message IN ({marks})", ids):
+        out.setdefault(int(message_id), []).append(str(value))
+    for values in out.values():
+        values.sort()
+    return out
+
+
+def _stored(r: Row, labels: list[str], records: list[str]) -> StoredMessage:
+    return StoredMessage(
+        id=r[0],
+        account=r[1],
+        owner=r[2],
+        direction=r[3],
+        sender=r[4],
+        to=json.loads(r[5]),
+        cc=json.loads(r[6]),
+        subject=r[7],
+        date=r[8],
+        message_id=r[9],
+        visibility=r[10],
+        reason=r[11],
+        size=r[12],
+        sha256=r[13],
+        received_at=r[14],
+        labels=labels,
+        records=records,
+    )

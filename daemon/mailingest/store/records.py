@@ -1,0 +1,212 @@
+"""CRM records, their addresses and share flags, message links, and re-tagging."""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Sequence
+from typing import Any
+
+from mailingest.model import AccountPolicy, Record
+from mailingest.store._db import Database, domain, facts, linked_to, parts
+
+#: Messages re-tagged per query: memory stays bounded for large accounts.
+_PAGE = 5000
+
+
+async def records(db: Database) -> list[Record]:
+    async with db.read("reading records"):
+        rows = await db.fetchall("SELECT id, kind, name FROM records ORDER BY id")
+        emails = await db.fetchall("SELECT record, email FROM record_emails ORDER BY email")
+    by_record: dict[str, list[str]] = {}
+    for record, email in emails:
+        by_record.setdefault(record, []).append(email)
+    return [Record(r[0], r[1], r[2], tuple(by_record.get(r[0], ()))) for r in rows]
+
+
+async def import_records(
+    db: Database, found: Sequence[Record], policies: dict[str, AccountPolicy]
+) -> int:
+    """Upsert records (their address sets replaced) and link stored mail, atomically."""
+    async with db.write("importing records"):
+        for record in found:
+            await db.execute(
+                "INSERT INTO records (id, kind, name) VALUES (?,?,?) ON CONFLICT (id)"
+                " DO UPDATE SET kind = excluded.kind, name = excluded.name",
+                (record.id, record.kind, record.name),
+            )
+            await _replace_emails(db, record.id, record.emails, policies)
+        # In parts: one IN list of every id would be re-evaluated for each re-tag page.
+        for part in parts([r.id for r in found]):
+            await _retag(db, linked_to(len(part)), part, policies)
+    return len(found)
+
+
+async def set_record_emails(
+    db: Database, record: str, emails: Sequence[str], policies: dict[str, AccountPolicy]
+) -> bool:
+    """Address change: links stay, stored mail from the new addresses links now."""
+    async with db.write("changing record addresses"):
+        if await db.fetchone("SELECT 1 FROM records WHERE id = ?", (record,)) is None:
+            return False
+        await _replace_emails(db, record, emails, policies)
+        await _retag(db, linked_to(1), [record], policies)
+    return True
+
+
+async def set_share(
+    db: Database, owner: str, record: str, on: bool, policies: dict[str, AccountPolicy]
+) -> bool:
+    """Toggle the owner's custom-mode share flag and re-tag that mail, atomically."""
+    async with db.write("changing a share flag"):
+        if await db.fetchone("SELECT 1 FROM records WHERE id = ?", (record,)) is None:
+            return False
+        if on:
+            await db.execute(
+                "INSERT INTO shares (owner, record) VALUES (?,?) ON CONFLICT DO NOTHING",
+                (owner, record),
+            )
+        else:
+            await db.execute("DELETE FROM shares WHERE owner = ? AND record = ?", (owner, record))
+        await _retag(
+            db,
+            "m.owner = ? AND m.id IN (SELECT message FROM message_records WHERE record = ?)",
+            [owner, record],
+            policies,
+        )
+    return True
+
+
+async def retag_changed(
+    db: Database,
+    snapshots: dict[str, str],
+    policies: dict[str, AccountPolicy],
+    force: Collection[str] = (),
+) -> list[str]:
+    """Re-tag (and re-label) the mail of accounts whose sharing settings changed.
+
+    ``force``: accounts re-tagged and re-labelled even if the snapshot matches, because
+    mail was stored under other settings after the snapshot was saved (a daemon still
+    running with its old config while a CLI command already saved the new one).
+    """
+    changed: list[str] = []
+    async with db.read("reading the sharing settings"):
+        rows = await db.fetchall("SELECT account, snapshot, magnet_label FROM account_settings")
+    known = {r[0]: (r[1], r[2]) for r in rows}
+    todo = {
+        name: snap
+        for name, snap in snapshots.items()
+        if known.get(name) != (snap, policies[name].magnet_label) or name in force
+    }
+    if not todo:
+        return changed
+    async with db.write("re-tagging after a settings change"):
+        for name, snap in todo.items():
+            label = policies[name].magnet_label
+            old_label = known.get(name, (None, None))[1]
+            if name in force:  # whatever label the mail got: only this one stays
+                await db.execute(
+                    "DELETE FROM message_labels WHERE label IS DISTINCT FROM ? AND message IN"
+                    " (SELECT id FROM messages WHERE account = ?)",
+                    (label, name),
+                )
+            elif old_label and old_label != label:
+                await db.execute(
+                    "DELETE FROM message_labels WHERE label = ? AND message IN"
+                    " (SELECT id FROM messages WHERE account = ?)",
+                    (old_label, name),
+                )
+            if label:
+                await db.execute(
+                    "INSERT INTO message_labels (message, label)"
+                    " SELECT DISTINCT r.message, ? FROM message_records r"
+                    " JOIN messages m ON m.id = r.message WHERE m.account = ?"
+                    " ON CONFLICT DO NOTHING",
+                    (label, name),
+                )
+            if name in force or known.get(name, (None,))[0] != snap:
+                await _retag(db, "m.account = ?", [name], policies)
+            await db.execute(
+                "INSERT INTO account_settings (account, snapshot, magnet_label)"
+                " VALUES (?,?,?) ON CONFLICT (account) DO UPDATE SET"
+                " snapshot = excluded.snapshot, magnet_label = excluded.magnet_label",
+                (name, snap, label),
+            )
+            changed.append(name)
+    return changed
+
+
+async def _replace_emails(
+    db: Database, record: str, emails: Sequence[str], policies: dict[str, AccountPolicy]
+) -> None:
+    await db.execute("DELETE FROM record_emails WHERE record = ?", (record,))
+    await db.executemany(
+        "INSERT INTO record_emails (record, email) VALUES (?,?) ON CONFLICT DO NOTHING",
+        [(record, e) for e in dict.fromkeys(emails)],
+    )
+    if not emails:
+        return
+    marks = ",".join("?" * len(emails))
+    # Incoming mail links on its sender, the owner's outgoing mail on its recipients.
+    await db.execute(
+        "INSERT INTO message_records (message, record)"
+        " SELECT DISTINCT a.message, ? FROM message_addresses a"
+        " JOIN messages m ON m.id = a.message"
+        f" WHERE a.address IN ({marks}) AND ((a.role = 'from' AND m.direction = 'in')"
+        " OR (a.role != 'from' AND m.direction = 'out'))"
+        " ON CONFLICT DO NOTHING",
+        (record, *emails),
+    )
+    for account, policy in policies.items():
+        if policy.magnet_label:
+            await db.execute(
+                "INSERT INTO message_labels (message, label)"
+                " SELECT r.message, ? FROM message_records r JOIN messages m"
+                " ON m.id = r.message WHERE r.record = ? AND m.account = ?"
+                " ON CONFLICT DO NOTHING",
+                (policy.magnet_label, record, account),
+            )
+
+
+async def _retag(
+    db: Database, where: str, args: Sequence[Any], policies: dict[str, AccountPolicy]
+) -> int:
+    """Apply each account's tagger to the messages matching ``where``; inside a transaction.
+
+    Pages through the messages by id so memory stays bounded for large accounts.
+    """
+    last, changed = 0, 0
+    decided: dict[tuple[Any, ...], tuple[str, str]] = {}
+    while True:
+        if len(decided) > 100_000:
+            decided.clear()  # bounded memory, whatever the variety of the mail
+        rows = await db.fetchall(
+            "SELECT m.id, m.account, m.direction, m.origin, m.visibility, m.reason,"
+            " EXISTS (SELECT 1 FROM message_records r WHERE r.message = m.id),"
+            " EXISTS (SELECT 1 FROM message_records r JOIN shares s ON s.record = r.record"
+            "   AND s.owner = m.owner WHERE r.message = m.id),"
+            # The first From, as ingestion uses it.
+            " (SELECT a.address FROM message_addresses a WHERE a.message = m.id"
+            f"   AND a.role = 'from' ORDER BY {db.address_order} LIMIT 1),"
+            f" {db.recipients_sql}"
+            f" FROM messages m WHERE m.id > ? AND ({where}) ORDER BY m.id LIMIT {_PAGE}",
+            (last, *args),
+        )
+        if not rows:
+            return changed
+        updates = []
+        for r in rows:
+            policy = policies.get(r[1])
+            if policy is None:
+                continue  # an account no longer configured keeps its tags
+            # Most messages share their facts with many others: decide each set once.
+            sender = domain(r[8]) if r[8] else None
+            key = (r[1], r[2], r[3], bool(r[6]), bool(r[7]), sender, r[9])
+            tag = decided.get(key)
+            if tag is None:
+                tag = decided[key] = policy.tagger(
+                    facts(r[2], r[3], bool(r[6]), bool(r[7]), r[8], (r[9] or "").split())
+                )
+            if tag != (r[4], r[5]):
+                updates.append((*tag, r[0]))
+        await db.executemany("UPDATE messages SET visibility = ?, reason = ? WHERE id = ?", updates)
+        changed += len(updates)
+        last = rows[-1][0]

@@ -1,4 +1,5 @@
-"""Shared fixtures: one private Dovecot per test session, a fresh mailbox per test, a store."""
+"""Shared fixtures: one private Dovecot and one private PostgreSQL per test session, a fresh
+mailbox per test, and a store on each backend."""
 
 from __future__ import annotations
 
@@ -9,6 +10,10 @@ import pytest
 
 from dovecot import Dovecot, Mailbox, private_dovecot
 from mailingest.store import Store
+from postgres import Postgres, private_postgres
+from support import StoreAt
+
+BACKENDS = ("sqlite", "postgresql")
 
 
 @pytest.fixture(scope="session")
@@ -24,10 +29,30 @@ def mailbox(dovecot: Dovecot) -> Mailbox:
     return dovecot.new_mailbox()
 
 
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[Postgres]:
+    """A real PostgreSQL on 127.0.0.1 for the whole run; raises PostgresMissing if not
+    installed."""
+    with private_postgres() as server:
+        yield server
+
+
+@pytest.fixture(params=BACKENDS)
+def store_at(request: pytest.FixtureRequest, tmp_path: Path) -> StoreAt:
+    """A new, empty store location on each backend: the test runs once per backend."""
+    if request.param == "sqlite":
+        return StoreAt(tmp_path / "mail.db")
+    server: Postgres = request.getfixturevalue("postgres")
+    secret = tmp_path / "db-password"
+    secret.write_text(server.password + "\n")
+    secret.chmod(0o600)
+    return StoreAt(server.new_database(), secret)
+
+
 @pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[Store]:
-    """A new SQLite store in the test's own directory."""
-    opened = await Store.open(tmp_path / "mail.db")
+async def store(store_at: StoreAt) -> AsyncIterator[Store]:
+    """A new store on each backend."""
+    opened = await store_at.open()
     try:
         yield opened
     finally:

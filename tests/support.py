@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import sqlite3
 import subprocess
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +18,74 @@ from dovecot import Dovecot, Mailbox
 from mailingest.store import Store
 
 TIMEOUT = 120
+
+
+@dataclass(frozen=True)
+class StoreAt:
+    """Where a test's store lives: a SQLite file, or a database on the private PostgreSQL."""
+
+    database: Path | str
+    password_file: Path | None = None
+
+    @property
+    def backend(self) -> str:
+        return "sqlite" if isinstance(self.database, Path) else "postgresql"
+
+    @property
+    def password(self) -> str | None:
+        if self.password_file is None:
+            return None
+        return self.password_file.read_text().strip()
+
+    async def open(self) -> Store:
+        return await Store.open(self.database, password=self.password)
+
+    def query(self, sql: str, args: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        """Rows of ``sql`` (``?`` placeholders) read as another process would."""
+        if isinstance(self.database, Path):
+            with contextlib.closing(sqlite3.connect(self.database, timeout=30)) as db:
+                return [tuple(r) for r in db.execute(sql, args).fetchall()]
+        import psycopg
+
+        with psycopg.connect(self.database, password=self.password) as conn:
+            return [tuple(r) for r in conn.execute(sql.replace("?", "%s"), args).fetchall()]
+
+    @contextlib.contextmanager
+    def write_locked(self) -> Iterator[None]:
+        """Another process's write transaction that blocks every writer until the block ends."""
+        if isinstance(self.database, Path):
+            db = sqlite3.connect(self.database, timeout=30, isolation_level=None)
+            try:
+                db.execute("BEGIN EXCLUSIVE")
+                yield
+                db.execute("ROLLBACK")
+            finally:
+                db.close()
+            return
+        import psycopg
+
+        with psycopg.connect(self.database, password=self.password) as conn:
+            conn.execute("LOCK TABLE messages, ledger, account_state IN ACCESS EXCLUSIVE MODE")
+            yield
+            conn.rollback()
+
+    def stored(self) -> list[str]:
+        """sha256 of each stored message, checked against its stored chunks."""
+        digests = []
+        for message_id, digest in self.query("SELECT id, sha256 FROM messages"):
+            chunks = self.query(
+                "SELECT data FROM message_chunks WHERE message = ? ORDER BY seq", (message_id,)
+            )
+            assert sha(b"".join(bytes(c) for (c,) in chunks)) == digest
+            digests.append(digest)
+        return sorted(digests)
+
+    def storage(self) -> dict[str, Any]:
+        """The config's [storage] table for it."""
+        table: dict[str, Any] = {"database": str(self.database)}
+        if self.password_file is not None:
+            table["password"] = {"file": str(self.password_file)}
+        return table
 
 
 def _toml_value(value: Any) -> str:
@@ -37,9 +108,12 @@ def write_config(
     *,
     database: str = "mail.db",
     daemon: Mapping[str, Any] | None = None,
+    storage: Mapping[str, Any] | None = None,
 ) -> Path:
-    """A config file (mode 0600) with the given account tables."""
-    lines = ["[storage]", f"database = {_toml_value(database)}", ""]
+    """A config file (mode 0600) with the given account tables; ``storage`` (from
+    ``StoreAt.storage()``) replaces the ``database`` file."""
+    table = dict(storage) if storage is not None else {"database": database}
+    lines = ["[storage]", *(f"{k} = {_toml_value(v)}" for k, v in table.items()), ""]
     if daemon:
         lines += ["[daemon]", *(f"{k} = {_toml_value(v)}" for k, v in daemon.items()), ""]
     for account in accounts:

@@ -26,9 +26,9 @@ from mailingest.config import (
 )
 from mailingest.errors import ConfigError
 
-POP_PW = "hunter2-pop-secret"
-SMTP_PW = "hunter2-smtp-secret"
-ENV = {"A_PW": POP_PW, "S_PW": SMTP_PW}
+POA_PW = "hunter2-pop-secret"
+SMTA_PW = "hunter2-smtp-secret"
+ENV = {"A_PW": POA_PW, "S_PW": SMTA_PW}
 EXAMPLE = Path(__file__).resolve().parent.parent / "config" / "mailingest.example.toml"
 
 BASE = {
@@ -73,7 +73,7 @@ def fails(
     err = info.value
     assert err.exit_code == 78
     assert str(path) in str(err)
-    for secret in (POP_PW, SMTP_PW, "pw-in-file", "literal-pw"):
+    for secret in (POA_PW, SMTA_PW, "pw-in-file", "literal-pw"):
         assert secret not in str(err)
     return err
 
@@ -86,6 +86,27 @@ ERROR_CASES = [
     # unknown keys, everywhere
     ("bogus = 1\n" + acct(), "bogus", "unknown key; allowed keys: accounts, daemon, storage"),
     ('[storage]\npath = "x"\n', "storage.path", "allowed keys: database"),
+    # storage: a PostgreSQL URL never holds its password; only PostgreSQL takes one
+    (
+        '[storage]\ndatabase = "postgresql://u:literal-pw@db.example/mail"\n',
+        "storage.database",
+        "the URL holds a password; move it to storage.password",
+    ),
+    (
+        '[storage]\ndatabase = "postgresql://u@db.example/mail?password=literal-pw"\n',
+        "storage.database",
+        "the URL holds a password",
+    ),
+    (
+        '[storage]\ndatabase = "mail.db"\npassword = { env = "A_PW" }\n',
+        "storage.password",
+        "only a postgresql:// database takes a password",
+    ),
+    (
+        '[storage]\ndatabase = "postgresql://u@db.example/mail"\npassword = { env = "NOPE" }\n',
+        "storage.password",
+        "environment variable NOPE is not set",
+    ),
     ("[daemon]\nworkers = 2\n", "daemon.workers", "allowed keys: log_format, max_concurrent"),
     (acct(pasword='"x"'), f"{A}.pasword", "allowed keys: allow_plaintext, ca_file"),
     (acct(SMTP + "foo = 1\n"), f"{SMTP_A}.foo", "allowed keys: allow_plaintext, ca_file"),
@@ -223,7 +244,7 @@ def test_minimal_account_gets_defaults(tmp_path: Path) -> None:
         port=995,
         security="tls",
         username="alice@example.com",
-        password=Secret("env", "A_PW", POP_PW),
+        password=Secret("env", "A_PW", POA_PW),
     )
     assert (account.leave_on_server, account.delete_after_days, account.sharing) == (
         True,
@@ -285,7 +306,7 @@ def test_smtp_defaults_and_explicit_values(tmp_path: Path) -> None:
     smtp = config.accounts[0].smtp
     assert smtp is not None
     assert (smtp.security, smtp.port, smtp.daily_limit, smtp.timeout) == ("starttls", 587, 500, 30)
-    assert smtp.password.reveal() == SMTP_PW
+    assert smtp.password.reveal() == SMTA_PW
     assert (smtp.allow_plaintext, smtp.ca_file, smtp.tls_verify) == (False, None, True)
 
 
@@ -345,7 +366,7 @@ def test_literal_secret(tmp_path: Path) -> None:
 
 def test_env_secret(tmp_path: Path) -> None:
     secret = load(tmp_path, acct()).accounts[0].password
-    assert (secret.source, secret.ref, secret.reveal()) == ("env", "A_PW", POP_PW)
+    assert (secret.source, secret.ref, secret.reveal()) == ("env", "A_PW", POA_PW)
     assert secret.describe() == '{ env = "A_PW" }'
 
 
@@ -433,14 +454,14 @@ def test_group_readable_file_with_literal_smtp_password_is_refused(tmp_path: Pat
 
 def test_group_readable_file_without_literal_password_is_accepted(tmp_path: Path) -> None:
     config = load_config(write(tmp_path, acct(SMTP), mode=0o644), ENV)
-    assert config.accounts[0].password.reveal() == POP_PW
+    assert config.accounts[0].password.reveal() == POA_PW
 
 
 def test_secret_never_appears_in_repr_or_str(tmp_path: Path) -> None:
     config = load(tmp_path, acct(SMTP))
     for text in (repr(config), str(config), repr(config.accounts[0].password)):
-        assert POP_PW not in text
-        assert SMTP_PW not in text
+        assert POA_PW not in text
+        assert SMTA_PW not in text
     assert repr(Secret("literal", "", "x")) == str(Secret("literal", "", "x")) == "'***'"
 
 
@@ -524,7 +545,7 @@ def test_render_config_redacts_secrets_and_fills_defaults(tmp_path: Path) -> Non
     )
     config = load(tmp_path, text)
     rendered = render_config(config)
-    for secret in (POP_PW, "pw-in-file", "literal-pw"):
+    for secret in (POA_PW, "pw-in-file", "literal-pw"):
         assert secret not in rendered
     assert config.accounts[0].password.describe() in rendered
     assert '{ env = "A_PW" }' in rendered
@@ -606,3 +627,15 @@ def test_example_config_documents_every_key() -> None:
     for settings in (Account, SmtpSettings, DaemonSettings, StorageSettings):
         for key in (f.name for f in dataclasses.fields(settings) if f.name != "smtp"):
             assert f"{key} =" in text, key
+
+
+def test_postgresql_storage_keeps_the_url_and_describes_its_password(tmp_path: Path) -> None:
+    text = (
+        '[storage]\ndatabase = "postgresql://u@db.example:5433/mail"\npassword = { env = "A_PW" }\n'
+    )
+    config = load(tmp_path, text + acct())
+    assert config.storage.database == "postgresql://u@db.example:5433/mail"
+    assert config.storage.postgres and config.storage.reveal_password() == POA_PW
+    assert POA_PW in set(config.secrets())
+    rendered = render_config(config)
+    assert 'password = { env = "A_PW" }' in rendered and POA_PW not in rendered

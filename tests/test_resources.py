@@ -14,7 +14,6 @@ import json
 import os
 import resource
 import signal
-import sqlite3
 import subprocess
 import sys
 import threading
@@ -30,7 +29,7 @@ from mailingest.config import Account, Secret
 from mailingest.fetch import fetch_account
 from mailingest.popserver import Faults, Mailbox, Pop3TestServer, ThreadedPop3Server
 from mailingest.store import BUSY_TIMEOUT_MS, Store
-from support import write_config
+from support import StoreAt, write_config
 
 USER, PASSWORD, NAME = "alice", "Resource-Pw-31", "acct"
 
@@ -54,18 +53,7 @@ def sha(data: bytes) -> str:
 
 def stored(database: Path) -> list[str]:
     """sha256 of each stored message, recomputed from the stored chunks."""
-    db = sqlite3.connect(database)
-    try:
-        digests = []
-        for message_id, digest in db.execute("SELECT id, sha256 FROM messages").fetchall():
-            chunks = db.execute(
-                "SELECT data FROM message_chunks WHERE message = ? ORDER BY seq", (message_id,)
-            )
-            assert sha(b"".join(chunk for (chunk,) in chunks)) == digest
-            digests.append(digest)
-        return sorted(digests)
-    finally:
-        db.close()
+    return StoreAt(database).stored()
 
 
 def account_table(port: int) -> dict[str, Any]:
@@ -211,16 +199,9 @@ def test_disk_full_stops_before_any_dele_and_the_next_run_completes(
 # -- locked database ---------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def exclusive_lock(database: Path) -> Iterator[None]:
+def exclusive_lock(database: Path) -> contextlib.AbstractContextManager[None]:
     """Another process's write transaction: BEGIN EXCLUSIVE held until the block ends."""
-    db = sqlite3.connect(database, timeout=30, isolation_level=None)
-    try:
-        db.execute("BEGIN EXCLUSIVE")
-        yield
-        db.execute("ROLLBACK")
-    finally:
-        db.close()
+    return StoreAt(database).write_locked()
 
 
 def test_locked_database_exits_75_without_dele_and_the_next_run_completes(
@@ -290,7 +271,7 @@ def _wait_for(check: Callable[[], bool], timeout: float = 10.0) -> None:
 
 
 async def test_database_locked_in_the_middle_of_a_cycle_is_temporary_and_typed(
-    store: Store, tmp_path: Path
+    store: Store, store_at: StoreAt
 ) -> None:
     """The lock arrives after login, while RETR runs: the commit fails, nothing is DELEted.
 
@@ -298,7 +279,8 @@ async def test_database_locked_in_the_middle_of_a_cycle_is_temporary_and_typed(
     The lease could not be released either; the next cycle of the same process (the daemon's
     retry) must not take its own leftover for another fetcher's.
     """
-    await store._db.execute("PRAGMA busy_timeout = 300")
+    shorter = {"sqlite": "PRAGMA busy_timeout = 300", "postgresql": "SET lock_timeout = 300"}
+    await store._db.execute(shorter[store_at.backend])
     messages = [message(i) for i in range(5)]
     faults = Faults(per_session=lambda n: Faults(delay={"RETR 1": 0.5}) if n == 0 else Faults())
     acc = Account(
@@ -320,7 +302,7 @@ async def test_database_locked_in_the_middle_of_a_cycle_is_temporary_and_typed(
         locked, release = threading.Event(), threading.Event()
 
         def hold() -> None:
-            with exclusive_lock(tmp_path / "mail.db"):
+            with store_at.write_locked():
                 locked.set()
                 release.wait(10)
 
@@ -344,4 +326,4 @@ async def test_database_locked_in_the_middle_of_a_cycle_is_temporary_and_typed(
         again = await fetch_account(acc, store)
         assert again.status == "ok" and again.new == len(messages), again
         assert server.mailbox(USER).remaining() == 0
-    assert stored(tmp_path / "mail.db") == sorted(sha(served(m)) for m in messages)
+    assert store_at.stored() == sorted(sha(served(m)) for m in messages)

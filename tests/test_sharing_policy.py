@@ -38,6 +38,8 @@ from mailingest.model import AccountPolicy, Facts, Headers, NewMessage, Record
 from mailingest.parse import parse_headers, read_head
 from mailingest.sharing import Policy, decide, may_see
 from mailingest.store import Store
+from postgres import Postgres
+from support import StoreAt
 
 BASE_DATE = datetime(2026, 1, 5, 9, 0, tzinfo=UTC)
 OWN = "alice@own.example"
@@ -72,9 +74,9 @@ def account(
     )
 
 
-def config_of(accounts: Sequence[Account], database: Path) -> Config:
+def config_of(accounts: Sequence[Account], database: Path | str) -> Config:
     return Config(
-        path=database.parent / "mailingest.toml",
+        path=Path("mailingest.toml"),
         storage=StorageSettings(database=database),
         daemon=DaemonSettings(),
         accounts=tuple(accounts),
@@ -114,8 +116,8 @@ def new_message(raw: bytes, identity: str, uidl: str, *, origin: str = "pop3") -
 
 
 @contextlib.asynccontextmanager
-async def open_store(directory: Path) -> AsyncIterator[Store]:
-    store = await Store.open(directory / "mail.db")
+async def open_store(at: StoreAt) -> AsyncIterator[Store]:
+    store = await at.open()
     try:
         yield store
     finally:
@@ -278,14 +280,14 @@ def test_policy_table_cell(cell: Cell) -> None:
 
 
 @pytest.mark.parametrize("cell", ROWS, ids=_cell_id)
-async def test_policy_table_cell_on_stored_mail(cell: Cell, tmp_path: Path) -> None:
+async def test_policy_table_cell_on_stored_mail(cell: Cell, store_at: StoreAt) -> None:
     acct = account(sharing=cell.mode, excluded=cell.excluded)
     if cell.origin == "in":
         raw = raw_message(1, cell.partners[0], [OWN], cell.partners[1:])
     else:
         raw = raw_message(1, f"Alice <{OWN}>", list(cell.partners))
-    async with open_store(tmp_path) as store:
-        await crm.sync_settings(store, config_of([acct], tmp_path / "mail.db"))
+    async with open_store(store_at) as store:
+        await crm.sync_settings(store, config_of([acct], store_at.database))
         other = cell.partners[0] if cell.linked else "someone@else.example"
         await store.import_records([Record("L1", "lead", "Lead", (normalize(other) or "",))], {})
         await store.import_records([Record("C9", "contact", "Unrelated", ("z@z.example",))], {})
@@ -306,7 +308,7 @@ async def test_policy_table_cell_on_stored_mail(cell: Cell, tmp_path: Path) -> N
         assert await store.messages("alice", record="C9") == []
         # The same tag again after a re-tag of the whole account (mode flip and back).
         flipped = account(sharing="private" if cell.mode != "private" else "custom")
-        db = tmp_path / "mail.db"
+        db = store_at.database
         await crm.sync_settings(store, config_of([flipped], db))
         await crm.sync_settings(store, config_of([acct], db))
         [again] = await store.messages("alice")
@@ -564,11 +566,11 @@ def test_records_csv_normalises_several_addresses() -> None:
 # --------------------------------------------------------------------------------------------
 
 
-async def test_multi_author_mail_keeps_its_tag_when_retagged(tmp_path: Path) -> None:
+async def test_multi_author_mail_keeps_its_tag_when_retagged(store_at: StoreAt) -> None:
     """The first From decides; a re-tag must not pick another author of the same message."""
     acct = account(sharing="public", excluded=["x.example"])
     raw = raw_message(1, "z@x.example, a@y.example", [OWN])
-    async with open_store(tmp_path) as store:
+    async with open_store(store_at) as store:
         await store.import_records([Record("L1", "lead", "", ("a@y.example",))], {})
         await store.import_records([Record("L2", "lead", "", ("z@x.example",))], {})
         await store_one(store, acct, raw, 1)
@@ -579,11 +581,11 @@ async def test_multi_author_mail_keeps_its_tag_when_retagged(tmp_path: Path) -> 
         assert (after.visibility, after.reason) == ("private", "excluded_domain")
 
 
-async def test_raw_utf8_sender_address_links_and_is_excluded(tmp_path: Path) -> None:
+async def test_raw_utf8_sender_address_links_and_is_excluded(store_at: StoreAt) -> None:
     """Regression: compat32 turned raw UTF-8 header bytes into U+FFFD before matching."""
     acct = account(sharing="public", excluded=["xn--mller-kva.example"])
     raw = raw_message(1, "Jürgen <jürgen@müller.example>", [OWN])
-    async with open_store(tmp_path) as store:
+    async with open_store(store_at) as store:
         await store.import_records(
             [Record("L1", "lead", "", ("jürgen@xn--mller-kva.example",))], {}
         )
@@ -592,10 +594,10 @@ async def test_raw_utf8_sender_address_links_and_is_excluded(tmp_path: Path) -> 
         assert (mine.records, mine.reason) == (["L1"], "excluded_domain")
 
 
-async def test_record_import_links_stored_mail_and_retags_it(tmp_path: Path) -> None:
+async def test_record_import_links_stored_mail_and_retags_it(store_at: StoreAt) -> None:
     acct = account(sharing="public", label="CRM")
-    async with open_store(tmp_path) as store:
-        await crm.sync_settings(store, config_of([acct], tmp_path / "mail.db"))
+    async with open_store(store_at) as store:
+        await crm.sync_settings(store, config_of([acct], store_at.database))
         mid = await store_one(store, acct, raw_message(1, "ceo@corp.example", [OWN]), 1)
         [before] = await store.messages("alice")
         assert (before.reason, before.records, before.labels) == ("unmatched", [], [])
@@ -606,14 +608,14 @@ async def test_record_import_links_stored_mail_and_retags_it(tmp_path: Path) -> 
         assert (after.records, after.labels) == (["C1"], ["CRM"])
 
 
-async def test_big_imports_and_mass_mail_link_across_sql_parameter_lists(tmp_path: Path) -> None:
+async def test_big_imports_and_mass_mail_link_across_sql_parameter_lists(store_at: StoreAt) -> None:
     """More records and recipients than one IN (...) list takes (the store splits them)."""
     many = 1200
     addresses = [f"r{i}@big.example" for i in range(many)]
     ids = [f"R{i:04d}" for i in range(many)]
     acct = account(sharing="custom")
-    async with open_store(tmp_path) as store:
-        await crm.sync_settings(store, config_of([acct], tmp_path / "mail.db"))
+    async with open_store(store_at) as store:
+        await crm.sync_settings(store, config_of([acct], store_at.database))
         first = await store_one(store, acct, raw_message(1, addresses[-1], [OWN]), 1)
         await store_one(store, acct, raw_message(2, OWN, addresses), 2, origin="crm")
         records = [Record(i, "lead", "", (a,)) for i, a in zip(ids, addresses, strict=True)]
@@ -628,10 +630,10 @@ async def test_big_imports_and_mass_mail_link_across_sql_parameter_lists(tmp_pat
         assert (found[first + 2].records, found[first + 2].reason) == (ids, "custom_shared")
 
 
-async def test_ceo_contact_stays_private_under_the_default_mode(tmp_path: Path) -> None:
+async def test_ceo_contact_stays_private_under_the_default_mode(store_at: StoreAt) -> None:
     acct = account()  # sharing defaults to private
-    async with open_store(tmp_path) as store:
-        await crm.sync_settings(store, config_of([acct], tmp_path / "mail.db"))
+    async with open_store(store_at) as store:
+        await crm.sync_settings(store, config_of([acct], store_at.database))
         await store.import_records([Record("C1", "contact", "CEO", ("ceo@own.example",))], {})
         await store.set_share("alice", "C1", True, policies(acct))
         await store_one(store, acct, raw_message(1, "CEO <ceo@own.example>", [OWN]), 1)
@@ -762,7 +764,7 @@ class Model:
             if m.links_on & keys:
                 m.records.add(record)
 
-    def config(self, database: Path) -> Config:
+    def config(self, database: Path | str) -> Config:
         return config_of(
             [
                 account(
@@ -813,7 +815,7 @@ _START = st.tuples(
 )
 
 
-async def _apply(store: Store, model: Model, db: Path, op: tuple[Any, ...]) -> None:
+async def _apply(store: Store, model: Model, db: Path | str, op: tuple[Any, ...]) -> None:
     kind = op[0]
     if kind == "add":
         _, name, origin, (key, variant), extras, extras_on_cc = op
@@ -890,12 +892,12 @@ async def _check(store: Store, model: Model, *, records_too: bool) -> None:
                 ], (viewer, label)
 
 
-async def _run_sequence(directory: Path, ops: list[tuple[Any, ...]]) -> None:
-    db = directory / "mail.db"
+async def _run_sequence(at: StoreAt, ops: list[tuple[Any, ...]]) -> None:
+    db = at.database
     model = Model(
         {name: ModelAccount(owner, ident, spelled) for name, owner, ident, spelled in ACCOUNTS}
     )
-    async with open_store(directory) as store:
+    async with open_store(at) as store:
         await crm.sync_settings(store, model.config(db))
         for op in ops:
             await _apply(store, model, db, op)
@@ -914,23 +916,44 @@ def test_what_each_viewer_sees_matches_the_model(
 ) -> None:
     *modes, records, mail = start
     with tempfile.TemporaryDirectory(prefix="mailingest-prop-") as tmp:
-        asyncio.run(_run_sequence(Path(tmp), [*modes, *records, *mail, *ops]))
+        at = StoreAt(Path(tmp) / "mail.db")
+        asyncio.run(_run_sequence(at, [*modes, *records, *mail, *ops]))
 
 
-async def test_a_reader_sees_a_settings_change_whole_or_not_at_all(tmp_path: Path) -> None:
+@settings(
+    max_examples=120,  # a new database each: fewer examples, the same model
+    deadline=None,
+    suppress_health_check=[
+        HealthCheck.too_slow,
+        HealthCheck.data_too_large,
+        HealthCheck.function_scoped_fixture,
+    ],
+)
+@given(_START, _OPS)
+def test_what_each_viewer_sees_matches_the_model_on_postgresql(
+    postgres: Postgres, tmp_path: Path, start: tuple[Any, ...], ops: list[tuple[Any, ...]]
+) -> None:
+    *modes, records, mail = start
+    secret = tmp_path / "db-password"
+    secret.write_text(postgres.password)
+    at = StoreAt(postgres.new_database(), secret)
+    asyncio.run(_run_sequence(at, [*modes, *records, *mail, *ops]))
+
+
+async def test_a_reader_sees_a_settings_change_whole_or_not_at_all(store_at: StoreAt) -> None:
     """A viewer query on another connection, while re-tags commit: each message's tag, links
     and labels come from one state (private, unlabelled / public, labelled CRM)."""
     private, public = account(), account(sharing="public", label="CRM")
-    async with open_store(tmp_path) as writer, open_store(tmp_path) as reader:
+    async with open_store(store_at) as writer, open_store(store_at) as reader:
         await writer.import_records([Record("L1", "lead", "", ("lead@customer.example",))], {})
-        await crm.sync_settings(writer, config_of([private], tmp_path / "mail.db"))
+        await crm.sync_settings(writer, config_of([private], store_at.database))
         for n in range(40):
             await store_one(writer, private, raw_message(n, "lead@customer.example", [OWN]), n)
 
         async def toggle() -> None:
             for flip in range(12):  # bounded: the reader stops when this is done
                 chosen = public if flip % 2 == 0 else private
-                await crm.sync_settings(writer, config_of([chosen], tmp_path / "mail.db"))
+                await crm.sync_settings(writer, config_of([chosen], store_at.database))
 
         async def read() -> set[tuple[str, ...]]:
             seen: set[tuple[str, ...]] = set()

@@ -135,12 +135,7 @@ def _records(args: argparse.Namespace) -> int:
 
 def _load(args: argparse.Namespace) -> Config:
     config = load_config(resolve_config_path(args.config))
-    logs.register_secrets(
-        s.reveal()
-        for a in config.accounts
-        for s in (a.password, a.smtp.password if a.smtp else None)
-        if s is not None
-    )
+    logs.register_secrets(config.secrets())
     fmt = args.log_format or config.daemon.log_format
     logs.configure(fmt, level=10 if args.verbose else 20)
     for account in config.accounts:

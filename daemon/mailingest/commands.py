@@ -47,7 +47,8 @@ def select_accounts(config: Config, names: Sequence[str] | None) -> list[Account
 @contextlib.asynccontextmanager
 async def open_store(config: Config) -> AsyncIterator[Store]:
     """The store, with stored mail re-tagged first if an account's sharing settings changed."""
-    store = await Store.open(config.storage.database)
+    storage = config.storage
+    store = await Store.open(storage.database, password=storage.reveal_password())
     try:
         await crm.sync_settings(store, config)
         yield store

@@ -10,7 +10,7 @@ import math
 import os
 import re
 import tomllib
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,7 +27,7 @@ _POP3_PORTS = {"tls": 995, "starttls": 110, "plain": 110}
 _SMTP_PORTS = {"tls": 465, "starttls": 587, "plain": 25}
 
 _TOP_KEYS = ("storage", "daemon", "accounts")
-_STORAGE_KEYS = ("database",)
+_STORAGE_KEYS = ("database", "password")
 _DAEMON_KEYS = "poll_interval max_concurrent max_sessions_per_cycle log_format shutdown_timeout"
 _TRANSPORT_KEYS = "host port security username password allow_plaintext ca_file tls_verify timeout"
 _SMTP_KEYS = (*_TRANSPORT_KEYS.split(), "daily_limit")
@@ -118,7 +118,16 @@ class Account:
 
 @dataclass(frozen=True, slots=True)
 class StorageSettings:
-    database: Path
+    #: A SQLite file, or a ``postgresql://user@host[:port]/db`` URL (never with a password).
+    database: Path | str
+    password: Secret | None = None  # PostgreSQL only
+
+    @property
+    def postgres(self) -> bool:
+        return isinstance(self.database, str)
+
+    def reveal_password(self) -> str | None:
+        return self.password.reveal() if self.password is not None else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,6 +145,15 @@ class Config:
     storage: StorageSettings
     daemon: DaemonSettings
     accounts: tuple[Account, ...]
+
+    def secrets(self) -> Iterator[str]:
+        """Every secret value (POP3, SMTP, database), for the log redaction."""
+        if self.storage.password is not None:
+            yield self.storage.password.reveal()
+        for account in self.accounts:
+            yield account.password.reveal()
+            if account.smtp is not None:
+                yield account.smtp.password.reveal()
 
     def account(self, name: str) -> Account:
         for account in self.accounts:
@@ -329,9 +347,35 @@ def _type_name(value: object) -> str:
 def _storage(t: _Table, ctx: _Context) -> StorageSettings:
     t.check_keys(_STORAGE_KEYS)
     if "database" in t.data:
-        return StorageSettings(ctx.resolve(t.string("database")))
+        database = t.string("database")
+        if database.startswith(("postgresql://", "postgres://")):
+            return StorageSettings(_postgres_url(t, database), _db_password(t, ctx))
+        if "password" in t.data:
+            raise t.error("password", "only a postgresql:// database takes a password")
+        return StorageSettings(ctx.resolve(database))
+    if "password" in t.data:
+        raise t.error("password", "only a postgresql:// database takes a password")
     state = ctx.environ.get("STATE_DIRECTORY", "").split(":")[0]  # systemd StateDirectory=
     return StorageSettings(Path(state) / "mail.db" if state else ctx.base / "mail.db")
+
+
+def _postgres_url(t: _Table, url: str) -> str:
+    rest = url.partition("://")[2]
+    userinfo, at, _ = rest.rpartition("@")
+    if at and ":" in userinfo:
+        # Never echo the URL: it holds the password.
+        raise t.error(
+            "database",
+            "the URL holds a password; move it to storage.password "
+            '(password = { env = "VAR" }, { file = ... } or { credential = ... })',
+        )
+    if "password=" in rest.partition("?")[2]:
+        raise t.error("database", "the URL holds a password; move it to storage.password")
+    return url
+
+
+def _db_password(t: _Table, ctx: _Context) -> Secret | None:
+    return _secret(t, "password", ctx) if "password" in t.data else None
 
 
 def _daemon(t: _Table) -> DaemonSettings:

@@ -133,7 +133,8 @@ class Daemon:
             loop.add_signal_handler(signal.SIGINT, self.stop, "SIGINT")
             loop.add_signal_handler(signal.SIGHUP, self.reload)
         try:
-            self._store = await Store.open(self.config.storage.database)
+            storage = self.config.storage
+            self._store = await Store.open(storage.database, password=storage.reveal_password())
             await self.sync_settings()  # settings changed while stopped: re-tag before polling
             states = await self.store.account_states(counts=False)
             await self._start(list(self.config.accounts), states)
@@ -205,7 +206,7 @@ class Daemon:
 
     async def apply(self, new: Config) -> None:
         """Switch to ``new``: add, remove and change accounts without dropping in-flight work."""
-        logs.register_secrets(a.password.reveal() for a in new.accounts)
+        logs.register_secrets(new.secrets())
         old = self.config
         restart_needed = [
             key

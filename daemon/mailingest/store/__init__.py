@@ -8,11 +8,8 @@ runs in one ``read`` or ``write`` block of the backend, which maps driver errors
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import fcntl
-import hashlib
-import os
+import tempfile
 from collections.abc import AsyncIterator, Collection, Iterable, Sequence
 from datetime import datetime
 from pathlib import Path
@@ -28,6 +25,7 @@ from mailingest.model import (
 )
 from mailingest.store import ingest, read, records, state
 from mailingest.store._db import CHUNK, Database
+from mailingest.store._postgres import is_postgres_url, redacted
 from mailingest.store._sqlite import BUSY_TIMEOUT_MS, SqliteDatabase
 
 
@@ -41,9 +39,15 @@ class Store:
         return f"<Store {self._db!r}>"
 
     @classmethod
-    async def open(cls, database: Path) -> Store:
-        """Open (and create or migrate) the store; raises StoreError naming the cause."""
-        return cls(await SqliteDatabase.open(database))
+    async def open(cls, database: Path | str, *, password: str | None = None) -> Store:
+        """Open (and create or migrate) the store: a SQLite file, or a ``postgresql://`` URL
+        (``password`` for it, if not given another way). Raises StoreError naming the cause."""
+        if is_postgres_url(database):
+            from mailingest.store._postgres import PostgresDatabase
+
+            spool = Path(tempfile.gettempdir())
+            return cls(await PostgresDatabase.open(str(database), password, spool))
+        return cls(await SqliteDatabase.open(Path(database)))
 
     async def close(self) -> None:
         await self._db.close()
@@ -53,18 +57,9 @@ class Store:
         """Where a fetch spools messages before they are stored."""
         return self._db.spool_dir
 
-    @contextlib.asynccontextmanager
-    async def exclusive(self, name: str) -> AsyncIterator[None]:
+    def exclusive(self, name: str) -> contextlib.AbstractAsyncContextManager[None]:
         """Held by one process at a time (e.g. one sender per account); dropped if it dies."""
-        assert isinstance(self._db, SqliteDatabase)
-        path = self._db.path
-        digest = hashlib.sha256(name.encode("utf-8")).hexdigest()[:16]
-        fd = os.open(path.with_name(f"{path.name}.{digest}.lock"), os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            await asyncio.to_thread(fcntl.flock, fd, fcntl.LOCK_EX)
-            yield
-        finally:
-            os.close(fd)  # releases the lock
+        return self._db.exclusive(name)
 
     # -- ingestion -------------------------------------------------------------------------------
 
@@ -180,4 +175,4 @@ class Store:
         return read.raw_chunks(self._db, message_id)
 
 
-__all__ = ["BUSY_TIMEOUT_MS", "CHUNK", "Store"]
+__all__ = ["BUSY_TIMEOUT_MS", "CHUNK", "Store", "is_postgres_url", "redacted"]

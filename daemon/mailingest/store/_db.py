@@ -60,8 +60,17 @@ class Database(abc.ABC):
         """Run one statement per row; ``rows`` may be a generator, consumed one at a time."""
 
     @abc.abstractmethod
-    async def next_ids(self, count: int) -> int:
-        """The first of ``count`` new message ids; inside a write transaction."""
+    async def next_ids(self, count: int) -> list[int]:
+        """``count`` new message ids, in ascending order; inside a write transaction."""
+
+    @abc.abstractmethod
+    async def insert_chunks(self, rows: Iterator[tuple[int, int, bytes]]) -> None:
+        """Insert (message, seq, data) rows into message_chunks, holding one in memory."""
+
+    @abc.abstractmethod
+    def exclusive(self, name: str) -> contextlib.AbstractAsyncContextManager[None]:
+        """Held by one process at a time, across machines where the backend can; dropped
+        when the holder dies."""
 
     @abc.abstractmethod
     async def close(self) -> None: ...
@@ -128,7 +137,7 @@ class Database(abc.ABC):
 def store_error(exc: BaseException, what: str) -> StoreError:
     text = str(exc).strip()
     low = text.lower()
-    if "locked" in low or "busy" in low or "could not obtain lock" in low:
+    if "locked" in low or "busy" in low or "lock timeout" in low or "could not obtain lock" in low:
         return StoreError(f"database is locked by another process while {what}; try again")
     if "full" in low or "no space" in low:
         return StoreError(f"disk full while {what}: {text}")

@@ -107,3 +107,104 @@ SQLITE_MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE account_state ADD COLUMN pause_key TEXT;
     """,
 )
+
+#: The same tables for PostgreSQL. Its history starts at the schema SQLite reached with
+#: migration 3; later changes are added to both lists.
+POSTGRES_MIGRATIONS: tuple[str, ...] = (
+    # 1: everything SQLite's migrations 1-3 make
+    """
+    CREATE TABLE messages (
+        id BIGSERIAL PRIMARY KEY,
+        account TEXT NOT NULL,
+        owner TEXT NOT NULL,
+        direction TEXT NOT NULL CHECK (direction IN ('in', 'out')),
+        size BIGINT NOT NULL,
+        sha256 TEXT NOT NULL,
+        from_addr TEXT,
+        to_addrs TEXT NOT NULL DEFAULT '[]',
+        cc_addrs TEXT NOT NULL DEFAULT '[]',
+        subject TEXT,
+        date TEXT,
+        message_id TEXT,
+        visibility TEXT NOT NULL CHECK (visibility IN ('private', 'shared')),
+        reason TEXT NOT NULL,
+        received_at TEXT NOT NULL,
+        origin TEXT NOT NULL DEFAULT 'pop3',
+        UNIQUE (account, sha256)
+    );
+    CREATE INDEX messages_owner ON messages (owner, id);
+    CREATE INDEX messages_visibility ON messages (visibility, id);
+    CREATE INDEX messages_account ON messages (account, id);
+    CREATE TABLE message_chunks (
+        message BIGINT NOT NULL REFERENCES messages (id) ON DELETE CASCADE,
+        seq INTEGER NOT NULL,
+        data BYTEA NOT NULL,
+        PRIMARY KEY (message, seq)
+    );
+    CREATE TABLE message_labels (
+        message BIGINT NOT NULL REFERENCES messages (id) ON DELETE CASCADE,
+        label TEXT NOT NULL,
+        PRIMARY KEY (message, label)
+    );
+    CREATE TABLE ledger (
+        account TEXT NOT NULL,
+        uidl TEXT NOT NULL,
+        message BIGINT REFERENCES messages (id),
+        first_seen TEXT NOT NULL,
+        deleted_at TEXT,
+        PRIMARY KEY (account, uidl)
+    );
+    CREATE TABLE account_state (
+        account TEXT PRIMARY KEY,
+        owner TEXT,
+        last_poll TEXT,
+        result TEXT,
+        error TEXT,
+        new INTEGER NOT NULL DEFAULT 0,
+        consecutive_failures INTEGER NOT NULL DEFAULT 0,
+        next_poll TEXT,
+        paused INTEGER NOT NULL DEFAULT 0,
+        pause_reason TEXT,
+        lease_holder TEXT,
+        lease_expires DOUBLE PRECISION,
+        next_login TEXT,
+        pause_key TEXT
+    );
+    CREATE TABLE records (
+        id TEXT PRIMARY KEY,
+        kind TEXT NOT NULL CHECK (kind IN ('lead', 'contact')),
+        name TEXT NOT NULL DEFAULT ''
+    );
+    CREATE TABLE record_emails (
+        record TEXT NOT NULL REFERENCES records (id) ON DELETE CASCADE,
+        email TEXT NOT NULL,
+        PRIMARY KEY (record, email)
+    );
+    CREATE INDEX record_emails_email ON record_emails (email);
+    CREATE TABLE shares (
+        owner TEXT NOT NULL,
+        record TEXT NOT NULL,
+        PRIMARY KEY (owner, record)
+    );
+    CREATE TABLE message_records (
+        message BIGINT NOT NULL REFERENCES messages (id) ON DELETE CASCADE,
+        record TEXT NOT NULL,
+        PRIMARY KEY (message, record)
+    );
+    CREATE INDEX message_records_record ON message_records (record, message);
+    CREATE TABLE message_addresses (
+        message BIGINT NOT NULL REFERENCES messages (id) ON DELETE CASCADE,
+        role TEXT NOT NULL CHECK (role IN ('from', 'to', 'cc')),
+        address TEXT NOT NULL,
+        -- header order (SQLite keeps it in its rowid)
+        pos BIGINT GENERATED ALWAYS AS IDENTITY,
+        PRIMARY KEY (message, role, address)
+    );
+    CREATE INDEX message_addresses_address ON message_addresses (address, role);
+    CREATE TABLE account_settings (
+        account TEXT PRIMARY KEY,
+        snapshot TEXT NOT NULL,
+        magnet_label TEXT
+    );
+    """,
+)

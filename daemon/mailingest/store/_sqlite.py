@@ -7,9 +7,13 @@ per commit for a whole batch) while memory stays bounded whatever the size.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import fcntl
+import hashlib
 import os
 import sqlite3
-from collections.abc import Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -89,11 +93,29 @@ class SqliteDatabase(Database):
         # A generator is consumed in SQLite's thread: one row in memory at a time.
         await self._db.executemany(sql, rows)
 
-    async def next_ids(self, count: int) -> int:
+    async def next_ids(self, count: int) -> list[int]:
         # Handed out under the write lock BEGIN IMMEDIATE took, exactly as SQLite would
         # (max + 1), so the rows can go in with executemany.
         row = await self.fetchone("SELECT coalesce(max(id), 0) FROM messages")
-        return int(row[0] if row else 0) + 1
+        first = int(row[0] if row else 0) + 1
+        return list(range(first, first + count))
+
+    async def insert_chunks(self, rows: Iterator[tuple[int, int, bytes]]) -> None:
+        await self.executemany(
+            "INSERT INTO message_chunks (message, seq, data) VALUES (?,?,?)", rows
+        )
+
+    @contextlib.asynccontextmanager
+    async def exclusive(self, name: str) -> AsyncIterator[None]:
+        # A lock file next to the database: the kernel drops it if the process dies.
+        digest = hashlib.sha256(name.encode("utf-8")).hexdigest()[:16]
+        lock = self.path.with_name(f"{self.path.name}.{digest}.lock")
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            await asyncio.to_thread(fcntl.flock, fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # releases the lock
 
     async def close(self) -> None:
         await self._db.close()

@@ -63,15 +63,15 @@ async def add_batch(
                 planned.append((item.uidl, message_id, False))
             else:
                 planned.append((item.uidl, message_id, True))
-        first = await db.next_ids(len(fresh)) if fresh else 0
+        new_ids = await db.next_ids(len(fresh)) if fresh else []
 
         def real(message_id: int) -> int:
-            return first - 1 - message_id if message_id < 0 else message_id
+            return new_ids[-1 - message_id] if message_id < 0 else message_id
 
         for uidl, message_id, duplicate in planned:
             outcomes.append(StoreOutcome(uidl, real(message_id), duplicate))
         if fresh:
-            numbered = [(item, first + n) for n, item in enumerate(fresh)]
+            numbered = list(zip(fresh, new_ids, strict=True))
             await _insert(db, account, owner, numbered, received, policy)
         await db.executemany(
             "INSERT INTO ledger (account, uidl, message, first_seen) VALUES (?,?,?,?)",
@@ -152,9 +152,7 @@ async def _insert(
         " origin) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
         rows,
     )
-    await db.executemany(
-        "INSERT INTO message_chunks (message, seq, data) VALUES (?,?,?)", _all_chunks(fresh)
-    )
+    await db.insert_chunks(_all_chunks(fresh))
     await db.executemany(
         "INSERT INTO message_addresses (message, role, address) VALUES (?,?,?)", addresses
     )

@@ -1,0 +1,193 @@
+"""The scale-out backend: PostgreSQL through psycopg 3 (async).
+
+psycopg rather than asyncpg: it ships complete type hints (``mypy --strict`` needs no stubs),
+runs ``executemany`` in pipeline mode (one round trip for a batch's rows) and binds with
+plain placeholders, so the store's shared SQL needs only ``?`` turned into ``%s``.
+Raw messages are rows of 1 MiB chunks as on SQLite, inserted one at a time so memory stays
+bounded whatever the size. A write is ``synchronous_commit`` as the server has it (on by
+default: a COMMIT is durable when it returns).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from mailingest.errors import ConfigError, StoreError
+from mailingest.store._db import Database, Row
+from mailingest.store._schema import POSTGRES_MIGRATIONS
+
+if TYPE_CHECKING:
+    import psycopg
+
+#: One key for the migration lock: daemons starting together migrate one at a time.
+_MIGRATION_LOCK = 0x6D61696C  # "mail"
+CONNECT_TIMEOUT = 10
+LOCK_TIMEOUT_MS = 10_000
+
+
+def is_postgres_url(database: object) -> bool:
+    return isinstance(database, str) and database.startswith(("postgresql://", "postgres://"))
+
+
+def redacted(url: str) -> str:
+    """The URL without any password in it (for messages and logs)."""
+    head, sep, rest = url.partition("://")
+    userinfo, at, host = rest.rpartition("@")
+    if not at:
+        return url
+    user = userinfo.partition(":")[0]
+    return f"{head}{sep}{user}@{host}"
+
+
+@functools.cache
+def _placeholders(sql: str) -> str:
+    return sql.replace("%", "%%").replace("?", "%s")
+
+
+def _driver() -> Any:
+    try:
+        import psycopg
+    except ImportError as exc:
+        raise ConfigError(
+            "a postgresql:// database needs the PostgreSQL driver: "
+            "pip install 'mailingest[postgresql]' (psycopg 3)",
+            key_path="storage.database",
+        ) from exc
+    return psycopg
+
+
+class PostgresDatabase(Database):
+    recipients_sql = (
+        "(SELECT string_agg(a.address, ' ') FROM message_addresses a"
+        " WHERE a.message = m.id AND a.role IN ('to', 'cc'))"
+    )
+    address_order = "a.pos"
+
+    def __init__(self, url: str, password: str | None, spool_dir: Path) -> None:
+        super().__init__()
+        self.url = url
+        self._password = password
+        self.spool_dir = spool_dir
+        self._conn: psycopg.AsyncConnection[Any] | None = None
+
+    def __repr__(self) -> str:
+        return f"<PostgreSQL {redacted(self.url)}>"
+
+    @classmethod
+    async def open(cls, url: str, password: str | None, spool_dir: Path) -> PostgresDatabase:
+        opened = cls(url, password, spool_dir)
+        try:
+            await opened._connection()
+            await opened._migrate()
+        except BaseException:
+            await opened.close()
+            raise
+        return opened
+
+    async def _connect(self) -> psycopg.AsyncConnection[Any]:
+        driver = _driver()
+        kwargs: dict[str, Any] = {"autocommit": True, "connect_timeout": CONNECT_TIMEOUT}
+        if self._password is not None:
+            kwargs["password"] = self._password
+        try:
+            conn: psycopg.AsyncConnection[Any] = await driver.AsyncConnection.connect(
+                self.url, **kwargs
+            )
+        except driver.Error as exc:
+            raise StoreError(f"cannot connect to {redacted(self.url)}: {_first_line(exc)}") from exc
+        return conn
+
+    async def _connection(self) -> psycopg.AsyncConnection[Any]:
+        """The open connection; a new one after the old broke (a server restart, a drop)."""
+        if self._conn is None or self._conn.closed or self._conn.broken:
+            if self._conn is not None:
+                with contextlib.suppress(Exception):
+                    await self._conn.close()
+            self._conn = await self._connect()
+            # As SQLite's busy timeout: a lock held elsewhere fails the write (temp_failed)
+            # instead of hanging the account.
+            with self.mapped("setting up the connection"):
+                await self._conn.execute(f"SET lock_timeout = {LOCK_TIMEOUT_MS}")
+        return self._conn
+
+    async def _migrate(self) -> None:
+        async with self.write(f"migrating {redacted(self.url)}"):
+            await self.execute("SELECT pg_advisory_xact_lock(?)", (_MIGRATION_LOCK,))
+            await self.execute(
+                "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)"
+            )
+            row = await self.fetchone("SELECT max(version) FROM schema_version")
+            version = int(row[0]) if row and row[0] is not None else 0
+            for number, script in enumerate(POSTGRES_MIGRATIONS[version:], start=version + 1):
+                for statement in script.split(";"):
+                    if statement.strip():
+                        await self.execute(statement)
+                await self.execute("INSERT INTO schema_version (version) VALUES (?)", (number,))
+
+    async def execute(self, sql: str, args: Sequence[Any] = ()) -> int:
+        conn = await self._connection()
+        cursor = await conn.execute(_placeholders(sql), tuple(args) or None)
+        return cursor.rowcount
+
+    async def fetchall(self, sql: str, args: Sequence[Any] = ()) -> list[Row]:
+        conn = await self._connection()
+        cursor = await conn.execute(_placeholders(sql), tuple(args) or None)
+        return [tuple(r) for r in await cursor.fetchall()]
+
+    async def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
+        batch = [tuple(r) for r in rows]
+        if not batch:
+            return
+        conn = await self._connection()
+        async with conn.cursor() as cursor:
+            await cursor.executemany(_placeholders(sql), batch)
+
+    async def next_ids(self, count: int) -> list[int]:
+        rows = await self.fetchall(
+            "SELECT nextval(pg_get_serial_sequence('messages', 'id')) FROM generate_series(1, ?)",
+            (count,),
+        )
+        return sorted(int(r[0]) for r in rows)
+
+    async def insert_chunks(self, rows: Iterator[tuple[int, int, bytes]]) -> None:
+        # One statement per chunk: a pipeline would queue every chunk of a 200 MB
+        # message in memory before the server took the first.
+        for row in rows:
+            await self.execute(
+                "INSERT INTO message_chunks (message, seq, data) VALUES (?,?,?)", row
+            )
+
+    @contextlib.asynccontextmanager
+    async def exclusive(self, name: str) -> AsyncIterator[None]:
+        # A session advisory lock on a connection of its own: every daemon and CLI on
+        # the database honours it, and the server drops it when the holder's session ends.
+        key = int.from_bytes(hashlib.sha256(name.encode("utf-8")).digest()[:8], "big", signed=True)
+        conn = await self._connect()
+        try:
+            with self.mapped(f"waiting for the lock {name!r}"):
+                await conn.execute("SELECT pg_advisory_lock(%s)", (key,))
+            yield
+        finally:
+            with contextlib.suppress(Exception):
+                await conn.close()
+
+    async def close(self) -> None:
+        if self._conn is not None:
+            with contextlib.suppress(Exception):
+                await self._conn.close()
+            self._conn = None
+
+    async def _begin(self, write: bool) -> None:
+        await self.execute("BEGIN" if write else "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+
+    def _driver_errors(self) -> tuple[type[BaseException], ...]:
+        return (_driver().Error,)
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]

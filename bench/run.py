@@ -43,6 +43,7 @@ from tools import (  # noqa: E402
 )
 
 from dovecot import Dovecot, DovecotMissing, ensure_mail_user, free_port, private_dovecot  # noqa: E402
+from postgres import Postgres, PostgresMissing, private_postgres  # noqa: E402
 
 ALL_CASES = ("P1", "P2", "P3", "P4", "P5")
 RTT_MS = 20.0
@@ -487,8 +488,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--cases", default=",".join(ALL_CASES), help="e.g. P1,P2")
     parser.add_argument(
         "--tools",
-        default="mailingest,mpop,fetchmail,getmail6,poplib",
-        help="subset of mailingest,mpop,fetchmail,getmail6,poplib",
+        default="mailingest,mailingest-pg,mpop,fetchmail,getmail6,poplib",
+        help="subset of mailingest,mailingest-pg (on a private PostgreSQL),mpop,fetchmail,"
+        "getmail6,poplib",
     )
     parser.add_argument(
         "--fleet-concurrency",
@@ -501,6 +503,26 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def _catalog(databases: ExitStack) -> dict[str, Tool]:
+    """Every tool the bench knows; mailingest-pg starts a private PostgreSQL on first use,
+    kept in ``databases`` until the bench ends."""
+    clusters: list[Postgres] = []
+
+    def new_database() -> tuple[str, str]:
+        if not clusters:
+            clusters.append(databases.enter_context(private_postgres()))
+        return clusters[0].new_database(), clusters[0].password
+
+    return {
+        "mailingest": Mailingest(),
+        "mailingest-pg": Mailingest(postgres=new_database),
+        "mpop": Mpop(),
+        "fetchmail": Fetchmail(),
+        "getmail6": Getmail(deliver_as=ensure_mail_user().pw_name),
+        "poplib": SerialPoplib(),
+    }
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     runs = args.runs or (1 if args.quick else 3)
@@ -508,13 +530,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     unknown = set(keys) - set(ALL_CASES)
     if unknown:
         raise SystemExit(f"unknown case(s) {sorted(unknown)}; known: {', '.join(ALL_CASES)}")
-    catalog: dict[str, Tool] = {
-        "mailingest": Mailingest(),
-        "mpop": Mpop(),
-        "fetchmail": Fetchmail(),
-        "getmail6": Getmail(deliver_as=ensure_mail_user().pw_name),
-        "poplib": SerialPoplib(),
-    }
+    databases = ExitStack()
+    catalog = _catalog(databases)
     wanted = [t.strip() for t in args.tools.split(",") if t.strip()]
     tools = {k: catalog[k] for k in wanted if k in catalog}
     if not Mailingest().available():
@@ -550,9 +567,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             if "P5" in keys and "mailingest" in tools:
                 row, p5_events = case_p5(server, work)
                 rows.append(row)
-    except DovecotMissing as exc:
+    except (DovecotMissing, PostgresMissing) as exc:
         raise SystemExit(str(exc)) from exc
     finally:
+        databases.close()
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
     for key, tool in tools.items():

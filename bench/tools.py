@@ -13,7 +13,7 @@ import shutil
 import sqlite3
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -85,13 +85,21 @@ class Mailingest(Tool):
     program = sys.executable
 
     def __init__(
-        self, *, max_concurrent: int | None = None, max_sessions: int | None = None
+        self,
+        *,
+        max_concurrent: int | None = None,
+        max_sessions: int | None = None,
+        postgres: Callable[[], tuple[str, str]] | None = None,
     ) -> None:
         self.max_concurrent = max_concurrent
         self.max_sessions = max_sessions
+        #: Gives a new PostgreSQL database (URL, password) per run; None: SQLite.
+        self.postgres = postgres
         settings = [f"max_concurrent={max_concurrent}"] if max_concurrent is not None else []
         if max_sessions is not None:
             settings.append(f"max_sessions_per_cycle={max_sessions}")
+        if postgres is not None:
+            settings.append("on PostgreSQL")
         if settings:
             self.name = "mailingest " + " ".join(settings)
 
@@ -105,7 +113,13 @@ class Mailingest(Tool):
         return done.stdout.strip() or "?"
 
     def config(self, work: Path, accounts: Sequence[Account], **extra: object) -> Path:
-        lines = ["[storage]", 'database = "mail.db"', "", "[daemon]", 'log_format = "json"']
+        storage = ['database = "mail.db"']
+        if self.postgres is not None:
+            url, password = self.postgres()
+            _write_secret(work / "db-password", password + "\n")
+            (work / "db-url").write_text(url)
+            storage = [f"database = {json.dumps(url)}", 'password = { file = "db-password" }']
+        lines = ["[storage]", *storage, "", "[daemon]", 'log_format = "json"']
         if self.max_concurrent is not None:
             lines.append(f"max_concurrent = {self.max_concurrent}")
         if self.max_sessions is not None:
@@ -146,6 +160,12 @@ class Mailingest(Tool):
     @staticmethod
     def stored_hashes(work: Path) -> list[str]:
         """The sha256 of every stored message (the store's own record of what it hashed)."""
+        if (work / "db-url").exists():
+            import psycopg
+
+            url, password = (work / "db-url").read_text(), (work / "db-password").read_text()
+            with psycopg.connect(url, password=password.strip()) as conn:
+                return sorted(r[0] for r in conn.execute("SELECT sha256 FROM messages"))
         db = sqlite3.connect(work / "mail.db")
         try:
             return sorted(r[0] for r in db.execute("SELECT sha256 FROM messages"))

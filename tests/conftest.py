@@ -42,11 +42,16 @@ def store_at(request: pytest.FixtureRequest, tmp_path: Path) -> StoreAt:
     """A new, empty store location on each backend: the test runs once per backend."""
     if request.param == "sqlite":
         return StoreAt(tmp_path / "mail.db")
-    server: Postgres = request.getfixturevalue("postgres")
+    return request.getfixturevalue("postgres_at")
+
+
+@pytest.fixture
+def postgres_at(postgres: Postgres, tmp_path: Path) -> StoreAt:
+    """A new, empty database on the session's PostgreSQL (its password in a 0600 file)."""
     secret = tmp_path / "db-password"
-    secret.write_text(server.password + "\n")
+    secret.write_text(postgres.password + "\n")
     secret.chmod(0o600)
-    return StoreAt(server.new_database(), secret)
+    return StoreAt(postgres.new_database(), secret)
 
 
 @pytest.fixture

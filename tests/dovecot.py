@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import os
 import pwd
+import re
 import shutil
 import signal
 import socket
@@ -15,6 +16,7 @@ import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 
 MAIL_USER = "mailingest-test"
@@ -338,6 +340,8 @@ state_dir = {self.run_dir}
 protocols = pop3
 listen = {self.host}
 log_path = {self.log_path}
+# Microseconds: the fleet test tells sessions of one user apart in time.
+log_timestamp = "%Y-%m-%d %H:%M:%S.%{{usecs}} "
 default_login_user = nobody
 default_internal_user = root
 default_internal_group = root
@@ -492,6 +496,22 @@ service stats {{
             count = self._count_mismatches(user)
         return count
 
+    def sessions(self) -> list[Session]:
+        """Every POP3 session that logged in, with when it began and ended (log order)."""
+        begun: dict[str, Session] = {}
+        if not self.log_path.exists():
+            return []
+        with self.log_path.open(errors="replace") as log:
+            for line in log:
+                if found := _LOGIN.match(line):
+                    when, user, session = found.groups()
+                    begun[session] = Session(user, session, _log_time(when))
+                elif (found := _END.match(line)) and found.group(3) in begun:
+                    when, _, session, how = found.groups()
+                    ended = begun[session]
+                    ended.ended, ended.logged_out = _log_time(when), how.startswith("Logged out")
+        return list(begun.values())
+
     def _count_mismatches(self, user: str | None) -> int:
         if not self.log_path.exists():
             return 0
@@ -521,6 +541,24 @@ service stats {{
 _SUBDIRS = ("new", "cur", "tmp")
 # Dovecot's auth_username_chars without the ':' that only the "recent:" prefix may use.
 _NAME_CHARS = frozenset(string.ascii_letters + string.digits + ".-_@")
+
+
+@dataclass
+class Session:
+    user: str
+    id: str
+    began: float
+    ended: float | None = None
+    logged_out: bool = False  # ended with QUIT (not dropped, not killed)
+
+
+_STAMP = r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{6}) "
+_LOGIN = re.compile(_STAMP + r"pop3-login: Info: Login: user=<([^>]*)>.*session=<([^>]*)>")
+_END = re.compile(_STAMP + r"pop3\(([^)]*)\)<\d+><([^>]*)>: Info: Disconnected: (.*)")
+
+
+def _log_time(text: str) -> float:
+    return datetime.strptime(text, "%Y-%m-%d %H:%M:%S.%f").timestamp()
 
 
 def _check_name(name: str) -> None:

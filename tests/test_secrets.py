@@ -27,6 +27,8 @@ from aiosmtpd.smtp import AuthResult, Envelope, LoginPassword, Session
 from dovecot import Dovecot, Mailbox, free_port
 from mailingest.popserver import Faults, ThreadedPop3Server
 from mailingest.popserver import Mailbox as ScriptedMailbox
+from postgres import PASSWORD as DB_PASSWORD
+from postgres import Postgres
 from support import make_message, write_config
 
 SOURCES = ("literal", "env", "file", "credential")
@@ -38,7 +40,16 @@ WRONG_SMTP = f"Smtp-wrong-{uuid.uuid4().hex[:10]}"
 ECHOED = f"Pop3-echoed-{uuid.uuid4().hex[:10]}"
 TYPO = f"Pop3-typo-{uuid.uuid4().hex[:10]}"
 BROKEN = f"Pop3-broken-{uuid.uuid4().hex[:10]}"
-SECRETS = [*POP3.values(), *SMTP.values(), WRONG_POP3, REFUSED_POP3, WRONG_SMTP, ECHOED, TYPO]
+SECRETS = [
+    *POP3.values(),
+    *SMTP.values(),
+    WRONG_POP3,
+    REFUSED_POP3,
+    WRONG_SMTP,
+    ECHOED,
+    TYPO,
+    DB_PASSWORD,
+]
 SMTP_USERS = {s: f"smtp-{s}" for s in SOURCES}
 LOG_VARIANTS: tuple[tuple[str, ...], ...] = (
     (),
@@ -79,6 +90,9 @@ class Setup:
     config: Path
     env: dict[str, str]
     directory: Path
+    #: The database: a SQLite file (None: the config's), or a PostgreSQL URL on ``postgres``.
+    database: Path | str | None = None
+    postgres: Postgres | None = None
 
     def run(self, *args: str, prefix: Sequence[str] = ("-m", "mailingest")) -> Run:
         proc = subprocess.run(
@@ -173,10 +187,16 @@ def _pop3(box: Mailbox, name: str, **overrides: Any) -> dict[str, Any]:
     return account
 
 
-@pytest.fixture(scope="module")
-def setup(dovecot: Dovecot, smtp_port: int, tmp_path_factory: pytest.TempPathFactory) -> Setup:
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def setup(
+    request: pytest.FixtureRequest,
+    dovecot: Dovecot,
+    smtp_port: int,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Setup:
     """Four accounts, one per POP3 source (SMTP from the next source), a wrong POP3 and SMTP
-    password, a refused connection; mail delivered, records imported, one fetch done."""
+    password, a refused connection; mail delivered, records imported, one fetch done; the
+    store on each backend (PostgreSQL's password from a file)."""
     directory = tmp_path_factory.mktemp("secrets")
     env = {"CREDENTIALS_DIRECTORY": str(directory / "credentials")}
     accounts = []
@@ -206,12 +226,19 @@ def setup(dovecot: Dovecot, smtp_port: int, tmp_path_factory: pytest.TempPathFac
     wrong_smtp = {**accounts[0]["smtp"], "password": WRONG_SMTP}
     accounts.append(_pop3(other, "wrong", password=WRONG_POP3, smtp=wrong_smtp))
     accounts.append(_pop3(other, "refused", password=REFUSED_POP3, port=free_port()))
-    config = write_config(
-        directory, accounts, database="state/mail.db", daemon={"poll_interval": "1s"}
-    )
+    postgres: Postgres | None = None
+    database: Path | str = directory / "state" / "mail.db"
+    storage: dict[str, Any] = {"database": "state/mail.db"}
+    if request.param == "postgresql":
+        postgres = request.getfixturevalue("postgres")
+        database = postgres.new_database()
+        (directory / "db-password").write_text(postgres.password + "\n")
+        (directory / "db-password").chmod(0o600)
+        storage = {"database": database, "password": {"file": "db-password"}}
+    config = write_config(directory, accounts, storage=storage, daemon={"poll_interval": "1s"})
     (directory / "records.csv").write_text("id,kind,email,name\nL1,lead,lead@example.org,Lead\n")
     (directory / "body.txt").write_text("Thanks, see you.\n")
-    setup = Setup(config, env, directory)
+    setup = Setup(config, env, directory, database, postgres)
     imported = setup.run("records", "import", str(directory / "records.csv"))
     imported.check()
     assert imported.code == 0, imported.stderr.decode()
@@ -295,6 +322,13 @@ def test_daemon_shows_no_password_in_any_log_format(setup: Setup) -> None:
 
 
 def test_database_holds_no_password(setup: Setup) -> None:
+    """The SQLite files, or a pg_dump of the PostgreSQL database."""
+    if setup.postgres is not None:
+        assert isinstance(setup.database, str)
+        dump = setup.postgres.dump(setup.database)
+        assert b"COPY public.messages" in dump and b"account_state" in dump
+        assert_no_secret(dump, "pg_dump")
+        return
     for path in sorted((setup.directory / "state").iterdir()):
         assert_no_secret(path.read_bytes(), str(path.name))
 

@@ -171,9 +171,20 @@ class AccountState:
     consecutive_failures: int = 0
 
 
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """The answer to "may this process poll the account now?" (see Store.claim_poll)."""
+
+    taken: bool  # yes: the poll is this process's
+    next_poll: str | None = None  # no: when it is due next (ISO 8601 UTC), if known
+    paused: bool = False  # no: the account is paused (by whichever process)
+    pause_key: str | None = None
+
+
 __all__ = [
     "AccountPolicy",
     "AccountState",
+    "Claim",
     "Facts",
     "Headers",
     "LedgerEntry",

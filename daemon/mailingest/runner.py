@@ -39,6 +39,19 @@ class Interrupted(Exception):
     """The account changed or the daemon is stopping: this attempt does not start."""
 
 
+class ClaimedElsewhere(Exception):
+    """Another process on the database took this poll: the next one is ``wait`` s away."""
+
+    def __init__(self, wait: float) -> None:
+        super().__init__(f"polled by another process; next poll in {wait:.0f} s")
+        self.wait = wait
+
+
+#: Who wakes first takes a due poll; every daemon adds up to this much (or 5 % of the
+#: interval, if less) at random before it tries, so polls spread over the daemons.
+CLAIM_SPREAD = 1.0
+
+
 class AccountRunner:
     """One account's schedule: sleep until due, poll under the gate, retry, or pause."""
 
@@ -46,6 +59,7 @@ class AccountRunner:
         self.daemon = daemon
         self.account = account
         self.generation = 0  # bumped when a reload changes the account
+        self.claimed_generation = 0  # a poll under newer settings is taken even if not due
         self.retired = False
         self.pause_key: str | None = None  # set while paused: the rejected login's hash
         self.in_flight = False
@@ -115,6 +129,8 @@ class AccountRunner:
         loop = asyncio.get_running_loop()
         with structlog.contextvars.bound_contextvars(account=self.name):
             while not self.done:
+                if delay > 0:
+                    delay += self.spread()
                 self.due = loop.time() + delay
                 await self.sleep(None if self.paused else delay)
                 if self.done or self.paused:
@@ -135,6 +151,8 @@ class AccountRunner:
             result: FetchResult = await retrying(self._attempt, generation)
         except Interrupted:
             return 0.0  # changed: poll again at once; stopping: the loop ends
+        except ClaimedElsewhere as elsewhere:
+            return elsewhere.wait
         except PollFailure as failure:  # transient, and the retries stopped: as above
             self._poll_failed(failure.status, str(failure.error), None if self.done else 0.0)
             return 0.0
@@ -166,6 +184,7 @@ class AccountRunner:
         if self.done or self.generation != generation:
             raise Interrupted
         account = self.polled = self.account
+        await self._claim(generation)
         async with daemon.gate:
             if self.done or self.generation != generation:
                 raise Interrupted
@@ -193,6 +212,37 @@ class AccountRunner:
             failure.floor = await self._login_floor()
             raise failure
         return result
+
+    async def _claim(self, generation: int) -> None:
+        """Take this poll in the store, so that no other daemon on the database polls the
+        account now; adopt a pause that another process recorded."""
+        now = datetime.now(UTC)
+        force = generation != self.claimed_generation
+        until = now + timedelta(seconds=self.interval)
+        try:
+            claim = await self.daemon.store.claim_poll(self.name, now, until, force=force)
+        except StoreError as exc:  # the fetch will meet the same store and report it
+            log.error("state_not_recorded", account=self.name, error=str(exc))
+            return
+        if claim.taken:
+            self.claimed_generation = generation
+            return
+        if claim.paused:
+            key = claim.pause_key
+            if key is not None and await asyncio.to_thread(same_login, key, self.account):
+                self.pause_key = key  # another process's rejected login is this one
+                self.daemon.status_changed()
+                raise Interrupted
+            await self.resume("credentials_changed")  # this config brings another login
+            claim = await self.daemon.store.claim_poll(self.name, now, until, force=True)
+            if claim.taken:
+                self.claimed_generation = generation
+                return
+        due = datetime.fromisoformat(claim.next_poll) if claim.next_poll else now
+        raise ClaimedElsewhere(max(0.1, (due - now).total_seconds()))
+
+    def spread(self) -> float:
+        return random.uniform(0, min(CLAIM_SPREAD, 0.05 * self.interval))
 
     def _retry_scheduled(self, retry_state: Any) -> None:
         failure = failure_of(retry_state)

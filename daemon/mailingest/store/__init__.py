@@ -17,6 +17,7 @@ from pathlib import Path
 from mailingest.model import (
     AccountPolicy,
     AccountState,
+    Claim,
     LedgerEntry,
     NewMessage,
     Record,
@@ -108,6 +109,11 @@ class Store:
         self, account: str, holder: str, ttl: float, *, stale: str | None = None
     ) -> tuple[str, float] | None:
         return await state.acquire_lease(self._db, account, holder, ttl, stale=stale)
+
+    async def claim_poll(
+        self, account: str, now: datetime, until: datetime, *, force: bool = False
+    ) -> Claim:
+        return await state.claim_poll(self._db, account, now, until, force=force)
 
     async def renew_lease(self, account: str, holder: str, ttl: float) -> None:
         await state.renew_lease(self._db, account, holder, ttl)

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
-from mailingest.model import AccountState
+from mailingest.model import AccountState, Claim
 from mailingest.store._db import Database, now_iso
 
 _ENSURE = "INSERT INTO account_state (account) VALUES (?) ON CONFLICT DO NOTHING"
@@ -37,6 +37,38 @@ async def acquire_lease(
         )
     assert row is not None
     return str(row[0]), float(row[1])
+
+
+async def claim_poll(
+    db: Database, account: str, now: datetime, until: datetime, *, force: bool = False
+) -> Claim:
+    """Take the account's poll that is due at ``now``, for every process on the database.
+
+    Taken, the next poll moves to ``until`` at once (the poller records the real one when it
+    is done), so other daemons wake then: if this one dies mid-poll they take over within
+    one interval. Not taken: another process took it (the next poll is in the future) or
+    the account is paused. ``force`` takes a poll that is not due (the settings changed).
+    """
+    async with db.write("claiming the account's poll"):
+        await db.execute(_ENSURE, (account,))
+        taken = await db.execute(
+            "UPDATE account_state SET next_poll = ? WHERE account = ? AND paused = 0"
+            " AND (next_poll IS NULL OR next_poll <= ? OR ?)",
+            (_iso(until), account, _iso(now), force),
+        )
+        if taken == 1:
+            return Claim(taken=True)
+        row = await db.fetchone(
+            "SELECT next_poll, paused, pause_key FROM account_state WHERE account = ?",
+            (account,),
+        )
+    assert row is not None
+    return Claim(taken=False, next_poll=row[0], paused=bool(row[1]), pause_key=row[2])
+
+
+def _iso(when: datetime) -> str:
+    """As next_poll is stored: whole seconds, so that ISO strings compare as times."""
+    return when.isoformat(timespec="seconds")
 
 
 async def renew_lease(db: Database, account: str, holder: str, ttl: float) -> None:
@@ -183,7 +215,7 @@ async def set_next_polls(db: Database, when: dict[str, datetime | None]) -> None
         await db.executemany(_ENSURE, [(name,) for name in when])
         await db.executemany(
             "UPDATE account_state SET next_poll = ? WHERE account = ?",
-            [(t.isoformat(timespec="seconds") if t else None, name) for name, t in when.items()],
+            [(_iso(t) if t else None, name) for name, t in when.items()],
         )
 
 

@@ -510,7 +510,7 @@ def _catalog(databases: ExitStack) -> dict[str, Tool]:
 
     def new_database() -> tuple[str, str]:
         if not clusters:
-            clusters.append(databases.enter_context(private_postgres()))
+            clusters.append(databases.enter_context(private_postgres(durable=True)))
         return clusters[0].new_database(), clusters[0].password
 
     return {

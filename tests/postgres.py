@@ -58,6 +58,7 @@ class Postgres:
     port: int
     bin: Path
     user: str | None  # the system user the server runs as (None: ourselves)
+    durable: bool = False  # fsync as in production (the benchmark), not the tests' speed
     _names: Iterator[int] = field(default_factory=lambda: itertools.count(1))
 
     @property
@@ -101,9 +102,10 @@ class Postgres:
             "--no-sync",
         )  # fmt: skip
         options = (
-            f"-p {self.port} -c listen_addresses=127.0.0.1 -k {self.root}"
-            " -c fsync=off -c full_page_writes=off -c max_connections=300"
+            f"-p {self.port} -c listen_addresses=127.0.0.1 -k {self.root} -c max_connections=300"
         )
+        if not self.durable:
+            options += " -c fsync=off -c full_page_writes=off"
         self._run(
             "pg_ctl", "-D", str(self.data), "-l", str(self.root / "postgres.log"),
             "-w", "-t", str(START_TIMEOUT), "-o", options, "start",
@@ -139,7 +141,7 @@ class Postgres:
 
 
 @contextmanager
-def private_postgres() -> Iterator[Postgres]:
+def private_postgres(*, durable: bool = False) -> Iterator[Postgres]:
     """A started cluster in a fresh temp dir; on exit it is stopped and the dir removed."""
     binaries = server_bin()
     user = "postgres" if os.geteuid() == 0 else None
@@ -153,7 +155,7 @@ def private_postgres() -> Iterator[Postgres]:
             ) from None
     root = Path(tempfile.mkdtemp(prefix="mailingest-pg-"))
     try:
-        server = Postgres(root, free_port(), binaries, user)
+        server = Postgres(root, free_port(), binaries, user, durable=durable)
         server._own(root)
         server.start()
         try:

@@ -167,7 +167,8 @@ def facts(
         linked=linked,
         owner_shared=owner_shared,
         sender_domain=domain(sender) if sender else None,
-        recipient_domains=tuple(domain(a) for a in recipients),
+        # Sorted: the SQL that lists them for a re-tag keeps no order.
+        recipient_domains=tuple(sorted(domain(a) for a in recipients)),
     )
 
 

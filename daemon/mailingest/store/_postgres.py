@@ -28,6 +28,8 @@ if TYPE_CHECKING:
 _MIGRATION_LOCK = 0x6D61696C  # "mail"
 CONNECT_TIMEOUT = 10
 LOCK_TIMEOUT_MS = 10_000
+#: Bytes of raw message chunks sent in one pipelined batch.
+CHUNK_BATCH = 4 * 1024 * 1024
 
 
 def is_postgres_url(database: object) -> bool:
@@ -155,12 +157,18 @@ class PostgresDatabase(Database):
         return sorted(int(r[0]) for r in rows)
 
     async def insert_chunks(self, rows: Iterator[tuple[int, int, bytes]]) -> None:
-        # One statement per chunk: a pipeline would queue every chunk of a 200 MB
-        # message in memory before the server took the first.
+        # In pipelined batches of at most CHUNK_BATCH bytes: one batch for a few thousand
+        # small messages, while a 200 MB message never queues whole in the pipeline.
+        sql = "INSERT INTO message_chunks (message, seq, data) VALUES (?,?,?)"
+        batch: list[tuple[int, int, bytes]] = []
+        size = 0
         for row in rows:
-            await self.execute(
-                "INSERT INTO message_chunks (message, seq, data) VALUES (?,?,?)", row
-            )
+            batch.append(row)
+            size += len(row[2])
+            if size >= CHUNK_BATCH:
+                await self.executemany(sql, batch)
+                batch, size = [], 0
+        await self.executemany(sql, batch)
 
     @contextlib.asynccontextmanager
     async def exclusive(self, name: str) -> AsyncIterator[None]:

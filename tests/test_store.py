@@ -1,0 +1,118 @@
+"""The store's own behaviour, on both backends (the ``store`` fixture runs each test twice)."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from mailingest.errors import StoreError
+from mailingest.model import AccountPolicy, Facts, Headers, NewMessage
+from mailingest.store import CHUNK, Store
+from support import StoreAt
+
+POLICY = AccountPolicy(tagger=lambda facts: ("private", "unmatched"))
+
+
+def item(uidl: str, raw: bytes) -> NewMessage:
+    return NewMessage(
+        uidl=uidl,
+        spool=io.BytesIO(raw),
+        size=len(raw),
+        sha256=hashlib.sha256(raw).hexdigest(),
+        headers=Headers(subject=uidl),
+        direction="in",
+    )
+
+
+async def raw(store: Store, message: int) -> bytes:
+    return b"".join([chunk async for chunk in store.raw_chunks(message)])
+
+
+async def test_a_batch_of_small_and_multi_chunk_messages_is_stored_byte_exact(
+    store: Store,
+) -> None:
+    big = bytes(range(256)) * (9 * CHUNK // 256) + b"tail\r\n"  # ten chunks, the last short
+    raws = [b"Subject: a\r\n\r\none\r\n", big, b"", b"Subject: c\r\n\r\n" + b"x" * CHUNK]
+    outcomes = await store.add_batch(
+        "acct", "alice", [item(f"u{n}", r) for n, r in enumerate(raws)], POLICY
+    )
+    assert [o.duplicate for o in outcomes] == [False] * 4
+    for outcome, expected in zip(outcomes, raws, strict=True):
+        assert outcome.message is not None
+        assert await raw(store, outcome.message) == expected
+    assert sorted(m.size for m in await store.messages("alice")) == sorted(map(len, raws))
+
+
+async def test_a_uidl_stored_once_and_renumbered_content_only_gets_a_ledger_row(
+    store: Store,
+) -> None:
+    first = await store.add_batch("acct", "alice", [item("u1", b"A"), item("u1", b"A")], POLICY)
+    assert len(first) == 1 and not first[0].duplicate
+    again = await store.add_batch("acct", "alice", [item("u1", b"A"), item("u9", b"A")], POLICY)
+    assert [(o.uidl, o.message, o.duplicate) for o in again] == [("u9", first[0].message, True)]
+    assert set(await store.ledger("acct")) == {"u1", "u9"}
+    assert len(await store.messages("alice")) == 1
+
+
+async def test_a_poll_is_claimed_once_until_it_is_due_again(store: Store) -> None:
+    now = datetime.now(UTC)
+    later = now + timedelta(minutes=5)
+    assert (await store.claim_poll("acct", now, later)).taken
+    lost = await store.claim_poll("acct", now, later)
+    assert not lost.taken and lost.next_poll == later.isoformat(timespec="seconds")
+    assert (await store.claim_poll("acct", now, later, force=True)).taken
+    assert (await store.claim_poll("acct", later, later + timedelta(minutes=5))).taken
+    await store.set_paused("acct", "auth_failed", "key")
+    paused = await store.claim_poll("acct", later + timedelta(hours=1), later, force=True)
+    assert (paused.taken, paused.paused, paused.pause_key) == (False, True, "key")
+
+
+async def test_the_tagger_sees_the_same_facts_when_storing_and_re_tagging(store: Store) -> None:
+    seen: list[Facts] = []
+
+    def tagger(facts: Facts) -> tuple[str, str]:
+        seen.append(facts)
+        return "private", "mode_private"
+
+    policy = AccountPolicy(tagger=tagger)
+    message = NewMessage(
+        uidl="u1",
+        spool=io.BytesIO(b"x"),
+        size=1,
+        sha256=hashlib.sha256(b"x").hexdigest(),
+        headers=Headers(),
+        direction="out",
+        senders=("me@own.example",),
+        recipients_to=("a@b.example", "c@d.example"),
+        recipients_cc=("e@f.example",),
+    )
+    await store.add_batch("acct", "alice", [message], policy)
+    await store.retag_changed({"acct": "{}"}, {"acct": policy}, force=["acct"])
+    assert len(seen) == 2 and seen[0] == seen[1], seen
+    assert seen[0].sender_domain == "own.example"
+    assert sorted(seen[0].recipient_domains) == ["b.example", "d.example", "f.example"]
+
+
+async def test_reads_of_an_unreachable_store_are_store_errors(store_at: StoreAt) -> None:
+    store = await store_at.open()
+    await store.close()
+    if store_at.backend == "sqlite":
+        with pytest.raises(ValueError):  # aiosqlite: no connection; not a database error
+            await store.ledger("acct")
+        return
+    # PostgreSQL reconnects on the next use: the store is usable again.
+    assert await store.ledger("acct") == {}
+    await store.close()
+
+
+async def test_a_wrong_postgresql_password_is_a_store_error_naming_the_database(
+    postgres_at: StoreAt,
+) -> None:
+    with pytest.raises(StoreError) as info:
+        await Store.open(postgres_at.database, password="not-the-password")
+    text = str(info.value)
+    assert "cannot connect to postgresql://mailingest@127.0.0.1" in text
+    assert "not-the-password" not in text and info.value.exit_code == 75

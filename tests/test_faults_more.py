@@ -297,7 +297,7 @@ async def test_malformed_stat_reply_is_a_typed_error_for_check(reply: bytes) -> 
     """`mailingest check` ran poplib's stat(), which raised IndexError/ValueError here."""
     faults = Faults(reply_override={"STAT": reply})
     async with Pop3TestServer([Mailbox(USER, PASSWORD, list(MESSAGES))], faults) as server:
-        result = await asyncio.to_thread(commands._check_pop3, account(server.port))
+        result = await asyncio.to_thread(commands.check_pop3, account(server.port))
         assert result["status"] == "error", result
         assert result["error"].startswith(f"account {NAME!r}: malformed STAT reply")
         assert server.errors == []

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from mailingest import __version__, commands, logs
+from mailingest import __version__, cli_accounts, commands, logs
 from mailingest.config import Config, load_config, render_config, resolve_config_path
 from mailingest.errors import (
     EX_DATAERR,
@@ -69,6 +69,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, metavar="N", help="at most N messages (newest)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     _records_parser(sub)
+    cli_accounts.add_parser(sub)
     p = sub.add_parser("show", help="one message; --raw writes the exact stored bytes")
     p.add_argument("id", type=int, metavar="ID")
     p.add_argument("--viewer", required=True, metavar="USER")
@@ -106,7 +107,7 @@ def _records_parser(sub: Any) -> None:
 
 
 def _records(args: argparse.Namespace) -> int:
-    config = _load(args)
+    config = _load_all(args)
     action = args.records_command
     if action == "import":
         path = Path(args.file)
@@ -144,12 +145,21 @@ def _load(args: argparse.Namespace) -> Config:
     return config
 
 
+def _load_all(args: argparse.Namespace) -> Config:
+    """The config file's accounts and those kept in the database."""
+    from mailingest.accounts import effective_config
+
+    config = asyncio.run(effective_config(_load(args)))
+    logs.register_secrets(config.secrets())
+    return config
+
+
 def _emit_json(data: Any) -> None:
     sys.stdout.write(json.dumps(data, ensure_ascii=False, indent=None) + "\n")
 
 
 def _fetch(args: argparse.Namespace) -> int:
-    config = _load(args)
+    config = _load_all(args)
     live = LiveProgress(sys.stderr) if sys.stderr.isatty() and not args.json else None
     try:
         results = asyncio.run(commands.fetch(config, args.account, progress=live))
@@ -178,7 +188,7 @@ def _fetch(args: argparse.Namespace) -> int:
 
 
 def _check(args: argparse.Namespace) -> int:
-    config = _load(args)
+    config = _load_all(args)
     results = asyncio.run(commands.check(config, args.account))
     if args.json:
         _emit_json({"accounts": results})
@@ -212,7 +222,7 @@ def _config(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
-    config = _load(args)
+    config = _load_all(args)
     rows = asyncio.run(commands.status(config))
     if args.json:
         _emit_json({"accounts": rows})
@@ -243,7 +253,7 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _messages(args: argparse.Namespace) -> int:
-    config = _load(args)
+    config = _load_all(args)
     found = asyncio.run(
         commands.messages(
             config,
@@ -277,7 +287,7 @@ def _messages(args: argparse.Namespace) -> int:
 
 
 def _show(args: argparse.Namespace) -> int:
-    config = _load(args)
+    config = _load_all(args)
     out = sys.stdout.buffer
     message = asyncio.run(
         commands.show(config, args.id, args.viewer, raw_sink=out.write if args.raw else None)
@@ -316,7 +326,7 @@ def _report_sent(args: argparse.Namespace, sent: Sent) -> int:
 def _send(args: argparse.Namespace) -> int:
     from mailingest import outgoing
 
-    config = _load(args)
+    config = _load_all(args)
     body = _body(args.body_file)
     sent = asyncio.run(outgoing.send(config, args.account, args.to, args.cc, args.subject, body))
     return _report_sent(args, sent)
@@ -325,7 +335,7 @@ def _send(args: argparse.Namespace) -> int:
 def _reply(args: argparse.Namespace) -> int:
     from mailingest import outgoing
 
-    config = _load(args)
+    config = _load_all(args)
     body = _body(args.body_file)
     return _report_sent(args, asyncio.run(outgoing.reply(config, args.id, args.viewer, body)))
 
@@ -344,6 +354,10 @@ def _demo(args: argparse.Namespace) -> int:
     return asyncio.run(run_demo(sys.stdout))
 
 
+def _accounts(args: argparse.Namespace) -> int:
+    return cli_accounts.run(args, lambda: _load(args))
+
+
 _COMMANDS = {
     "run": _run,
     "fetch": _fetch,
@@ -356,6 +370,7 @@ _COMMANDS = {
     "send": _send,
     "reply": _reply,
     "demo": _demo,
+    "accounts": _accounts,
 }
 
 

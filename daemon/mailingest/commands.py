@@ -131,7 +131,7 @@ async def _one_shot(
     return result
 
 
-def _check_pop3(account: Account) -> dict[str, Any]:
+def check_pop3(account: Account) -> dict[str, Any]:
     """Worker-thread side of `check`: connect, TLS, login, STAT; nothing changed."""
     session = Pop3Session(account)
     try:
@@ -167,7 +167,7 @@ async def check(config: Config, names: Sequence[str] | None) -> list[dict[str, A
     size_executor(config.daemon.max_concurrent)
 
     async def one(account: Account) -> dict[str, Any]:
-        pop3 = await asyncio.to_thread(_check_pop3, account)
+        pop3 = await asyncio.to_thread(check_pop3, account)
         return {"account": account.name, "pop3": pop3, "smtp": await _check_smtp(account)}
 
     return await bounded(

@@ -10,7 +10,7 @@ import math
 import os
 import re
 import tomllib
-from collections.abc import Collection, Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,7 +27,9 @@ _POP3_PORTS = {"tls": 995, "starttls": 110, "plain": 110}
 _SMTP_PORTS = {"tls": 465, "starttls": 587, "plain": 25}
 
 _TOP_KEYS = ("storage", "daemon", "accounts")
-_STORAGE_KEYS = ("database", "password")
+_STORAGE_KEYS = ("database", "password", "secret_key")
+#: The shortest secret_key accepted (characters).
+SECRET_KEY_MIN = 16
 _DAEMON_KEYS = "poll_interval max_concurrent max_sessions_per_cycle log_format shutdown_timeout"
 _TRANSPORT_KEYS = "host port security username password allow_plaintext ca_file tls_verify timeout"
 _SMTP_KEYS = (*_TRANSPORT_KEYS.split(), "daily_limit")
@@ -121,6 +123,8 @@ class StorageSettings:
     #: A SQLite file, or a ``postgresql://user@host[:port]/db`` URL (never with a password).
     database: Path | str
     password: Secret | None = None  # PostgreSQL only
+    #: Encrypts the passwords of accounts kept in the database (`mailingest accounts`).
+    secret_key: Secret | None = None
 
     @property
     def postgres(self) -> bool:
@@ -148,8 +152,9 @@ class Config:
 
     def secrets(self) -> Iterator[str]:
         """Every secret value (POP3, SMTP, database), for the log redaction."""
-        if self.storage.password is not None:
-            yield self.storage.password.reveal()
+        for secret in (self.storage.password, self.storage.secret_key):
+            if secret is not None:
+                yield secret.reveal()
         for account in self.accounts:
             yield account.password.reveal()
             if account.smtp is not None:
@@ -346,17 +351,32 @@ def _type_name(value: object) -> str:
 
 def _storage(t: _Table, ctx: _Context) -> StorageSettings:
     t.check_keys(_STORAGE_KEYS)
+    key = _secret_key(t, ctx)
     if "database" in t.data:
         database = t.string("database")
         if database.startswith(("postgresql://", "postgres://")):
-            return StorageSettings(_postgres_url(t, database), _db_password(t, ctx))
+            return StorageSettings(_postgres_url(t, database), _db_password(t, ctx), key)
         if "password" in t.data:
             raise t.error("password", "only a postgresql:// database takes a password")
-        return StorageSettings(ctx.resolve(database))
+        return StorageSettings(ctx.resolve(database), secret_key=key)
     if "password" in t.data:
         raise t.error("password", "only a postgresql:// database takes a password")
     state = ctx.environ.get("STATE_DIRECTORY", "").split(":")[0]  # systemd StateDirectory=
-    return StorageSettings(Path(state) / "mail.db" if state else ctx.base / "mail.db")
+    default = Path(state) / "mail.db" if state else ctx.base / "mail.db"
+    return StorageSettings(default, secret_key=key)
+
+
+def _secret_key(t: _Table, ctx: _Context) -> Secret | None:
+    if "secret_key" not in t.data:
+        return None
+    key = _secret(t, "secret_key", ctx)
+    if len(key.reveal()) < SECRET_KEY_MIN:
+        raise t.error(
+            "secret_key",
+            f"the key ({key.describe()}) is shorter than {SECRET_KEY_MIN} characters; "
+            "make one with: openssl rand -base64 32",
+        )
+    return key
 
 
 def _postgres_url(t: _Table, url: str) -> str:
@@ -442,6 +462,22 @@ def _account(raw: object, index: int, ctx: _Context, earlier: list[Account]) -> 
     )
 
 
+def stored_account(
+    table: Mapping[str, Any], base: Path, earlier: Sequence[Account] = ()
+) -> Account:
+    """An account kept in the database (``mailingest accounts``), validated exactly as a
+    ``[[accounts]]`` table; its passwords are ``Secret`` values in the table. Errors name
+    the account and the key, as for the file."""
+    name = table.get("name", "?")
+    ctx = _Context(f"account {name!r} in the database", base, {})
+    return _account(dict(table), 0, ctx, list(earlier))
+
+
+def with_accounts(config: Config, more: Sequence[Account]) -> Config:
+    """The config with ``more`` accounts after its own."""
+    return dataclasses.replace(config, accounts=(*config.accounts, *more))
+
+
 def _smtp(t: _Table, ctx: _Context) -> SmtpSettings:
     t.check_keys(_SMTP_KEYS)
     daily_limit = t.integer("daily_limit", 0, 1) if "daily_limit" in t.data else None
@@ -518,6 +554,8 @@ def _secret(t: _Table, key: str, ctx: _Context) -> Secret:
     if key not in t.data:
         raise t.error(key, f'missing required key; add {key} = {{ env = "VAR" }} (or file, ...)')
     raw = t.data[key]
+    if isinstance(raw, Secret):  # an account kept in the database: already resolved
+        return _checked(t, key, raw)
     if isinstance(raw, str):
         ctx.literals.append(t.path(key))
         return _checked(t, key, Secret("literal", "", raw))

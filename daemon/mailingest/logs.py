@@ -30,6 +30,8 @@ EVENTS: dict[str, str] = {
     "message_stored": "account, uidl, size — one message committed (debug)",
     "duplicate_uidl": "account, uidls — a listing held the same UIDL twice",
     "state_not_recorded": "account, error — the poll result could not be written",
+    "stored_account_skipped": "account, error — an account kept in the database is not polled:"
+    " the file defines one of that name, or it no longer validates",
     "account_busy": "account, holder — another process holds the account's lease; skipped",
     "account_paused": "account, reason — no more logins until the credentials change",
     "account_resumed": "account, reason — a reload brought other credentials; polling again",

@@ -172,6 +172,18 @@ class AccountState:
 
 
 @dataclass(frozen=True, slots=True)
+class StoredAccount:
+    """An account kept in the database: its ``[[accounts]]`` table without the passwords,
+    which are sealed (see crypto.SecretBox)."""
+
+    name: str
+    owner: str
+    settings: dict[str, Any]
+    password: str
+    smtp_password: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class Claim:
     """The answer to "may this process poll the account now?" (see Store.claim_poll)."""
 
@@ -192,6 +204,7 @@ __all__ = [
     "Record",
     "Status",
     "StoreOutcome",
+    "StoredAccount",
     "StoredMessage",
     "Tagger",
 ]

@@ -25,7 +25,7 @@ from typing import Any
 
 import structlog
 
-from mailingest import crm, logs
+from mailingest import accounts, crm, logs
 from mailingest.config import Account, Config, load_config
 from mailingest.errors import EX_OK, MailIngestError, StoreError
 from mailingest.fetch import FetchResult, fetch_account
@@ -51,6 +51,8 @@ UNWIND_SHARE = 0.8
 EXIT_SHARE = 0.95
 #: STATUS= is sent at most this often (seconds).
 STATUS_EVERY = 1.0
+#: How often the daemon looks for changes of the accounts kept in the database (seconds).
+ACCOUNTS_EVERY = 2.0
 
 Fetch = Callable[..., Awaitable[FetchResult]]
 
@@ -68,6 +70,9 @@ class Daemon:
         notifier: Notifier | None = None,
     ) -> None:
         self.config = config
+        #: The config file's own part of ``config`` (the rest: accounts in the database).
+        self.file_config = config
+        self.accounts_version = 0
         self.config_path = config_path
         self.backoff = backoff or Backoff()
         self.notifier = notifier or Notifier()
@@ -81,6 +86,7 @@ class Daemon:
         self._stop_at: float | None = None
         self._reloads: asyncio.Task[None] | None = None
         self._reload_again = False
+        self._reread_file = False
         self._status_pending: asyncio.TimerHandle | None = None
         self._executors: list[ThreadPoolExecutor] = []
         self._owns_process = False
@@ -128,6 +134,7 @@ class Daemon:
         previous_handler = loop.get_exception_handler()
         loop.set_exception_handler(_log_loop_error)  # keep even these lines JSON
         watchdog: asyncio.Task[None] | None = None
+        watcher: asyncio.Task[None] | None = None
         if signals:  # before anything slow: a SIGTERM during start-up is a clean stop too
             loop.add_signal_handler(signal.SIGTERM, self.stop, "SIGTERM")
             loop.add_signal_handler(signal.SIGINT, self.stop, "SIGINT")
@@ -135,6 +142,8 @@ class Daemon:
         try:
             storage = self.config.storage
             self._store = await Store.open(storage.database, password=storage.reveal_password())
+            self.accounts_version, self.config = await accounts.with_stored(self.store, self.config)
+            logs.register_secrets(self.config.secrets())
             await self.sync_settings()  # settings changed while stopped: re-tag before polling
             states = await self.store.account_states(counts=False)
             await self._start(list(self.config.accounts), states)
@@ -143,13 +152,15 @@ class Daemon:
             period = watchdog_period()
             if period is not None and self.notifier.enabled:
                 watchdog = asyncio.create_task(self._watchdog(period), name="watchdog")
+            watcher = asyncio.create_task(self._watch_accounts(), name="accounts")
             await self.stopping.wait()
         finally:
             self.stop("error")  # no-op after a signal; after an exception, still drain
             self.notifier.stopping()
             abandoned = await self._drain()
-            if watchdog is not None:
-                watchdog.cancel()
+            for task in (watchdog, watcher):
+                if task is not None:
+                    task.cancel()
             if self._status_pending is not None:
                 self._status_pending.cancel()
             if signals:
@@ -175,10 +186,12 @@ class Daemon:
         for runner in self._all_runners():
             runner.wake()
 
-    def reload(self) -> None:
-        """SIGHUP: re-read the config file; reloads never overlap (one runs, one may queue)."""
-        if self.stopping.is_set() or self.config_path is None:
+    def reload(self, *, file: bool = True) -> None:
+        """SIGHUP: re-read the config file (``file``) and the accounts in the database;
+        reloads never overlap (one runs, one may queue)."""
+        if self.stopping.is_set() or (file and self.config_path is None):
             return
+        self._reread_file = self._reread_file or file
         if self._reloads is not None and not self._reloads.done():
             self._reload_again = True
             return
@@ -192,15 +205,33 @@ class Daemon:
                 return
 
     async def _reload_once(self) -> None:
-        assert self.config_path is not None
-        self.notifier.reloading()
+        file, self._reread_file = self._reread_file, False
+        if file:
+            self.notifier.reloading()
         try:
-            new = await asyncio.to_thread(load_config, self.config_path)
+            if file:
+                assert self.config_path is not None
+                self.file_config = await asyncio.to_thread(load_config, self.config_path)
+            version, new = await accounts.with_stored(self.store, self.file_config)
         except MailIngestError as exc:
             log.error("config_rejected", error=str(exc))
         else:
+            self.accounts_version = version
             await self.apply(new)
-        self.notifier.ready(self.summary())
+        if file:
+            self.notifier.ready(self.summary())
+
+    async def _watch_accounts(self) -> None:
+        """Apply changes of the accounts kept in the database within ACCOUNTS_EVERY."""
+        while not self.stopping.is_set():
+            await asyncio.sleep(ACCOUNTS_EVERY)
+            try:
+                version = await self.store.accounts_version()
+            except StoreError:
+                continue  # the polls report the store; try again next time
+            if version != self.accounts_version:
+                self.accounts_version = version  # the reload reads it again with the accounts
+                self.reload(file=False)
 
     # -- configuration ----------------------------------------------------------------------
 

@@ -21,10 +21,11 @@ from mailingest.model import (
     LedgerEntry,
     NewMessage,
     Record,
+    StoredAccount,
     StoredMessage,
     StoreOutcome,
 )
-from mailingest.store import ingest, read, records, state
+from mailingest.store import accounts, ingest, read, records, state
 from mailingest.store._db import CHUNK, Database
 from mailingest.store._postgres import is_postgres_url, redacted
 from mailingest.store._sqlite import BUSY_TIMEOUT_MS, SqliteDatabase
@@ -158,6 +159,23 @@ class Store:
 
     async def set_next_polls(self, when: dict[str, datetime | None]) -> None:
         await state.set_next_polls(self._db, when)
+
+    # -- accounts kept in the database -------------------------------------------------------
+
+    async def stored_accounts(self) -> tuple[int, list[StoredAccount]]:
+        return await accounts.stored_accounts(self._db)
+
+    async def accounts_version(self) -> int:
+        return await accounts.accounts_version(self._db)
+
+    async def add_account(self, account: StoredAccount) -> bool:
+        return await accounts.add_account(self._db, account)
+
+    async def update_account(self, account: StoredAccount) -> bool:
+        return await accounts.update_account(self._db, account)
+
+    async def remove_account(self, name: str) -> bool:
+        return await accounts.remove_account(self._db, name)
 
     # -- reading -------------------------------------------------------------------------------
 

@@ -76,6 +76,11 @@ class Database(abc.ABC):
     async def close(self) -> None: ...
 
     @abc.abstractmethod
+    async def notify(self, channel: str) -> None:
+        """Tell listeners on other connections, at commit, that something changed (a
+        backend without notifications does nothing: they poll)."""
+
+    @abc.abstractmethod
     async def _begin(self, write: bool) -> None: ...
 
     @abc.abstractmethod

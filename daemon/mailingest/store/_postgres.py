@@ -149,6 +149,9 @@ class PostgresDatabase(Database):
         async with conn.cursor() as cursor:
             await cursor.executemany(_placeholders(sql), batch)
 
+    async def notify(self, channel: str) -> None:
+        await self.execute(f"NOTIFY {channel}")
+
     async def next_ids(self, count: int) -> list[int]:
         rows = await self.fetchall(
             "SELECT nextval(pg_get_serial_sequence('messages', 'id')) FROM generate_series(1, ?)",

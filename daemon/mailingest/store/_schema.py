@@ -106,6 +106,22 @@ SQLITE_MIGRATIONS: tuple[str, ...] = (
     """
     ALTER TABLE account_state ADD COLUMN pause_key TEXT;
     """,
+    # 4: accounts kept in the database (`mailingest accounts`), passwords sealed
+    """
+    CREATE TABLE accounts (
+        name TEXT PRIMARY KEY,
+        owner TEXT NOT NULL,
+        settings TEXT NOT NULL,
+        password TEXT NOT NULL,
+        smtp_password TEXT,
+        created_at TEXT NOT NULL,
+        updated_at TEXT NOT NULL
+    );
+    CREATE TABLE store_meta (
+        key TEXT PRIMARY KEY,
+        value INTEGER NOT NULL
+    );
+    """,
 )
 
 #: The same tables for PostgreSQL. Its history starts at the schema SQLite reached with
@@ -205,6 +221,22 @@ POSTGRES_MIGRATIONS: tuple[str, ...] = (
         account TEXT PRIMARY KEY,
         snapshot TEXT NOT NULL,
         magnet_label TEXT
+    );
+    """,
+    # 2: accounts kept in the database, as SQLite's migration 4
+    """
+    CREATE TABLE accounts (
+        name TEXT PRIMARY KEY,
+        owner TEXT NOT NULL,
+        settings TEXT NOT NULL,
+        password TEXT NOT NULL,
+        smtp_password TEXT,
+        created_at TEXT NOT NULL,
+        updated_at TEXT NOT NULL
+    );
+    CREATE TABLE store_meta (
+        key TEXT PRIMARY KEY,
+        value BIGINT NOT NULL
     );
     """,
 )

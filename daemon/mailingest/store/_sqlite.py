@@ -117,6 +117,9 @@ class SqliteDatabase(Database):
         finally:
             os.close(fd)  # releases the lock
 
+    async def notify(self, channel: str) -> None:
+        return None  # daemons poll the version row
+
     async def close(self) -> None:
         await self._db.close()
 

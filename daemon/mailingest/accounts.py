@@ -1,0 +1,226 @@
+"""Accounts kept in the database (``mailingest accounts``), beside those of the config file.
+
+Users add their own mailbox at run time, as a CRM's "add account, test account, create"
+page does; the file's accounts stay as they are. A stored account is validated exactly as an
+``[[accounts]]`` table, its passwords are sealed with ``[storage] secret_key``, and a running
+daemon picks a change up within seconds (it watches the store's accounts version).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+
+from mailingest.config import Account, Config, Secret, stored_account, with_accounts
+from mailingest.crypto import SecretBox
+from mailingest.errors import ConfigError, DataError, UsageError
+from mailingest.model import StoredAccount
+from mailingest.store import Store
+
+log = structlog.get_logger("mailingest.accounts")
+
+#: Keys of an account table that the database row keeps apart from the settings.
+_APART = ("name", "owner", "password")
+
+
+async def with_stored(store: Store, config: Config) -> tuple[int, Config]:
+    """The config with the database's accounts after the file's, and the accounts version.
+
+    A stored account that the file shadows (same name) or that no longer validates is
+    skipped with an error event; a missing or wrong ``secret_key`` is a ConfigError (78).
+    """
+    version, stored = await store.stored_accounts()
+    if not stored:
+        return version, config
+    box = secret_box(config, len(stored))
+    extra: list[Account] = []
+    for row in stored:
+        earlier = [*config.accounts, *extra]
+        if any(a.name == row.name for a in config.accounts):
+            _skipped(row.name, "the config file defines an account of this name; it wins")
+            continue
+        try:
+            extra.append(await asyncio.to_thread(_account, row, box, config, earlier))
+        except ConfigError as exc:
+            if exc.key_path == "storage.secret_key":
+                raise
+            _skipped(row.name, str(exc))
+    return version, with_accounts(config, extra)
+
+
+async def effective_config(config: Config) -> Config:
+    """``config`` with the database's accounts (for a one-shot command)."""
+    storage = config.storage
+    store = await Store.open(storage.database, password=storage.reveal_password())
+    try:
+        return (await with_stored(store, config))[1]
+    finally:
+        await store.close()
+
+
+def secret_box(config: Config, stored: int | None = None) -> SecretBox:
+    key = config.storage.secret_key
+    if key is None:
+        held = f"the database holds {stored} accounts whose" if stored else "accounts kept in"
+        raise ConfigError(
+            f"missing: {held} passwords are sealed with it; set secret_key = "
+            '{ credential = "..." } (or env, file) in [storage]',
+            file=str(config.path),
+            key_path="storage.secret_key",
+        )
+    return SecretBox(key.reveal())
+
+
+def _account(row: StoredAccount, box: SecretBox, config: Config, earlier: list[Account]) -> Account:
+    table = dict(row.settings)
+    table.update(name=row.name, owner=row.owner)
+    table["password"] = Secret("database", row.name, box.open(row.password, f"{row.name!r}"))
+    if row.smtp_password is not None and isinstance(table.get("smtp"), dict):
+        smtp_password = box.open(row.smtp_password, f"{row.name!r} (SMTP)")
+        table["smtp"] = {**table["smtp"], "password": Secret("database", row.name, smtp_password)}
+    return stored_account(table, config.path.parent, earlier)
+
+
+def _skipped(name: str, error: str) -> None:
+    log.error("stored_account_skipped", account=name, error=error)
+
+
+# -- the `accounts` commands -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class NewPasswords:
+    pop3: str | None = None
+    smtp: str | None = None
+
+
+def validate(
+    table: Mapping[str, Any], passwords: NewPasswords, config: Config, others: Sequence[Account]
+) -> Account:
+    """The account a user asked for, checked as the file's are (65 naming the key if not)."""
+    full = dict(table)
+    if passwords.pop3 is not None:
+        full["password"] = Secret("database", str(full.get("name", "")), passwords.pop3)
+    if passwords.smtp is not None and isinstance(full.get("smtp"), dict):
+        full["smtp"] = {**full["smtp"], "password": Secret("database", "smtp", passwords.smtp)}
+    try:
+        return stored_account(full, config.path.parent, list(others))
+    except ConfigError as exc:
+        where = ": ".join(p for p in (exc.key_path, exc.message) if p)
+        raise DataError(f"account {full.get('name', '?')!r}: {where}") from exc
+
+
+def to_row(table: Mapping[str, Any], passwords: NewPasswords, box: SecretBox) -> StoredAccount:
+    """The row to store: the settings without name, owner and passwords; those sealed."""
+    assert passwords.pop3 is not None
+    settings = {k: v for k, v in table.items() if k not in _APART}
+    if isinstance(settings.get("smtp"), dict):
+        settings["smtp"] = {k: v for k, v in settings["smtp"].items() if k != "password"}
+    return StoredAccount(
+        name=str(table["name"]),
+        owner=str(table["owner"]),
+        settings=settings,
+        password=box.seal(passwords.pop3),
+        smtp_password=box.seal(passwords.smtp) if passwords.smtp is not None else None,
+    )
+
+
+def stored_table(row: StoredAccount) -> dict[str, Any]:
+    """A stored account as the table a user would have written (no passwords)."""
+    return {"name": row.name, "owner": row.owner, **row.settings}
+
+
+def opened(row: StoredAccount, box: SecretBox) -> NewPasswords:
+    smtp = box.open(row.smtp_password, f"{row.name!r} (SMTP)") if row.smtp_password else None
+    return NewPasswords(box.open(row.password, repr(row.name)), smtp)
+
+
+def not_stored(name: str, config: Config) -> UsageError:
+    if any(a.name == name for a in config.accounts):
+        return UsageError(
+            f"account {name!r} is defined in the config file {config.path}; change it there"
+        )
+    return UsageError(f"no account {name!r} in the database; see `mailingest accounts list`")
+
+
+async def add(
+    config: Config, table: dict[str, Any], passwords: NewPasswords, *, test: bool
+) -> dict[str, Any]:
+    """Validate, test (as `check` does) unless told not to, then store: nothing is stored
+    for an account that fails its test. ``added`` says which."""
+    from mailingest import commands
+
+    box = secret_box(config)
+    name = str(table.get("name", ""))
+    async with commands.open_store(config) as store:
+        _, current = await with_stored(store, config)
+        if any(a.name == name for a in current.accounts):
+            raise UsageError(f"account {name!r} exists already; see `mailingest accounts list`")
+        account = validate(table, passwords, config, current.accounts)
+        pop3 = await asyncio.to_thread(commands.check_pop3, account) if test else None
+        if pop3 is not None and pop3["status"] != "ok":
+            return {"account": name, "added": False, "pop3": pop3}
+        if not await store.add_account(to_row(table, passwords, box)):
+            raise UsageError(f"account {name!r} exists already; see `mailingest accounts list`")
+    return {"account": name, "added": True, "pop3": pop3}
+
+
+async def change(
+    config: Config, name: str, changes: dict[str, Any], passwords: NewPasswords
+) -> dict[str, Any]:
+    """Change a stored account's settings (``None`` removes a key) and passwords."""
+    from mailingest import commands
+
+    box = secret_box(config)
+    async with commands.open_store(config) as store:
+        _, stored = await store.stored_accounts()
+        row = next((r for r in stored if r.name == name), None)
+        if row is None:
+            raise not_stored(name, config)
+        _, current = await with_stored(store, config)
+        table = stored_table(row)
+        for key, value in changes.items():
+            if value is None:
+                table.pop(key, None)
+            else:
+                table[key] = value
+        old = opened(row, box)
+        new = NewPasswords(passwords.pop3 or old.pop3, passwords.smtp or old.smtp)
+        others = [a for a in current.accounts if a.name != name]
+        validate(table, new, config, others)
+        if not await store.update_account(to_row(table, new, box)):
+            raise not_stored(name, config)
+    changed = sorted(changes) + (["password"] if passwords.pop3 else [])
+    return {"account": name, "changed": changed}
+
+
+async def remove(config: Config, name: str) -> dict[str, Any]:
+    """Forget a stored account: no more polls; the mail it stored stays."""
+    from mailingest import commands
+
+    async with commands.open_store(config) as store:
+        if not await store.remove_account(name):
+            raise not_stored(name, config)
+    return {"account": name, "removed": True}
+
+
+async def listing(config: Config) -> list[dict[str, Any]]:
+    full = await effective_config(config)
+    from_file = {a.name for a in config.accounts}
+    return [
+        {
+            "account": a.name,
+            "owner": a.owner,
+            "host": a.host,
+            "port": a.port,
+            "username": a.username,
+            "sharing": a.sharing,
+            "primary": a.primary,
+            "source": "config" if a.name in from_file else "database",
+        }
+        for a in full.accounts
+    ]

@@ -1,0 +1,185 @@
+"""`mailingest accounts add|test|set|remove|list`: parse and print; accounts.py does the work."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from mailingest import accounts
+from mailingest.config import Config
+from mailingest.errors import EX_OK, STATUS_EXIT, DataError, UsageError
+from mailingest.output import print_table
+
+
+def add_parser(sub: Any) -> None:
+    parser = sub.add_parser("accounts", help="accounts kept in the database: add, test, set, ...")
+    asub = parser.add_subparsers(dest="accounts_command", required=True, metavar="ACTION")
+    p = asub.add_parser("add", help="test the account as `check` does, then store it")
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("--owner", required=True, metavar="USER", help="the CRM user")
+    p.add_argument("--host", required=True)
+    p.add_argument("--username", required=True, metavar="LOGIN")
+    _password_options(p, required=True)
+    p.add_argument("--port", type=int)
+    p.add_argument("--security", choices=["tls", "starttls", "plain"])
+    p.add_argument("--allow-plaintext", action="store_true", help="needed with --security plain")
+    p.add_argument("--delete", action="store_true", help="delete from the server once stored")
+    _settings_options(p)
+    p.add_argument("--no-test", action="store_true", help="store without logging in first")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p = asub.add_parser("test", help="connect, TLS, login, STAT (as `check --account NAME`)")
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p = asub.add_parser("set", help="change a stored account's settings or password")
+    p.add_argument("name", metavar="NAME")
+    _password_options(p, required=False)
+    p.add_argument("--host")
+    p.add_argument("--port", type=int)
+    p.add_argument("--username", metavar="LOGIN")
+    _settings_options(p)
+    p.add_argument("--no-excluded-domains", action="store_true", help="clear the list")
+    p.add_argument("--no-primary", action="store_true", help="no longer the owner's primary")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p = asub.add_parser("remove", help="forget a stored account; its stored mail stays")
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p = asub.add_parser("list", help="every account, from the config file and the database")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+
+def _password_options(p: argparse.ArgumentParser, *, required: bool) -> None:
+    group = p.add_mutually_exclusive_group(required=required)
+    group.add_argument("--password-stdin", action="store_true", help="read it from stdin")
+    group.add_argument("--password-env", metavar="VAR", help="read it from this variable")
+
+
+def _settings_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--sharing", choices=["private", "custom", "public"])
+    p.add_argument("--excluded-domain", action="append", metavar="DOMAIN", help="public mode")
+    p.add_argument("--magnet-label", metavar="LABEL", help='"" removes it')
+    p.add_argument("--from-address", metavar="ADDR", help='"" removes it')
+    p.add_argument("--primary", action="store_true", help="the owner's account for replies")
+    p.add_argument("--delete-after-days", type=int, metavar="N")
+    p.add_argument("--poll-interval", metavar="DURATION", help="e.g. 5m")
+    p.add_argument("--timeout", metavar="DURATION", help="e.g. 60s")
+
+
+def run(args: argparse.Namespace, load: Callable[[], Config]) -> int:
+    config = load()
+    action = args.accounts_command
+    if action == "add":
+        return _add(args, config)
+    if action == "test":
+        from mailingest import commands
+
+        full = asyncio.run(accounts.effective_config(config))
+        results = asyncio.run(commands.check(full, [args.name]))
+        return _report(args, results[0], STATUS_EXIT.get(results[0]["pop3"]["status"], 65))
+    if action == "set":
+        changes = _settings(args)
+        if args.no_excluded_domains:
+            changes["excluded_domains"] = None
+        if args.no_primary:
+            changes["primary"] = None
+        for key in ("host", "port", "username"):
+            if getattr(args, key) is not None:
+                changes[key] = getattr(args, key)
+        passwords = accounts.NewPasswords(pop3=_password(args))
+        if not changes and passwords.pop3 is None:
+            raise UsageError("nothing to change; see `mailingest accounts set --help`")
+        result = asyncio.run(accounts.change(config, args.name, changes, passwords))
+        return _report(args, result, EX_OK)
+    if action == "remove":
+        return _report(args, asyncio.run(accounts.remove(config, args.name)), EX_OK)
+    rows = asyncio.run(accounts.listing(config))
+    if args.json:
+        sys.stdout.write(json.dumps({"accounts": rows}) + "\n")
+    else:
+        keys = ["account", "owner", "host", "username", "sharing", "source"]
+        print_table(keys, [[r[k] for k in keys] for r in rows])
+    return EX_OK
+
+
+def _add(args: argparse.Namespace, config: Config) -> int:
+    table: dict[str, Any] = {
+        "name": args.name,
+        "owner": args.owner,
+        "host": args.host,
+        "username": args.username,
+        **_settings(args),
+    }
+    if args.port is not None:
+        table["port"] = args.port
+    if args.security is not None:
+        table["security"] = args.security
+    if args.allow_plaintext:
+        table["allow_plaintext"] = True
+    if args.delete:
+        table["leave_on_server"] = False
+    passwords = accounts.NewPasswords(pop3=_password(args))
+    result = asyncio.run(accounts.add(config, table, passwords, test=not args.no_test))
+    pop3 = result["pop3"]
+    code = EX_OK if result["added"] else STATUS_EXIT.get(pop3["status"], 65)
+    return _report(args, result, code)
+
+
+def _settings(args: argparse.Namespace) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if args.sharing is not None:
+        out["sharing"] = args.sharing
+    if args.excluded_domain:
+        out["excluded_domains"] = list(args.excluded_domain)
+    for key in ("magnet_label", "from_address", "poll_interval", "timeout"):
+        value = getattr(args, key)
+        if value is not None:
+            out[key] = value or None  # "" removes the key
+    if args.primary:
+        out["primary"] = True
+    if args.delete_after_days is not None:
+        out["delete_after_days"] = args.delete_after_days
+    return {k: v for k, v in out.items() if v is not None or k in ("magnet_label", "from_address")}
+
+
+def _password(args: argparse.Namespace) -> str | None:
+    if args.password_stdin:
+        line = sys.stdin.buffer.readline()
+        try:
+            text = line.decode("utf-8").removesuffix("\n").removesuffix("\r")
+        except UnicodeDecodeError as exc:
+            raise DataError("the password on stdin is not valid UTF-8") from exc
+        if not text:
+            raise DataError("no password on stdin (one line expected)")
+        return text
+    if args.password_env:
+        value = os.environ.get(args.password_env)
+        if not value:
+            raise UsageError(f"environment variable {args.password_env} is not set or empty")
+        return value
+    return None
+
+
+def _report(args: argparse.Namespace, result: dict[str, Any], code: int) -> int:
+    if args.json:
+        sys.stdout.write(json.dumps(result) + "\n")
+    elif "added" in result:
+        pop3 = result["pop3"]
+        if result["added"]:
+            tested = f" (tested: {pop3['messages']} messages)" if pop3 else " (not tested)"
+            sys.stdout.write(f"account {result['account']!r} added{tested}\n")
+        else:
+            sys.stdout.write(
+                f"account {result['account']!r} not added: {pop3['status']}: {pop3['error']}\n"
+            )
+    elif "removed" in result:
+        sys.stdout.write(f"account {result['account']!r} removed; its stored mail stays\n")
+    elif "changed" in result:
+        sys.stdout.write(f"account {result['account']!r}: {', '.join(result['changed'])}\n")
+    else:
+        pop3 = result["pop3"]
+        sys.stdout.write(f"account {result['account']!r}: {pop3['status']} {pop3['error'] or ''}\n")
+    return code

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import io
 from datetime import UTC, datetime, timedelta
@@ -9,7 +10,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from mailingest.errors import StoreError
-from mailingest.model import AccountPolicy, Facts, Headers, NewMessage
+from mailingest.model import AccountPolicy, Facts, Headers, NewMessage, StoredAccount
 from mailingest.store import CHUNK, Store
 from support import StoreAt
 
@@ -116,3 +117,23 @@ async def test_a_wrong_postgresql_password_is_a_store_error_naming_the_database(
     text = str(info.value)
     assert "cannot connect to postgresql://mailingest@127.0.0.1" in text
     assert "not-the-password" not in text and info.value.exit_code == 75
+
+
+async def test_postgresql_notifies_account_changes_to_other_connections(
+    postgres_at: StoreAt,
+) -> None:
+    """A watcher that would poll only every minute wakes as soon as another store commits."""
+    watcher, writer = await postgres_at.open(), await postgres_at.open()
+    changes = watcher.account_changes(every=60.0)
+    try:
+        pending = asyncio.ensure_future(anext(changes))
+        await asyncio.sleep(0.5)  # LISTEN is in place
+        assert not pending.done()
+        row = StoredAccount("mine", "alice", {"host": "h"}, password="sealed")
+        assert await writer.add_account(row)
+        await asyncio.wait_for(pending, 10)
+        assert await watcher.accounts_version() == 1
+    finally:
+        await changes.aclose()
+        await watcher.close()
+        await writer.close()

@@ -222,9 +222,11 @@ class Daemon:
             self.notifier.ready(self.summary())
 
     async def _watch_accounts(self) -> None:
-        """Apply changes of the accounts kept in the database within ACCOUNTS_EVERY."""
-        while not self.stopping.is_set():
-            await asyncio.sleep(ACCOUNTS_EVERY)
+        """Apply changes of the accounts kept in the database: at once where the store
+        notifies (PostgreSQL), else within ACCOUNTS_EVERY."""
+        async for _ in self.store.account_changes(ACCOUNTS_EVERY):
+            if self.stopping.is_set():
+                return
             try:
                 version = await self.store.accounts_version()
             except StoreError:

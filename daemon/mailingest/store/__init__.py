@@ -165,6 +165,10 @@ class Store:
     async def stored_accounts(self) -> tuple[int, list[StoredAccount]]:
         return await accounts.stored_accounts(self._db)
 
+    def account_changes(self, every: float) -> AsyncIterator[None]:
+        """Yields when the stored accounts may have changed (then read accounts_version)."""
+        return self._db.changes("mailingest_accounts", every)
+
     async def accounts_version(self) -> int:
         return await accounts.accounts_version(self._db)
 

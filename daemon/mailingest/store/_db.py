@@ -75,6 +75,13 @@ class Database(abc.ABC):
     @abc.abstractmethod
     async def close(self) -> None: ...
 
+    async def changes(self, channel: str, every: float) -> AsyncIterator[None]:
+        """Yields when something may have changed on ``channel``: at the latest every
+        ``every`` seconds (backends with notifications also at once)."""
+        while True:
+            await asyncio.sleep(every)
+            yield
+
     @abc.abstractmethod
     async def notify(self, channel: str) -> None:
         """Tell listeners on other connections, at commit, that something changed (a

@@ -10,6 +10,7 @@ default: a COMMIT is durable when it returns).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import functools
 import hashlib
@@ -151,6 +152,30 @@ class PostgresDatabase(Database):
 
     async def notify(self, channel: str) -> None:
         await self.execute(f"NOTIFY {channel}")
+
+    async def changes(self, channel: str, every: float) -> AsyncIterator[None]:
+        # LISTEN on a connection of its own: a NOTIFY committed by any process wakes us
+        # at once; the timeout still yields every ``every`` s (a notification sent while
+        # this connection was being replaced is never lost for longer than that).
+        while True:
+            try:
+                conn = await self._connect()
+            except StoreError:
+                await asyncio.sleep(every)
+                yield
+                continue
+            try:
+                await conn.execute(f"LISTEN {channel}")
+                while True:
+                    async for _ in conn.notifies(timeout=every, stop_after=1):
+                        pass
+                    yield
+            except _driver().Error:
+                await asyncio.sleep(every)
+                yield
+            finally:
+                with contextlib.suppress(Exception):
+                    await conn.close()
 
     async def next_ids(self, count: int) -> list[int]:
         rows = await self.fetchall(

@@ -7,8 +7,11 @@ import re
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import pytest
+
 from mailingest import __version__, logs
 from mailingest.popserver import Faults, Mailbox, ThreadedPop3Server
+from postgres import Postgres
 from support import loopback_account, run_cli, write_config
 
 PACKAGE = Path(__file__).resolve().parent.parent / "daemon" / "mailingest"
@@ -34,13 +37,19 @@ def test_no_command_is_a_usage_error() -> None:
     assert run_cli(None, "fetch", "--bogus").returncode == 64
 
 
-def test_demo_exits_0_and_shows_who_sees_what() -> None:
-    proc = run_cli(None, "demo")
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_demo_exits_0_and_shows_who_sees_what(backend: str, request: pytest.FixtureRequest) -> None:
+    args, env = ["demo"], {}
+    if backend == "postgresql":  # `demo --database URL`, the password as libpq reads it
+        server: Postgres = request.getfixturevalue("postgres")
+        args += ["--database", server.new_database()]
+        env["PGPASSWORD"] = server.password
+    proc = run_cli(None, *args, env=env)
     assert proc.returncode == 0, proc.stderr.decode()
     out = proc.stdout.decode()
     assert "alice-mail" in out and "dana-gmail" in out
     assert "Second fetch: 0 new" in out
-    assert "What dana sees" in out
+    assert "What dana sees (8 messages)" in out
 
 
 def test_config_prints_effective_config_with_secrets_redacted(tmp_path: Path) -> None:

@@ -86,7 +86,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--viewer", required=True, metavar="USER")
     p.add_argument("--body-file", required=True, metavar="F", help="the body text; - for stdin")
     p.add_argument("--json", action="store_true", help="machine-readable output")
-    sub.add_parser("demo", help="ingest sample mail from a loopback POP3 server; no mailbox needed")
+    p = sub.add_parser(
+        "demo", help="ingest sample mail from a loopback POP3 server; no mailbox needed"
+    )
+    p.add_argument(
+        "--database",
+        metavar="URL",
+        help="a postgresql:// database to use (empty; password from $PGPASSWORD) instead of "
+        "a temporary SQLite file",
+    )
     return parser
 
 
@@ -351,7 +359,7 @@ def _demo(args: argparse.Namespace) -> int:
     from mailingest.demo import run_demo
 
     logs.configure(args.log_format or "auto", level=10 if args.verbose else 30)
-    return asyncio.run(run_demo(sys.stdout))
+    return asyncio.run(run_demo(sys.stdout, database=args.database))
 
 
 def _accounts(args: argparse.Namespace) -> int:

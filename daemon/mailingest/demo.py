@@ -5,6 +5,7 @@ No mailbox needed: a loopback POP3 server serves the bundled sample mailboxes.
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -31,9 +32,9 @@ _ACCOUNTS = (
 _SHARED_RECORD = "C1"
 
 
-def demo_config_text(port: int) -> str:
+def demo_config_text(port: int, database: str = "demo.db") -> str:
     """A config like an operator would write, pointing at the loopback server."""
-    parts = ['[storage]\ndatabase = "demo.db"\n\n[daemon]\nmax_concurrent = 4\n']
+    parts = [f"[storage]\ndatabase = {json.dumps(database)}\n\n[daemon]\nmax_concurrent = 4\n"]
     for name, owner, user, password, extra in _ACCOUNTS:
         parts.append(
             f'\n[[accounts]]\nname = "{name}"\nowner = "{owner}"\nhost = "127.0.0.1"\n'
@@ -43,14 +44,14 @@ def demo_config_text(port: int) -> str:
     return "".join(parts)
 
 
-async def run_demo(out: TextIO) -> int:
+async def run_demo(out: TextIO, *, database: str | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="mailingest-demo-") as tmp:
         async with Pop3TestServer(sample_mailboxes()) as server:
             log.info("demo_server_started", port=server.port)
             path = Path(tmp) / "mailingest.toml"
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                fh.write(demo_config_text(server.port))
+                fh.write(demo_config_text(server.port, database or "demo.db"))
             config = load_config(path)
             out.write(f"mailingest demo: sample mailboxes on 127.0.0.1:{server.port}\n")
             count = await commands.records_import(config, sample_records_csv(), "sample records")

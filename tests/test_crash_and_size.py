@@ -13,10 +13,12 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import pytest
+
 from dovecot import Dovecot, Mailbox
-from mailingest.store import Store
+from postgres import Postgres
 from proxy import CommandProxy
-from support import crlf, dovecot_account, fetch_json, make_message, sha, write_config
+from support import StoreAt, crlf, dovecot_account, fetch_json, make_message, sha, write_config
 
 MESSAGES = 300
 KILLS = 5  # kills that must interrupt a running fetch
@@ -24,14 +26,15 @@ MAX_ROUNDS = 15  # a round whose fetch ended before its kill does not count; bou
 OWNER = "alice"  # dovecot_account()'s owner
 
 
-def _stored_hashes(config: Path) -> list[str]:
+def _stored_hashes(at: StoreAt) -> list[str]:
     """sha256 of every stored message, recomputed from the bytes the store gives back."""
-    database = config.parent / "mail.db"
-    return asyncio.run(_read_hashes(database)) if database.exists() else []
+    if isinstance(at.database, Path) and not at.database.exists():
+        return []
+    return asyncio.run(_read_hashes(at))
 
 
-async def _read_hashes(database: Path) -> list[str]:
-    store = await Store.open(database)
+async def _read_hashes(at: StoreAt) -> list[str]:
+    store = await at.open()
     try:
         digests = []
         for item in await store.messages(viewer=OWNER):
@@ -83,18 +86,21 @@ class _QuitGate:
             raise ConnectionAbortedError("QUIT withheld")  # the proxy closes both sides
 
 
-def _pop3_seconds(mailbox: Mailbox, directory: Path, *, leave_on_server: bool) -> float:
+def _pop3_seconds(
+    mailbox: Mailbox, directory: Path, at: StoreAt, *, leave_on_server: bool
+) -> float:
     """How long one fetch of ``mailbox`` talks POP3: from its first command to its QUIT."""
     gate = _QuitGate(hold=False)
     with CommandProxy(mailbox.dovecot.port, gate) as proxy:
         account = dovecot_account(mailbox, port=proxy.port, leave_on_server=leave_on_server)
-        code = _fetch_process(write_config(directory, [account])).wait(timeout=60)
+        config = write_config(directory, [account], storage=at.storage())
+        code = _fetch_process(config).wait(timeout=60)
     assert code == 0 and gate.quit_at is not None, "a calibration fetch failed"
     return gate.quit_at - gate.connected_at
 
 
 def _kill_round(
-    mailbox: Mailbox, directory: Path, window: float, rng: random.Random
+    mailbox: Mailbox, directory: Path, at: StoreAt, window: float, rng: random.Random
 ) -> tuple[bool, bool]:
     """Start a deleting fetch; once it has connected, SIGKILL it after uniform(0, window) s.
 
@@ -103,7 +109,7 @@ def _kill_round(
     gate = _QuitGate(hold=True)
     with CommandProxy(mailbox.dovecot.port, gate) as proxy:
         account = dovecot_account(mailbox, port=proxy.port, leave_on_server=False)
-        proc = _fetch_process(write_config(directory, [account]))
+        proc = _fetch_process(write_config(directory, [account], storage=at.storage()))
         try:
             while not gate.connected.wait(0.01):
                 assert proc.poll() is None, f"fetch exited ({proc.returncode}) before connecting"
@@ -119,20 +125,30 @@ def _kill_round(
 
 
 def test_sigkill_at_random_instants_of_a_deleting_fetch_loses_and_duplicates_nothing(
-    tmp_path: Path, mailbox: Mailbox, dovecot: Dovecot
+    tmp_path: Path,
+    mailbox: Mailbox,
+    dovecot: Dovecot,
+    store_at: StoreAt,
+    request: pytest.FixtureRequest,
 ) -> None:
     """300 messages arrive once; fetches of them are SIGKILLed at random instants of their POP3
-    talk until 5 kills interrupted one; then one clean fetch. Each is stored exactly once."""
+    talk until 5 kills interrupted one; then one clean fetch. Each is stored exactly once
+    (on each backend)."""
     messages = [make_message(i, body=f"body {i}\n".encode() * 40) for i in range(MESSAGES)]
     # Calibration on an identical mailbox: one fetch that retrieves and stores all (deletes
     # none), then one that has nothing new and deletes all.
     (tmp_path / "calibration").mkdir()
     twin = dovecot.new_mailbox()
     twin.deliver_many(messages)
-    retrieving = _pop3_seconds(twin, tmp_path / "calibration", leave_on_server=True)
-    deleting = _pop3_seconds(twin, tmp_path / "calibration", leave_on_server=False)
+    if isinstance(store_at.database, Path):
+        apart = StoreAt(tmp_path / "calibration" / "mail.db")
+    else:  # the calibration's own database on the same server
+        server: Postgres = request.getfixturevalue("postgres")
+        apart = StoreAt(server.new_database(), store_at.password_file)
+    calibration = tmp_path / "calibration"
+    retrieving = _pop3_seconds(twin, calibration, apart, leave_on_server=True)
+    deleting = _pop3_seconds(twin, calibration, apart, leave_on_server=False)
     assert twin.count() == 0
-    config = tmp_path / "mailingest.toml"
     mailbox.deliver_many(messages)
     seed = random.randrange(1 << 30)
     rng = random.Random(seed)
@@ -140,10 +156,10 @@ def test_sigkill_at_random_instants_of_a_deleting_fetch_loses_and_duplicates_not
     history = []  # per round: messages not yet stored, then K(illed) / Q(killed at QUIT) / E(nded)
     while kills < KILLS and rounds < MAX_ROUNDS:
         rounds += 1
-        left = MESSAGES - len(_stored_hashes(config))
+        left = MESSAGES - len(_stored_hashes(store_at))
         # The round's POP3 talk: RETR and commit what is not stored yet, DELE all, QUIT.
         window = deleting + retrieving * left / MESSAGES
-        interrupted, reached_quit = _kill_round(mailbox, tmp_path, window, rng)
+        interrupted, reached_quit = _kill_round(mailbox, tmp_path, store_at, window, rng)
         kills += interrupted
         at_quit += interrupted and reached_quit
         history.append(f"{left}{'E' if not interrupted else 'Q' if reached_quit else 'K'}")
@@ -154,11 +170,12 @@ def test_sigkill_at_random_instants_of_a_deleting_fetch_loses_and_duplicates_not
     print(figures)
     assert kills >= KILLS, figures
 
-    config = write_config(tmp_path, [dovecot_account(mailbox, leave_on_server=False)])
+    account = dovecot_account(mailbox, leave_on_server=False)
+    config = write_config(tmp_path, [account], storage=store_at.storage())
     code, out = fetch_json(config)
 
     assert code == 0, (figures, out)
-    stored = Counter(_stored_hashes(config))
+    stored = Counter(_stored_hashes(store_at))
     assert max(stored.values()) == 1, f"{figures}: duplicates stored"
     assert stored == Counter(sha(crlf(m)) for m in messages), f"{figures}: lost or foreign mail"
     assert mailbox.count() == 0, figures
@@ -192,4 +209,4 @@ def test_60_mb_message_byte_exact_with_bounded_memory(tmp_path: Path, mailbox: M
     assert proc.returncode == 0, proc.stderr.decode()
     peak_kb = int(proc.stderr.decode().rsplit("VmHWM:", 1)[1].split()[0])
     assert peak_kb < 100 * 1024, f"peak RSS {peak_kb / 1024:.0f} MB"
-    assert _stored_hashes(config) == [expected]
+    assert _stored_hashes(StoreAt(config.parent / "mail.db")) == [expected]

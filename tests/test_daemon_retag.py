@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import json
 import signal
-import sqlite3
 from pathlib import Path
 from typing import Any
 
 from daemon_support import DaemonProcess, wait_until
 from mailingest.popserver import Mailbox, ThreadedPop3Server
-from support import fetch_json, loopback_account, make_message, run_cli, write_config
+from support import StoreAt, fetch_json, loopback_account, make_message, run_cli, write_config
 
 PASSWORD = "Pw-retag-12345"
 RECORDS = "id,kind,email,name\nL1,lead,lead@example.org,Lead One\n"
@@ -38,13 +37,9 @@ def _import_records(config: Path) -> None:
     assert proc.returncode == 0, proc.stderr.decode()
 
 
-def _stored_tags(config: Path) -> list[tuple[str, str]]:
-    """(visibility, reason) of every stored message, read-only and without any re-tag."""
-    db = sqlite3.connect(f"file:{config.parent / 'mail.db'}?mode=ro", uri=True)
-    try:
-        rows = db.execute("SELECT visibility, reason FROM messages ORDER BY id").fetchall()
-    finally:
-        db.close()
+def _stored_tags(at: StoreAt) -> list[tuple[str, str]]:
+    """(visibility, reason) of every stored message, read without any re-tag."""
+    rows = at.query("SELECT visibility, reason FROM messages ORDER BY id")
     return [(str(v), str(r)) for v, r in rows]
 
 
@@ -57,10 +52,13 @@ def _messages(config: Path, viewer: str) -> list[dict[str, Any]]:
 
 def test_sighup_to_public_shares_stored_linked_mail_without_another_fetch(
     tmp_path: Path,
+    store_at: StoreAt,
 ) -> None:
     box = Mailbox("u", PASSWORD, [make_message(1), make_message(2)])
     with ThreadedPop3Server([box]) as server:
-        config = write_config(tmp_path, [_account(server.port)], daemon=DAEMON)
+        config = write_config(
+            tmp_path, storage=store_at.storage(), accounts=[_account(server.port)], daemon=DAEMON
+        )
         _import_records(config)
         with DaemonProcess(config) as daemon:
             daemon.wait_event("poll_completed", account="a")
@@ -68,11 +66,16 @@ def test_sighup_to_public_shares_stored_linked_mail_without_another_fetch(
             assert _messages(config, "bob") == []  # private mode: only alice sees them
             assert len(_messages(config, "alice")) == 2
 
-            write_config(tmp_path, [_account(server.port, sharing="public")], daemon=DAEMON)
+            write_config(
+                tmp_path,
+                storage=store_at.storage(),
+                accounts=[_account(server.port, sharing="public")],
+                daemon=DAEMON,
+            )
             daemon.send(signal.SIGHUP)
             daemon.wait_event("config_reloaded")
             assert daemon.events("mail_retagged")[-1]["accounts"] == ["a"]
-            assert _stored_tags(config) == [("shared", "public")] * 2
+            assert _stored_tags(store_at) == [("shared", "public")] * 2
 
             shared = _messages(config, "bob")
             assert [(m["visibility"], m["reason"], m["records"]) for m in shared] == [
@@ -82,34 +85,42 @@ def test_sighup_to_public_shares_stored_linked_mail_without_another_fetch(
             assert code == 0, daemon.text()
 
 
-def test_start_retags_mail_stored_under_settings_changed_while_stopped(tmp_path: Path) -> None:
+def test_start_retags_mail_stored_under_settings_changed_while_stopped(
+    tmp_path: Path, store_at: StoreAt
+) -> None:
     box = Mailbox("u", PASSWORD, [make_message(1), make_message(2)])
     with ThreadedPop3Server([box]) as server:
-        config = write_config(tmp_path, [_account(server.port)], daemon=DAEMON)
+        config = write_config(
+            tmp_path, storage=store_at.storage(), accounts=[_account(server.port)], daemon=DAEMON
+        )
         _import_records(config)
         code, result = fetch_json(config)
         assert code == 0, result
         port = server.port
     # The server is gone: whatever the daemon shows, it did not fetch it.
-    assert _stored_tags(config) == [("private", "mode_private")] * 2
+    assert _stored_tags(store_at) == [("private", "mode_private")] * 2
     changed = _account(port, sharing="public", magnet_label="CRM")
-    write_config(tmp_path, [changed], daemon=DAEMON)
+    write_config(tmp_path, storage=store_at.storage(), accounts=[changed], daemon=DAEMON)
     with DaemonProcess(config) as daemon:
         daemon.wait_event("daemon_started")
         assert daemon.events("mail_retagged")[0]["accounts"] == ["a"]
         names = [e["event"] for e in daemon.events()]
         assert names.index("mail_retagged") < names.index("daemon_started")  # before polling
-        assert _stored_tags(config) == [("shared", "public")] * 2
+        assert _stored_tags(store_at) == [("shared", "public")] * 2
         code, _ = daemon.stop()
         assert code == 0, daemon.text()
     labelled = _messages(config, "bob")
     assert [(m["reason"], m["labels"]) for m in labelled] == [("public", ["CRM"])] * 2
 
 
-def test_a_restart_with_unchanged_settings_retags_nothing(tmp_path: Path) -> None:
+def test_a_restart_with_unchanged_settings_retags_nothing(
+    tmp_path: Path, store_at: StoreAt
+) -> None:
     box = Mailbox("u", PASSWORD, [make_message(1)])
     with ThreadedPop3Server([box]) as server:
-        config = write_config(tmp_path, [_account(server.port)], daemon=DAEMON)
+        config = write_config(
+            tmp_path, storage=store_at.storage(), accounts=[_account(server.port)], daemon=DAEMON
+        )
         with DaemonProcess(config) as daemon:
             daemon.wait_event("poll_completed", account="a")
             assert daemon.stop()[0] == 0
@@ -124,24 +135,32 @@ def test_a_restart_with_unchanged_settings_retags_nothing(tmp_path: Path) -> Non
 
 def test_a_reload_retags_mail_stored_after_a_cli_command_saved_the_new_settings(
     tmp_path: Path,
+    store_at: StoreAt,
 ) -> None:
     """Edit the config, run any command (it re-tags and saves the new settings), reload:
     what the daemon stored in between, under its old settings, is re-tagged too."""
     box = Mailbox("u", PASSWORD, [make_message(1)])
     polling = {**DAEMON, "poll_interval": "1s"}
     with ThreadedPop3Server([box]) as server:
-        config = write_config(tmp_path, [_account(server.port)], daemon=polling)
+        config = write_config(
+            tmp_path, storage=store_at.storage(), accounts=[_account(server.port)], daemon=polling
+        )
         _import_records(config)
         with DaemonProcess(config) as daemon:
             daemon.wait_event("poll_completed", account="a")
-            write_config(tmp_path, [_account(server.port, sharing="public")], daemon=polling)
+            write_config(
+                tmp_path,
+                storage=store_at.storage(),
+                accounts=[_account(server.port, sharing="public")],
+                daemon=polling,
+            )
             assert len(_messages(config, "bob")) == 1  # this command re-tagged at its start
             server.server.mailbox("u").add(make_message(2))
-            wait_until(lambda: len(_stored_tags(config)) == 2, "the daemon to store message 2")
-            assert _stored_tags(config)[1] == ("private", "mode_private")  # its old settings
+            wait_until(lambda: len(_stored_tags(store_at)) == 2, "the daemon to store message 2")
+            assert _stored_tags(store_at)[1] == ("private", "mode_private")  # its old settings
 
             daemon.send(signal.SIGHUP)
             daemon.wait_event("config_reloaded")
             assert daemon.events("mail_retagged")[-1]["accounts"] == ["a"]
-            assert _stored_tags(config) == [("shared", "public")] * 2
+            assert _stored_tags(store_at) == [("shared", "public")] * 2
             assert daemon.stop()[0] == 0

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from dovecot import Dovecot, Mailbox
-from support import crlf, dovecot_account, fetch_json, run_cli, sha, write_config
+from support import StoreAt, crlf, dovecot_account, fetch_json, run_cli, sha, write_config
 
 RECORDS_CSV = """id,kind,email,name
 L1,lead,Ann <ann@cust.example>,Ann Lead
@@ -58,8 +58,9 @@ def mail(n: int, sender: str, to: str = "owner@own.example") -> bytes:
 class Crm:
     """Two owners' accounts on one Dovecot, one config and database, driven through the CLI."""
 
-    def __init__(self, directory: Path, dovecot: Dovecot) -> None:
+    def __init__(self, directory: Path, dovecot: Dovecot, at: StoreAt) -> None:
         self.directory = directory
+        self.at = at
         self.alice: Mailbox = dovecot.new_mailbox()
         self.bob: Mailbox = dovecot.new_mailbox()
         self.config = self.configure()
@@ -70,7 +71,8 @@ class Crm:
         """(Re)write the config; the settings go into alice's / bob's account tables."""
         self.config = write_config(
             self.directory,
-            [
+            storage=self.at.storage(),
+            accounts=[
                 dovecot_account(self.alice, "alice-mail", owner="alice", **(alice or {})),
                 dovecot_account(self.bob, "bob-mail", owner="bob", **(bob or {})),
             ],
@@ -110,9 +112,9 @@ class Crm:
 
 
 def test_private_default_owner_sees_own_only_and_unmatched_mail_is_in_no_record_list(
-    tmp_path: Path, dovecot: Dovecot
+    tmp_path: Path, dovecot: Dovecot, store_at: StoreAt
 ) -> None:
-    crm = Crm(tmp_path, dovecot)
+    crm = Crm(tmp_path, dovecot, store_at)
     crm.configure(bob={"sharing": "private"})  # alice: the default
     crm.import_records()
     crm.alice.deliver_many([mail(1, "Ann <ann@cust.example>"), mail(2, "x@nowhere.example")])
@@ -133,8 +135,10 @@ def test_private_default_owner_sees_own_only_and_unmatched_mail_is_in_no_record_
         assert "m2" not in crm.subjects("alice", "--record", record), record
 
 
-def test_ceo_contact_stays_private_under_the_default_mode(tmp_path: Path, dovecot: Dovecot) -> None:
-    crm = Crm(tmp_path, dovecot)
+def test_ceo_contact_stays_private_under_the_default_mode(
+    tmp_path: Path, dovecot: Dovecot, store_at: StoreAt
+) -> None:
+    crm = Crm(tmp_path, dovecot, store_at)
     crm.import_records()  # C1 is the CEO's address, added as a contact
     raw = mail(1, "The CEO <ceo@own.example>")
     crm.alice.deliver(raw)
@@ -159,8 +163,10 @@ def test_ceo_contact_stays_private_under_the_default_mode(tmp_path: Path, doveco
     crm.cli("show", "999999", "--viewer", "alice", code=77)
 
 
-def test_custom_mode_shares_a_record_and_unshares_it(tmp_path: Path, dovecot: Dovecot) -> None:
-    crm = Crm(tmp_path, dovecot)
+def test_custom_mode_shares_a_record_and_unshares_it(
+    tmp_path: Path, dovecot: Dovecot, store_at: StoreAt
+) -> None:
+    crm = Crm(tmp_path, dovecot, store_at)
     crm.configure(alice={"sharing": "custom"}, bob={"sharing": "custom"})
     crm.import_records()
     crm.alice.deliver_many([mail(1, "ann@cust.example"), mail(2, "ben@other.example")])
@@ -196,8 +202,10 @@ def test_custom_mode_shares_a_record_and_unshares_it(tmp_path: Path, dovecot: Do
     crm.cli("records", "share", "NOPE", "--owner", "alice", code=64)
 
 
-def test_public_mode_excludes_a_domain_and_its_subdomains(tmp_path: Path, dovecot: Dovecot) -> None:
-    crm = Crm(tmp_path, dovecot)
+def test_public_mode_excludes_a_domain_and_its_subdomains(
+    tmp_path: Path, dovecot: Dovecot, store_at: StoreAt
+) -> None:
+    crm = Crm(tmp_path, dovecot, store_at)
     crm.configure(alice={"sharing": "public", "excluded_domains": ["rival.example"]})
     crm.import_records()
     crm.alice.deliver_many(
@@ -231,9 +239,9 @@ def test_public_mode_excludes_a_domain_and_its_subdomains(tmp_path: Path, doveco
 
 
 def test_address_change_keeps_links_links_stored_mail_and_not_future_old_mail(
-    tmp_path: Path, dovecot: Dovecot
+    tmp_path: Path, dovecot: Dovecot, store_at: StoreAt
 ) -> None:
-    crm = Crm(tmp_path, dovecot)
+    crm = Crm(tmp_path, dovecot, store_at)
     crm.configure(alice={"sharing": "public"})
     crm.import_records("id,kind,email,name\nL1,lead,ann@cust.example,Ann\n")
     crm.alice.deliver_many([mail(1, "ann@cust.example"), mail(2, "ann.new@cust.example")])
@@ -261,9 +269,9 @@ def test_address_change_keeps_links_links_stored_mail_and_not_future_old_mail(
 
 
 def test_config_mode_change_retags_and_magnet_label_labels_at_next_cli_start(
-    tmp_path: Path, dovecot: Dovecot
+    tmp_path: Path, dovecot: Dovecot, store_at: StoreAt
 ) -> None:
-    crm = Crm(tmp_path, dovecot)
+    crm = Crm(tmp_path, dovecot, store_at)
     crm.import_records()
     crm.alice.deliver_many([mail(1, "ann@cust.example"), mail(2, "x@nowhere.example")])
     crm.fetch()
@@ -290,9 +298,9 @@ def test_config_mode_change_retags_and_magnet_label_labels_at_next_cli_start(
 
 
 def test_bad_csv_rows_exit_65_name_every_bad_line_and_import_nothing(
-    tmp_path: Path, dovecot: Dovecot
+    tmp_path: Path, dovecot: Dovecot, store_at: StoreAt
 ) -> None:
-    crm = Crm(tmp_path, dovecot)
+    crm = Crm(tmp_path, dovecot, store_at)
     stderr = crm.import_records(
         "id,kind,email,name\n"
         "L1,lead,ann@cust.example,Good\n"

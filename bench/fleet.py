@@ -1,0 +1,160 @@
+"""Fleet on PostgreSQL: N accounts (empty mailboxes) shared by 2 daemons on one database.
+
+usage: python bench/fleet.py [--accounts 10000] [--interval 300] [--intervals 2] [--json F]
+
+A scripted loopback POP3 server serves N empty mailboxes; a private PostgreSQL (fsync on)
+holds the store; two ``mailingest run`` processes share one config. After every account's
+first poll, for ``--intervals`` poll intervals: each daemon's CPU (utime + stime, as a share
+of one core) and RSS, and how many times each account was polled (target: once per
+interval, by either daemon). Then daemon A is SIGKILLed and the time until every account
+it polled last has been polled by B is measured (target: within one interval).
+
+See bench/README.md ("PostgreSQL backend") for results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+BENCH = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH.parent / "tests"))
+
+from daemon_idle import PASSWORD, _accounts, _cpu_seconds, _status_kb  # noqa: E402
+
+from mailingest.popserver import Mailbox, ThreadedPop3Server  # noqa: E402
+from postgres import private_postgres  # noqa: E402
+from support import write_config  # noqa: E402
+
+
+class Daemon:
+    def __init__(self, config: Path, log: Path) -> None:
+        self.log = log
+        with log.open("wb") as err:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "mailingest", "-c", str(config), "run"],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=err,
+            )
+
+    def polls(self) -> list[tuple[str, float]]:
+        """(account, time) of every poll_completed so far."""
+        out = []
+        for line in self.log.read_text(errors="replace").splitlines():
+            if '"poll_completed"' in line:
+                event = json.loads(line)
+                stamp = datetime.fromisoformat(event["timestamp"].replace("Z", "+00:00"))
+                out.append((event["account"], stamp.timestamp()))
+        return out
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            self.proc.wait(60)
+
+
+def _wait(check: Any, what: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"timed out waiting for {what}")
+        time.sleep(1)
+
+
+def run(accounts: int, interval: float, intervals: int, work: Path) -> dict[str, Any]:
+    boxes = [Mailbox(f"u{i}", PASSWORD, []) for i in range(accounts)]
+    with private_postgres(durable=True) as pg, ThreadedPop3Server(boxes, max_clients=256) as pop:
+        secret = work / "db-password"
+        secret.write_text(pg.password + "\n")
+        secret.chmod(0o600)
+        config = write_config(
+            work,
+            _accounts(pop.port, accounts, f"{interval:g}s"),
+            storage={"database": pg.new_database(), "password": {"file": str(secret)}},
+            daemon={"log_format": "json", "max_concurrent": 16},
+        )
+        a, b = Daemon(config, work / "a.log"), Daemon(config, work / "b.log")
+        try:
+            _wait(
+                lambda: len({n for d in (a, b) for n, _ in d.polls()}) >= accounts,
+                "every account's first poll",
+                interval * 3 + 120,
+            )
+            start = time.time()
+            cpu0 = {d: _cpu_seconds(d.proc.pid) for d in (a, b)}
+            time.sleep(interval * intervals)
+            end = time.time()
+            cpu = {d: (_cpu_seconds(d.proc.pid) - cpu0[d]) / (end - start) for d in (a, b)}
+            rss = {d: _status_kb(d.proc.pid, "VmRSS") / 1024 for d in (a, b)}
+            window = Counter(n for d in (a, b) for n, t in d.polls() if start + 1 <= t < end - 1)
+            per_account = Counter(window.get(f"a{i}", 0) for i in range(accounts))
+            share = {d: sum(1 for _, t in d.polls() if start <= t < end) for d in (a, b)}
+            # Takeover: kill A; every account A polled last must be polled by B.
+            last: dict[str, str] = {}
+            for d, name in ((a, "a"), (b, "b")):
+                for account, _ in d.polls():
+                    last[account] = name
+            orphans = {n for n, who in last.items() if who == "a"}
+            killed = time.time()
+            a.proc.send_signal(signal.SIGKILL)
+            a.proc.wait(30)
+
+            def adopted() -> bool:
+                return orphans <= {n for n, t in b.polls() if t >= killed - 1}
+
+            _wait(adopted, "B polling A's accounts", interval * 3)
+            takeover = (
+                max(
+                    min(t for n, t in b.polls() if n == account and t >= killed - 1)
+                    for account in orphans
+                )
+                - killed
+            )
+        finally:
+            a.stop()
+            b.stop()
+    return {
+        "accounts": accounts,
+        "interval_s": interval,
+        "window_s": round(end - start, 1),
+        "cpu_share_of_a_core": {"a": round(cpu[a], 4), "b": round(cpu[b], 4)},
+        "rss_mb": {"a": round(rss[a], 1), "b": round(rss[b], 1)},
+        "polls_in_window": {"a": share[a], "b": share[b]},
+        "accounts_by_polls_in_window": dict(sorted(per_account.items())),
+        "expected_polls_per_account": intervals,
+        "orphaned_by_kill": len(orphans),
+        "takeover_s": round(takeover, 1),
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--accounts", type=int, default=10_000)
+    parser.add_argument("--interval", type=float, default=300.0, help="poll interval, s")
+    parser.add_argument("--intervals", type=int, default=2, help="intervals measured")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    if os.geteuid() != 0:
+        raise SystemExit("run as root (the private PostgreSQL runs as the postgres user)")
+    with tempfile.TemporaryDirectory(prefix="mailingest-fleet-") as tmp:
+        result = run(args.accounts, args.interval, args.intervals, Path(tmp))
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.json:
+        args.json.write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -101,11 +101,12 @@ def run(accounts: int, interval: float, intervals: int, work: Path) -> dict[str,
             per_account = Counter(window.get(f"a{i}", 0) for i in range(accounts))
             share = {d: sum(1 for _, t in d.polls() if start <= t < end) for d in (a, b)}
             # Takeover: kill A; every account A polled last must be polled by B.
-            last: dict[str, str] = {}
+            last: dict[str, tuple[float, str]] = {}
             for d, name in ((a, "a"), (b, "b")):
-                for account, _ in d.polls():
-                    last[account] = name
-            orphans = {n for n, who in last.items() if who == "a"}
+                for account, stamp in d.polls():
+                    if stamp >= last.get(account, (0.0, ""))[0]:
+                        last[account] = (stamp, name)
+            orphans = {n for n, (_, who) in last.items() if who == "a"}
             killed = time.time()
             a.proc.send_signal(signal.SIGKILL)
             a.proc.wait(30)

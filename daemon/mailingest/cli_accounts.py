@@ -10,7 +10,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from mailingest import accounts
+from mailingest import accounts, logs
 from mailingest.config import Config
 from mailingest.errors import EX_OK, STATUS_EXIT, DataError, UsageError
 from mailingest.output import print_table
@@ -78,6 +78,7 @@ def run(args: argparse.Namespace, load: Callable[[], Config]) -> int:
         from mailingest import commands
 
         full = asyncio.run(accounts.effective_config(config))
+        logs.register_secrets(full.secrets())
         results = asyncio.run(commands.check(full, [args.name]))
         return _report(args, results[0], STATUS_EXIT.get(results[0]["pop3"]["status"], 65))
     if action == "set":

@@ -65,6 +65,8 @@ class FetchResult:
     duration_ms: int = 0
     error: str | None = None
     sessions: int = 0
+    #: Another process held the account's lease: this run touched nothing.
+    busy: bool = False
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -436,6 +438,7 @@ async def fetch_account(
         crash = f"account {account.name!r}: internal error: {type(exc).__name__}: {exc}"
         result.error = mask_text(crash)
     if busy:
+        result.busy = True
         result.status = "temp_failed"
         result.error = str(BusyError(_BUSY, account=account.name))
     result.new, result.bytes, result.deleted = total.new, total.bytes, total.deleted

@@ -184,10 +184,12 @@ class AccountRunner:
         if self.done or self.generation != generation:
             raise Interrupted
         account = self.polled = self.account
-        await self._claim(generation)
         async with daemon.gate:
             if self.done or self.generation != generation:
                 raise Interrupted
+            # Under the gate: the claim moves the next poll an interval ahead from the
+            # moment this poll really starts, not from when it began to wait for a slot.
+            await self._claim(generation)
             self.lag = max(0.0, asyncio.get_running_loop().time() - self.due)
             self.in_flight = True
             daemon.status_changed()
@@ -204,6 +206,8 @@ class AccountRunner:
             # A reload changed the sharing settings during this poll, which tagged what it
             # stored the old way: re-tag now that it is over (or retry a failed re-tag).
             await daemon.sync_settings([self.name])
+        if result.busy:  # another process is polling it now: this poll is theirs
+            raise ClaimedElsewhere(self.interval)
         daemon.note_result(self.name, result)
         if result.status == "ok":
             return result

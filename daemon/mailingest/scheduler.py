@@ -158,9 +158,10 @@ class Daemon:
             self.stop("error")  # no-op after a signal; after an exception, still drain
             self.notifier.stopping()
             abandoned = await self._drain()
-            for task in (watchdog, watcher):
-                if task is not None:
-                    task.cancel()
+            side = [task for task in (watchdog, watcher) if task is not None]
+            for task in side:
+                task.cancel()
+            await asyncio.gather(*side, return_exceptions=True)
             if self._status_pending is not None:
                 self._status_pending.cancel()
             if signals:
@@ -224,16 +225,21 @@ class Daemon:
     async def _watch_accounts(self) -> None:
         """Apply changes of the accounts kept in the database: at once where the store
         notifies (PostgreSQL), else within ACCOUNTS_EVERY."""
-        async for _ in self.store.account_changes(ACCOUNTS_EVERY):
-            if self.stopping.is_set():
-                return
-            try:
-                version = await self.store.accounts_version()
-            except StoreError:
-                continue  # the polls report the store; try again next time
-            if version != self.accounts_version:
-                self.accounts_version = version  # the reload reads it again with the accounts
-                self.reload(file=False)
+        async with contextlib.aclosing(self.store.account_changes(ACCOUNTS_EVERY)) as changes:
+            async for _ in changes:
+                if self.stopping.is_set():
+                    return
+                await self._accounts_changed()
+
+    async def _accounts_changed(self) -> None:
+        """One look at the accounts version (see _watch_accounts)."""
+        try:
+            version = await self.store.accounts_version()
+        except StoreError:
+            return  # the polls report the store; try again next time
+        if version != self.accounts_version:
+            # The reload records the version once applied: a failed one is retried.
+            self.reload(file=False)
 
     # -- configuration ----------------------------------------------------------------------
 

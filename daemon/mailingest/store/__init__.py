@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import tempfile
-from collections.abc import AsyncIterator, Collection, Iterable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Collection, Iterable, Sequence
 from datetime import datetime
 from pathlib import Path
 
@@ -165,7 +165,7 @@ class Store:
     async def stored_accounts(self) -> tuple[int, list[StoredAccount]]:
         return await accounts.stored_accounts(self._db)
 
-    def account_changes(self, every: float) -> AsyncIterator[None]:
+    def account_changes(self, every: float) -> AsyncGenerator[None, None]:
         """Yields when the stored accounts may have changed (then read accounts_version)."""
         return self._db.changes("mailingest_accounts", every)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import abc
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
@@ -75,7 +75,7 @@ class Database(abc.ABC):
     @abc.abstractmethod
     async def close(self) -> None: ...
 
-    async def changes(self, channel: str, every: float) -> AsyncIterator[None]:
+    async def changes(self, channel: str, every: float) -> AsyncGenerator[None, None]:
         """Yields when something may have changed on ``channel``: at the latest every
         ``every`` seconds (backends with notifications also at once)."""
         while True:

@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import functools
 import hashlib
-from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -116,6 +116,9 @@ class PostgresDatabase(Database):
             # instead of hanging the account.
             with self.mapped("setting up the connection"):
                 await self._conn.execute(f"SET lock_timeout = {LOCK_TIMEOUT_MS}")
+                # Mail is deleted from the server once its commit returns: the commit must
+                # be durable whatever the server's default.
+                await self._conn.execute("SET synchronous_commit = on")
         return self._conn
 
     async def _migrate(self) -> None:
@@ -134,12 +137,12 @@ class PostgresDatabase(Database):
 
     async def execute(self, sql: str, args: Sequence[Any] = ()) -> int:
         conn = await self._connection()
-        cursor = await conn.execute(_placeholders(sql), tuple(args) or None)
+        cursor = await conn.execute(_placeholders(sql), tuple(args))
         return cursor.rowcount
 
     async def fetchall(self, sql: str, args: Sequence[Any] = ()) -> list[Row]:
         conn = await self._connection()
-        cursor = await conn.execute(_placeholders(sql), tuple(args) or None)
+        cursor = await conn.execute(_placeholders(sql), tuple(args))
         return [tuple(r) for r in await cursor.fetchall()]
 
     async def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
@@ -153,7 +156,7 @@ class PostgresDatabase(Database):
     async def notify(self, channel: str) -> None:
         await self.execute(f"NOTIFY {channel}")
 
-    async def changes(self, channel: str, every: float) -> AsyncIterator[None]:
+    async def changes(self, channel: str, every: float) -> AsyncGenerator[None, None]:
         # LISTEN on a connection of its own: a NOTIFY committed by any process wakes us
         # at once; the timeout still yields every ``every`` s (a notification sent while
         # this connection was being replaced is never lost for longer than that).

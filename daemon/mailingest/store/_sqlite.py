@@ -108,8 +108,10 @@ class SqliteDatabase(Database):
     @contextlib.asynccontextmanager
     async def exclusive(self, name: str) -> AsyncIterator[None]:
         # A lock file next to the database: the kernel drops it if the process dies.
-        digest = hashlib.sha256(name.encode("utf-8")).hexdigest()[:16]
-        lock = self.path.with_name(f"{self.path.name}.{digest}.lock")
+        # "send:acct" -> mail.db.send-<hash of acct>.lock, the name earlier versions used.
+        kind, _, key = name.rpartition(":")
+        digest = hashlib.sha256(key.encode("utf-8")).hexdigest()[:16]
+        lock = self.path.with_name(f"{self.path.name}.{kind or 'lock'}-{digest}.lock")
         fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
         try:
             await asyncio.to_thread(fcntl.flock, fd, fcntl.LOCK_EX)

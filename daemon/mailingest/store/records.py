@@ -103,10 +103,12 @@ async def retag_changed(
             label = policies[name].magnet_label
             old_label = known.get(name, (None, None))[1]
             if name in force:  # whatever label the mail got: only this one stays
+                # (`label <> ?`, not IS DISTINCT FROM: SQLite before 3.39 lacks it)
+                others, args = ("label <> ? AND ", (label, name)) if label else ("", (name,))
                 await db.execute(
-                    "DELETE FROM message_labels WHERE label IS DISTINCT FROM ? AND message IN"
+                    f"DELETE FROM message_labels WHERE {others}message IN"
                     " (SELECT id FROM messages WHERE account = ?)",
-                    (label, name),
+                    args,
                 )
             elif old_label and old_label != label:
                 await db.execute(

@@ -137,3 +137,25 @@ async def test_postgresql_notifies_account_changes_to_other_connections(
         await changes.aclose()
         await watcher.close()
         await writer.close()
+
+
+async def test_a_dropped_postgresql_connection_is_a_store_error_then_replaced(
+    postgres_at: StoreAt,
+) -> None:
+    """A server restart or a killed backend: the call that meets it fails typed (a temporary
+    failure, the poll retries), and the next call runs on a new connection."""
+    store = await postgres_at.open()
+    try:
+        await store.add_batch("acct", "alice", [item("u1", b"A")], POLICY)
+        postgres_at.query(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+            " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        )
+        with pytest.raises(StoreError) as info:
+            await store.ledger("acct")
+        assert info.value.exit_code == 75 and info.value.transient
+        assert set(await store.ledger("acct")) == {"u1"}
+        outcomes = await store.add_batch("acct", "alice", [item("u2", b"B")], POLICY)
+        assert [o.uidl for o in outcomes] == ["u2"]
+    finally:
+        await store.close()

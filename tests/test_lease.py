@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -13,7 +14,7 @@ from pathlib import Path
 
 from daemon_support import WAIT, DaemonProcess, wait_until
 from dovecot import Mailbox
-from mailingest.fetch import BATCH_COUNT
+from mailingest.fetch import BATCH_COUNT, lease_host
 from proxy import CommandProxy
 from support import crlf, dovecot_account, fetch_json, make_message, sha, write_config
 
@@ -103,11 +104,27 @@ def test_expired_or_dead_holder_lease_is_taken_over(tmp_path: Path, mailbox: Mai
     mailbox.deliver(make_message(3))
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    import socket
-
-    _set_lease(config, f"{socket.gethostname()}:{dead.pid}:dead", expires_in=60)
+    _set_lease(config, f"{lease_host()}:{dead.pid}:dead", expires_in=60)
     code, out = fetch_json(config)
     assert code == 0 and out["accounts"][0]["new"] == 1
+
+
+def test_a_dead_pid_under_the_same_host_name_in_another_pid_namespace_is_not_taken_over(
+    tmp_path: Path, mailbox: Mailbox
+) -> None:
+    """Containers sharing a host name number their own processes: a PID that does not
+    exist here may be alive there, so only the lease's expiry frees the account."""
+    mailbox.deliver(make_message(1))
+    config = write_config(tmp_path, [dovecot_account(mailbox)])
+    assert fetch_json(config)[0] == 0
+    mailbox.deliver(make_message(2))
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    other_container = f"{socket.gethostname()}/otherboot-4026531999"
+    _set_lease(config, f"{other_container}:{dead.pid}:live", expires_in=60)
+    code, out = fetch_json(config)
+    assert code == 75 and "busy" in out["accounts"][0]["error"], out
+    assert out["accounts"][0]["new"] == 0 and mailbox.count() == 2
 
 
 def test_fetch_killed_holding_the_lease_does_not_block_the_next(

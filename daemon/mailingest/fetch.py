@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import os
 import socket
@@ -493,7 +494,7 @@ async def _cycle(
     result: FetchResult,
 ) -> bool:
     """Sessions under the account's lease; False if another process holds it."""
-    holder = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+    holder = f"{lease_host()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
     other = await store.acquire_lease(account.name, holder, LEASE_TTL)
     if other is not None and _dead_here(other[0]):
         other = await store.acquire_lease(account.name, holder, LEASE_TTL, stale=other[0])
@@ -530,11 +531,25 @@ async def _cycle(
 _RUNNING: set[str] = set()
 
 
+@functools.cache
+def lease_host() -> str:
+    """Where a lease holder's PID means something: the host name, plus the boot and the PID
+    namespace. Containers that share a host name (host networking) each number their own
+    processes: a PID alive in one is no proof of death in another."""
+    scope = []
+    with contextlib.suppress(OSError):
+        scope.append(Path("/proc/sys/kernel/random/boot_id").read_text().strip()[:8])
+    with contextlib.suppress(OSError):
+        scope.append(os.readlink("/proc/self/ns/pid").strip("pid:[]"))
+    host = socket.gethostname().replace(":", "_")
+    return f"{host}/{'-'.join(scope)}" if scope else host
+
+
 def _dead_here(holder: str) -> bool:
     """A lease holder on this host whose process is gone (killed, crashed) holds nothing."""
     host, _, rest = holder.partition(":")
     pid = rest.partition(":")[0]
-    if host != socket.gethostname() or not pid.isdigit():
+    if host != lease_host() or not pid.isdigit():
         return False
     if int(pid) == os.getpid():
         return holder not in _RUNNING

@@ -148,16 +148,24 @@ def dovecot_account(mailbox: Mailbox, name: str = "acct", **overrides: Any) -> d
 
 
 def run_cli(
-    config: Path | None, *args: str, env: Mapping[str, str] | None = None, timeout: float = TIMEOUT
+    config: Path | None,
+    *args: str,
+    env: Mapping[str, str] | None = None,
+    timeout: float = TIMEOUT,
+    stdin: bytes | None = None,
 ) -> subprocess.CompletedProcess[bytes]:
-    """`python -m mailingest [-c CONFIG] ARGS...` as a separate process, as a user runs it."""
+    """`python -m mailingest [-c CONFIG] ARGS...` as a separate process, as a user runs it
+    (``stdin``: what it reads there; else nothing)."""
     cmd = [sys.executable, "-m", "mailingest"]
     if config is not None:
         cmd += ["-c", str(config)]
     full_env = {**os.environ, **(env or {})}
     full_env.pop("MAILINGEST_CONFIG", None) if config is not None else None
+    stream: dict[str, Any] = (
+        {"input": stdin} if stdin is not None else {"stdin": subprocess.DEVNULL}
+    )
     return subprocess.run(
-        [*cmd, *args], capture_output=True, timeout=timeout, env=full_env, stdin=subprocess.DEVNULL
+        [*cmd, *args], capture_output=True, timeout=timeout, env=full_env, **stream
     )
 
 

@@ -4,9 +4,6 @@ backends, against a real Dovecot and a running daemon (no reload, no SIGHUP)."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -16,7 +13,7 @@ import pytest
 from daemon_support import DaemonProcess, wait_until
 from dovecot import Mailbox
 from postgres import Postgres
-from support import TIMEOUT, StoreAt, make_message, write_config
+from support import StoreAt, make_message, run_cli, write_config
 
 KEY = "k3y-for-tests-0123456789abcdef"
 
@@ -31,13 +28,7 @@ def setup(tmp_path: Path, at: StoreAt, key: str | None = KEY) -> Path:
 
 
 def cli(config: Path, *args: str, stdin: bytes = b"") -> tuple[int, str, str]:
-    done = subprocess.run(
-        [sys.executable, "-m", "mailingest", "-c", str(config), *args],
-        input=stdin,
-        capture_output=True,
-        timeout=TIMEOUT,
-        env={k: v for k, v in os.environ.items() if k != "MAILINGEST_CONFIG"},
-    )
+    done = run_cli(config, *args, stdin=stdin)
     return done.returncode, done.stdout.decode(), done.stderr.decode()
 
 

@@ -61,14 +61,42 @@ async def test_a_uidl_stored_once_and_renumbered_content_only_gets_a_ledger_row(
 async def test_a_poll_is_claimed_once_until_it_is_due_again(store: Store) -> None:
     now = datetime.now(UTC)
     later = now + timedelta(minutes=5)
-    assert (await store.claim_poll("acct", now, later)).taken
-    lost = await store.claim_poll("acct", now, later)
-    assert not lost.taken and lost.next_poll == later.isoformat(timespec="seconds")
-    assert (await store.claim_poll("acct", now, later, force=True)).taken
-    assert (await store.claim_poll("acct", later, later + timedelta(minutes=5))).taken
+    first = await store.take_poll("acct", "h1", 60, due=(now, later))
+    assert (first.taken, first.holder, first.busy) == (True, "h1", False)
+    await store.record_poll("acct", "alice", result="ok", error=None, new=0, holder="h1")
+    lost = await store.take_poll("acct", "h2", 60, due=(now, later))
+    assert not lost.taken and not lost.busy
+    assert lost.next_poll == later.isoformat(timespec="seconds")
+    assert (await store.take_poll("acct", "h2", 60, due=(now, later), force=True)).taken
+    await store.release_lease("acct", "h2")
+    assert (await store.take_poll("acct", "h3", 60, due=(later, later))).taken
+    await store.release_lease("acct", "h3")
     await store.set_paused("acct", "auth_failed", "key")
-    paused = await store.claim_poll("acct", later + timedelta(hours=1), later, force=True)
+    paused = await store.take_poll("acct", "h4", 60, due=(later, later), force=True)
     assert (paused.taken, paused.paused, paused.pause_key) == (False, True, "key")
+    # A one-shot fetch takes the lease of a paused account (it decides for itself).
+    assert (await store.take_poll("acct", "h4", 60)).taken
+
+
+async def test_a_lease_is_held_by_one_holder_until_released_expired_or_its_holder_is_dead(
+    store: Store,
+) -> None:
+    await store.set_next_login("acct", datetime(2030, 1, 1, 0, 0, 0, 5, tzinfo=UTC))
+    taken = await store.take_poll("acct", "h1", 60)
+    assert (taken.taken, taken.next_login) == (True, "2030-01-01T00:00:01+00:00")
+    busy = await store.take_poll("acct", "h2", 60, due=(datetime.now(UTC), datetime.now(UTC)))
+    assert (busy.taken, busy.busy, busy.holder) == (False, True, "h1")
+    # Not taken: the scheduled poll did not move either.
+    assert (await store.account_states())["acct"].next_poll is None
+    assert (await store.take_poll("acct", "h2", 60, stale="h1")).taken  # h1 died
+    # A record in another holder's name releases nothing; the holder's own record does.
+    await store.record_poll("acct", "alice", result="ok", error=None, new=0, holder="h1")
+    assert (await store.take_poll("acct", "h3", 60)).busy
+    allowed = await store.record_poll("acct", "alice", result="ok", error=None, new=0, holder="h2")
+    assert allowed == "2030-01-01T00:00:01+00:00"
+    assert (await store.take_poll("acct", "h3", 0.0)).taken
+    await asyncio.sleep(0.01)
+    assert (await store.take_poll("acct", "h4", 60)).taken  # h3's lease expired
 
 
 async def test_the_tagger_sees_the_same_facts_when_storing_and_re_tagging(store: Store) -> None:

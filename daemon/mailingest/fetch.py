@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import functools
 import hashlib
+import itertools
 import os
 import socket
 import tempfile
@@ -17,7 +18,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -35,7 +36,7 @@ from mailingest.errors import (
 )
 from mailingest.logs import mask_text
 from mailingest.matching import direction_of, link_addresses, normalize_all
-from mailingest.model import AccountPolicy, LedgerEntry, NewMessage
+from mailingest.model import AccountPolicy, Claim, LedgerEntry, NewMessage
 from mailingest.parse import parse_headers, read_head
 from mailingest.pop3 import Pop3Session
 from mailingest.retry import transient_status
@@ -68,6 +69,8 @@ class FetchResult:
     sessions: int = 0
     #: Another process held the account's lease: this run touched nothing.
     busy: bool = False
+    #: The earliest next login the server's LOGIN-DELAY allows, as the store had it at the end.
+    next_login: datetime | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -238,42 +241,39 @@ async def _one_session(
     """One POP3 session; adds what it did to ``result`` as it goes and returns the new count."""
     session = Pop3Session(account)
     new_before = result.new
+    # Read before the login where the last listing held mail (under the lease, only this
+    # cycle changes it): a mailbox with nothing new is then listed, cleaned and closed in
+    # one trip to a worker thread. An empty listing needs no ledger at all.
+    ledger = await store.ledger(account.name) if _LISTED.get(account.name, True) else None
     try:
         try:
-            await asyncio.to_thread(session.connect)
+            seen = await asyncio.to_thread(_open, session, account, ledger)
         finally:
             await _pace_logins(account, store, session)
-        listing, sizes = await asyncio.to_thread(session.listing)
-        ledger = await store.ledger(account.name)
-        counts = Counter(uidl for _, uidl in listing)
-        suspect = {uidl for uidl, count in counts.items() if count > 1}
-        if suspect:
-            log.warning("duplicate_uidl", account=account.name, uidls=sorted(suspect)[:10])
-        # Ledger key of each message number known to be stored; DELE only ever targets these.
-        key_of = {num: uidl for num, uidl in listing if uidl in ledger and uidl not in suspect}
-        new = [(num, uidl) for num, uidl in listing if uidl in suspect or uidl not in ledger]
-        refused = await _store_batches(
-            account,
-            store,
-            session,
-            _batches(new, sizes),
-            spool_dir,
-            suspect,
-            key_of,
-            result,
-            progress,
-        )
-        ledger = await store.ledger(account.name)
-        now = datetime.now(UTC)
-        doomed = [
-            (num, key)
-            for num, key in sorted(key_of.items())
-            if key in ledger and _should_delete(account, ledger[key], now)
-        ]
-        if doomed:
+        _LISTED[account.name] = bool(seen.listing)
+        if seen.ledger_needed:
+            ledger = await store.ledger(account.name)
+            seen = _diff(account, seen.listing, seen.sizes, ledger)
+        if seen.suspect:
+            log.warning("duplicate_uidl", account=account.name, uidls=sorted(seen.suspect)[:10])
+        refused = None
+        doomed = seen.doomed
+        if seen.new:
+            refused = await _store_batches(
+                account,
+                store,
+                session,
+                _batches(seen.new, seen.sizes),
+                spool_dir,
+                seen.suspect,
+                seen.key_of,
+                result,
+                progress,
+            )
+            doomed = _doomed(account, seen.key_of, await store.ledger(account.name))
+        if not seen.closed:
             # Every doomed number maps to a committed ledger row: DELE is safe now.
-            await asyncio.to_thread(session.delete, [n for n, _ in doomed])
-        await asyncio.to_thread(session.quit)
+            await asyncio.to_thread(_close, session, [n for n, _ in doomed])
         if doomed:
             result.deleted += len(doomed)
             await store.mark_deleted(account.name, [k for _, k in doomed])
@@ -282,6 +282,72 @@ async def _one_session(
     finally:
         session.close()
     return result.new - new_before
+
+
+@dataclass
+class _Seen:
+    """A session's listing against the ledger."""
+
+    listing: list[tuple[int, str]]
+    sizes: dict[int, int]
+    suspect: set[str] = field(default_factory=set)  # listed more than once: compared by content
+    key_of: dict[int, str] = field(default_factory=dict)  # numbers known stored: DELE targets
+    new: list[tuple[int, str]] = field(default_factory=list)
+    doomed: list[tuple[int, str]] = field(default_factory=list)  # (number, key) deleted at once
+    closed: bool = False  # nothing new: the session already ended (DELE doomed, QUIT)
+    ledger_needed: bool = False  # listed without the ledger at hand: compare it now
+
+
+#: Accounts whose last listing held messages (a hint: their next session reads the ledger
+#: before it logs in).
+_LISTED: dict[str, bool] = {}
+
+
+def _open(session: Pop3Session, account: Account, ledger: dict[str, LedgerEntry] | None) -> _Seen:
+    """Log in and list; with nothing new, also delete what is due and QUIT: one trip to a
+    worker thread for the whole session (each trip costs more CPU than an empty mailbox's
+    session itself)."""
+    session.connect()
+    listing, sizes = session.listing()
+    if ledger is None and listing:
+        return _Seen(listing, sizes, ledger_needed=True)
+    seen = _diff(account, listing, sizes, ledger or {})
+    if not seen.new:
+        _close(session, [n for n, _ in seen.doomed])
+        seen.closed = True
+    return seen
+
+
+def _diff(
+    account: Account,
+    listing: list[tuple[int, str]],
+    sizes: dict[int, int],
+    ledger: dict[str, LedgerEntry],
+) -> _Seen:
+    counts = Counter(uidl for _, uidl in listing)
+    suspect = {uidl for uidl, count in counts.items() if count > 1}
+    key_of = {num: uidl for num, uidl in listing if uidl in ledger and uidl not in suspect}
+    new = [(num, uidl) for num, uidl in listing if uidl in suspect or uidl not in ledger]
+    # Nothing new: what is due for deletion goes now (each key has a committed ledger row).
+    doomed = [] if new else _doomed(account, key_of, ledger)
+    return _Seen(listing, sizes, suspect, key_of, new, doomed)
+
+
+def _doomed(
+    account: Account, key_of: dict[int, str], ledger: dict[str, LedgerEntry]
+) -> list[tuple[int, str]]:
+    now = datetime.now(UTC)
+    return [
+        (num, key)
+        for num, key in sorted(key_of.items())
+        if key in ledger and _should_delete(account, ledger[key], now)
+    ]
+
+
+def _close(session: Pop3Session, doomed: list[int]) -> None:
+    if doomed:
+        session.delete(doomed)
+    session.quit()
 
 
 async def _store_batches(
@@ -397,12 +463,30 @@ async def _pace_logins(account: Account, store: Store, session: Pop3Session) -> 
         await store.set_next_login(account.name, datetime.now(UTC) + timedelta(seconds=delay))
 
 
-async def _keep_lease(store: Store, account: str, holder: str) -> None:
-    """Renew the lease while the cycle runs; if this process dies, it expires."""
-    while True:
-        await asyncio.sleep(LEASE_TTL / 3)
-        with contextlib.suppress(StoreError):
-            await store.renew_lease(account, holder, LEASE_TTL)
+class _Renewer:
+    """Renews the lease every third of its life while the cycle runs (if this process dies,
+    it expires). A timer until the first renewal: most cycles end before it fires, and a
+    timer costs less than a task per poll."""
+
+    def __init__(self, store: Store, account: str, holder: str) -> None:
+        self._job = (store, account, holder)
+        self._task: asyncio.Task[None] | None = None
+        self._timer = asyncio.get_running_loop().call_later(LEASE_TTL / 3, self._start)
+
+    def _start(self) -> None:
+        self._task = asyncio.ensure_future(self._renew())
+
+    async def _renew(self) -> None:
+        store, account, holder = self._job
+        while True:
+            with contextlib.suppress(StoreError):
+                await store.renew_lease(account, holder, LEASE_TTL)
+            await asyncio.sleep(LEASE_TTL / 3)
+
+    def cancel(self) -> None:
+        self._timer.cancel()
+        if self._task is not None:
+            self._task.cancel()
 
 
 async def fetch_account(
@@ -412,11 +496,13 @@ async def fetch_account(
     max_sessions: int = 10,
     progress: Progress | None = None,
     log_failure: bool = True,
+    claim: Claim | None = None,
 ) -> FetchResult:
     """Run one cycle for one account; never raises for account-level failures.
 
     ``log_failure=False`` leaves the `poll_failed` line to the caller: the daemon logs it
-    with the wait it chose before the next attempt.
+    with the wait it chose before the next attempt. ``claim``: the lease the caller took
+    (see ``take_poll``); this cycle releases it. Without one, the cycle takes the lease.
     """
     started = time.monotonic()
     log.debug("poll_started", account=account.name)
@@ -424,7 +510,11 @@ async def fetch_account(
     total = _Session()
     busy = False
     try:
-        busy = not await _cycle(account, store, max_sessions, progress, total, result)
+        if claim is None:
+            claim = await take_poll(store, account.name)
+            busy = claim.busy
+        if not busy:
+            await _cycle(account, store, max_sessions, progress, total, result, claim)
     except MailIngestError as exc:
         if exc.account is None:
             exc.account = account.name
@@ -456,15 +546,18 @@ async def fetch_account(
     elif log_failure:
         log_poll_failed(account.name, result.status, result.error, None)  # no retry here
     if not busy:  # the lease holder's record stays: this run did nothing
+        holder = claim.holder if claim is not None and claim.taken else None
         try:
-            await store.record_poll(
+            allowed = await store.record_poll(
                 account.name,
                 account.owner,
                 result=result.status,
                 error=result.error,
                 new=result.new,
+                holder=holder,  # released with the record: one statement
             )
-        except StoreError as exc:
+            result.next_login = datetime.fromisoformat(allowed) if allowed else None
+        except StoreError as exc:  # the lease then expires on its own
             log.error("state_not_recorded", account=account.name, error=str(exc))
     return result
 
@@ -485,6 +578,26 @@ def log_poll_failed(account: str, status: str, error: str | None, retry_in: floa
 _BUSY = "busy: another process is fetching this account; nothing was touched"
 
 
+async def take_poll(
+    store: Store,
+    account: str,
+    due: tuple[datetime, datetime] | None = None,
+    *,
+    force: bool = False,
+) -> Claim:
+    """Take the account's lease (and, with ``due``, its scheduled poll: Store.take_poll)
+    in a new holder's name; a lease left by a process of this host that died is taken over."""
+    holder = f"{lease_host()}:{os.getpid()}:{_TOKEN}{next(_SERIAL)}"
+    claim = await store.take_poll(account, holder, LEASE_TTL, due=due, force=force)
+    if claim.busy and claim.holder is not None and _dead_here(claim.holder):
+        claim = await store.take_poll(
+            account, holder, LEASE_TTL, due=due, force=force, stale=claim.holder
+        )
+    if claim.busy:
+        log.info("account_busy", account=account, holder=claim.holder)
+    return claim
+
+
 async def _cycle(
     account: Account,
     store: Store,
@@ -492,20 +605,19 @@ async def _cycle(
     progress: Progress | None,
     total: _Session,
     result: FetchResult,
-) -> bool:
-    """Sessions under the account's lease; False if another process holds it."""
-    holder = f"{lease_host()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-    other = await store.acquire_lease(account.name, holder, LEASE_TTL)
-    if other is not None and _dead_here(other[0]):
-        other = await store.acquire_lease(account.name, holder, LEASE_TTL, stale=other[0])
-    if other is not None:
-        log.info("account_busy", account=account.name, holder=other[0])
-        return False
+    claim: Claim,
+) -> None:
+    """Sessions under the account's lease (``claim``, taken); the caller releases it."""
+    holder = claim.holder
+    assert claim.taken and holder is not None
     _RUNNING.add(holder)
-    renewer = asyncio.create_task(_keep_lease(store, account.name, holder))
+    renewer = _Renewer(store, account.name, holder)
     try:
+        # Read with the lease: the first session needs no read of its own.
+        allowed = datetime.fromisoformat(claim.next_login) if claim.next_login else None
         for number in range(max_sessions):
-            allowed = await store.next_login(account.name)
+            if number:
+                allowed = await store.next_login(account.name)
             if allowed is not None and allowed > datetime.now(UTC):
                 if number == 0:
                     raise LoginDelayError(
@@ -518,12 +630,20 @@ async def _cycle(
             result.sessions += 1
             if await _one_session(account, store, store.spool_dir, progress, total) == 0:
                 break  # the listing held nothing new: the mailbox is drained
+    except BaseException as exc:
+        # An Exception reaches fetch_account, whose record of the failure releases the
+        # lease; a cancel does not: release it here.
+        if not isinstance(exc, Exception):
+            await _quietly(store.release_lease(account.name, holder))
+        raise
     finally:
         renewer.cancel()
         _RUNNING.discard(holder)
-        await _quietly(store.release_lease(account.name, holder))
-    return True
 
+
+#: A lease holder is unique: host, process, this process's token and a serial number.
+_TOKEN = uuid.uuid4().hex[:6]
+_SERIAL = itertools.count(1)
 
 #: Lease holders of the cycles running in this process. A lease in this process's name that
 #: none of them holds was left by a cycle that could not release it (the store was locked):
@@ -570,4 +690,4 @@ async def _quietly(job: Awaitable[None]) -> None:
 
 
 _STATUSES = {"ok", "auth_failed", "tls_failed", "unavailable", "temp_failed", "error"}
-__all__ = ["FetchResult", "TemporaryError", "fetch_account"]
+__all__ = ["FetchResult", "TemporaryError", "fetch_account", "take_poll"]

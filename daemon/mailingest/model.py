@@ -185,12 +185,19 @@ class StoredAccount:
 
 @dataclass(frozen=True, slots=True)
 class Claim:
-    """The answer to "may this process poll the account now?" (see Store.claim_poll)."""
+    """The answer to "may this process poll the account now?" (see Store.take_poll)."""
 
-    taken: bool  # yes: the poll is this process's
-    next_poll: str | None = None  # no: when it is due next (ISO 8601 UTC), if known
-    paused: bool = False  # no: the account is paused (by whichever process)
+    taken: bool  # yes: the lease (and the scheduled poll, if claimed) is this process's
+    holder: str | None = None  # taken: our lease; not taken: who has it, if that is why
+    next_login: str | None = None  # taken: the earliest login LOGIN-DELAY allows (ISO UTC)
+    next_poll: str | None = None  # not due: when it is due next (ISO 8601 UTC), if known
+    paused: bool = False  # not taken: the account is paused (by whichever process)
     pause_key: str | None = None
+
+    @property
+    def busy(self) -> bool:
+        """Another process holds the account's lease (it is polling it now)."""
+        return not self.taken and self.holder is not None
 
 
 __all__ = [

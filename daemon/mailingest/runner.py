@@ -16,7 +16,8 @@ import structlog
 
 from mailingest.config import Account
 from mailingest.errors import StoreError
-from mailingest.fetch import FetchResult, log_poll_failed
+from mailingest.fetch import FetchResult, log_poll_failed, take_poll
+from mailingest.model import Claim
 from mailingest.retry import (
     PollFailure,
     attempt_wait,
@@ -69,6 +70,7 @@ class AccountRunner:
         self._wake: asyncio.Future[None] | None = None
         self._woken = False
         self.polled = account  # the settings the last poll used (a reload may change them)
+        self.planned: float | None = None  # loop time of the next poll, as the claim recorded
 
     def __repr__(self) -> str:
         state = "paused" if self.paused else ("polling" if self.in_flight else "idle")
@@ -159,13 +161,18 @@ class AccountRunner:
         except Exception:  # a bug must not end this account's polling for good
             log.exception("poll_crashed", account=self.name)
             return await self._schedule(self.interval)
-        delay = self.interval * (1 + random.uniform(-JITTER, JITTER))
+        planned, self.planned = self.planned, None
+        floor = seconds_until_login(result.next_login)
         if result.status == "auth_failed":
             self._poll_failed(result.status, result.error, None)  # paused: no retry
             await self._pause(self.polled)
             return 0.0
+        if planned is None:  # the claim was not recorded: an interval from now
+            delay = self.interval * (1 + random.uniform(-JITTER, JITTER))
+        else:  # as claimed: jittered, an interval from this poll's start
+            delay = max(0.0, planned - asyncio.get_running_loop().time())
         if result.status != "ok":  # TLS or protocol: an early retry would fail the same way
-            delay = await self._schedule(delay)
+            delay = await self._schedule(delay, floor)
             self._poll_failed(result.status, result.error, None if self.done else round(delay, 3))
             return delay
         if result.new and result.sessions < self.daemon.config.daemon.max_sessions_per_cycle:
@@ -174,10 +181,11 @@ class AccountRunner:
             # perhaps still waiting. In that case the next poll comes as soon as the server
             # allows. (When a session outlasted the delay and the next one found the mailbox
             # drained, this costs one early login that finds nothing.)
-            floor = await self._login_floor()
-            if floor > 0:
-                delay = min(delay, floor)
-        return await self._schedule(delay)
+            if 0 < floor < delay:
+                planned, delay = None, floor
+        if planned is not None and delay >= floor:
+            return delay  # the claim recorded it: no second write
+        return await self._schedule(delay, floor)
 
     async def _attempt(self, generation: int) -> FetchResult:
         daemon = self.daemon
@@ -189,7 +197,7 @@ class AccountRunner:
                 raise Interrupted
             # Under the gate: the claim moves the next poll an interval ahead from the
             # moment this poll really starts, not from when it began to wait for a slot.
-            await self._claim(generation)
+            claim = await self._claim(generation)
             self.lag = max(0.0, asyncio.get_running_loop().time() - self.due)
             self.in_flight = True
             daemon.status_changed()
@@ -199,6 +207,7 @@ class AccountRunner:
                     daemon.store,
                     max_sessions=daemon.config.daemon.max_sessions_per_cycle,
                     log_failure=False,  # logged here, with the wait before the next attempt
+                    claim=claim,
                 )
             finally:
                 self.in_flight = False
@@ -213,37 +222,43 @@ class AccountRunner:
             return result
         failure = PollFailure(result.status, result.error)
         if failure.transient:
-            failure.floor = await self._login_floor()
+            failure.floor = seconds_until_login(result.next_login)
             raise failure
         return result
 
-    async def _claim(self, generation: int) -> None:
-        """Take this poll in the store, so that no other daemon on the database polls the
-        account now; adopt a pause that another process recorded."""
+    async def _claim(self, generation: int) -> Claim | None:
+        """Take this poll and the account's lease in the store (one statement), so that no
+        other daemon on the database polls the account now; adopt a pause that another
+        process recorded. None: the store failed, and the fetch will report it."""
+        loop = asyncio.get_running_loop()
+        self.planned = None
         now = datetime.now(UTC)
         force = generation != self.claimed_generation
-        until = now + timedelta(seconds=self.interval)
+        # The next regular poll, jittered, is chosen now: the claim records it for every
+        # process, and a poll that goes as planned needs no second write.
+        delay = self.interval * (1 + random.uniform(-JITTER, JITTER))
+        due = (now, now + timedelta(seconds=delay))
         try:
-            claim = await self.daemon.store.claim_poll(self.name, now, until, force=force)
-        except StoreError as exc:  # the fetch will meet the same store and report it
+            claim = await take_poll(self.daemon.store, self.name, due, force=force)
+            if claim.paused:
+                key = claim.pause_key
+                if key is not None and await asyncio.to_thread(same_login, key, self.account):
+                    self.pause_key = key  # another process's rejected login is this one
+                    self.daemon.status_changed()
+                    raise Interrupted
+                await self.resume("credentials_changed")  # this config brings another login
+                claim = await take_poll(self.daemon.store, self.name, due, force=True)
+        except StoreError as exc:
             log.error("state_not_recorded", account=self.name, error=str(exc))
-            return
+            return None
         if claim.taken:
             self.claimed_generation = generation
-            return
-        if claim.paused:
-            key = claim.pause_key
-            if key is not None and await asyncio.to_thread(same_login, key, self.account):
-                self.pause_key = key  # another process's rejected login is this one
-                self.daemon.status_changed()
-                raise Interrupted
-            await self.resume("credentials_changed")  # this config brings another login
-            claim = await self.daemon.store.claim_poll(self.name, now, until, force=True)
-            if claim.taken:
-                self.claimed_generation = generation
-                return
-        due = datetime.fromisoformat(claim.next_poll) if claim.next_poll else now
-        raise ClaimedElsewhere(max(0.1, (due - now).total_seconds()))
+            self.planned = loop.time() + delay
+            return claim
+        if claim.busy:
+            raise ClaimedElsewhere(self.interval)  # it is being polled now, by another
+        due_at = datetime.fromisoformat(claim.next_poll) if claim.next_poll else now
+        raise ClaimedElsewhere(max(0.1, (due_at - now).total_seconds()))
 
     def spread(self) -> float:
         return random.uniform(0, min(CLAIM_SPREAD, 0.05 * self.interval))
@@ -268,9 +283,10 @@ class AccountRunner:
         await self._record_next_poll(seconds)
         await self.sleep(seconds)
 
-    async def _schedule(self, delay: float) -> float:
-        """The next regular poll: ``delay`` from now, but never before LOGIN-DELAY allows."""
-        delay = max(delay, await self._login_floor())
+    async def _schedule(self, delay: float, floor: float | None = None) -> float:
+        """The next regular poll: ``delay`` from now, but never before LOGIN-DELAY allows
+        (``floor`` s from now, if known; else read from the store)."""
+        delay = max(delay, await self._login_floor() if floor is None else floor)
         await self._record_next_poll(delay)
         return delay
 

@@ -106,15 +106,19 @@ class Store:
 
     # -- leases, login pacing, account state -----------------------------------------------------
 
-    async def acquire_lease(
-        self, account: str, holder: str, ttl: float, *, stale: str | None = None
-    ) -> tuple[str, float] | None:
-        return await state.acquire_lease(self._db, account, holder, ttl, stale=stale)
-
-    async def claim_poll(
-        self, account: str, now: datetime, until: datetime, *, force: bool = False
+    async def take_poll(
+        self,
+        account: str,
+        holder: str,
+        ttl: float,
+        *,
+        due: tuple[datetime, datetime] | None = None,
+        force: bool = False,
+        stale: str | None = None,
     ) -> Claim:
-        return await state.claim_poll(self._db, account, now, until, force=force)
+        return await state.take_poll(
+            self._db, account, holder, ttl, due=due, force=force, stale=stale
+        )
 
     async def renew_lease(self, account: str, holder: str, ttl: float) -> None:
         await state.renew_lease(self._db, account, holder, ttl)
@@ -136,10 +140,10 @@ class Store:
         result: str,
         error: str | None,
         new: int,
-        next_poll: str | None = None,
-    ) -> None:
-        await state.record_poll(
-            self._db, account, owner, result=result, error=error, new=new, next_poll=next_poll
+        holder: str | None = None,
+    ) -> str | None:
+        return await state.record_poll(
+            self._db, account, owner, result=result, error=error, new=new, holder=holder
         )
 
     async def account_states(self, *, counts: bool = True) -> dict[str, AccountState]:

@@ -70,6 +70,7 @@ class PostgresDatabase(Database):
         " WHERE a.message = m.id AND a.role IN ('to', 'cc'))"
     )
     address_order = "a.pos"
+    atomic_statements = True  # autocommit, synchronous_commit on
 
     def __init__(self, url: str, password: str | None, spool_dir: Path) -> None:
         super().__init__()

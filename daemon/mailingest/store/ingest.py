@@ -11,7 +11,7 @@ from mailingest.store._db import CHUNK, Database, facts, now_iso
 
 
 async def ledger(db: Database, account: str) -> dict[str, LedgerEntry]:
-    async with db.read("reading the ledger"):
+    async with db.statement("reading the ledger", write=False):
         rows = await db.fetchall(
             "SELECT uidl, message, first_seen, deleted_at FROM ledger WHERE account = ?",
             (account,),

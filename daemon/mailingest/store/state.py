@@ -7,63 +7,69 @@ from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
+from mailingest.errors import StoreError
 from mailingest.model import AccountState, Claim
 from mailingest.store._db import Database, now_iso
 
 _ENSURE = "INSERT INTO account_state (account) VALUES (?) ON CONFLICT DO NOTHING"
 
 
-async def acquire_lease(
-    db: Database, account: str, holder: str, ttl: float, *, stale: str | None = None
-) -> tuple[str, float] | None:
-    """Take the account's lease: None if taken, else (holder, expiry) of the one who has it.
+async def take_poll(
+    db: Database,
+    account: str,
+    holder: str,
+    ttl: float,
+    *,
+    due: tuple[datetime, datetime] | None = None,
+    force: bool = False,
+    stale: str | None = None,
+) -> Claim:
+    """Take the account's lease for ``ttl`` s, in one statement (the hot path of every poll).
 
-    ``stale`` names a holder known to be dead: its lease is taken over even if unexpired.
+    ``due`` = (now, until) also claims the scheduled poll for every process on the database:
+    only if it is due at ``now`` (or ``force``: the settings changed) and the account is not
+    paused; its next poll moves to ``until`` at once, so other daemons wake then, and take
+    over within one interval if this one dies mid-poll. ``stale`` names a holder known to be
+    dead: its lease is taken over even if unexpired.
     """
     now = time.time()
-    async with db.write("taking the account lease"):
-        await db.execute(_ENSURE, (account,))
-        taken = await db.execute(
-            "UPDATE account_state SET lease_holder = ?, lease_expires = ?"
-            " WHERE account = ? AND (lease_holder IS NULL OR lease_holder IN (?, ?)"
-            " OR lease_expires < ?)",
-            (holder, now + ttl, account, holder, stale or holder, now),
-        )
-        if taken == 1:
-            return None
-        row = await db.fetchone(
-            "SELECT lease_holder, lease_expires FROM account_state WHERE account = ?",
-            (account,),
-        )
-    assert row is not None
-    return str(row[0]), float(row[1])
-
-
-async def claim_poll(
-    db: Database, account: str, now: datetime, until: datetime, *, force: bool = False
-) -> Claim:
-    """Take the account's poll that is due at ``now``, for every process on the database.
-
-    Taken, the next poll moves to ``until`` at once (the poller records the real one when it
-    is done), so other daemons wake then: if this one dies mid-poll they take over within
-    one interval. Not taken: another process took it (the next poll is in the future) or
-    the account is paused. ``force`` takes a poll that is not due (the settings changed).
-    """
-    async with db.write("claiming the account's poll"):
-        await db.execute(_ENSURE, (account,))
-        taken = await db.execute(
-            "UPDATE account_state SET next_poll = ? WHERE account = ? AND paused = 0"
-            " AND (next_poll IS NULL OR next_poll <= ? OR ?)",
-            (_iso(until), account, _iso(now), force),
-        )
-        if taken == 1:
-            return Claim(taken=True)
-        row = await db.fetchone(
-            "SELECT next_poll, paused, pause_key FROM account_state WHERE account = ?",
-            (account,),
-        )
-    assert row is not None
-    return Claim(taken=False, next_poll=row[0], paused=bool(row[1]), pause_key=row[2])
+    until = _iso(due[1]) if due else None
+    at = _iso(due[0]) if due else ""
+    for _ in range(3):  # a refusal explained by nothing any more: the row changed between
+        async with db.statement("taking the account lease", write=True):
+            rows = await db.fetchall(
+                "INSERT INTO account_state (account, next_poll, lease_holder, lease_expires)"
+                " VALUES (?,?,?,?) ON CONFLICT (account) DO UPDATE SET"
+                " next_poll = coalesce(excluded.next_poll, account_state.next_poll),"
+                " lease_holder = excluded.lease_holder, lease_expires = excluded.lease_expires"
+                " WHERE (? OR (account_state.paused = 0 AND (account_state.next_poll IS NULL"
+                " OR account_state.next_poll <= ? OR ?)))"
+                " AND (account_state.lease_holder IS NULL"
+                " OR account_state.lease_holder IN (?, ?) OR account_state.lease_expires < ?)"
+                " RETURNING next_login",
+                (
+                    *(account, until, holder, now + ttl),
+                    *(due is None, at, force),
+                    *(holder, stale or holder, now),
+                ),
+            )
+        if rows:
+            return Claim(taken=True, holder=holder, next_login=rows[0][0])
+        async with db.statement("reading why the account lease was refused", write=False):
+            row = await db.fetchone(
+                "SELECT next_poll, paused, pause_key, lease_holder, lease_expires"
+                " FROM account_state WHERE account = ?",
+                (account,),
+            )
+        if row is None:
+            continue
+        next_poll, paused, pause_key, lease_holder, expires = row
+        if due is not None and (paused or not (force or next_poll is None or next_poll <= at)):
+            return Claim(taken=False, next_poll=next_poll, paused=bool(paused), pause_key=pause_key)
+        if lease_holder is not None and lease_holder not in (holder, stale):
+            if expires is not None and float(expires) >= now:
+                return Claim(taken=False, holder=str(lease_holder))
+    raise StoreError(f"account {account!r}: its lease row keeps changing; try again")
 
 
 def _iso(when: datetime) -> str:
@@ -73,7 +79,7 @@ def _iso(when: datetime) -> str:
 
 async def renew_lease(db: Database, account: str, holder: str, ttl: float) -> None:
     # Locked: typed, so the fetch reports temp_failed.
-    async with db.write("renewing the account lease"):
+    async with db.statement("renewing the account lease", write=True):
         await db.execute(
             "UPDATE account_state SET lease_expires = ? WHERE account = ? AND lease_holder = ?",
             (time.time() + ttl, account, holder),
@@ -82,7 +88,7 @@ async def renew_lease(db: Database, account: str, holder: str, ttl: float) -> No
 
 async def release_lease(db: Database, account: str, holder: str) -> None:
     # Locked: the lease then expires on its own.
-    async with db.write("releasing the account lease"):
+    async with db.statement("releasing the account lease", write=True):
         await db.execute(
             "UPDATE account_state SET lease_holder = NULL, lease_expires = NULL"
             " WHERE account = ? AND lease_holder = ?",
@@ -91,7 +97,7 @@ async def release_lease(db: Database, account: str, holder: str) -> None:
 
 
 async def next_login(db: Database, account: str) -> datetime | None:
-    async with db.read("reading the next allowed login"):
+    async with db.statement("reading the next allowed login", write=False):
         row = await db.fetchone(
             "SELECT next_login FROM account_state WHERE account = ?", (account,)
         )
@@ -116,23 +122,32 @@ async def record_poll(
     result: str,
     error: str | None,
     new: int,
-    next_poll: str | None = None,
-) -> None:
+    holder: str | None = None,
+) -> str | None:
+    """Record a poll's result and release ``holder``'s lease, in one statement; the next
+    login LOGIN-DELAY allows (ISO UTC), read in the same breath."""
     failed = result != "ok"
-    async with db.write("recording the poll result"):
-        await db.execute(
+    async with db.statement("recording the poll result", write=True):
+        rows = await db.fetchall(
             "INSERT INTO account_state (account, owner, last_poll, result, error, new,"
-            " consecutive_failures, next_poll) VALUES (?,?,?,?,?,?,?,?)"
+            " consecutive_failures) VALUES (?,?,?,?,?,?,?)"
             " ON CONFLICT (account) DO UPDATE SET owner = excluded.owner,"
             " last_poll = excluded.last_poll, result = excluded.result,"
             " error = excluded.error, new = excluded.new,"
             " consecutive_failures = CASE WHEN ? THEN account_state.consecutive_failures + 1"
             " ELSE 0 END,"
-            # The daemon's schedule is its own (set_next_polls): a poll result
-            # without one keeps it, so `status` never loses the next poll.
-            " next_poll = coalesce(excluded.next_poll, account_state.next_poll)",
-            (account, owner, now_iso(), str(result), error, new, int(failed), next_poll, failed),
+            # SET sees the row as it was: both test the holder before either clears it.
+            " lease_expires = CASE WHEN account_state.lease_holder = ? THEN NULL"
+            " ELSE account_state.lease_expires END,"
+            " lease_holder = CASE WHEN account_state.lease_holder = ? THEN NULL"
+            " ELSE account_state.lease_holder END"
+            " RETURNING next_login",
+            (
+                *(account, owner, now_iso(), str(result), error, new, int(failed)),
+                *(failed, holder, holder),
+            ),
         )
+    return rows[0][0] if rows else None
 
 
 _STATE_COLUMNS = (

@@ -100,6 +100,20 @@ def run(accounts: int, interval: float, intervals: int, work: Path) -> dict[str,
             window = Counter(n for d in (a, b) for n, t in d.polls() if start + 1 <= t < end - 1)
             per_account = Counter(window.get(f"a{i}", 0) for i in range(accounts))
             share = {d: sum(1 for _, t in d.polls() if start <= t < end) for d in (a, b)}
+            # "Once per interval", per account: the gaps between its consecutive polls (by
+            # either daemon) up to the end of the window. A window of one interval cuts
+            # some accounts' polls at its edges; the gaps do not.
+            times: dict[str, list[float]] = {}
+            for d in (a, b):
+                for name, stamp in d.polls():
+                    if stamp < end:
+                        times.setdefault(name, []).append(stamp)
+            gaps = sorted(
+                later - earlier
+                for stamps in times.values()
+                for earlier, later in zip(sorted(stamps), sorted(stamps)[1:], strict=False)
+            )
+            late = sum(1 for g in gaps if g > interval * 1.1 + 2)  # jitter + wake spread
             # Takeover: kill A; every account A polled last must be polled by B.
             last: dict[str, tuple[float, str]] = {}
             for d, name in ((a, "a"), (b, "b")):
@@ -134,6 +148,13 @@ def run(accounts: int, interval: float, intervals: int, work: Path) -> dict[str,
         "rss_mb": {"a": round(rss[a], 1), "b": round(rss[b], 1)},
         "polls_in_window": {"a": share[a], "b": share[b]},
         "accounts_by_polls_in_window": dict(sorted(per_account.items())),
+        "gaps_between_polls_s": {
+            "count": len(gaps),
+            "min": round(gaps[0], 1) if gaps else None,
+            "median": round(gaps[len(gaps) // 2], 1) if gaps else None,
+            "max": round(gaps[-1], 1) if gaps else None,
+            "over_interval_plus_jitter": late,
+        },
         "expected_polls_per_account": intervals,
         "orphaned_by_kill": len(orphans),
         "adopted_within_one_interval": within,

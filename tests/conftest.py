@@ -11,6 +11,7 @@ import pytest
 from dovecot import Dovecot, Mailbox, private_dovecot
 from mailingest.store import Store
 from postgres import Postgres, private_postgres
+from smtp_support import SmtpServer, make_cert, serving
 from support import StoreAt
 
 BACKENDS = ("sqlite", "postgresql")
@@ -62,3 +63,15 @@ async def store(store_at: StoreAt) -> AsyncIterator[Store]:
         yield opened
     finally:
         await opened.close()
+
+
+@pytest.fixture(scope="session")
+def smtp_cert(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    return make_cert(tmp_path_factory.mktemp("smtp-cert"))
+
+
+@pytest.fixture
+def smtp_server(smtp_cert: tuple[Path, Path]) -> Iterator[SmtpServer]:
+    """A real SMTP server (aiosmtpd) on loopback that requires STARTTLS, then AUTH."""
+    with serving(smtp_cert, "starttls") as server:
+        yield server

@@ -128,6 +128,9 @@ def test_a_missing_or_wrong_secret_key_is_78_naming_the_key(
     assert add(config, mailbox, mailbox.password, "--no-test")[0] == 0
     for key in ("another-key-0123456789abcdef", None):
         other = setup(tmp_path, store_at, key)
-        code, _, err = cli(other, "status")
-        assert code == 78 and "storage.secret_key" in err, err
-        assert mailbox.password not in err
+        for command in ("fetch", "check"):
+            code, _, err = cli(other, command)
+            assert code == 78 and "storage.secret_key" in err, err
+            assert mailbox.password not in err
+        # A command that logs in nowhere needs no key (see test_readonly_secrets).
+        assert cli(other, "status")[0] == 0

@@ -108,7 +108,7 @@ ERROR_CASES = [
         "environment variable NOPE is not set",
     ),
     ("[daemon]\nworkers = 2\n", "daemon.workers", "allowed keys: log_format, max_concurrent"),
-    (acct(pasword='"x"'), f"{A}.pasword", "allowed keys: allow_plaintext, ca_file"),
+    (acct(pasword='"x"'), f"{A}.pasword", "allowed keys: aliases, allow_plaintext, ca_file"),
     (acct(SMTP + "foo = 1\n"), f"{SMTP_A}.foo", "allowed keys: allow_plaintext, ca_file"),
     (acct(password='{ vault = "x" }'), f"{A}.password.vault", "allowed keys: credential, env"),
     # table shapes

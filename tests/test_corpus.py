@@ -90,7 +90,7 @@ def _check_headers(headers: Headers) -> None:
         assert set(link_addresses(headers, direction)) <= set(
             normalize_all((*headers.from_addrs, *headers.to, *headers.cc))
         )
-    assert direction_of(headers, IDENTITY) in ("in", "out")
+    assert direction_of(headers, (IDENTITY,)) in ("in", "out")
 
 
 @pytest.mark.parametrize("path", CORPUS, ids=[p.stem for p in CORPUS])

@@ -48,7 +48,7 @@ def check_headers(headers: Headers) -> None:
         assert datetime.fromisoformat(headers.date).utcoffset() is not None
     for address in (*headers.from_addrs, *headers.to, *headers.cc):
         address.encode("utf-8")
-    assert direction_of(headers, "owner@example.com") in ("in", "out")
+    assert direction_of(headers, ("owner@example.com",)) in ("in", "out")
     for direction in ("in", "out"):
         for address in link_addresses(headers, direction):
             assert normalize(address) == address

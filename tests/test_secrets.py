@@ -181,6 +181,7 @@ def _pop3(box: Mailbox, name: str, **overrides: Any) -> dict[str, Any]:
         "security": "plain",
         "allow_plaintext": True,
         "username": box.user,
+        "from_address": "alice@crm.example",  # the login is no address: needed to send
         "timeout": "20s",
     }
     account.update(overrides)
@@ -385,6 +386,10 @@ def test_config_errors_never_quote_the_password(tmp_path: Path, name: str) -> No
     for args in (("config",), ("-v", "fetch", "--json"), ("check",), ("-v", "run")):
         run = setup.run(*args)
         run.check()
+        if args == ("config",) and name in ("line-break-in-env", "nul-in-file"):
+            # `config` reads no password (it logs in nowhere): only where it comes from.
+            assert run.code == 0, run.stderr.decode()
+            continue
         assert run.code == 78, (args, run.stderr.decode())
         assert str(config).encode() in run.stderr  # the error names the file
 

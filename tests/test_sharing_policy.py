@@ -99,7 +99,7 @@ def raw_message(
 def new_message(raw: bytes, identity: str, uidl: str, *, origin: str = "pop3") -> NewMessage:
     """What fetch._prepare makes of a retrieved message (a CRM-sent one is always ``out``)."""
     headers = parse_headers(read_head(io.BytesIO(raw)))
-    direction = "out" if origin == "crm" else direction_of(headers, identity)
+    direction = "out" if origin == "crm" else direction_of(headers, (identity,))
     return NewMessage(
         uidl=uidl,
         spool=io.BytesIO(raw),
@@ -514,11 +514,11 @@ def test_direction_is_out_when_the_identity_sent_it(
     sender: str, identity: str, expected: str
 ) -> None:
     headers = parse_headers(f"From: {sender}\r\nTo: x@y.example\r\n".encode())
-    assert direction_of(headers, identity) == expected
+    assert direction_of(headers, (identity,)) == expected
 
 
 def test_direction_without_from_is_in() -> None:
-    assert direction_of(Headers(), "alice@gmail.com") == "in"
+    assert direction_of(Headers(), ("alice@gmail.com",)) == "in"
 
 
 def test_incoming_links_on_from_only_outgoing_on_to_and_cc() -> None:
@@ -747,7 +747,8 @@ class Model:
 
     def labels(self, m: ModelMessage) -> list[str]:
         label = self.accounts[m.account].label
-        return [label] if label and m.records else []
+        # Email Magnet: incoming customer mail only.
+        return [label] if label and m.records and m.origin == "in" else []
 
     def visible(self, viewer: str, record: str | None = None) -> list[ModelMessage]:
         return [

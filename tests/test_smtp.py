@@ -5,130 +5,35 @@ from __future__ import annotations
 import email
 import email.policy
 import json
-import ssl
 import subprocess
 import sys
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
-from aiosmtpd.controller import Controller
-from aiosmtpd.smtp import AuthResult, Envelope, LoginPassword, Session
 
 from dovecot import free_port
 from mailingest.popserver import Mailbox, ThreadedPop3Server
+from smtp_support import Recorder, SmtpServer, serving, smtp_table
 from support import TIMEOUT, run_cli, sha, write_config
-
-SMTP_USER, SMTP_PASSWORD = "alice-out", "Smtp-Pass-Walnut-77"
-
-
-@dataclass
-class Recorder:
-    """aiosmtpd handler and authenticator that keeps every accepted envelope.
-
-    A test makes the server refuse by setting ``auth_reply``, ``rcpt_reply`` or ``data_reply``
-    to the reply line it should answer with instead.
-    """
-
-    received: list[tuple[str, list[str], bytes]] = field(default_factory=list)
-    auth_reply: str | None = None
-    rcpt_reply: str | None = None
-    data_reply: str | None = None
-
-    async def handle_RCPT(
-        self, server: Any, session: Session, envelope: Envelope, address: str, options: list[str]
-    ) -> str:
-        if self.rcpt_reply:
-            return self.rcpt_reply
-        envelope.rcpt_tos.append(address)
-        return "250 OK"
-
-    async def handle_DATA(self, server: Any, session: Session, envelope: Envelope) -> str:
-        if self.data_reply:
-            return self.data_reply
-        content = envelope.original_content or b""
-        self.received.append((str(envelope.mail_from), list(envelope.rcpt_tos), content))
-        return "250 OK"
-
-    def authenticate(
-        self, server: Any, session: Session, envelope: Envelope, mechanism: str, data: Any
-    ) -> AuthResult:
-        if self.auth_reply:
-            return AuthResult(success=False, handled=False, message=self.auth_reply)
-        ok = isinstance(data, LoginPassword) and (data.login, data.password) == (
-            SMTP_USER.encode(),
-            SMTP_PASSWORD.encode(),
-        )
-        return AuthResult(success=ok, handled=False)  # handled=False: aiosmtpd answers 535
 
 
 @pytest.fixture(scope="module")
-def cert(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    directory = tmp_path_factory.mktemp("smtp-cert")
-    key, crt = directory / "key.pem", directory / "cert.pem"
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
-         "-nodes", "-keyout", str(key), "-out", str(crt), "-days", "2", "-subj", "/CN=localhost",
-         "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
-        check=True,
-        capture_output=True,
-    )  # fmt: skip
-    return crt, key
-
-
-@dataclass
-class SmtpServer:
-    port: int
-    recorder: Recorder
-    cert: Path
-
-
-@contextmanager
-def _serving(cert: tuple[Path, Path], security: str) -> Iterator[SmtpServer]:
-    """aiosmtpd on loopback; ``security``: starttls (required), tls (implicit) or plain."""
-    recorder = Recorder()
-    context = None
-    if security != "plain":
-        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        context.load_cert_chain(str(cert[0]), str(cert[1]))
-    starttls = security == "starttls"
-    port = free_port()
-    controller = Controller(
-        recorder,
-        hostname="127.0.0.1",
-        port=port,
-        ssl_context=context if security == "tls" else None,
-        authenticator=recorder.authenticate,
-        auth_require_tls=starttls,  # implicit TLS is invisible to aiosmtpd's check
-        tls_context=context if starttls else None,
-        require_starttls=starttls,
-    )
-    controller.start()
-    try:
-        yield SmtpServer(port, recorder, cert[0])
-    finally:
-        controller.stop()
-
-
-@pytest.fixture
-def smtp_server(cert: tuple[Path, Path]) -> Iterator[SmtpServer]:
-    with _serving(cert, "starttls") as server:
-        yield server
+def cert(smtp_cert: tuple[Path, Path]) -> tuple[Path, Path]:
+    return smtp_cert
 
 
 @pytest.fixture
 def smtp_without_starttls(cert: tuple[Path, Path]) -> Iterator[SmtpServer]:
-    with _serving(cert, "plain") as server:
+    with serving(cert, "plain") as server:
         yield server
 
 
 @pytest.fixture
 def smtps_server(cert: tuple[Path, Path]) -> Iterator[SmtpServer]:
-    with _serving(cert, "tls") as server:
+    with serving(cert, "tls") as server:
         yield server
 
 
@@ -173,20 +78,12 @@ def _accounts(pop3: ThreadedPop3Server, server: SmtpServer, **alice: Any) -> lis
             **extra,
         }
 
-    smtp_table = {
-        "host": "127.0.0.1",
-        "port": server.port,
-        "security": "starttls",
-        "username": SMTP_USER,
-        "password": SMTP_PASSWORD,
-        "ca_file": str(server.cert),
-        "timeout": "5s",
-    }
-    smtp_table.update(alice.pop("smtp", {}))
-    smtp_table = {k: v for k, v in smtp_table.items() if v is not None}  # None: leave key out
+    table = smtp_table(server)
+    table.update(alice.pop("smtp", {}))
+    table = {k: v for k, v in table.items() if v is not None}  # None: leave key out
     return [
-        account("alice", from_address="alice@crm.example", smtp=smtp_table, **alice),
-        account("bob", smtp={**smtp_table}),
+        account("alice", from_address="alice@crm.example", smtp=table, **alice),
+        account("bob", from_address="bob@crm.example", smtp={**table}),
     ]
 
 
@@ -310,7 +207,8 @@ def test_reply_threads_and_comes_from_the_repliers_account(
     assert proc.returncode == 0, proc.stderr.decode()
     [(mail_from, rcpts, data)] = smtp_server.recorder.received
     parsed = email.message_from_bytes(data, policy=email.policy.default)
-    assert mail_from == "bob" and parsed["From"] == "bob"  # bob's identity, his own account
+    # bob's own account and From (his login "bob" is no address: from_address is required)
+    assert mail_from == "bob@crm.example" and parsed["From"] == "bob@crm.example"
     assert rcpts == ["desk@customer.example"]  # Reply-To wins over From
     assert parsed["Subject"] == "Re: Quote"  # no stacking
     assert parsed["In-Reply-To"] == "<q1@customer.example>"
@@ -428,7 +326,7 @@ def test_untrusted_certificate_is_refused_as_tls_failure_and_nothing_stored(
     pop3: ThreadedPop3Server,
     security: str,
 ) -> None:
-    with _serving(cert, security) as server:
+    with serving(cert, security) as server:
         smtp = {"security": security, "ca_file": None}  # the test CA is not in the system store
         config = write_config(tmp_path, _accounts(pop3, server, smtp=smtp))
         proc = _send(config, _body(tmp_path))

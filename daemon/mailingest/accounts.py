@@ -27,16 +27,20 @@ log = structlog.get_logger("mailingest.accounts")
 _APART = ("name", "owner", "password")
 
 
-async def with_stored(store: Store, config: Config) -> tuple[int, Config]:
+async def with_stored(store: Store, config: Config, *, secrets: bool = True) -> tuple[int, Config]:
     """The config with the database's accounts after the file's, and the accounts version.
 
     A stored account that the file shadows (same name) or that no longer validates is
     skipped with an error event; a missing or wrong ``secret_key`` is a ConfigError (78).
+    ``secrets=False``: passwords are opened at first use (see load_config), and only then
+    is the key needed.
     """
     version, stored = await store.stored_accounts()
     if not stored:
         return version, config
-    box = secret_box(config, len(stored))
+    box = _Box(config, len(stored))
+    if secrets:
+        box.get()
     extra: list[Account] = []
     for row in stored:
         earlier = [*config.accounts, *extra]
@@ -44,7 +48,7 @@ async def with_stored(store: Store, config: Config) -> tuple[int, Config]:
             _skipped(row.name, "the config file defines an account of this name; it wins")
             continue
         try:
-            extra.append(await asyncio.to_thread(_account, row, box, config, earlier))
+            extra.append(await asyncio.to_thread(_account, row, box, config, earlier, secrets))
         except ConfigError as exc:
             if exc.key_path == "storage.secret_key":
                 raise
@@ -52,12 +56,12 @@ async def with_stored(store: Store, config: Config) -> tuple[int, Config]:
     return version, with_accounts(config, extra)
 
 
-async def effective_config(config: Config) -> Config:
+async def effective_config(config: Config, *, secrets: bool = True) -> Config:
     """``config`` with the database's accounts (for a one-shot command)."""
     storage = config.storage
     store = await Store.open(storage.database, password=storage.reveal_password())
     try:
-        return (await with_stored(store, config))[1]
+        return (await with_stored(store, config, secrets=secrets))[1]
     finally:
         await store.close()
 
@@ -75,13 +79,33 @@ def secret_box(config: Config, stored: int | None = None) -> SecretBox:
     return SecretBox(key.reveal())
 
 
-def _account(row: StoredAccount, box: SecretBox, config: Config, earlier: list[Account]) -> Account:
+class _Box:
+    """The SecretBox of ``[storage] secret_key``, made when first needed."""
+
+    def __init__(self, config: Config, stored: int) -> None:
+        self._config, self._stored = config, stored
+        self._box: SecretBox | None = None
+
+    def get(self) -> SecretBox:
+        if self._box is None:
+            self._box = secret_box(self._config, self._stored)
+        return self._box
+
+    def secret(self, name: str, sealed: str, what: str, now: bool) -> Secret:
+        if now:
+            return Secret("database", name, self.get().open(sealed, what))
+        return Secret("database", name, "", resolver=lambda: self.get().open(sealed, what))
+
+
+def _account(
+    row: StoredAccount, box: _Box, config: Config, earlier: list[Account], now: bool = True
+) -> Account:
     table = dict(row.settings)
     table.update(name=row.name, owner=row.owner)
-    table["password"] = Secret("database", row.name, box.open(row.password, f"{row.name!r}"))
+    table["password"] = box.secret(row.name, row.password, f"{row.name!r}", now)
     if row.smtp_password is not None and isinstance(table.get("smtp"), dict):
-        smtp_password = box.open(row.smtp_password, f"{row.name!r} (SMTP)")
-        table["smtp"] = {**table["smtp"], "password": Secret("database", row.name, smtp_password)}
+        smtp = box.secret(row.name, row.smtp_password, f"{row.name!r} (SMTP)", now)
+        table["smtp"] = {**table["smtp"], "password": smtp}
     return stored_account(table, config.path.parent, earlier)
 
 

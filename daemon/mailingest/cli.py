@@ -85,6 +85,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("id", type=int, metavar="ID")
     p.add_argument("--viewer", required=True, metavar="USER")
     p.add_argument("--body-file", required=True, metavar="F", help="the body text; - for stdin")
+    p.add_argument("--all", action="store_true", help="reply to all: the other recipients go in Cc")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p = sub.add_parser(
         "demo", help="ingest sample mail from a loopback POP3 server; no mailbox needed"
@@ -115,7 +116,7 @@ def _records_parser(sub: Any) -> None:
 
 
 def _records(args: argparse.Namespace) -> int:
-    config = _load_all(args)
+    config = _load_all(args, secrets=False)
     action = args.records_command
     if action == "import":
         path = Path(args.file)
@@ -142,8 +143,10 @@ def _records(args: argparse.Namespace) -> int:
     return EX_OK
 
 
-def _load(args: argparse.Namespace) -> Config:
-    config = load_config(resolve_config_path(args.config))
+def _load(args: argparse.Namespace, *, secrets: bool = True) -> Config:
+    """The config file; ``secrets=False`` for commands that log in nowhere (see
+    load_config): they read the store only."""
+    config = load_config(resolve_config_path(args.config), secrets=secrets)
     logs.register_secrets(config.secrets())
     fmt = args.log_format or config.daemon.log_format
     logs.configure(fmt, level=10 if args.verbose else 20)
@@ -153,11 +156,11 @@ def _load(args: argparse.Namespace) -> Config:
     return config
 
 
-def _load_all(args: argparse.Namespace) -> Config:
+def _load_all(args: argparse.Namespace, *, secrets: bool = True) -> Config:
     """The config file's accounts and those kept in the database."""
     from mailingest.accounts import effective_config
 
-    config = asyncio.run(effective_config(_load(args)))
+    config = asyncio.run(effective_config(_load(args, secrets=secrets), secrets=secrets))
     logs.register_secrets(config.secrets())
     return config
 
@@ -224,13 +227,13 @@ def _check(args: argparse.Namespace) -> int:
 
 
 def _config(args: argparse.Namespace) -> int:
-    config = _load(args)
+    config = _load(args, secrets=False)
     sys.stdout.write(render_config(config))
     return EX_OK
 
 
 def _status(args: argparse.Namespace) -> int:
-    config = _load_all(args)
+    config = _load_all(args, secrets=False)
     rows = asyncio.run(commands.status(config))
     if args.json:
         _emit_json({"accounts": rows})
@@ -261,7 +264,7 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _messages(args: argparse.Namespace) -> int:
-    config = _load_all(args)
+    config = _load_all(args, secrets=False)
     found = asyncio.run(
         commands.messages(
             config,
@@ -295,7 +298,7 @@ def _messages(args: argparse.Namespace) -> int:
 
 
 def _show(args: argparse.Namespace) -> int:
-    config = _load_all(args)
+    config = _load_all(args, secrets=False)
     out = sys.stdout.buffer
     message = asyncio.run(
         commands.show(config, args.id, args.viewer, raw_sink=out.write if args.raw else None)
@@ -345,7 +348,8 @@ def _reply(args: argparse.Namespace) -> int:
 
     config = _load_all(args)
     body = _body(args.body_file)
-    return _report_sent(args, asyncio.run(outgoing.reply(config, args.id, args.viewer, body)))
+    sent = asyncio.run(outgoing.reply(config, args.id, args.viewer, body, reply_all=args.all))
+    return _report_sent(args, sent)
 
 
 def _run(args: argparse.Namespace) -> int:

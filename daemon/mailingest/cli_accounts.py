@@ -43,6 +43,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--username", metavar="LOGIN")
     _settings_options(p)
     p.add_argument("--no-excluded-domains", action="store_true", help="clear the list")
+    p.add_argument("--no-aliases", action="store_true", help="clear the list")
     p.add_argument("--no-primary", action="store_true", help="no longer the owner's primary")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p = asub.add_parser("remove", help="forget a stored account; its stored mail stays")
@@ -63,6 +64,7 @@ def _settings_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--excluded-domain", action="append", metavar="DOMAIN", help="public mode")
     p.add_argument("--magnet-label", metavar="LABEL", help='"" removes it')
     p.add_argument("--from-address", metavar="ADDR", help='"" removes it')
+    p.add_argument("--alias", action="append", metavar="ADDR", help="another From of the owner")
     p.add_argument("--primary", action="store_true", help="the owner's account for replies")
     p.add_argument("--delete-after-days", type=int, metavar="N")
     p.add_argument("--poll-interval", metavar="DURATION", help="e.g. 5m")
@@ -85,6 +87,8 @@ def run(args: argparse.Namespace, load: Callable[[], Config]) -> int:
         changes = _settings(args)
         if args.no_excluded_domains:
             changes["excluded_domains"] = None
+        if args.no_aliases:
+            changes["aliases"] = None
         if args.no_primary:
             changes["primary"] = None
         for key in ("host", "port", "username"):
@@ -135,6 +139,8 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
         out["sharing"] = args.sharing
     if args.excluded_domain:
         out["excluded_domains"] = list(args.excluded_domain)
+    if args.alias:
+        out["aliases"] = list(args.alias)
     for key in ("magnet_label", "from_address", "poll_interval", "timeout"):
         value = getattr(args, key)
         if value is not None:

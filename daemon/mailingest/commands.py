@@ -265,7 +265,18 @@ async def records_set_email(config: Config, record: str, emails: str) -> tuple[s
 
 
 async def records_share(config: Config, record: str, owner: str, on: bool) -> list[str]:
-    """Set the flag; returns notes on the owner's accounts where it has no effect."""
+    """Set the flag; returns notes on the owner's accounts where it has no effect.
+
+    Refused for an owner whose accounts are all public: the CRM hides the share checkbox
+    there, and a flag stored now would change who sees their mail silently, on a later
+    switch to custom mode. Clearing one is always allowed."""
+    mine = [a for a in config.accounts if a.owner == owner]
+    if on and mine and all(a.sharing == "public" for a in mine):
+        names = ", ".join(repr(a.name) for a in mine)
+        raise DataError(
+            f"{owner!r} shares every account with everyone (public: {names}); share flags "
+            'apply only with sharing = "custom"; nothing changed'
+        )
     async with open_store(config) as store:
         if not await store.set_share(owner, record, on, crm.policies(config)):
             raise UsageError(f"no record {record!r}; see `mailingest records list`")

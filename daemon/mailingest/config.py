@@ -10,7 +10,7 @@ import math
 import os
 import re
 import tomllib
-from collections.abc import Collection, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,11 +36,12 @@ _SMTP_KEYS = (*_TRANSPORT_KEYS.split(), "daily_limit")
 _ACCOUNT_KEYS = (
     *_TRANSPORT_KEYS.split(),
     *"name owner leave_on_server delete_after_days sharing excluded_domains magnet_label".split(),
-    *"from_address primary poll_interval smtp".split(),
+    *"from_address aliases primary poll_interval smtp".split(),
 )
 _SECRET_KEYS = ("env", "file", "credential")
 
 _NAME_RE = re.compile(r"[A-Za-z0-9._@-]+")
+_ADDRESS_RE = re.compile(r"[^@\s]+@[^@\s]+")
 _LABEL_RE = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
 _NUMBER_RE = re.compile(r"\d+(?:\.\d+)?")
 _DURATION_RE = re.compile(r"(?:\d+(?:\.\d+)?[dhms])+")
@@ -52,12 +53,22 @@ _UNIT_SECONDS = {"d": 86400, "h": 3600, "m": 60, "s": 1}
 class Secret:
     """A password and where it came from; repr and str never show the value."""
 
-    source: str  # "literal" | "env" | "file" | "credential"
+    source: str  # "literal" | "env" | "file" | "credential" | "database"
     ref: str  # "" for literal; else the variable name, file path or credential name
     value: str = field(repr=False)
+    #: Reads the value at its first use (commands that log in nowhere never read it): a
+    #: ConfigError naming the key if that fails.
+    resolver: Callable[[], str] | None = field(default=None, repr=False, compare=False)
 
     def reveal(self) -> str:
+        if self.resolver is not None:
+            object.__setattr__(self, "value", self.resolver())
+            object.__setattr__(self, "resolver", None)
         return self.value
+
+    @property
+    def resolved(self) -> bool:
+        return self.resolver is None
 
     def describe(self) -> str:
         """TOML text that says where the secret comes from, never what it is."""
@@ -101,6 +112,8 @@ class Account:
     excluded_domains: tuple[str, ...] = ()
     magnet_label: str | None = None
     from_address: str | None = None
+    #: More addresses the owner sends as (mail From one of them is the owner's own).
+    aliases: tuple[str, ...] = ()
     primary: bool = False
     ca_file: Path | None = None
     tls_verify: bool = True
@@ -116,6 +129,12 @@ class Account:
     def identity(self) -> str:
         """The mailbox address: recent mode logs in as "recent:x" but the mailbox is x."""
         return self.username.removeprefix(RECENT_PREFIX).lower()
+
+    @property
+    def addresses(self) -> tuple[str, ...]:
+        """Every address the owner sends as: the identity, ``from_address``, ``aliases``."""
+        extra = (self.from_address,) if self.from_address else ()
+        return (self.identity, *extra, *self.aliases)
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,13 +171,11 @@ class Config:
 
     def secrets(self) -> Iterator[str]:
         """Every secret value (POP3, SMTP, database), for the log redaction."""
-        for secret in (self.storage.password, self.storage.secret_key):
-            if secret is not None:
-                yield secret.reveal()
+        found = [self.storage.password, self.storage.secret_key]
         for account in self.accounts:
-            yield account.password.reveal()
-            if account.smtp is not None:
-                yield account.smtp.password.reveal()
+            found += [account.password, account.smtp.password if account.smtp else None]
+        # One not read yet (a command that logs in nowhere) has nothing to mask.
+        yield from (s.value for s in found if s is not None and s.resolved)
 
     def account(self, name: str) -> Account:
         for account in self.accounts:
@@ -203,8 +220,14 @@ def _units_in_order(text: str) -> bool:
     return all(a < b for a, b in itertools.pairwise(order))
 
 
-def load_config(path: Path, environ: Mapping[str, str] | None = None) -> Config:
-    """Read, validate and resolve the config file; every problem is a ConfigError (exit 78)."""
+def load_config(
+    path: Path, environ: Mapping[str, str] | None = None, *, secrets: bool = True
+) -> Config:
+    """Read, validate and resolve the config file; every problem is a ConfigError (exit 78).
+
+    ``secrets=False`` (commands that log in nowhere: they read the store) leaves the
+    accounts' passwords and the secret_key unread until first used: a credential that only
+    the daemon's unit provides does not fail ``messages`` or ``status``."""
     path = Path(os.path.abspath(path))
     file = str(path)
     try:
@@ -222,6 +245,7 @@ def load_config(path: Path, environ: Mapping[str, str] | None = None) -> Config:
         raise ConfigError(f"invalid TOML: {exc}", file=file) from exc
 
     ctx = _Context(file, path.parent, os.environ if environ is None else environ)
+    ctx.defer = not secrets
     root = _Table(data, ctx.file, "")
     root.check_keys(_TOP_KEYS)
     storage = _storage(root.table("storage"), ctx)
@@ -251,6 +275,7 @@ class _Context:
         self.base = base
         self.environ = environ
         self.literals: list[str] = []  # key paths of literal passwords, for the mode check
+        self.defer = False  # leave secrets marked lazy unread until used
 
     def resolve(self, value: str) -> Path:
         return Path(os.path.normpath(self.base / value))
@@ -369,14 +394,17 @@ def _storage(t: _Table, ctx: _Context) -> StorageSettings:
 def _secret_key(t: _Table, ctx: _Context) -> Secret | None:
     if "secret_key" not in t.data:
         return None
-    key = _secret(t, "secret_key", ctx)
-    if len(key.reveal()) < SECRET_KEY_MIN:
-        raise t.error(
-            "secret_key",
-            f"the key ({key.describe()}) is shorter than {SECRET_KEY_MIN} characters; "
-            "make one with: openssl rand -base64 32",
-        )
-    return key
+
+    def long_enough(key: Secret) -> Secret:
+        if len(key.value) < SECRET_KEY_MIN:
+            raise t.error(
+                "secret_key",
+                f"the key ({key.describe()}) is shorter than {SECRET_KEY_MIN} characters; "
+                "make one with: openssl rand -base64 32",
+            )
+        return key
+
+    return _secret(t, "secret_key", ctx, lazy=True, check=long_enough)
 
 
 def _postgres_url(t: _Table, url: str) -> str:
@@ -443,9 +471,18 @@ def _account(raw: object, index: int, ctx: _Context, earlier: list[Account]) -> 
     if primary and any(a.primary and a.owner == owner for a in earlier):
         raise t.error("primary", f"owner {owner!r} already has a primary account; keep one")
     from_address = t.optional_string("from_address")
-    if from_address is not None and not re.fullmatch(r"[^@\s]+@[^@\s]+", from_address):
+    if from_address is not None and not _ADDRESS_RE.fullmatch(from_address):
         raise t.error("from_address", f"expected an address like a@b.example, got {from_address!r}")
+    aliases = _aliases(t)
     smtp_table = t.table("smtp")
+    login = str(transport["username"]).removeprefix(RECENT_PREFIX)
+    if "smtp" in t.data and from_address is None and "@" not in login:
+        # Mail would go out as "From: bob": refused by most servers, unanswerable by all.
+        raise t.error(
+            "from_address",
+            f"the account sends mail ([accounts.smtp]) but its login {login!r} is not an "
+            'address; set from_address = "you@your.domain"',
+        )
     return Account(
         name=name,
         owner=owner,
@@ -456,6 +493,7 @@ def _account(raw: object, index: int, ctx: _Context, earlier: list[Account]) -> 
         excluded_domains=_excluded_domains(t, sharing),
         magnet_label=t.optional_string("magnet_label"),
         from_address=from_address,
+        aliases=aliases,
         primary=primary,
         poll_interval=t.duration("poll_interval", 0) if "poll_interval" in t.data else None,
         smtp=_smtp(smtp_table, ctx) if "smtp" in t.data else None,
@@ -511,12 +549,25 @@ def _transport(t: _Table, ctx: _Context, ports: dict[str, int], security: str) -
         "port": t.integer("port", ports[security], 1, 65535),
         "security": security,
         "username": username,
-        "password": _secret(t, "password", ctx),
+        "password": _secret(t, "password", ctx, lazy=True),
         "allow_plaintext": allow_plaintext,
         "ca_file": ca_file,
         "tls_verify": t.boolean("tls_verify", True),
         "timeout": t.duration("timeout", 60.0),
     }
+
+
+def _aliases(t: _Table) -> tuple[str, ...]:
+    raw = t.data.get("aliases", [])
+    if not isinstance(raw, list):
+        raise t.error("aliases", f"expected an array of addresses, got {_type_name(raw)}")
+    found: list[str] = []
+    for i, item in enumerate(raw):
+        if not isinstance(item, str) or not _ADDRESS_RE.fullmatch(item.strip()):
+            raise t.error(f"aliases[{i}]", f"expected an address like a@b.example, got {item!r}")
+        if item.strip() not in found:
+            found.append(item.strip())
+    return tuple(found)
 
 
 def _excluded_domains(t: _Table, sharing: str) -> tuple[str, ...]:
@@ -549,16 +600,26 @@ def _plausible_domain(domain: str) -> bool:
     return len(labels) >= 2 and all(_LABEL_RE.fullmatch(label) for label in labels)
 
 
-def _secret(t: _Table, key: str, ctx: _Context) -> Secret:
-    """A literal string or exactly one of { env | file | credential }; errors never show it."""
+def _secret(
+    t: _Table,
+    key: str,
+    ctx: _Context,
+    *,
+    lazy: bool = False,
+    check: Callable[[Secret], Secret] | None = None,
+) -> Secret:
+    """A literal string or exactly one of { env | file | credential }; errors never show it.
+
+    ``lazy``: where the context defers secrets, read it at first use instead of now."""
     if key not in t.data:
         raise t.error(key, f'missing required key; add {key} = {{ env = "VAR" }} (or file, ...)')
     raw = t.data[key]
-    if isinstance(raw, Secret):  # an account kept in the database: already resolved
-        return _checked(t, key, raw)
+    if isinstance(raw, Secret):  # an account kept in the database: already opened, or lazy
+        return _checked(t, key, raw) if raw.resolved else raw
     if isinstance(raw, str):
         ctx.literals.append(t.path(key))
-        return _checked(t, key, Secret("literal", "", raw))
+        secret = _checked(t, key, Secret("literal", "", raw))
+        return check(secret) if check else secret
     if not isinstance(raw, dict):
         got = _type_name(raw)
         raise t.error(key, f'expected a string or {{ env = "VAR" }}, {{ file = ... }}, got {got}')
@@ -568,6 +629,18 @@ def _secret(t: _Table, key: str, ctx: _Context) -> Secret:
         raise t.error(key, "expected exactly one of env, file, credential")
     source = next(iter(raw))
     ref = sub.string(source)
+
+    def read() -> Secret:
+        secret = _read_secret(t, key, ctx, source, ref)
+        return check(secret) if check else secret
+
+    if lazy and ctx.defer:
+        shown = str(ctx.resolve(ref)) if source == "file" else ref
+        return Secret(source, shown, "", resolver=lambda: read().value)
+    return read()
+
+
+def _read_secret(t: _Table, key: str, ctx: _Context, source: str, ref: str) -> Secret:
     if source == "env":
         if ref not in ctx.environ:
             raise t.error(

@@ -217,7 +217,7 @@ def _prepare(account: Account, retrieved: list[tuple[int, str, _Spool]]) -> list
     for _, uidl, spool in retrieved:
         spool.file.seek(0)
         headers = parse_headers(read_head(spool.file))
-        direction = direction_of(headers, account.identity)
+        direction = direction_of(headers, account.addresses)
         items.append(
             NewMessage(
                 uidl=uidl,

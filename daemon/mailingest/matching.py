@@ -121,13 +121,14 @@ def domain_matches(domain: str, excluded: Iterable[str]) -> bool:
     return any(domain == ex or domain.endswith("." + ex) for ex in excluded)
 
 
-def direction_of(headers: Headers, identity: str) -> str:
-    """``out`` when the mailbox owner sent it (Gmail recent: mode returns sent mail too)."""
-    own = normalize(identity) or identity.strip().lower()
+def direction_of(headers: Headers, own: Iterable[str]) -> str:
+    """``out`` when the mailbox owner sent it, From any of their ``own`` addresses (Gmail
+    recent: mode returns sent mail too, sent from the CRM's From or an alias)."""
+    mine = {normalize(a) or a.strip().lower() for a in own}
     sender = normalize(headers.sender) if headers.sender else None
     if sender is None and headers.sender:
         sender = headers.sender.strip().lower()
-    return "out" if sender is not None and sender == own else "in"
+    return "out" if sender is not None and sender in mine else "in"
 
 
 def link_addresses(headers: Headers, direction: str) -> tuple[str, ...]:

@@ -19,7 +19,7 @@ from mailingest.commands import open_store
 from mailingest.config import Account, Config
 from mailingest.errors import ConfigError, DataError, PermissionDenied, TemporaryError, UsageError
 from mailingest.matching import normalize, normalize_all
-from mailingest.model import NewMessage
+from mailingest.model import Headers, NewMessage
 from mailingest.parse import parse_headers, read_head
 from mailingest.sharing import may_see
 from mailingest.store import Store
@@ -176,7 +176,9 @@ async def send(
         return await _send_and_store(store, account, to=to, cc=cc, subject=subject, body=body)
 
 
-async def reply(config: Config, message_id: int, viewer: str, body: str) -> Sent:
+async def reply(
+    config: Config, message_id: int, viewer: str, body: str, *, reply_all: bool = False
+) -> Sent:
     async with open_store(config) as store:
         original = await store.message(message_id)
         if original is None or not may_see(viewer, original.owner, original.visibility):
@@ -189,16 +191,46 @@ async def reply(config: Config, message_id: int, viewer: str, body: str) -> Sent
             head = chunk
             break
         headers = parse_headers(read_head(io.BytesIO(head)))
-        to = list(headers.reply_to or headers.from_addrs)
+        to, cc = recipients(headers, own_addresses(config, viewer), reply_all=reply_all)
         if not to:
             raise DataError(f"message {message_id} has neither Reply-To nor From to reply to")
         return await _send_and_store(
             store,
             account,
             to=to,
-            cc=(),
+            cc=cc,
             subject=reply_subject(headers.subject),
             body=body,
             in_reply_to=headers.message_id,
             references=headers.references,
         )
+
+
+def own_addresses(config: Config, user: str) -> set[str]:
+    """Every address ``user`` sends as, over all their accounts."""
+    found: set[str] = set()
+    for account in config.accounts:
+        if account.owner == user:
+            found.update(n for a in account.addresses if (n := normalize(a)) is not None)
+    return found
+
+
+def recipients(
+    headers: Headers, own: set[str], *, reply_all: bool = False
+) -> tuple[list[str], list[str]]:
+    """(To, Cc) of a reply, as mail clients choose them. To your own message: its original
+    To (a follow-up, not a note to yourself); to anyone else's: Reply-To, else From. With
+    ``reply_all``, the other recipients go in Cc; never your own addresses, never twice."""
+    senders = {normalize(a) for a in headers.from_addrs}
+    mine = bool(senders) and senders <= own
+    to = list(headers.to if mine else (headers.reply_to or headers.from_addrs))
+    others = headers.cc if mine else (*headers.to, *headers.cc)
+    cc: list[str] = []
+    if reply_all:
+        seen = {normalize(a) for a in to} | own
+        for address in others:
+            normal = normalize(address)
+            if normal is not None and normal not in seen:
+                seen.add(normal)
+                cc.append(address)
+    return to, cc

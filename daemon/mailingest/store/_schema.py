@@ -122,6 +122,12 @@ SQLITE_MIGRATIONS: tuple[str, ...] = (
         value INTEGER NOT NULL
     );
     """,
+    # 5: Email Magnet labels incoming customer mail only (the CRM's help says so); the
+    # owner's sent mail fetched back is found by Message-ID
+    """
+    DELETE FROM message_labels WHERE message IN (SELECT id FROM messages WHERE direction = 'out');
+    CREATE INDEX messages_message_id ON messages (account, message_id);
+    """,
 )
 
 #: The same tables for PostgreSQL. Its history starts at the schema SQLite reached with
@@ -238,5 +244,10 @@ POSTGRES_MIGRATIONS: tuple[str, ...] = (
         key TEXT PRIMARY KEY,
         value BIGINT NOT NULL
     );
+    """,
+    # 3: as SQLite's migration 5
+    """
+    DELETE FROM message_labels WHERE message IN (SELECT id FROM messages WHERE direction = 'out');
+    CREATE INDEX messages_message_id ON messages (account, message_id);
     """,
 )

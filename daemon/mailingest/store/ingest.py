@@ -48,6 +48,17 @@ async def add_batch(
                 account,
             )
         }
+        # The owner's sent mail that the server returns (Gmail recent: mode) is a copy of
+        # what the CRM sent and stored, with other bytes: the same message, stored once.
+        by_mid = {
+            str(r[0]): int(r[1])
+            for r in await db.fetch_in(
+                "SELECT message_id, id FROM messages WHERE account = ? AND origin = 'crm'"
+                " AND message_id IN ({marks})",
+                sorted({i.headers.message_id for i in items if _sent_copy(i)}),
+                account,
+            )
+        }
         # New content gets a provisional id -n (its place in ``fresh``) until the ids are
         # handed out; a UIDL twice in one batch is stored once.
         fresh: list[NewMessage] = []
@@ -57,6 +68,8 @@ async def add_batch(
                 continue
             known.add(item.uidl)
             message_id = by_sha.get(item.sha256)
+            if message_id is None and _sent_copy(item):
+                message_id = by_mid.get(item.headers.message_id or "")
             if message_id is None:
                 fresh.append(item)
                 message_id = by_sha[item.sha256] = -len(fresh)
@@ -78,6 +91,11 @@ async def add_batch(
             [(account, o.uidl, o.message, received) for o in outcomes],
         )
     return outcomes
+
+
+def _sent_copy(item: NewMessage) -> bool:
+    """Fetched mail the owner sent, which may be a copy of mail the CRM sent."""
+    return item.origin != "crm" and item.direction == "out" and bool(item.headers.message_id)
 
 
 async def _insert(
@@ -144,7 +162,7 @@ async def _insert(
         roles = (("from", item.senders), ("to", item.recipients_to), ("cc", item.recipients_cc))
         addresses.extend(_unique((message_id, role, a) for role, found in roles for a in found))
         links.extend((message_id, r) for r in records)
-        if records and policy.magnet_label:
+        if records and policy.magnet_label and item.direction == "in":  # customer mail
             labels.append((message_id, policy.magnet_label))
     await db.executemany(
         "INSERT INTO messages (id, account, owner, direction, size, sha256, from_addr,"

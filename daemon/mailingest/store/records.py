@@ -121,7 +121,7 @@ async def retag_changed(
                     "INSERT INTO message_labels (message, label)"
                     " SELECT DISTINCT r.message, ? FROM message_records r"
                     " JOIN messages m ON m.id = r.message WHERE m.account = ?"
-                    " ON CONFLICT DO NOTHING",
+                    " AND m.direction = 'in' ON CONFLICT DO NOTHING",
                     (label, name),
                 )
             if name in force or known.get(name, (None,))[0] != snap:
@@ -163,7 +163,7 @@ async def _replace_emails(
                 "INSERT INTO message_labels (message, label)"
                 " SELECT r.message, ? FROM message_records r JOIN messages m"
                 " ON m.id = r.message WHERE r.record = ? AND m.account = ?"
-                " ON CONFLICT DO NOTHING",
+                " AND m.direction = 'in' ON CONFLICT DO NOTHING",
                 (policy.magnet_label, record, account),
             )
 

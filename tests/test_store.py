@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import io
 from datetime import UTC, datetime, timedelta
@@ -56,6 +57,44 @@ async def test_a_uidl_stored_once_and_renumbered_content_only_gets_a_ledger_row(
     assert [(o.uidl, o.message, o.duplicate) for o in again] == [("u9", first[0].message, True)]
     assert set(await store.ledger("acct")) == {"u1", "u9"}
     assert len(await store.messages("alice")) == 1
+
+
+async def test_a_quarantined_header_is_held_then_released_whole_or_merged(store: Store) -> None:
+    head = b"Subject: big\r\n\r\n"
+    held = dataclasses.replace(item("u1", head), size=10**9, quarantine="over the limit")
+    outcome, _ = await store.add_batch("acct", "alice", [held, item("u2", b"same")], POLICY)
+    assert outcome.message is not None
+    ledger = await store.ledger("acct")
+    assert (ledger["u1"].held, ledger["u2"].held) == (True, False)
+    [shown] = await store.messages("alice", quarantined=True)
+    assert (shown.id, shown.size, shown.quarantine_reason) == (
+        outcome.message,
+        10**9,
+        "over the limit",
+    )
+    assert await store.held_keys("acct", outcome.message) == ["u1"]
+    whole = head + b"body\r\n"
+    sha = hashlib.sha256(whole).hexdigest()
+    assert await store.release("acct", outcome.message, io.BytesIO(whole), len(whole), sha) == (
+        outcome.message
+    )
+    assert await raw(store, outcome.message) == whole
+    assert not (await store.ledger("acct"))["u1"].held
+    assert await store.messages("alice", quarantined=True) == []
+    assert await store.held_keys("acct", outcome.message) == []
+    # A header whose whole message turns out to be stored already: the ledger moves there.
+    [again] = await store.add_batch(
+        "acct",
+        "alice",
+        [dataclasses.replace(item("u3", b"Subject: x\r\n\r\n"), quarantine="r")],
+        POLICY,
+    )
+    same = hashlib.sha256(b"same").hexdigest()
+    stored = (await store.ledger("acct"))["u2"].message
+    assert again.message is not None
+    assert await store.release("acct", again.message, io.BytesIO(b"same"), 4, same) == stored
+    assert (await store.ledger("acct"))["u3"].message == stored
+    assert await store.message(again.message) is None
 
 
 async def test_a_poll_is_claimed_once_until_it_is_due_again(store: Store) -> None:

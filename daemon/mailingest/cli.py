@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from mailingest import __version__, cli_accounts, commands, logs
+from mailingest import __version__, cli_accounts, cli_review, commands, logs
 from mailingest.config import Config, load_config, render_config, resolve_config_path
 from mailingest.errors import (
     EX_DATAERR,
@@ -67,9 +67,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--label", metavar="L")
     p.add_argument("--record", metavar="ID", help="only mail linked to this CRM record")
     p.add_argument("--limit", type=int, metavar="N", help="at most N messages (newest)")
+    p.add_argument(
+        "--quarantined", action="store_true", help="only mail over its account's size limit"
+    )
     p.add_argument("--json", action="store_true", help="machine-readable output")
     _records_parser(sub)
     cli_accounts.add_parser(sub)
+    cli_review.add_parser(sub)
     p = sub.add_parser("show", help="one message; --raw writes the exact stored bytes")
     p.add_argument("id", type=int, metavar="ID")
     p.add_argument("--viewer", required=True, metavar="USER")
@@ -273,6 +277,7 @@ def _messages(args: argparse.Namespace) -> int:
             label=args.label,
             record=args.record,
             limit=args.limit,
+            quarantined=args.quarantined,
         )
     )
     if args.json:
@@ -370,6 +375,10 @@ def _accounts(args: argparse.Namespace) -> int:
     return cli_accounts.run(args, lambda: _load(args))
 
 
+def _release(args: argparse.Namespace) -> int:
+    return cli_review.release(args, lambda: _load_all(args))
+
+
 _COMMANDS = {
     "run": _run,
     "fetch": _fetch,
@@ -383,6 +392,7 @@ _COMMANDS = {
     "reply": _reply,
     "demo": _demo,
     "accounts": _accounts,
+    "release": _release,
 }
 
 

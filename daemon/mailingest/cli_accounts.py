@@ -69,6 +69,7 @@ def _settings_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--delete-after-days", type=int, metavar="N")
     p.add_argument("--poll-interval", metavar="DURATION", help="e.g. 5m")
     p.add_argument("--timeout", metavar="DURATION", help="e.g. 60s")
+    p.add_argument("--max-message-size", metavar="SIZE", help='e.g. 25MB; "0" for no limit')
 
 
 def run(args: argparse.Namespace, load: Callable[[], Config]) -> int:
@@ -141,7 +142,7 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
         out["excluded_domains"] = list(args.excluded_domain)
     if args.alias:
         out["aliases"] = list(args.alias)
-    for key in ("magnet_label", "from_address", "poll_interval", "timeout"):
+    for key in ("magnet_label", "from_address", "poll_interval", "timeout", "max_message_size"):
         value = getattr(args, key)
         if value is not None:
             out[key] = value or None  # "" removes the key

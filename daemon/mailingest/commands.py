@@ -209,12 +209,18 @@ async def messages(
     label: str | None = None,
     record: str | None = None,
     limit: int | None = None,
+    quarantined: bool = False,
 ) -> list[StoredMessage]:
     if account is not None:
         select_accounts(config, [account])
     async with open_store(config) as store:
         return await store.messages(
-            viewer, account=account, label=label, record=record, limit=limit
+            viewer,
+            account=account,
+            label=label,
+            record=record,
+            limit=limit,
+            quarantined=quarantined,
         )
 
 

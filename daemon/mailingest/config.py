@@ -36,7 +36,7 @@ _SMTP_KEYS = (*_TRANSPORT_KEYS.split(), "daily_limit")
 _ACCOUNT_KEYS = (
     *_TRANSPORT_KEYS.split(),
     *"name owner leave_on_server delete_after_days sharing excluded_domains magnet_label".split(),
-    *"from_address aliases primary poll_interval smtp".split(),
+    *"from_address aliases primary poll_interval max_message_size smtp".split(),
 )
 _SECRET_KEYS = ("env", "file", "credential")
 
@@ -118,6 +118,8 @@ class Account:
     ca_file: Path | None = None
     tls_verify: bool = True
     poll_interval: float | None = None  # seconds; None = the daemon's poll_interval
+    #: Bytes; a message listed larger is quarantined (header stored, kept on the server).
+    max_message_size: int = 0  # 0 = no limit
     timeout: float = 60.0
     smtp: SmtpSettings | None = None
 
@@ -188,6 +190,11 @@ def resolve_config_path(cli_value: str | None, environ: Mapping[str, str] | None
     """-c/--config, else $MAILINGEST_CONFIG, else the system default."""
     env = os.environ if environ is None else environ
     return Path(cli_value or env.get("MAILINGEST_CONFIG") or DEFAULT_CONFIG_PATH)
+
+
+_SIZE_RE = re.compile(r"(\d+(?:\.\d+)?)\s*([kmg]i?b|b)?", re.IGNORECASE)
+_SIZE_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9}
+_SIZE_UNITS |= {"kib": 2**10, "mib": 2**20, "gib": 2**30}
 
 
 def parse_duration(value: str | int | float, *, key_path: str = "") -> float:
@@ -358,6 +365,19 @@ class _Table:
             raise self.error(key, f"expected a duration greater than zero, got {self.data[key]!r}")
         return seconds
 
+    def size(self, key: str) -> int:
+        """Bytes from 26214400, "25MB" (10**6), "25MiB" (2**20), "512kB", "1GiB"; 0 = none."""
+        if key not in self.data:
+            return 0
+        value = self.data[key]
+        found = _SIZE_RE.fullmatch(value.strip()) if isinstance(value, str) else None
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+            return value
+        if found is None:
+            expected = 'expected a size such as "25MB", "10MiB" or a number of bytes'
+            raise self.error(key, f"{expected}, got {value!r}")
+        return int(float(found[1]) * _SIZE_UNITS[(found[2] or "b").lower()])
+
     def table(self, key: str) -> _Table:
         value = self.data.get(key, {})
         if not isinstance(value, dict):
@@ -496,6 +516,7 @@ def _account(raw: object, index: int, ctx: _Context, earlier: list[Account]) -> 
         aliases=aliases,
         primary=primary,
         poll_interval=t.duration("poll_interval", 0) if "poll_interval" in t.data else None,
+        max_message_size=t.size("max_message_size"),
         smtp=_smtp(smtp_table, ctx) if "smtp" in t.data else None,
     )
 

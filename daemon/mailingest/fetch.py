@@ -121,6 +121,8 @@ class _Session:
 
 
 def _should_delete(account: Account, entry: LedgerEntry, now: datetime) -> bool:
+    if entry.held:
+        return False  # only its header is stored: it stays on the server until released
     if entry.deleted and not account.leave_on_server:
         return True  # DELEted before but still listed: the QUIT never came; delete again.
     if not account.leave_on_server:
@@ -148,8 +150,12 @@ def _batches(new: Sequence[tuple[int, str]], sizes: dict[int, int]) -> list[list
     return out
 
 
-def _retrieve(
-    session: Pop3Session, batch: list[tuple[int, str]], spool_dir: Path, suspect: set[str]
+def retrieve_spooled(
+    session: Pop3Session,
+    batch: list[tuple[int, str]],
+    spool_dir: Path,
+    suspect: set[str],
+    header_only: bool = False,
 ) -> tuple[list[tuple[int, str, _Spool]], MailIngestError | None]:
     """Worker-thread side: RETR a batch into spool files (pipelined when offered).
 
@@ -168,7 +174,7 @@ def _retrieve(
     uidl_of = dict(batch)
     done: list[tuple[int, str, _Spool]] = []
     error: MailIngestError | None = None
-    stream = session.retrieve([n for n, _ in batch], open_sink)
+    stream = session.retrieve([n for n, _ in batch], open_sink, header_only=header_only)
     try:
         for num in stream:
             spool, uidl = spools[num], uidl_of[num]
@@ -199,11 +205,15 @@ def _retrieve_prepared(
     batch: list[tuple[int, str]],
     spool_dir: Path,
     suspect: set[str],
+    held: dict[int, int] | None = None,
 ) -> _Retrieved:
-    """Worker-thread side: RETR a batch, then parse what came whole (see _retrieve)."""
-    retrieved, failure = _retrieve(session, batch, spool_dir, suspect)
+    """Worker-thread side: RETR a batch, then parse what came whole (see retrieve_spooled).
+
+    ``held``: the batch is over the size limit; listed sizes by number. Only the headers
+    are fetched (TOP), to be stored quarantined."""
+    retrieved, failure = retrieve_spooled(session, batch, spool_dir, suspect, held is not None)
     try:
-        items = _prepare(account, retrieved)
+        items = _prepare(account, retrieved, held)
     except BaseException:
         for _, _, spool in retrieved:
             spool.discard()
@@ -211,18 +221,27 @@ def _retrieve_prepared(
     return retrieved, items, failure
 
 
-def _prepare(account: Account, retrieved: list[tuple[int, str, _Spool]]) -> list[NewMessage]:
+def _prepare(
+    account: Account, retrieved: list[tuple[int, str, _Spool]], held: dict[int, int] | None
+) -> list[NewMessage]:
     """Worker-thread side: parse headers, decide direction and the addresses that link."""
     items: list[NewMessage] = []
-    for _, uidl, spool in retrieved:
+    for num, uidl, spool in retrieved:
         spool.file.seek(0)
         headers = parse_headers(read_head(spool.file))
         direction = direction_of(headers, account.addresses)
+        listed = held.get(num, spool.size) if held is not None else spool.size
+        reason = (
+            f"{listed} bytes over max_message_size {account.max_message_size}"
+            if held is not None
+            else None
+        )
         items.append(
             NewMessage(
                 uidl=uidl,
                 spool=spool.file,
-                size=spool.size,
+                size=listed,
+                quarantine=reason,
                 sha256=spool.hash.hexdigest(),
                 headers=headers,
                 direction=direction,
@@ -259,17 +278,16 @@ async def _one_session(
         refused = None
         doomed = seen.doomed
         if seen.new:
-            refused = await _store_batches(
-                account,
-                store,
-                session,
-                _batches(seen.new, seen.sizes),
-                spool_dir,
-                seen.suspect,
-                seen.key_of,
-                result,
-                progress,
+            limit = account.max_message_size
+            big = {n: seen.sizes[n] for n, _ in seen.new if limit and seen.sizes.get(n, 0) > limit}
+            work = [(n, u) for n, u in seen.new if n not in big]
+            job = functools.partial(
+                _store_batches, account, store, session, spool_dir=spool_dir, seen=seen
             )
+            refused = await job(_batches(work, seen.sizes), result=result, progress=progress)
+            if big and not session.broken:
+                held = _batches([(n, u) for n, u in seen.new if n in big], {})
+                refused = await job(held, result=result, progress=progress, held=big) or refused
             doomed = _doomed(account, seen.key_of, await store.ledger(account.name))
         if not seen.closed:
             # Every doomed number maps to a committed ledger row: DELE is safe now.
@@ -355,17 +373,20 @@ async def _store_batches(
     store: Store,
     session: Pop3Session,
     batches: list[list[tuple[int, str]]],
+    *,
     spool_dir: Path,
-    suspect: set[str],
-    key_of: dict[int, str],
+    seen: _Seen,
     result: _Session,
     progress: Progress | None,
+    held: dict[int, int] | None = None,
 ) -> MailIngestError | None:
     """RETR and commit batch after batch; returns a refused message's error, if any.
 
     The next batch is retrieved while this one commits, so network and SQLite work overlap.
-    ``key_of`` gains each committed message's ledger key: DELE only ever targets those.
+    ``seen.key_of`` gains each committed message's ledger key: DELE only ever targets those.
+    ``held``: oversized messages (listed sizes), whose headers alone are stored, quarantined.
     """
+    suspect, key_of = seen.suspect, seen.key_of
     policy = account_policy(account)
     refused: MailIngestError | None = None  # a message the server would not serve
 
@@ -374,7 +395,7 @@ async def _store_batches(
             return None
         return asyncio.ensure_future(
             asyncio.to_thread(
-                _retrieve_prepared, account, session, batches[index], spool_dir, suspect
+                _retrieve_prepared, account, session, batches[index], spool_dir, suspect, held
             )
         )
 
@@ -417,7 +438,7 @@ async def _abandon(session: Pop3Session, fetching: asyncio.Future[_Retrieved]) -
 
 def _discard_retrieved(fetching: asyncio.Future[_Retrieved]) -> None:
     if fetching.cancelled() or fetching.exception() is not None:
-        return  # an exception is the worker's own cleanup having run (see _retrieve)
+        return  # an exception is the worker's own cleanup having run (see retrieve_spooled)
     for _, _, spool in fetching.result()[0]:
         spool.discard()
 
@@ -443,7 +464,9 @@ async def _commit(
     finally:
         for _, _, spool in retrieved:
             spool.discard()
-    sizes_of = {item.uidl: item.size for item in items}
+    # Bytes as fetched: a quarantined message's header, not the size the server listed.
+    sizes_of = {key: spool.size for _, key, spool in retrieved}
+    held = {item.uidl: item for item in items if item.quarantine is not None}
     for outcome in outcomes:
         if not outcome.duplicate:
             result.new += 1
@@ -454,6 +477,14 @@ async def _commit(
                 uidl=outcome.uidl,
                 size=sizes_of[outcome.uidl],
             )
+            if outcome.uidl in held:
+                log.warning(
+                    "message_quarantined",
+                    account=account.name,
+                    message=outcome.message,
+                    size=held[outcome.uidl].size,
+                    max_message_size=account.max_message_size,
+                )
 
 
 async def _pace_logins(account: Account, store: Store, session: Pop3Session) -> None:

@@ -28,6 +28,8 @@ EVENTS: dict[str, str] = {
     "poll_failed": "account, error_kind, error, retry_in_s — a cycle ended with an error",
     "poll_crashed": "account — an internal error (a bug) ended a cycle; traceback follows",
     "message_stored": "account, uidl, size — one message committed (debug)",
+    "message_quarantined": "account, message, size, max_message_size — header kept (warning)",
+    "message_released": "account, message, size — a quarantined message stored in full",
     "duplicate_uidl": "account, uidls — a listing held the same UIDL twice",
     "state_not_recorded": "account, error — the poll result could not be written",
     "stored_account_skipped": "account, error — an account kept in the database is not polled:"

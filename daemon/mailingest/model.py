@@ -82,6 +82,8 @@ class NewMessage:
     recipients_cc: tuple[str, ...] = ()
     link: tuple[str, ...] = ()
     origin: str = "pop3"  # pop3 (fetched) | crm (sent with `send`/`reply`)
+    #: Over the account's size limit: only the header was fetched (see the size policy).
+    quarantine: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,6 +102,7 @@ class LedgerEntry:
     message: int | None
     first_seen: str
     deleted: bool
+    held: bool = False  # its message is quarantined: kept on the server until released
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,6 +131,7 @@ class StoredMessage:
     received_at: str
     labels: list[str] = field(default_factory=list)
     records: list[str] = field(default_factory=list)
+    quarantine_reason: str | None = None  # set while only the header is stored
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -148,6 +152,8 @@ class StoredMessage:
             "size": self.size,
             "sha256": self.sha256,
             "received_at": self.received_at,
+            "quarantined": self.quarantine_reason is not None,
+            "quarantine_reason": self.quarantine_reason,
         }
 
 

@@ -390,7 +390,7 @@ class Pop3Session:
         return out
 
     def retrieve(
-        self, nums: Iterable[int], open_sink: Callable[[int], Sink]
+        self, nums: Iterable[int], open_sink: Callable[[int], Sink], *, header_only: bool = False
     ) -> Generator[int, None, None]:
         """RETR each message, streaming its dot-unstuffed CRLF lines into ``open_sink(num)``.
 
@@ -399,14 +399,16 @@ class Pop3Session:
         A plain ``-ERR`` to one RETR (a message the server cannot serve) skips that message
         and is raised once the others are read, the session still usable for DELE and QUIT:
         one such message must not hold back every message after it, cycle after cycle.
+        ``header_only``: TOP n 0 instead of RETR (the header and the blank line after it).
         """
         pending = list(nums)
         window = PIPELINE_WINDOW if self.capabilities.has("PIPELINING") else 1
         done = False
-        with self._translate("retr"):
+        verb = "top" if header_only else "retr"
+        with self._translate(verb):
             pop = self._conn()
             try:
-                refused = yield from self._retr_window(pop, pending, window, open_sink)
+                refused = yield from self._retr_window(pop, pending, window, open_sink, verb)
                 done = True
             finally:
                 if not done:
@@ -416,19 +418,25 @@ class Pop3Session:
             raise refused[0]
 
     def _retr_window(
-        self, pop: _BoundedLines, pending: list[int], window: int, open_sink: Callable[[int], Sink]
+        self,
+        pop: _BoundedLines,
+        pending: list[int],
+        window: int,
+        open_sink: Callable[[int], Sink],
+        verb: str,
     ) -> Generator[int, None, list[ProtocolError]]:
         sent = 0
         refused: list[ProtocolError] = []
+        tail = " 0" if verb == "top" else ""
         for index, num in enumerate(pending):
             while sent < len(pending) and sent < index + window:
-                pop.sock.sendall(f"RETR {pending[sent]}\r\n".encode("ascii"))
+                pop.sock.sendall(f"{verb.upper()} {pending[sent]}{tail}\r\n".encode("ascii"))
                 sent += 1
             try:
                 pop._getresp()
             except poplib.error_proto as exc:
                 reply = exc.args[0] if isinstance(exc.args[0], bytes) else b""
-                error = self._from_err_reply(f"retr {num}", reply)
+                error = self._from_err_reply(f"{verb} {num}", reply)
                 if not isinstance(error, ProtocolError) or self.broken:
                     raise error from exc  # [SYS/TEMP], [IN-USE]...: stop and retry later
                 refused.append(error)  # a whole one-line reply: the session is in step

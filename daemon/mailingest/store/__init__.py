@@ -13,6 +13,7 @@ import tempfile
 from collections.abc import AsyncGenerator, AsyncIterator, Collection, Iterable, Sequence
 from datetime import datetime
 from pathlib import Path
+from typing import IO
 
 from mailingest.model import (
     AccountPolicy,
@@ -75,6 +76,14 @@ class Store:
 
     async def mark_deleted(self, account: str, uidls: Iterable[str]) -> None:
         await ingest.mark_deleted(self._db, account, uidls)
+
+    async def held_keys(self, account: str, message: int) -> list[str]:
+        return await ingest.held_keys(self._db, account, message)
+
+    async def release(
+        self, account: str, message: int, spool: IO[bytes], size: int, sha256: str
+    ) -> int:
+        return await ingest.release(self._db, account, message, spool, size, sha256)
 
     # -- CRM records, links and re-tagging -------------------------------------------------------
 
@@ -195,9 +204,16 @@ class Store:
         label: str | None = None,
         record: str | None = None,
         limit: int | None = None,
+        quarantined: bool = False,
     ) -> list[StoredMessage]:
         return await read.messages(
-            self._db, viewer, account=account, label=label, record=record, limit=limit
+            self._db,
+            viewer,
+            account=account,
+            label=label,
+            record=record,
+            limit=limit,
+            quarantined=quarantined,
         )
 
     async def message(self, message_id: int) -> StoredMessage | None:

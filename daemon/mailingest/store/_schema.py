@@ -128,6 +128,26 @@ SQLITE_MIGRATIONS: tuple[str, ...] = (
     DELETE FROM message_labels WHERE message IN (SELECT id FROM messages WHERE direction = 'out');
     CREATE INDEX messages_message_id ON messages (account, message_id);
     """,
+    # 6: size policy (headers of an oversized message kept, quarantined), who set a share
+    # flag and when, the audit log of sharing changes
+    """
+    ALTER TABLE messages ADD COLUMN quarantined INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE messages ADD COLUMN quarantine_reason TEXT;
+    CREATE INDEX messages_quarantined ON messages (quarantined, id);
+    ALTER TABLE shares ADD COLUMN set_by TEXT;
+    ALTER TABLE shares ADD COLUMN set_at TEXT;
+    CREATE TABLE audit (
+        id INTEGER PRIMARY KEY,
+        at TEXT NOT NULL,
+        actor TEXT NOT NULL,
+        action TEXT NOT NULL,
+        owner TEXT,
+        account TEXT,
+        record TEXT,
+        detail TEXT NOT NULL DEFAULT '{}',
+        retagged INTEGER NOT NULL DEFAULT 0
+    );
+    """,
 )
 
 #: The same tables for PostgreSQL. Its history starts at the schema SQLite reached with
@@ -249,5 +269,24 @@ POSTGRES_MIGRATIONS: tuple[str, ...] = (
     """
     DELETE FROM message_labels WHERE message IN (SELECT id FROM messages WHERE direction = 'out');
     CREATE INDEX messages_message_id ON messages (account, message_id);
+    """,
+    # 4: as SQLite's migration 6
+    """
+    ALTER TABLE messages ADD COLUMN quarantined INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE messages ADD COLUMN quarantine_reason TEXT;
+    CREATE INDEX messages_quarantined ON messages (quarantined, id);
+    ALTER TABLE shares ADD COLUMN set_by TEXT;
+    ALTER TABLE shares ADD COLUMN set_at TEXT;
+    CREATE TABLE audit (
+        id BIGSERIAL PRIMARY KEY,
+        at TEXT NOT NULL,
+        actor TEXT NOT NULL,
+        action TEXT NOT NULL,
+        owner TEXT,
+        account TEXT,
+        record TEXT,
+        detail TEXT NOT NULL DEFAULT '{}',
+        retagged INTEGER NOT NULL DEFAULT 0
+    );
     """,
 )

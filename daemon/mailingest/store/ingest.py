@@ -13,10 +13,11 @@ from mailingest.store._db import CHUNK, Database, facts, now_iso
 async def ledger(db: Database, account: str) -> dict[str, LedgerEntry]:
     async with db.statement("reading the ledger", write=False):
         rows = await db.fetchall(
-            "SELECT uidl, message, first_seen, deleted_at FROM ledger WHERE account = ?",
+            "SELECT l.uidl, l.message, l.first_seen, l.deleted_at, m.quarantined FROM ledger l"
+            " LEFT JOIN messages m ON m.id = l.message WHERE l.account = ?",
             (account,),
         )
-    return {r[0]: LedgerEntry(r[1], r[2], r[3] is not None) for r in rows}
+    return {r[0]: LedgerEntry(r[1], r[2], r[3] is not None, bool(r[4])) for r in rows}
 
 
 async def add_batch(
@@ -157,6 +158,8 @@ async def _insert(
                 reason,
                 received,
                 item.origin,
+                int(item.quarantine is not None),
+                item.quarantine,
             )
         )
         roles = (("from", item.senders), ("to", item.recipients_to), ("cc", item.recipients_cc))
@@ -167,7 +170,7 @@ async def _insert(
     await db.executemany(
         "INSERT INTO messages (id, account, owner, direction, size, sha256, from_addr,"
         " to_addrs, cc_addrs, subject, date, message_id, visibility, reason, received_at,"
-        " origin) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+        " origin, quarantined, quarantine_reason) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
         rows,
     )
     await db.insert_chunks(_all_chunks(fresh))
@@ -208,3 +211,44 @@ def _chunks(message_id: int, spool: IO[bytes]) -> Iterator[tuple[int, int, bytes
         seq += 1
         if not data:
             return
+
+
+async def held_keys(db: Database, account: str, message: int) -> list[str]:
+    """The ledger keys of a quarantined message still on the server."""
+    async with db.statement("reading the ledger", write=False):
+        rows = await db.fetchall(
+            "SELECT l.uidl FROM ledger l JOIN messages m ON m.id = l.message"
+            " WHERE l.account = ? AND l.message = ? AND m.quarantined = 1"
+            " AND l.deleted_at IS NULL ORDER BY l.uidl",
+            (account, message),
+        )
+    return [str(r[0]) for r in rows]
+
+
+async def release(
+    db: Database, account: str, message: int, spool: IO[bytes], size: int, sha256: str
+) -> int:
+    """Replace a quarantined message's header with the whole message, atomically; its id
+    (or, where the same content is already stored for the account, that message's: the
+    ledger then points there and the header-only copy goes)."""
+    async with db.write(f"releasing message {message}"):
+        row = await db.fetchone(
+            "SELECT id FROM messages WHERE account = ? AND sha256 = ? AND id <> ?",
+            (account, sha256, message),
+        )
+        if row is not None:
+            await db.execute(
+                "UPDATE ledger SET message = ? WHERE account = ? AND message = ?",
+                (row[0], account, message),
+            )
+            await db.execute("DELETE FROM messages WHERE id = ?", (message,))
+            return int(row[0])
+        await db.execute("DELETE FROM message_chunks WHERE message = ?", (message,))
+        spool.seek(0)
+        await db.insert_chunks(_chunks(message, spool))
+        await db.execute(
+            "UPDATE messages SET size = ?, sha256 = ?, quarantined = 0, quarantine_reason = NULL"
+            " WHERE id = ?",
+            (size, sha256, message),
+        )
+    return message

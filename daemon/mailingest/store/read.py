@@ -11,7 +11,8 @@ from mailingest.store._db import Database, Row
 
 _COLUMNS = (
     "m.id, m.account, m.owner, m.direction, m.from_addr, m.to_addrs, m.cc_addrs, m.subject,"
-    " m.date, m.message_id, m.visibility, m.reason, m.size, m.sha256, m.received_at"
+    " m.date, m.message_id, m.visibility, m.reason, m.size, m.sha256, m.received_at,"
+    " m.quarantine_reason"
 )
 
 
@@ -23,8 +24,10 @@ async def messages(
     label: str | None = None,
     record: str | None = None,
     limit: int | None = None,
+    quarantined: bool = False,
 ) -> list[StoredMessage]:
-    """What ``viewer`` may see, newest first: their own mail and mail shared with all."""
+    """What ``viewer`` may see, newest first: their own mail and mail shared with all
+    (``quarantined``: only mail over its account's size limit, whose header alone is kept)."""
     sql = f"SELECT {_COLUMNS} FROM messages m WHERE (m.owner = ? OR m.visibility = 'shared')"
     args: list[Any] = [viewer]
     if record is not None:
@@ -40,6 +43,8 @@ async def messages(
     if account is not None:
         sql += " AND m.account = ?"
         args.append(account)
+    if quarantined:
+        sql += " AND m.quarantined = 1"
     if label is not None:
         sql += " AND EXISTS (SELECT 1 FROM message_labels l WHERE l.message = m.id AND l.label = ?)"
         args.append(label)
@@ -107,4 +112,5 @@ def _stored(r: Row, labels: list[str], records: list[str]) -> StoredMessage:
         received_at=r[14],
         labels=labels,
         records=records,
+        quarantine_reason=r[15],
     )

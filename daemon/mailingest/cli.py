@@ -70,6 +70,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--quarantined", action="store_true", help="only mail over its account's size limit"
     )
+    p.add_argument(
+        "--unmatched",
+        action="store_true",
+        help="the viewer's incoming mail linked to no record, grouped by sender",
+    )
     p.add_argument("--json", action="store_true", help="machine-readable output")
     _records_parser(sub)
     cli_accounts.add_parser(sub)
@@ -113,6 +118,13 @@ def _records_parser(sub: Any) -> None:
     p = rsub.add_parser("set-email", help="change a record's addresses (EMAIL[;EMAIL])")
     p.add_argument("id", metavar="ID")
     p.add_argument("emails", metavar="EMAIL[;EMAIL]")
+    p = rsub.add_parser("create-from", help="a record for a message's sender; links its mail")
+    p.add_argument("message", type=int, metavar="MESSAGE_ID")
+    p.add_argument("--viewer", required=True, metavar="USER")
+    p.add_argument("--id", dest="record_id", metavar="ID", help="default: the sender's address")
+    p.add_argument("--kind", choices=["lead", "contact"], default="lead")
+    p.add_argument("--name", help="default: the From header's display name")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
     p = rsub.add_parser("share", help="custom mode: share USER's mail with this record")
     p.add_argument("id", metavar="ID")
     p.add_argument("--owner", required=True, metavar="USER")
@@ -135,6 +147,8 @@ def _records(args: argparse.Namespace) -> int:
                 ["id", "kind", "name", "emails"],
                 [[r.id, r.kind, r.name, "; ".join(r.emails)] for r in found],
             )
+    elif action == "create-from":
+        return cli_review.create_from(args, config)
     elif action == "set-email":
         emails = asyncio.run(commands.records_set_email(config, args.id, args.emails))
         sys.stdout.write(f"record {args.id}: {'; '.join(emails)}\n")
@@ -269,6 +283,8 @@ def _status(args: argparse.Namespace) -> int:
 
 def _messages(args: argparse.Namespace) -> int:
     config = _load_all(args, secrets=False)
+    if args.unmatched:
+        return cli_review.unmatched(args, config)
     found = asyncio.run(
         commands.messages(
             config,

@@ -11,8 +11,8 @@ from typing import Any
 
 from mailingest import commands
 from mailingest.config import Config
-from mailingest.errors import EX_OK, DataError
-from mailingest.output import human_bytes
+from mailingest.errors import EX_OK, DataError, UsageError
+from mailingest.output import human_bytes, print_table
 
 
 def add_parser(sub: Any) -> None:
@@ -40,4 +40,44 @@ def release(args: argparse.Namespace, load: Callable[[], Config]) -> int:
     else:
         where = "; deleted from the server" if done.deleted else ""
         sys.stdout.write(f"message {done.id} released: {human_bytes(done.size)} stored{where}\n")
+    return EX_OK
+
+
+def unmatched(args: argparse.Namespace, config: Config) -> int:
+    from mailingest import review
+
+    if args.record or args.label or args.quarantined:
+        raise UsageError("--unmatched lists mail linked to no record: no --record/--label")
+    groups = asyncio.run(review.unmatched(config, args.viewer))
+    if args.json:
+        sys.stdout.write(json.dumps([g.to_json() for g in groups]) + "\n")
+    else:
+        print_table(
+            ["sender", "messages", "latest", "last id"],
+            [[g.sender, g.count, g.latest[:16], g.last_message] for g in groups],
+        )
+    return EX_OK
+
+
+def create_from(args: argparse.Namespace, config: Config) -> int:
+    from mailingest import review
+
+    done = asyncio.run(
+        review.create_from(
+            config,
+            args.message,
+            args.viewer,
+            record_id=args.record_id,
+            kind=args.kind,
+            name=args.name,
+        )
+    )
+    if args.json:
+        sys.stdout.write(json.dumps(done.to_json(), ensure_ascii=False) + "\n")
+    else:
+        r = done.record
+        sys.stdout.write(
+            f"{r.kind} {r.id!r} ({r.name or 'no name'}, {r.emails[0]}): "
+            f"{done.linked} stored message(s) linked\n"
+        )
     return EX_OK

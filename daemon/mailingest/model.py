@@ -158,6 +158,24 @@ class StoredMessage:
 
 
 @dataclass(frozen=True, slots=True)
+class UnmatchedSender:
+    """One sender in an owner's review queue: incoming mail linked to no record."""
+
+    sender: str
+    count: int
+    latest: str  # the newest message's date (else when it was stored)
+    last_message: int  # that message's id
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "sender": self.sender,
+            "count": self.count,
+            "latest": self.latest,
+            "last_message": self.last_message,
+        }
+
+
+@dataclass(frozen=True, slots=True)
 class AccountState:
     """One account's persisted state: the last poll, and the daemon's pause and schedule
     (times are ISO 8601 UTC strings). ``stored`` is 0 where it was not counted."""
@@ -220,4 +238,5 @@ __all__ = [
     "StoredAccount",
     "StoredMessage",
     "Tagger",
+    "UnmatchedSender",
 ]

@@ -25,6 +25,7 @@ from mailingest.model import (
     StoredAccount,
     StoredMessage,
     StoreOutcome,
+    UnmatchedSender,
 )
 from mailingest.store import accounts, ingest, read, records, state
 from mailingest.store._db import CHUNK, Database
@@ -94,6 +95,9 @@ class Store:
         self, found: Sequence[Record], policies: dict[str, AccountPolicy]
     ) -> int:
         return await records.import_records(self._db, found, policies)
+
+    async def create_record(self, record: Record, policies: dict[str, AccountPolicy]) -> int | None:
+        return await records.create_record(self._db, record, policies)
 
     async def set_record_emails(
         self, record: str, emails: Sequence[str], policies: dict[str, AccountPolicy]
@@ -215,6 +219,9 @@ class Store:
             limit=limit,
             quarantined=quarantined,
         )
+
+    async def unmatched(self, owner: str) -> list[UnmatchedSender]:
+        return await read.unmatched(self._db, owner)
 
     async def message(self, message_id: int) -> StoredMessage | None:
         return await read.message(self._db, message_id)

@@ -6,7 +6,7 @@ import json
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
-from mailingest.model import StoredMessage
+from mailingest.model import StoredMessage, UnmatchedSender
 from mailingest.store._db import Database, Row
 
 _COLUMNS = (
@@ -53,6 +53,20 @@ async def messages(
         sql += f" LIMIT {int(limit)}"
     async with db.read("reading messages"):
         return await _complete(db, await db.fetchall(sql, args))
+
+
+async def unmatched(db: Database, owner: str) -> list[UnmatchedSender]:
+    """The owner's incoming mail linked to no record, by sender: most messages first."""
+    async with db.read("reading unmatched mail"):
+        rows = await db.fetchall(
+            "SELECT a.address, count(*), max(coalesce(m.date, m.received_at)), max(m.id)"
+            " FROM messages m JOIN message_addresses a ON a.message = m.id AND a.role = 'from'"
+            " WHERE m.owner = ? AND m.direction = 'in' AND NOT EXISTS"
+            " (SELECT 1 FROM message_records r WHERE r.message = m.id)"
+            " GROUP BY a.address ORDER BY count(*) DESC, a.address",
+            (owner,),
+        )
+    return [UnmatchedSender(str(r[0]), int(r[1]), str(r[2]), int(r[3])) for r in rows]
 
 
 async def message(db: Database, message_id: int) -> StoredMessage | None:

@@ -40,6 +40,26 @@ async def import_records(
     return len(found)
 
 
+async def create_record(
+    db: Database, record: Record, policies: dict[str, AccountPolicy]
+) -> int | None:
+    """A new record, its stored mail linked and re-tagged at once: how many messages it
+    links now (None: the id is taken, nothing changed)."""
+    async with db.write("creating a record"):
+        if await db.fetchone("SELECT 1 FROM records WHERE id = ?", (record.id,)) is not None:
+            return None
+        await db.execute(
+            "INSERT INTO records (id, kind, name) VALUES (?,?,?)",
+            (record.id, record.kind, record.name),
+        )
+        await _replace_emails(db, record.id, record.emails, policies)
+        await _retag(db, linked_to(1), [record.id], policies)
+        row = await db.fetchone(
+            "SELECT count(*) FROM message_records WHERE record = ?", (record.id,)
+        )
+    return int(row[0]) if row is not None else 0
+
+
 async def set_record_emails(
     db: Database, record: str, emails: Sequence[str], policies: dict[str, AccountPolicy]
 ) -> bool:

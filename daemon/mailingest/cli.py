@@ -129,6 +129,7 @@ def _records_parser(sub: Any) -> None:
     p.add_argument("id", metavar="ID")
     p.add_argument("--owner", required=True, metavar="USER")
     p.add_argument("--off", action="store_true", help="stop sharing")
+    p.add_argument("--by", metavar="USER", help="who asks, for the audit log (default: you)")
 
 
 def _records(args: argparse.Namespace) -> int:
@@ -153,7 +154,9 @@ def _records(args: argparse.Namespace) -> int:
         emails = asyncio.run(commands.records_set_email(config, args.id, args.emails))
         sys.stdout.write(f"record {args.id}: {'; '.join(emails)}\n")
     else:
-        notes = asyncio.run(commands.records_share(config, args.id, args.owner, not args.off))
+        notes = asyncio.run(
+            commands.records_share(config, args.id, args.owner, not args.off, args.by)
+        )
         state = "no longer shared" if args.off else "shared"
         sys.stdout.write(f"{args.owner}'s mail with record {args.id}: {state}\n")
         for note in notes:
@@ -395,6 +398,14 @@ def _release(args: argparse.Namespace) -> int:
     return cli_review.release(args, lambda: _load_all(args))
 
 
+def _explain(args: argparse.Namespace) -> int:
+    return cli_review.explain(args, _load_all(args, secrets=False))
+
+
+def _audit(args: argparse.Namespace) -> int:
+    return cli_review.audit(args, _load_all(args, secrets=False))
+
+
 _COMMANDS = {
     "run": _run,
     "fetch": _fetch,
@@ -409,6 +420,8 @@ _COMMANDS = {
     "demo": _demo,
     "accounts": _accounts,
     "release": _release,
+    "explain": _explain,
+    "audit": _audit,
 }
 
 

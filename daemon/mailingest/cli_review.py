@@ -12,12 +12,23 @@ from typing import Any
 from mailingest import commands
 from mailingest.config import Config
 from mailingest.errors import EX_OK, DataError, UsageError
+from mailingest.model import AuditEntry
 from mailingest.output import human_bytes, print_table
 
 
 def add_parser(sub: Any) -> None:
     p = sub.add_parser("release", help="fetch a quarantined (oversized) message in full")
     p.add_argument("id", type=int, metavar="ID")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p = sub.add_parser("explain", help="why a viewer may see a message: the rule that decided")
+    p.add_argument("id", type=int, metavar="ID")
+    p.add_argument("--viewer", required=True, metavar="USER")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p = sub.add_parser("audit", help="changes of sharing modes, excluded domains, share flags")
+    p.add_argument("--owner", metavar="USER")
+    p.add_argument("--account", metavar="NAME")
+    p.add_argument("--record", metavar="ID")
+    p.add_argument("--limit", type=int, metavar="N", help="the N newest entries")
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
 
@@ -81,3 +92,53 @@ def create_from(args: argparse.Namespace, config: Config) -> int:
             f"{done.linked} stored message(s) linked\n"
         )
     return EX_OK
+
+
+def explain(args: argparse.Namespace, config: Config) -> int:
+    from mailingest import review
+
+    found = asyncio.run(review.explain(config, args.id, args.viewer))
+    if args.json:
+        sys.stdout.write(json.dumps(found.to_json(), ensure_ascii=False) + "\n")
+        return EX_OK
+    m = found.message
+    lines = [
+        f"message {m.id} ({m.account}, owner {m.owner}): {m.visibility} ({m.reason})",
+        f"{args.viewer} may see it: {found.why_visible}",
+        f"rule: {found.rule}",
+    ]
+    for entry in found.history:
+        lines.append(f"  {entry.at}  {entry.actor}: {_change(entry)}")
+    sys.stdout.write("\n".join(lines) + "\n")
+    return EX_OK
+
+
+def audit(args: argparse.Namespace, config: Config) -> int:
+    from mailingest import review
+
+    entries = asyncio.run(
+        review.audit(
+            config, owner=args.owner, account=args.account, record=args.record, limit=args.limit
+        )
+    )
+    if args.json:
+        sys.stdout.write(json.dumps([e.to_json() for e in entries], ensure_ascii=False) + "\n")
+    else:
+        print_table(
+            ["at", "who", "change", "re-tagged"],
+            [[e.at[:19], e.actor, _change(e), e.retagged] for e in entries],
+        )
+    return EX_OK
+
+
+def _change(entry: AuditEntry) -> str:
+    if entry.action in ("share", "unshare"):
+        return f"{entry.action} {entry.owner}'s mail with record {entry.record}"
+    changes = "; ".join(
+        f"{key} {_shown(v.get('from'))} -> {_shown(v.get('to'))}" for key, v in entry.detail.items()
+    )
+    return f"account {entry.account}: {changes}"
+
+
+def _shown(value: object) -> str:
+    return ",".join(map(str, value)) or "(none)" if isinstance(value, list) else str(value)

@@ -270,7 +270,9 @@ async def records_set_email(config: Config, record: str, emails: str) -> tuple[s
     return addresses
 
 
-async def records_share(config: Config, record: str, owner: str, on: bool) -> list[str]:
+async def records_share(
+    config: Config, record: str, owner: str, on: bool, actor: str | None = None
+) -> list[str]:
     """Set the flag; returns notes on the owner's accounts where it has no effect.
 
     Refused for an owner whose accounts are all public: the CRM hides the share checkbox
@@ -284,7 +286,8 @@ async def records_share(config: Config, record: str, owner: str, on: bool) -> li
             'apply only with sharing = "custom"; nothing changed'
         )
     async with open_store(config) as store:
-        if not await store.set_share(owner, record, on, crm.policies(config)):
+        who = actor or crm.current_actor()
+        if not await store.set_share(owner, record, on, crm.policies(config), actor=who):
             raise UsageError(f"no record {record!r}; see `mailingest records list`")
     return [
         f"account {a.name!r} of {owner!r} is in {a.sharing} mode: the share flag has no "

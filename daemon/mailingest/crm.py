@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import functools
+import getpass
 import io
 import json
+import os
 from collections.abc import Collection
 
 from mailingest.config import Account, Config
@@ -56,6 +59,7 @@ async def sync_settings(
     accounts: Collection[str] | None = None,
     *,
     force: Collection[str] = (),
+    actor: str | None = None,
 ) -> list[str]:
     """Re-tag (and re-label) the stored mail of accounts whose sharing settings differ from
     the persisted snapshot, all in one transaction; the accounts it re-tagged.
@@ -68,8 +72,18 @@ async def sync_settings(
     if not chosen:
         return []
     return await store.retag_changed(
-        {a.name: settings_snapshot(a) for a in chosen}, policies(config), force
+        {a.name: settings_snapshot(a) for a in chosen},
+        policies(config),
+        force,
+        actor=actor or current_actor(),
     )
+
+
+def current_actor() -> str:
+    """Who is changing things, for the audit log: the login behind sudo, else this user."""
+    with contextlib.suppress(KeyError, OSError):
+        return os.environ.get("SUDO_USER") or getpass.getuser()
+    return f"uid {os.getuid()}"
 
 
 def parse_emails(text: str) -> tuple[tuple[str, ...], list[str]]:

@@ -132,6 +132,7 @@ class StoredMessage:
     labels: list[str] = field(default_factory=list)
     records: list[str] = field(default_factory=list)
     quarantine_reason: str | None = None  # set while only the header is stored
+    origin: str = "pop3"  # pop3 (fetched) | crm (sent with `send`/`reply`)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -154,6 +155,46 @@ class StoredMessage:
             "received_at": self.received_at,
             "quarantined": self.quarantine_reason is not None,
             "quarantine_reason": self.quarantine_reason,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class ShareFlag:
+    """An owner's custom-mode share flag on one record, with who set it and when."""
+
+    record: str
+    set_by: str | None  # None: set before the audit existed
+    set_at: str | None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"record": self.record, "set_by": self.set_by, "set_at": self.set_at}
+
+
+@dataclass(frozen=True, slots=True)
+class AuditEntry:
+    """One change of who may see mail: a mode, excluded domains, a share flag."""
+
+    id: int
+    at: str
+    actor: str
+    action: str  # share | unshare | sharing_changed
+    owner: str | None
+    account: str | None
+    record: str | None
+    detail: dict[str, Any]
+    retagged: int  # messages whose visibility changed with it
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "at": self.at,
+            "actor": self.actor,
+            "action": self.action,
+            "owner": self.owner,
+            "account": self.account,
+            "record": self.record,
+            "detail": self.detail,
+            "retagged": self.retagged,
         }
 
 
@@ -227,12 +268,14 @@ class Claim:
 __all__ = [
     "AccountPolicy",
     "AccountState",
+    "AuditEntry",
     "Claim",
     "Facts",
     "Headers",
     "LedgerEntry",
     "NewMessage",
     "Record",
+    "ShareFlag",
     "Status",
     "StoreOutcome",
     "StoredAccount",

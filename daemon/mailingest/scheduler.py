@@ -321,7 +321,9 @@ class Daemon:
                 return
             forced = todo & self.retag_forced
             try:
-                changed = await crm.sync_settings(self.store, self.config, todo, force=forced)
+                changed = await crm.sync_settings(
+                    self.store, self.config, todo, force=forced, actor="daemon"
+                )
             except StoreError as exc:
                 log.error("state_not_recorded", error=str(exc))
                 return

@@ -18,16 +18,18 @@ from typing import IO
 from mailingest.model import (
     AccountPolicy,
     AccountState,
+    AuditEntry,
     Claim,
     LedgerEntry,
     NewMessage,
     Record,
+    ShareFlag,
     StoredAccount,
     StoredMessage,
     StoreOutcome,
     UnmatchedSender,
 )
-from mailingest.store import accounts, ingest, read, records, state
+from mailingest.store import _audit, accounts, ingest, read, records, state
 from mailingest.store._db import CHUNK, Database
 from mailingest.store._postgres import is_postgres_url, redacted
 from mailingest.store._sqlite import BUSY_TIMEOUT_MS, SqliteDatabase
@@ -105,17 +107,40 @@ class Store:
         return await records.set_record_emails(self._db, record, emails, policies)
 
     async def set_share(
-        self, owner: str, record: str, on: bool, policies: dict[str, AccountPolicy]
+        self,
+        owner: str,
+        record: str,
+        on: bool,
+        policies: dict[str, AccountPolicy],
+        *,
+        actor: str = "mailingest",
     ) -> bool:
-        return await records.set_share(self._db, owner, record, on, policies)
+        return await records.set_share(self._db, owner, record, on, policies, actor)
 
     async def retag_changed(
         self,
         snapshots: dict[str, str],
         policies: dict[str, AccountPolicy],
         force: Collection[str] = (),
+        *,
+        actor: str = "mailingest",
     ) -> list[str]:
-        return await records.retag_changed(self._db, snapshots, policies, force)
+        return await records.retag_changed(self._db, snapshots, policies, force, actor)
+
+    async def audit(
+        self,
+        *,
+        owner: str | None = None,
+        account: str | None = None,
+        record: str | None = None,
+        limit: int | None = None,
+    ) -> list[AuditEntry]:
+        return await _audit.entries(
+            self._db, owner=owner, account=account, record=record, limit=limit
+        )
+
+    async def share_flags(self, owner: str, records: Sequence[str]) -> list[ShareFlag]:
+        return await _audit.share_flags(self._db, owner, records)
 
     # -- leases, login pacing, account state -----------------------------------------------------
 

@@ -12,7 +12,7 @@ from mailingest.store._db import Database, Row
 _COLUMNS = (
     "m.id, m.account, m.owner, m.direction, m.from_addr, m.to_addrs, m.cc_addrs, m.subject,"
     " m.date, m.message_id, m.visibility, m.reason, m.size, m.sha256, m.received_at,"
-    " m.quarantine_reason"
+    " m.quarantine_reason, m.origin"
 )
 
 
@@ -127,4 +127,5 @@ def _stored(r: Row, labels: list[str], records: list[str]) -> StoredMessage:
         labels=labels,
         records=records,
         quarantine_reason=r[15],
+        origin=r[16],
     )

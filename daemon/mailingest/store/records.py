@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Collection, Sequence
 from typing import Any
 
 from mailingest.model import AccountPolicy, Record
-from mailingest.store._db import Database, domain, facts, linked_to, parts
+from mailingest.store import _audit as audit
+from mailingest.store._db import Database, domain, facts, linked_to, now_iso, parts
 
 #: Messages re-tagged per query: memory stays bounded for large accounts.
 _PAGE = 5000
@@ -73,25 +75,37 @@ async def set_record_emails(
 
 
 async def set_share(
-    db: Database, owner: str, record: str, on: bool, policies: dict[str, AccountPolicy]
+    db: Database,
+    owner: str,
+    record: str,
+    on: bool,
+    policies: dict[str, AccountPolicy],
+    actor: str,
 ) -> bool:
-    """Toggle the owner's custom-mode share flag and re-tag that mail, atomically."""
+    """Toggle the owner's custom-mode share flag and re-tag that mail, atomically; the
+    change (if it is one) goes to the audit log in the same transaction."""
     async with db.write("changing a share flag"):
         if await db.fetchone("SELECT 1 FROM records WHERE id = ?", (record,)) is None:
             return False
         if on:
-            await db.execute(
-                "INSERT INTO shares (owner, record) VALUES (?,?) ON CONFLICT DO NOTHING",
-                (owner, record),
+            changed = await db.execute(
+                "INSERT INTO shares (owner, record, set_by, set_at) VALUES (?,?,?,?)"
+                " ON CONFLICT DO NOTHING",
+                (owner, record, actor, now_iso()),
             )
         else:
-            await db.execute("DELETE FROM shares WHERE owner = ? AND record = ?", (owner, record))
-        await _retag(
+            changed = await db.execute(
+                "DELETE FROM shares WHERE owner = ? AND record = ?", (owner, record)
+            )
+        retagged = await _retag(
             db,
             "m.owner = ? AND m.id IN (SELECT message FROM message_records WHERE record = ?)",
             [owner, record],
             policies,
         )
+        if changed:
+            action = "share" if on else "unshare"
+            await audit.add(db, actor, action, owner=owner, record=record, retagged=retagged)
     return True
 
 
@@ -100,8 +114,10 @@ async def retag_changed(
     snapshots: dict[str, str],
     policies: dict[str, AccountPolicy],
     force: Collection[str] = (),
+    actor: str = "mailingest",
 ) -> list[str]:
-    """Re-tag (and re-label) the mail of accounts whose sharing settings changed.
+    """Re-tag (and re-label) the mail of accounts whose sharing settings changed; a change
+    of an account's known settings goes to the audit log, applied by ``actor``.
 
     ``force``: accounts re-tagged and re-labelled even if the snapshot matches, because
     mail was stored under other settings after the snapshot was saved (a daemon still
@@ -144,8 +160,11 @@ async def retag_changed(
                     " AND m.direction = 'in' ON CONFLICT DO NOTHING",
                     (label, name),
                 )
-            if name in force or known.get(name, (None,))[0] != snap:
-                await _retag(db, "m.account = ?", [name], policies)
+            before = known.get(name, (None,))[0]
+            if name in force or before != snap:
+                retagged = await _retag(db, "m.account = ?", [name], policies)
+                if before is not None and before != snap:
+                    await _audit_settings(db, actor, name, before, snap, retagged)
             await db.execute(
                 "INSERT INTO account_settings (account, snapshot, magnet_label)"
                 " VALUES (?,?,?) ON CONFLICT (account) DO UPDATE SET"
@@ -154,6 +173,26 @@ async def retag_changed(
             )
             changed.append(name)
     return changed
+
+
+async def _audit_settings(
+    db: Database, actor: str, account: str, before: str, after: str, retagged: int
+) -> None:
+    old, new = json.loads(before), json.loads(after)
+    detail = {
+        key: {"from": old.get(key), "to": new.get(key)}
+        for key in new
+        if old.get(key) != new.get(key)
+    }
+    await audit.add(
+        db,
+        actor,
+        "sharing_changed",
+        owner=new.get("owner"),
+        account=account,
+        detail=detail,
+        retagged=retagged,
+    )
 
 
 async def _replace_emails(

@@ -11,7 +11,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from mailingest.errors import StoreError
-from mailingest.model import AccountPolicy, Facts, Headers, NewMessage, StoredAccount
+from mailingest.model import AccountPolicy, Facts, Headers, NewMessage, Record, StoredAccount
 from mailingest.store import CHUNK, Store
 from support import StoreAt
 
@@ -162,6 +162,36 @@ async def test_the_tagger_sees_the_same_facts_when_storing_and_re_tagging(store:
     assert len(seen) == 2 and seen[0] == seen[1], seen
     assert seen[0].sender_domain == "own.example"
     assert sorted(seen[0].recipient_domains) == ["b.example", "d.example", "f.example"]
+
+
+async def test_share_flags_and_settings_changes_are_audited_with_their_re_tag_counts(
+    store: Store,
+) -> None:
+    shared = AccountPolicy(
+        tagger=lambda f: (
+            ("shared", "custom_shared") if f.owner_shared else ("private", "custom_not_shared")
+        )
+    )
+    linked = dataclasses.replace(item("u1", b"Subject: x\r\n\r\n"), link=("lead@x.example",))
+    await store.import_records([Record("L1", "lead", "", ("lead@x.example",))], {})
+    await store.add_batch("acct", "alice", [linked], shared)
+    assert await store.set_share("alice", "L1", True, {"acct": shared}, actor="carol")
+    assert await store.set_share("alice", "L1", True, {"acct": shared}, actor="dave")  # no change
+    [flag] = await store.share_flags("alice", ["L1", "L9"])
+    assert (flag.record, flag.set_by) == ("L1", "carol") and flag.set_at
+    before = '{"owner": "alice", "sharing": "custom"}'
+    after = '{"owner": "alice", "sharing": "private"}'
+    private = AccountPolicy(tagger=lambda f: ("private", "mode_private"))
+    await store.retag_changed({"acct": before}, {"acct": shared}, actor="x")  # first: no entry
+    await store.retag_changed({"acct": after}, {"acct": private}, actor="erin")
+    log = await store.audit()
+    assert [(e.action, e.actor, e.retagged) for e in log] == [
+        ("sharing_changed", "erin", 1),
+        ("share", "carol", 1),
+    ]
+    assert log[0].detail == {"sharing": {"from": "custom", "to": "private"}}
+    assert [e.action for e in await store.audit(owner="alice", record="L1")] == ["share"]
+    assert await store.audit(account="other") == []
 
 
 async def test_reads_of_an_unreachable_store_are_store_errors(store_at: StoreAt) -> None:

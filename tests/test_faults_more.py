@@ -18,6 +18,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from mailingest import commands
+from mailingest import fetch as fetch_module
 from mailingest.config import Account, Secret
 from mailingest.fetch import FetchResult, fetch_account
 from mailingest.popserver import Faults, Mailbox, Pop3TestServer
@@ -238,8 +239,11 @@ async def test_uidls_renumbered_after_a_crash_before_dele_store_nothing_twice(
     assert await stored(store) == expected(MESSAGES)
 
 
-async def test_uidls_renumbered_at_every_session_of_one_cycle_drain_once(store: Store) -> None:
+async def test_uidls_renumbered_at_every_session_of_one_cycle_drain_once(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A capped listing (Gmail) and new UIDLs at every login, within one deleting fetch."""
+    monkeypatch.setattr(fetch_module, "LISTING_CAP", 5)  # this server caps at 5, as Gmail at 250
     messages = [message(i) for i in range(1, 13)]
     box = Mailbox(USER, PASSWORD, list(messages))
 

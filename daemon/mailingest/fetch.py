@@ -118,6 +118,28 @@ class _Session:
     new: int = 0
     bytes: int = 0
     deleted: int = 0
+    listed: int = 0  # the last session's listing
+
+
+#: Gmail lists "about 250 of the oldest messages not yet downloaded" per session (250
+#: conversations, so at least 250 messages): a listing this long may have been capped.
+LISTING_CAP = 250
+#: Servers known to cap their listings.
+_CAPPING_HOSTS = ("pop.gmail.com", "pop.googlemail.com")
+#: Accounts whose last drain session found more mail (their listings are capped below
+#: LISTING_CAP, a server we do not know): drained again while sessions bring new mail.
+_DRAIN_FOUND: dict[str, bool] = {}
+
+
+def _may_be_capped(account: Account, listed: int) -> bool:
+    """Whether a session that stored new mail may have seen only part of the mailbox: only
+    then does another session follow (it costs a login and ~7 round trips)."""
+    return (
+        listed >= LISTING_CAP
+        or account.host.lower() in _CAPPING_HOSTS
+        or account.recent_mode
+        or _DRAIN_FOUND.get(account.name, False)
+    )
 
 
 def _should_delete(account: Account, entry: LedgerEntry, now: datetime) -> bool:
@@ -270,6 +292,7 @@ async def _one_session(
         finally:
             await _pace_logins(account, store, session)
         _LISTED[account.name] = bool(seen.listing)
+        result.listed = len(seen.listing)
         if seen.ledger_needed:
             ledger = await store.ledger(account.name)
             seen = _diff(account, seen.listing, seen.sizes, ledger)
@@ -659,8 +682,11 @@ async def _cycle(
                     )
                 break  # more mail may wait, but the next login must wait for the next poll
             result.sessions += 1
-            if await _one_session(account, store, store.spool_dir, progress, total) == 0:
-                break  # the listing held nothing new: the mailbox is drained
+            new = await _one_session(account, store, store.spool_dir, progress, total)
+            if number:
+                _DRAIN_FOUND[account.name] = new > 0
+            if new == 0 or not _may_be_capped(account, total.listed):
+                break  # nothing new, or all of it listed: the mailbox is drained
     except BaseException as exc:
         # An Exception reaches fetch_account, whose record of the failure releases the
         # lease; a cancel does not: release it here.

@@ -39,6 +39,7 @@ from mailingest.matching import direction_of, link_addresses, normalize_all
 from mailingest.model import AccountPolicy, Claim, LedgerEntry, NewMessage
 from mailingest.parse import parse_headers, read_head
 from mailingest.pop3 import Pop3Session
+from mailingest.progress import Progress, Tally
 from mailingest.retry import transient_status
 from mailingest.store import Store
 
@@ -51,8 +52,6 @@ BATCH_BYTES = 32 * 1024 * 1024
 SPOOL_MEMORY = 256 * 1024
 #: An account's lease outlives its holder by at most this long; renewed every third of it.
 LEASE_TTL = 60.0
-
-Progress = Callable[[str, int, int], None]
 
 
 @dataclass
@@ -149,11 +148,16 @@ def _batches(new: Sequence[tuple[int, str]], sizes: dict[int, int]) -> list[list
 
 
 def _retrieve(
-    session: Pop3Session, batch: list[tuple[int, str]], spool_dir: Path, suspect: set[str]
+    session: Pop3Session,
+    batch: list[tuple[int, str]],
+    spool_dir: Path,
+    suspect: set[str],
+    arrived: Callable[[int], None] | None = None,
 ) -> tuple[list[tuple[int, str, _Spool]], MailIngestError | None]:
     """Worker-thread side: RETR a batch into spool files (pipelined when offered).
 
-    Returns (number, ledger key, spool) per message received whole. The key is the UIDL,
+    Returns (number, ledger key, spool) per message received whole; ``arrived`` hears the
+    size of each as it comes (live progress: Tally.hook). The key is the UIDL,
     or, for a UIDL the listing holds more than once, the UIDL plus the content hash: such
     an id does not tell the messages apart, their content does. On a failure the messages
     received so far are returned with the error, so they are committed before it ends the
@@ -175,6 +179,8 @@ def _retrieve(
             spool.finish()
             key = f"{uidl}/{spool.hash.hexdigest()}" if uidl in suspect else uidl
             done.append((num, key, spool))
+            if arrived is not None:
+                arrived(spool.size)
     except MailIngestError as exc:
         error = exc
     except BaseException:
@@ -199,9 +205,10 @@ def _retrieve_prepared(
     batch: list[tuple[int, str]],
     spool_dir: Path,
     suspect: set[str],
+    arrived: Callable[[int], None] | None,
 ) -> _Retrieved:
     """Worker-thread side: RETR a batch, then parse what came whole (see _retrieve)."""
-    retrieved, failure = _retrieve(session, batch, spool_dir, suspect)
+    retrieved, failure = _retrieve(session, batch, spool_dir, suspect, arrived)
     try:
         items = _prepare(account, retrieved)
     except BaseException:
@@ -236,7 +243,7 @@ def _prepare(account: Account, retrieved: list[tuple[int, str, _Spool]]) -> list
 
 
 async def _one_session(
-    account: Account, store: Store, spool_dir: Path, progress: Progress | None, result: _Session
+    account: Account, store: Store, spool_dir: Path, tally: Tally | None, result: _Session
 ) -> int:
     """One POP3 session; adds what it did to ``result`` as it goes and returns the new count."""
     session = Pop3Session(account)
@@ -268,7 +275,7 @@ async def _one_session(
                 seen.suspect,
                 seen.key_of,
                 result,
-                progress,
+                tally,
             )
             doomed = _doomed(account, seen.key_of, await store.ledger(account.name))
         if not seen.closed:
@@ -359,7 +366,7 @@ async def _store_batches(
     suspect: set[str],
     key_of: dict[int, str],
     result: _Session,
-    progress: Progress | None,
+    tally: Tally | None,
 ) -> MailIngestError | None:
     """RETR and commit batch after batch; returns a refused message's error, if any.
 
@@ -368,13 +375,14 @@ async def _store_batches(
     """
     policy = account_policy(account)
     refused: MailIngestError | None = None  # a message the server would not serve
+    arrived = tally.hook() if tally is not None else None
 
     def retrieve(index: int) -> asyncio.Future[_Retrieved] | None:
         if index >= len(batches):
             return None
         return asyncio.ensure_future(
             asyncio.to_thread(
-                _retrieve_prepared, account, session, batches[index], spool_dir, suspect
+                _retrieve_prepared, account, session, batches[index], spool_dir, suspect, arrived
             )
         )
 
@@ -390,8 +398,8 @@ async def _store_batches(
             await _commit(account, store, policy, retrieved, items, result)
             for num, key, _ in retrieved:
                 key_of[num] = key  # committed now, or by an earlier session
-            if progress is not None:
-                progress(account.name, result.new, result.bytes)
+            if tally is not None:
+                tally.committed(result.new, result.bytes, [s.size for _, _, s in retrieved])
             if failure is not None:
                 if session.broken:
                     raise failure
@@ -402,6 +410,8 @@ async def _store_batches(
     finally:
         if fetching is not None:
             await _abandon(session, fetching)
+        if tally is not None:
+            tally.drop()
     return refused
 
 
@@ -503,6 +513,7 @@ async def fetch_account(
     ``log_failure=False`` leaves the `poll_failed` line to the caller: the daemon logs it
     with the wait it chose before the next attempt. ``claim``: the lease the caller took
     (see ``take_poll``); this cycle releases it. Without one, the cycle takes the lease.
+    ``progress`` hears the cycle's figures as each message arrives (progress.Progress).
     """
     started = time.monotonic()
     log.debug("poll_started", account=account.name)
@@ -612,6 +623,7 @@ async def _cycle(
     assert claim.taken and holder is not None
     _RUNNING.add(holder)
     renewer = _Renewer(store, account.name, holder)
+    tally = Tally(account.name, progress) if progress is not None else None
     try:
         # Read with the lease: the first session needs no read of its own.
         allowed = datetime.fromisoformat(claim.next_login) if claim.next_login else None
@@ -628,7 +640,7 @@ async def _cycle(
                     )
                 break  # more mail may wait, but the next login must wait for the next poll
             result.sessions += 1
-            if await _one_session(account, store, store.spool_dir, progress, total) == 0:
+            if await _one_session(account, store, store.spool_dir, tally, total) == 0:
                 break  # the listing held nothing new: the mailbox is drained
     except BaseException as exc:
         # An Exception reaches fetch_account, whose record of the failure releases the
@@ -639,6 +651,8 @@ async def _cycle(
     finally:
         renewer.cancel()
         _RUNNING.discard(holder)
+        if tally is not None:
+            tally.finish(total.new, total.bytes)
 
 
 #: A lease holder is unique: host, process, this process's token and a serial number.

@@ -25,7 +25,8 @@ from mailingest.errors import (
     MailIngestError,
     worst_exit,
 )
-from mailingest.output import LiveProgress, human_bytes, print_table
+from mailingest.output import human_bytes, print_table
+from mailingest.progress import LiveProgress
 
 if TYPE_CHECKING:
     from mailingest.outgoing import Sent
@@ -192,6 +193,7 @@ def _emit_json(data: Any) -> None:
 
 def _fetch(args: argparse.Namespace) -> int:
     config = _load_all(args)
+    # One line per account on a terminal; rich is imported only once one is drawn.
     live = LiveProgress(sys.stderr) if sys.stderr.isatty() and not args.json else None
     try:
         results = asyncio.run(commands.fetch(config, args.account, progress=live))

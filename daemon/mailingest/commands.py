@@ -18,10 +18,11 @@ import structlog
 from mailingest import crm
 from mailingest.config import Account, Config
 from mailingest.errors import DataError, MailIngestError, PermissionDenied, UsageError
-from mailingest.fetch import FetchResult, Progress, fetch_account
+from mailingest.fetch import FetchResult, fetch_account
 from mailingest.logs import mask_text
 from mailingest.model import AccountState, Record, StoredMessage
 from mailingest.pop3 import Pop3Session
+from mailingest.progress import Progress
 from mailingest.retry import login_key, same_login
 from mailingest.sharing import may_see
 from mailingest.store import Store

@@ -39,6 +39,7 @@ from mailingest.matching import direction_of, link_addresses, normalize_all
 from mailingest.model import AccountPolicy, Claim, LedgerEntry, NewMessage
 from mailingest.parse import parse_headers, read_head
 from mailingest.pop3 import Pop3Session
+from mailingest.progress import Progress, Tally
 from mailingest.retry import transient_status
 from mailingest.store import Store
 
@@ -51,8 +52,6 @@ BATCH_BYTES = 32 * 1024 * 1024
 SPOOL_MEMORY = 256 * 1024
 #: An account's lease outlives its holder by at most this long; renewed every third of it.
 LEASE_TTL = 60.0
-
-Progress = Callable[[str, int, int], None]
 
 
 @dataclass
@@ -178,10 +177,12 @@ def retrieve_spooled(
     spool_dir: Path,
     suspect: set[str],
     header_only: bool = False,
+    arrived: Callable[[int], None] | None = None,
 ) -> tuple[list[tuple[int, str, _Spool]], MailIngestError | None]:
     """Worker-thread side: RETR a batch into spool files (pipelined when offered).
 
-    Returns (number, ledger key, spool) per message received whole. The key is the UIDL,
+    Returns (number, ledger key, spool) per message received whole; ``arrived`` hears the
+    size of each as it comes (live progress: Tally.hook). The key is the UIDL,
     or, for a UIDL the listing holds more than once, the UIDL plus the content hash: such
     an id does not tell the messages apart, their content does. On a failure the messages
     received so far are returned with the error, so they are committed before it ends the
@@ -203,6 +204,8 @@ def retrieve_spooled(
             spool.finish()
             key = f"{uidl}/{spool.hash.hexdigest()}" if uidl in suspect else uidl
             done.append((num, key, spool))
+            if arrived is not None:
+                arrived(spool.size)
     except MailIngestError as exc:
         error = exc
     except BaseException:
@@ -227,13 +230,16 @@ def _retrieve_prepared(
     batch: list[tuple[int, str]],
     spool_dir: Path,
     suspect: set[str],
-    held: dict[int, int] | None = None,
+    held: dict[int, int] | None,
+    arrived: Callable[[int], None] | None,
 ) -> _Retrieved:
     """Worker-thread side: RETR a batch, then parse what came whole (see retrieve_spooled).
 
     ``held``: the batch is over the size limit; listed sizes by number. Only the headers
     are fetched (TOP), to be stored quarantined."""
-    retrieved, failure = retrieve_spooled(session, batch, spool_dir, suspect, held is not None)
+    retrieved, failure = retrieve_spooled(
+        session, batch, spool_dir, suspect, held is not None, arrived
+    )
     try:
         items = _prepare(account, retrieved, held)
     except BaseException:
@@ -277,7 +283,7 @@ def _prepare(
 
 
 async def _one_session(
-    account: Account, store: Store, spool_dir: Path, progress: Progress | None, result: _Session
+    account: Account, store: Store, spool_dir: Path, tally: Tally | None, result: _Session
 ) -> int:
     """One POP3 session; adds what it did to ``result`` as it goes and returns the new count."""
     session = Pop3Session(account)
@@ -307,10 +313,10 @@ async def _one_session(
             job = functools.partial(
                 _store_batches, account, store, session, spool_dir=spool_dir, seen=seen
             )
-            refused = await job(_batches(work, seen.sizes), result=result, progress=progress)
+            refused = await job(_batches(work, seen.sizes), result=result, tally=tally)
             if big and not session.broken:
                 held = _batches([(n, u) for n, u in seen.new if n in big], {})
-                refused = await job(held, result=result, progress=progress, held=big) or refused
+                refused = await job(held, result=result, tally=tally, held=big) or refused
             doomed = _doomed(account, seen.key_of, await store.ledger(account.name))
         if not seen.closed:
             # Every doomed number maps to a committed ledger row: DELE is safe now.
@@ -400,7 +406,7 @@ async def _store_batches(
     spool_dir: Path,
     seen: _Seen,
     result: _Session,
-    progress: Progress | None,
+    tally: Tally | None,
     held: dict[int, int] | None = None,
 ) -> MailIngestError | None:
     """RETR and commit batch after batch; returns a refused message's error, if any.
@@ -412,13 +418,21 @@ async def _store_batches(
     suspect, key_of = seen.suspect, seen.key_of
     policy = account_policy(account)
     refused: MailIngestError | None = None  # a message the server would not serve
+    arrived = tally.hook() if tally is not None else None
 
     def retrieve(index: int) -> asyncio.Future[_Retrieved] | None:
         if index >= len(batches):
             return None
         return asyncio.ensure_future(
             asyncio.to_thread(
-                _retrieve_prepared, account, session, batches[index], spool_dir, suspect, held
+                _retrieve_prepared,
+                account,
+                session,
+                batches[index],
+                spool_dir,
+                suspect,
+                held,
+                arrived,
             )
         )
 
@@ -434,8 +448,8 @@ async def _store_batches(
             await _commit(account, store, policy, retrieved, items, result)
             for num, key, _ in retrieved:
                 key_of[num] = key  # committed now, or by an earlier session
-            if progress is not None:
-                progress(account.name, result.new, result.bytes)
+            if tally is not None:
+                tally.committed(result.new, result.bytes, [s.size for _, _, s in retrieved])
             if failure is not None:
                 if session.broken:
                     raise failure
@@ -446,6 +460,8 @@ async def _store_batches(
     finally:
         if fetching is not None:
             await _abandon(session, fetching)
+        if tally is not None:
+            tally.drop()
     return refused
 
 
@@ -557,6 +573,7 @@ async def fetch_account(
     ``log_failure=False`` leaves the `poll_failed` line to the caller: the daemon logs it
     with the wait it chose before the next attempt. ``claim``: the lease the caller took
     (see ``take_poll``); this cycle releases it. Without one, the cycle takes the lease.
+    ``progress`` hears the cycle's figures as each message arrives (progress.Progress).
     """
     started = time.monotonic()
     log.debug("poll_started", account=account.name)
@@ -666,6 +683,7 @@ async def _cycle(
     assert claim.taken and holder is not None
     _RUNNING.add(holder)
     renewer = _Renewer(store, account.name, holder)
+    tally = Tally(account.name, progress) if progress is not None else None
     try:
         # Read with the lease: the first session needs no read of its own.
         allowed = datetime.fromisoformat(claim.next_login) if claim.next_login else None
@@ -682,7 +700,7 @@ async def _cycle(
                     )
                 break  # more mail may wait, but the next login must wait for the next poll
             result.sessions += 1
-            new = await _one_session(account, store, store.spool_dir, progress, total)
+            new = await _one_session(account, store, store.spool_dir, tally, total)
             if number:
                 _DRAIN_FOUND[account.name] = new > 0
             if new == 0 or not _may_be_capped(account, total.listed):
@@ -696,6 +714,8 @@ async def _cycle(
     finally:
         renewer.cancel()
         _RUNNING.discard(holder)
+        if tally is not None:
+            tally.finish(total.new, total.bytes)
 
 
 #: A lease holder is unique: host, process, this process's token and a serial number.

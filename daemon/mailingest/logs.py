@@ -116,11 +116,26 @@ class _MaskRendered:
         return line
 
 
+class _CurrentStderr:
+    """``sys.stderr`` as it is at each write, not as it was at ``configure``: `fetch`'s live
+    progress (rich's Live) swaps in a stream that prints each line above its own lines, so a
+    log line on the terminal neither garbles them nor is overwritten."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+    def isatty(self) -> bool:
+        return sys.stderr.isatty()
+
+
 def configure(
     fmt: str = "auto", *, level: int = logging.INFO, stream: TextIO | None = None
 ) -> None:
     """JSON lines when not on a TTY (or asked), readable console output otherwise."""
-    out = stream or sys.stderr
+    out: Any = stream or _CurrentStderr()
     use_json = fmt == "json" or (fmt == "auto" and not out.isatty())
     renderer: Any
     if use_json:
@@ -136,9 +151,6 @@ def configure(
         redact,
         _MaskRendered(renderer),
     ]
-    if not use_json and out.isatty():
-        # A line starts by erasing `fetch`'s live progress line, which redraws after it.
-        processors.append(lambda _logger, _name, line: "\r\x1b[K" + line)
     structlog.configure(
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(level),

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sys
-import time
 from collections.abc import Sequence
 from typing import TextIO
 
@@ -33,27 +32,3 @@ def print_table(
         out.write("  ".join(parts).rstrip() + "\n")
         if index == 0:
             out.write("  ".join("-" * w for w in widths) + "\n")
-
-
-class LiveProgress:
-    """One status line per terminal, rewritten in place: messages, bytes and rate per account."""
-
-    def __init__(self, out: TextIO) -> None:
-        self.out = out
-        self.started = time.monotonic()
-        self.state: dict[str, tuple[int, int]] = {}
-
-    def __call__(self, account: str, messages: int, nbytes: int) -> None:
-        self.state[account] = (messages, nbytes)
-        elapsed = max(time.monotonic() - self.started, 1e-3)
-        parts = [
-            f"{name}: {count} msgs, {human_bytes(size)} ({human_bytes(int(size / elapsed))}/s)"
-            for name, (count, size) in self.state.items()
-        ]
-        self.out.write("\r\x1b[K" + " | ".join(parts)[:200])
-        self.out.flush()
-
-    def close(self) -> None:
-        if self.state:
-            self.out.write("\r\x1b[K")
-            self.out.flush()

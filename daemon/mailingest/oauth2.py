@@ -1,0 +1,239 @@
+"""OAuth2 access tokens for POP3 and SMTP sign-in (XOAUTH2 / OAUTHBEARER).
+
+Three grants a daemon can use unattended: a refresh token (a user signed in once), client
+credentials (Microsoft 365 app-only access) and a JWT bearer assertion (a Google Workspace
+service account with domain-wide delegation). Tokens are cached until shortly before they
+expire. A grant the provider refuses is an authentication failure (the account pauses as
+for a wrong password); a token endpoint that is down is transient.
+
+HTTP goes through httpx (async, timeouts, TLS verified); the JWT is signed with PyJWT.
+Both are imported only by accounts that use OAuth2.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from mailingest.errors import AuthError, ProtocolError, TemporaryError
+
+PROVIDERS = ("microsoft", "google", "custom")
+GRANTS = ("refresh_token", "client_credentials", "jwt_bearer")
+
+#: Token endpoints and scopes the presets fill in ({tenant}: Microsoft's directory).
+_PRESETS: dict[str, dict[str, Any]] = {
+    "microsoft": {
+        "token_url": "https://login.microsoftonline.com/{tenant}/oauth2/v2.0/token",
+        "scopes": {
+            ("pop3", "refresh_token"): (
+                "https://outlook.office.com/POP.AccessAsUser.All",
+                "offline_access",
+            ),
+            ("smtp", "refresh_token"): ("https://outlook.office.com/SMTP.Send", "offline_access"),
+            ("pop3", "client_credentials"): ("https://outlook.office365.com/.default",),
+            ("smtp", "client_credentials"): ("https://outlook.office365.com/.default",),
+        },
+        "device_url": "https://login.microsoftonline.com/{tenant}/oauth2/v2.0/devicecode",
+    },
+    "google": {
+        "token_url": "https://oauth2.googleapis.com/token",
+        "scopes": {},  # the one scope that allows POP3 and SMTP
+        "default_scopes": ("https://mail.google.com/",),
+        "auth_url": "https://accounts.google.com/o/oauth2/v2/auth",
+    },
+}
+_JWT_BEARER = "urn:ietf:params:oauth:grant-type:jwt-bearer"
+#: Refresh this long before the provider says a token expires (clock skew, slow links).
+EARLY = 120.0
+
+
+def preset_token_url(provider: str, tenant: str) -> str | None:
+    url = _PRESETS.get(provider, {}).get("token_url")
+    return str(url).format(tenant=tenant) if url else None
+
+
+def preset_scopes(provider: str, service: str, grant: str) -> tuple[str, ...]:
+    preset = _PRESETS.get(provider, {})
+    found = preset.get("scopes", {}).get((service, grant))
+    return tuple(found or preset.get("default_scopes", ()))
+
+
+@dataclass(frozen=True, slots=True)
+class OAuth2Settings:
+    """One account's (POP3 or SMTP) OAuth2 sign-in; secrets are revealed only when a token
+    is requested."""
+
+    provider: str
+    grant: str
+    token_url: str
+    scopes: tuple[str, ...]
+    client_id: str
+    client_secret: Callable[[], str] | None = None
+    refresh_token: Callable[[], str] | None = None
+    private_key: Callable[[], str] | None = None  # PEM of a Google service account
+    subject: str | None = None  # jwt_bearer: the mailbox the service account acts for
+    timeout: float = 30.0
+
+
+@dataclass(slots=True)
+class Token:
+    access_token: str = field(repr=False)
+    expires_at: float  # time.time()
+    refresh_token: str | None = field(default=None, repr=False)  # a rotated one, if sent
+
+    def fresh(self, now: float | None = None) -> bool:
+        return (now if now is not None else time.time()) < self.expires_at - EARLY
+
+
+#: Called with a rotated refresh token: it must be stored durably before the next use.
+Rotated = Callable[[str], Awaitable[None]]
+
+
+class TokenSource:
+    """Access tokens for one account: cached, refreshed before they expire, one request
+    at a time (concurrent callers wait for the same answer)."""
+
+    def __init__(self, name: str, settings: OAuth2Settings, *, rotated: Rotated | None = None):
+        self.name = name
+        self.settings = settings
+        self._rotated = rotated
+        self._refresh_token: str | None = None  # the latest, once one was rotated
+        self._token: Token | None = None
+        self._lock = asyncio.Lock()
+        self.refreshed = False  # the last access_token() asked the provider
+
+    def use_refresh_token(self, token: str) -> None:
+        """A refresh token stored after an earlier rotation: newer than the configured one."""
+        self._refresh_token = token
+
+    async def access_token(self) -> str:
+        async with self._lock:
+            if self._token is not None and self._token.fresh():
+                self.refreshed = False
+                return self._token.access_token
+            token = await request_token(self.name, self.settings, self._refresh_token)
+            if token.refresh_token and token.refresh_token != self._current_refresh():
+                if self._rotated is not None:
+                    await self._rotated(token.refresh_token)  # durable before it is relied on
+                self._refresh_token = token.refresh_token
+            self._token = token
+            self.refreshed = True
+            return token.access_token
+
+    def _current_refresh(self) -> str | None:
+        if self._refresh_token is not None:
+            return self._refresh_token
+        return self.settings.refresh_token() if self.settings.refresh_token else None
+
+
+async def request_token(
+    name: str, settings: OAuth2Settings, refresh_token: str | None = None
+) -> Token:
+    """One token request (RFC 6749 section 5); errors name the account, never a secret."""
+    import httpx
+
+    form = _grant_form(settings, refresh_token)
+    try:
+        async with httpx.AsyncClient(timeout=settings.timeout) as client:
+            reply = await client.post(
+                settings.token_url, data=form, headers={"Accept": "application/json"}
+            )
+    except httpx.HTTPError as exc:
+        raise TemporaryError(
+            f"token endpoint {settings.token_url} unreachable: {type(exc).__name__}",
+            account=name,
+        ) from None
+    return _token_from(name, settings, reply.status_code, reply.content)
+
+
+def _grant_form(settings: OAuth2Settings, refresh_token: str | None) -> dict[str, str]:
+    form = {"client_id": settings.client_id}
+    if settings.scopes:
+        form["scope"] = " ".join(settings.scopes)
+    if settings.client_secret is not None:
+        form["client_secret"] = settings.client_secret()
+    if settings.grant == "refresh_token":
+        assert settings.refresh_token is not None
+        form["grant_type"] = "refresh_token"
+        form["refresh_token"] = refresh_token or settings.refresh_token()
+    elif settings.grant == "client_credentials":
+        form["grant_type"] = "client_credentials"
+    else:
+        form = {"grant_type": _JWT_BEARER, "assertion": _assertion(settings)}
+    return form
+
+
+def _assertion(settings: OAuth2Settings) -> str:
+    """RFC 7523: a JWT signed with the service account's key, for the mailbox ``subject``."""
+    import jwt
+
+    assert settings.private_key is not None
+    now = int(time.time())
+    claims = {
+        "iss": settings.client_id,
+        "scope": " ".join(settings.scopes),
+        "aud": settings.token_url,
+        "iat": now,
+        "exp": now + 3600,
+    }
+    if settings.subject:
+        claims["sub"] = settings.subject
+    return jwt.encode(claims, settings.private_key(), algorithm="RS256")
+
+
+#: RFC 6749 error codes that mean the grant itself is no good: retrying cannot help.
+_REFUSED = {"invalid_grant", "invalid_client", "unauthorized_client", "invalid_scope"}
+
+
+def _token_from(name: str, settings: OAuth2Settings, status: int, body: bytes) -> Token:
+    import json
+
+    try:
+        data = json.loads(body)
+    except ValueError:
+        data = None
+    where = f"token endpoint {settings.token_url}"
+    if not isinstance(data, dict):
+        if status >= 500 or status == 429:
+            raise TemporaryError(f"{where} answered HTTP {status}", account=name)
+        raise ProtocolError(f"{where} answered HTTP {status} without JSON", account=name)
+    error = data.get("error")
+    if status >= 500 or status == 429 or error == "temporarily_unavailable":
+        raise TemporaryError(
+            f"{where} answered HTTP {status} ({error or 'no error code'})", account=name
+        )
+    if error or status != 200:
+        code = str(error or f"HTTP {status}")
+        if code in _REFUSED or status in (400, 401):
+            raise AuthError(
+                f"{where} refused the {settings.grant} grant: {code}; sign in again "
+                "(mailingest auth login) or fix the client settings",
+                account=name,
+            )
+        raise ProtocolError(f"{where} answered {code}", account=name)
+    access = data.get("access_token")
+    if not isinstance(access, str) or not access:
+        raise ProtocolError(f"{where} sent no access_token", account=name)
+    try:
+        lifetime = float(data.get("expires_in", 3600))
+    except (TypeError, ValueError):
+        lifetime = 3600.0
+    rotated = data.get("refresh_token")
+    return Token(access, time.time() + lifetime, rotated if isinstance(rotated, str) else None)
+
+
+def xoauth2(user: str, token: str) -> str:
+    """The XOAUTH2 client response (Google's and Microsoft's format), base64."""
+    raw = f"user={user}\x01auth=Bearer {token}\x01\x01"
+    return base64.b64encode(raw.encode("utf-8")).decode("ascii")
+
+
+def oauthbearer(user: str, token: str, host: str, port: int) -> str:
+    """The OAUTHBEARER client response (RFC 7628 section 3.1), base64."""
+    name = user.replace("=", "=3D").replace(",", "=2C")
+    raw = f"n,a={name},\x01host={host}\x01port={port}\x01auth=Bearer {token}\x01\x01"
+    return base64.b64encode(raw.encode("utf-8")).decode("ascii")

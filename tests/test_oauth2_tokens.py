@@ -1,0 +1,181 @@
+"""OAuth2 grants against a loopback token endpoint (issue 15): the three grants' requests,
+caching and refresh before expiry, refresh-token rotation stored before use, a refused
+grant as an authentication failure, an endpoint that is down as a transient one, and the
+SASL client responses."""
+
+from __future__ import annotations
+
+import base64
+import socket
+from typing import Any
+
+import jwt
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from mailingest.errors import AuthError, ProtocolError, TemporaryError
+from mailingest.oauth2 import (
+    OAuth2Settings,
+    TokenSource,
+    oauthbearer,
+    preset_scopes,
+    preset_token_url,
+    request_token,
+    xoauth2,
+)
+from token_endpoint import Reply, TokenEndpoint, token_endpoint
+
+SECRET = "client-secret-Zx81"
+REFRESH = "refresh-token-Qw77"
+
+
+def _settings(endpoint: TokenEndpoint, grant: str = "refresh_token", **over: Any) -> OAuth2Settings:
+    fields: dict[str, Any] = {
+        "provider": "custom",
+        "grant": grant,
+        "token_url": endpoint.url,
+        "scopes": ("https://mail.example/pop", "offline_access"),
+        "client_id": "app-1",
+        "client_secret": lambda: SECRET,
+        "refresh_token": (lambda: REFRESH) if grant == "refresh_token" else None,
+        "timeout": 5.0,
+    }
+    return OAuth2Settings(**(fields | over))
+
+
+async def test_a_refresh_token_grant_is_cached_until_shortly_before_expiry() -> None:
+    with token_endpoint() as endpoint:
+        endpoint.replies = [endpoint.token("at-1"), endpoint.token("at-2", expires_in=60)]
+        source = TokenSource("a", _settings(endpoint))
+        assert await source.access_token() == "at-1" and source.refreshed
+        assert await source.access_token() == "at-1" and not source.refreshed
+        assert len(endpoint.requests) == 1
+        assert endpoint.requests[0] == {
+            "grant_type": "refresh_token",
+            "refresh_token": REFRESH,
+            "client_id": "app-1",
+            "client_secret": SECRET,
+            "scope": "https://mail.example/pop offline_access",
+        }
+        source._token.expires_at = 0  # type: ignore[union-attr]  # as an hour later
+        assert await source.access_token() == "at-2"
+        # expires_in 60 s is within the early margin: every use asks again
+        assert await source.access_token() == "at-2" and source.refreshed
+        assert len(endpoint.requests) == 3
+
+
+async def test_a_rotated_refresh_token_is_stored_before_it_is_used() -> None:
+    saved: list[str] = []
+
+    async def store(token: str) -> None:
+        saved.append(token)
+
+    with token_endpoint() as endpoint:
+        endpoint.replies = [
+            endpoint.token("at-1", expires_in=1, refresh_token="r2"),
+            endpoint.token("at-2", expires_in=1, refresh_token="r2"),
+            endpoint.token("at-3", expires_in=1),
+        ]
+        source = TokenSource("a", _settings(endpoint), rotated=store)
+        await source.access_token()
+        assert saved == ["r2"]
+        await source.access_token()
+        await source.access_token()
+        assert [r["refresh_token"] for r in endpoint.requests] == [REFRESH, "r2", "r2"]
+        assert saved == ["r2"]  # the same token again is no rotation
+    stored_later = TokenSource("a", _settings(endpoint))
+    stored_later.use_refresh_token("r9")
+    with token_endpoint() as endpoint:
+        stored_later.settings = _settings(endpoint)
+        await stored_later.access_token()
+        assert endpoint.requests[0]["refresh_token"] == "r9"
+
+
+@pytest.mark.parametrize("code", ["invalid_grant", "invalid_client", "unauthorized_client"])
+async def test_a_refused_grant_is_an_authentication_failure_naming_no_secret(code: str) -> None:
+    with token_endpoint(Reply(400, {"error": code, "error_description": "revoked"})) as endpoint:
+        with pytest.raises(AuthError) as caught:
+            await request_token("acct", _settings(endpoint))
+    text = str(caught.value)
+    assert code in text and "acct" in text and endpoint.url in text
+    assert SECRET not in text and REFRESH not in text
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        Reply(503, {"error": "temporarily_unavailable"}),
+        Reply(502, b"<html>bad gateway</html>"),
+        Reply(429, b""),
+    ],
+)
+async def test_an_endpoint_that_is_down_or_busy_is_transient(reply: Reply) -> None:
+    with token_endpoint(reply) as endpoint, pytest.raises(TemporaryError):
+        await request_token("acct", _settings(endpoint))
+
+
+async def test_an_unreachable_endpoint_is_transient_and_garbage_is_a_protocol_error() -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    with token_endpoint() as endpoint:
+        closed = _settings(endpoint, token_url=f"http://127.0.0.1:{port}/token")
+    with pytest.raises(TemporaryError, match="unreachable"):
+        await request_token("acct", closed)
+    with token_endpoint(Reply(200, {"token_type": "Bearer"})) as endpoint:
+        with pytest.raises(ProtocolError, match="no access_token"):
+            await request_token("acct", _settings(endpoint))
+
+
+async def test_client_credentials_and_jwt_bearer_grants() -> None:
+    with token_endpoint() as endpoint:
+        app = _settings(
+            endpoint, "client_credentials", scopes=("https://outlook.office365.com/.default",)
+        )
+        await request_token("acct", app)
+        assert endpoint.requests[-1] == {
+            "grant_type": "client_credentials",
+            "client_id": "app-1",
+            "client_secret": SECRET,
+            "scope": "https://outlook.office365.com/.default",
+        }
+        key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        pem = key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        ).decode()
+        service = _settings(
+            endpoint,
+            "jwt_bearer",
+            client_id="svc@project.iam.example",
+            client_secret=None,
+            private_key=lambda: pem,
+            subject="alice@corp.example",
+            scopes=("https://mail.google.com/",),
+        )
+        await request_token("acct", service)
+        form = endpoint.requests[-1]
+    assert form["grant_type"] == "urn:ietf:params:oauth:grant-type:jwt-bearer"
+    claims = jwt.decode(
+        form["assertion"], key.public_key(), algorithms=["RS256"], audience=endpoint.url
+    )
+    assert claims["iss"] == "svc@project.iam.example" and claims["sub"] == "alice@corp.example"
+    assert claims["scope"] == "https://mail.google.com/" and claims["exp"] > claims["iat"]
+
+
+def test_presets_and_sasl_client_responses() -> None:
+    assert preset_token_url("microsoft", "contoso.example") == (
+        "https://login.microsoftonline.com/contoso.example/oauth2/v2.0/token"
+    )
+    assert preset_token_url("google", "-") == "https://oauth2.googleapis.com/token"
+    assert preset_scopes("google", "pop3", "refresh_token") == ("https://mail.google.com/",)
+    assert "offline_access" in preset_scopes("microsoft", "pop3", "refresh_token")
+    assert (
+        base64.b64decode(xoauth2("a@b.example", "T"))
+        == b"user=a@b.example\x01auth=Bearer T\x01\x01"
+    )
+    assert base64.b64decode(oauthbearer("a,=b@x", "T", "pop.x", 995)) == (
+        b"n,a=a=2C=3Db@x,\x01host=pop.x\x01port=995\x01auth=Bearer T\x01\x01"
+    )

@@ -256,3 +256,13 @@ async def test_a_dropped_postgresql_connection_is_a_store_error_then_replaced(
         assert [o.uidl for o in outcomes] == ["u2"]
     finally:
         await store.close()
+
+
+async def test_a_rotated_oauth2_token_is_kept_per_origin(store: Store) -> None:
+    assert await store.rotated_token("acct", "pop3", "o1") is None
+    await store.save_rotated_token("acct", "pop3", "o1", "sealed-1")
+    await store.save_rotated_token("acct", "pop3", "o1", "sealed-2")
+    await store.save_rotated_token("acct", "smtp", "o1", "sealed-s")
+    assert await store.rotated_token("acct", "pop3", "o1") == "sealed-2"
+    assert await store.rotated_token("acct", "smtp", "o1") == "sealed-s"
+    assert await store.rotated_token("acct", "pop3", "o2") is None  # signed in again since

@@ -29,7 +29,7 @@ from mailingest.model import (
     StoreOutcome,
     UnmatchedSender,
 )
-from mailingest.store import _audit, accounts, ingest, read, records, state
+from mailingest.store import _audit, accounts, ingest, read, records, state, tokens
 from mailingest.store._db import CHUNK, Database
 from mailingest.store._postgres import is_postgres_url, redacted
 from mailingest.store._sqlite import BUSY_TIMEOUT_MS, SqliteDatabase
@@ -222,6 +222,16 @@ class Store:
 
     async def remove_account(self, name: str) -> bool:
         return await accounts.remove_account(self._db, name)
+
+    # -- OAuth2 refresh tokens ----------------------------------------------------------------
+
+    async def rotated_token(self, account: str, service: str, origin: str) -> str | None:
+        return await tokens.rotated_token(self._db, account, service, origin)
+
+    async def save_rotated_token(
+        self, account: str, service: str, origin: str, sealed: str
+    ) -> None:
+        await tokens.save_rotated_token(self._db, account, service, origin, sealed)
 
     # -- reading -------------------------------------------------------------------------------
 

@@ -148,6 +148,18 @@ SQLITE_MIGRATIONS: tuple[str, ...] = (
         retagged INTEGER NOT NULL DEFAULT 0
     );
     """,
+    # 7: OAuth2 refresh tokens a provider rotated, sealed with [storage] secret_key;
+    # ``origin`` fingerprints the configured token they descend from
+    """
+    CREATE TABLE oauth_tokens (
+        account TEXT NOT NULL,
+        service TEXT NOT NULL,
+        origin TEXT NOT NULL,
+        token TEXT NOT NULL,
+        updated_at TEXT NOT NULL,
+        PRIMARY KEY (account, service)
+    );
+    """,
 )
 
 #: The same tables for PostgreSQL. Its history starts at the schema SQLite reached with
@@ -287,6 +299,17 @@ POSTGRES_MIGRATIONS: tuple[str, ...] = (
         record TEXT,
         detail TEXT NOT NULL DEFAULT '{}',
         retagged INTEGER NOT NULL DEFAULT 0
+    );
+    """,
+    # 5: as SQLite's migration 7
+    """
+    CREATE TABLE oauth_tokens (
+        account TEXT NOT NULL,
+        service TEXT NOT NULL,
+        origin TEXT NOT NULL,
+        token TEXT NOT NULL,
+        updated_at TEXT NOT NULL,
+        PRIMARY KEY (account, service)
     );
     """,
 )

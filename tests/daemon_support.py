@@ -1,8 +1,9 @@
 """Helpers for the daemon tests: a stand-in for systemd's notify socket, the daemon as a real
-process, and bounded waiting."""
+process or in-process, and bounded waiting."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -11,10 +12,12 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+from mailingest.scheduler import Daemon
 from support import run_cli
 
 #: Nothing here waits longer for one thing to happen (a generous bound, never a benchmark).
@@ -27,6 +30,31 @@ def wait_until(check: Callable[[], bool], what: str, timeout: float = WAIT) -> N
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
         time.sleep(0.05)
+
+
+async def until(check: Callable[[], bool], what: str, within: float = WAIT) -> None:
+    """``wait_until`` for a test on the event loop: the loop runs while it waits."""
+    deadline = time.monotonic() + within
+    while not check():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.05)
+
+
+@asynccontextmanager
+async def running(daemon: Daemon) -> AsyncIterator[Daemon]:
+    """The daemon in-process (no signal handlers), stopped at the end; it must exit 0."""
+    task = asyncio.create_task(daemon.async_run(signals=False))
+    try:
+        await until(lambda: daemon._store is not None or task.done(), "the store to open")
+        yield daemon
+    finally:
+        daemon.stop("test")
+        assert await asyncio.wait_for(task, WAIT) == 0
+
+
+def events(logs: list[dict[str, Any]], name: str, acct: str | None = None) -> list[dict[str, Any]]:
+    """The captured events called ``name`` (of account ``acct``)."""
+    return [e for e in logs if e["event"] == name and (acct is None or e.get("account") == acct)]
 
 
 class NotifySocket:

@@ -9,14 +9,13 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from structlog.testing import capture_logs
 
+from daemon_support import events, running, until
 from dovecot import free_port
 from mailingest import commands
 from mailingest.config import Account, load_config
@@ -56,28 +55,6 @@ class Recorder:
 
     def polls(self, name: str) -> int:
         return len(self.starts.get(name, []))
-
-
-async def until(check: Callable[[], bool], what: str, within: float = BOUND) -> None:
-    deadline = time.monotonic() + within
-    while not check():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.05)
-
-
-@asynccontextmanager
-async def running(daemon: Daemon) -> AsyncIterator[Daemon]:
-    task = asyncio.create_task(daemon.async_run(signals=False))
-    try:
-        await until(lambda: daemon._store is not None or task.done(), "the store to open")
-        yield daemon
-    finally:
-        daemon.stop("test")
-        assert await asyncio.wait_for(task, BOUND) == 0
-
-
-def events(logs: list[dict[str, Any]], name: str, acct: str | None = None) -> list[dict[str, Any]]:
-    return [e for e in logs if e["event"] == name and (acct is None or e.get("account") == acct)]
 
 
 async def status(config: Path) -> dict[str, dict[str, Any]]:

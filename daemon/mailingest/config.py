@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mailingest.envfile import EnvFileError, read_env_file
 from mailingest.errors import ConfigError
 
 DEFAULT_CONFIG_PATH = Path("/etc/mailingest/mailingest.toml")
@@ -30,7 +31,9 @@ _TOP_KEYS = ("storage", "daemon", "accounts")
 _STORAGE_KEYS = ("database", "password", "secret_key")
 #: The shortest secret_key accepted (characters).
 SECRET_KEY_MIN = 16
-_DAEMON_KEYS = "poll_interval max_concurrent max_sessions_per_cycle log_format shutdown_timeout"
+_DAEMON_KEYS = (
+    "poll_interval max_concurrent max_sessions_per_cycle log_format shutdown_timeout env_file"
+)
 _TRANSPORT_KEYS = "host port security username password allow_plaintext ca_file tls_verify timeout"
 _SMTP_KEYS = (*_TRANSPORT_KEYS.split(), "daily_limit")
 _ACCOUNT_KEYS = (
@@ -162,6 +165,9 @@ class DaemonSettings:
     max_sessions_per_cycle: int = 10
     log_format: str = "auto"
     shutdown_timeout: float = 10.0
+    #: NAME=value lines that { env = "NAME" } secrets read before the process environment;
+    #: unlike the environment, re-read on every load (SIGHUP).
+    env_file: Path | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -255,8 +261,8 @@ def load_config(
     ctx.defer = not secrets
     root = _Table(data, ctx.file, "")
     root.check_keys(_TOP_KEYS)
+    daemon = _daemon(root.table("daemon"), ctx)  # first: its env_file serves every { env }
     storage = _storage(root.table("storage"), ctx)
-    daemon = _daemon(root.table("daemon"))
     raw_accounts = data.get("accounts", [])
     if not isinstance(raw_accounts, list):
         raise root.error("accounts", "expected an array of tables ([[accounts]])")
@@ -281,6 +287,9 @@ class _Context:
         self.file = file
         self.base = base
         self.environ = environ
+        #: The ``[daemon] env_file``'s variables (read at load), before ``environ``.
+        self.env_file: Mapping[str, str] = {}
+        self.env_path: Path | None = None
         self.literals: list[str] = []  # key paths of literal passwords, for the mode check
         self.defer = False  # leave secrets marked lazy unread until used
 
@@ -446,15 +455,26 @@ def _db_password(t: _Table, ctx: _Context) -> Secret | None:
     return _secret(t, "password", ctx) if "password" in t.data else None
 
 
-def _daemon(t: _Table) -> DaemonSettings:
+def _daemon(t: _Table, ctx: _Context) -> DaemonSettings:
     t.check_keys(_DAEMON_KEYS.split())
     d = DaemonSettings()
+    env_text = t.optional_string("env_file")
+    env_file = ctx.resolve(env_text) if env_text is not None else None
+    if env_file is not None:
+        # Read by every load, even of commands that resolve no secret: like the config
+        # file, it is part of the configuration, and `mailingest config` checks it.
+        try:
+            ctx.env_file = read_env_file(env_file)
+        except EnvFileError as exc:
+            raise t.error("env_file", str(exc)) from None
+        ctx.env_path = env_file
     return DaemonSettings(
         poll_interval=t.duration("poll_interval", d.poll_interval),
         max_concurrent=t.integer("max_concurrent", d.max_concurrent, 1),
         max_sessions_per_cycle=t.integer("max_sessions_per_cycle", d.max_sessions_per_cycle, 1),
         log_format=t.choice("log_format", d.log_format, LOG_FORMATS),
         shutdown_timeout=t.duration("shutdown_timeout", d.shutdown_timeout),
+        env_file=env_file,
     )
 
 
@@ -663,11 +683,15 @@ def _secret(
 
 def _read_secret(t: _Table, key: str, ctx: _Context, source: str, ref: str) -> Secret:
     if source == "env":
-        if ref not in ctx.environ:
+        if ref in ctx.env_file:
+            return _checked(t, key, Secret("env", ref, ctx.env_file[ref]))
+        if ref in ctx.environ:
+            return _checked(t, key, Secret("env", ref, ctx.environ[ref]))
+        if ctx.env_path is not None:
             raise t.error(
-                key, f"environment variable {ref} is not set; set it or use {{ file = ... }}"
+                key, f"{ref} is neither in daemon.env_file ({ctx.env_path}) nor in the environment"
             )
-        return _checked(t, key, Secret("env", ref, ctx.environ[ref]))
+        raise t.error(key, f"environment variable {ref} is not set; set it or use {{ file = ... }}")
     if source == "file":
         path = ctx.resolve(ref)
     else:
@@ -724,6 +748,7 @@ _UNSET = {
     "magnet_label": "no label",
     "from_address": "the identity",
     "poll_interval": "the [daemon] poll_interval",
+    "env_file": "{ env } secrets come from the process environment only",
 }
 
 

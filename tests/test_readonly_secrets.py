@@ -5,9 +5,14 @@ only the daemon sees the credentials, and `messages`, `show`, `records`, `status
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
+import pytest
+
 from dovecot import Mailbox
+from mailingest.config import load_config
+from mailingest.errors import ConfigError
 from support import dovecot_account, fetch_json, make_message, run_cli, write_config
 
 KEY = "k3y-for-tests-0123456789abcdef"
@@ -79,3 +84,30 @@ def test_read_only_commands_list_stored_accounts_without_the_secret_key(
     assert [(a["account"], a["stored"]) for a in status["accounts"]] == [("mine", 1)]
     proc = run_cli(config, "fetch")
     assert proc.returncode == 78 and "storage.secret_key" in proc.stderr.decode()
+
+
+def test_an_env_file_this_user_may_not_read_fails_only_what_needs_an_env_secret(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As a shell user next to the systemd unit's root-only env file (the tests run as
+    root, who may read anything: os.access answers as for that user)."""
+    env = tmp_path / "secrets.env"
+    env.write_text("POP_PW=from-the-file\n")
+    env.chmod(0o600)
+    account = {
+        "name": "a", "owner": "alice", "host": "127.0.0.1", "port": 110,
+        "security": "plain", "allow_plaintext": True, "username": "u",
+        "password": {"env": "POP_PW"},
+    }  # fmt: skip
+    config = write_config(tmp_path, [account], daemon={"env_file": str(env)})
+    real_access = os.access
+    monkeypatch.setattr(
+        os, "access", lambda p, mode: False if Path(p) == env else real_access(p, mode)
+    )
+    quiet = load_config(config, secrets=False)
+    assert quiet.daemon.env_file == env
+    with pytest.raises(ConfigError) as caught:
+        quiet.accounts[0].password.reveal()
+    assert caught.value.key_path == "daemon.env_file" and "permission denied" in str(caught.value)
+    # A command that logs in reads it at once (here, as root, it can).
+    assert load_config(config).accounts[0].password.reveal() == "from-the-file"

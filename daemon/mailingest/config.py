@@ -290,6 +290,7 @@ class _Context:
         #: The ``[daemon] env_file``'s variables (read at load), before ``environ``.
         self.env_file: Mapping[str, str] = {}
         self.env_path: Path | None = None
+        self.env_error: ConfigError | None = None  # unreadable, raised where it is needed
         self.literals: list[str] = []  # key paths of literal passwords, for the mode check
         self.defer = False  # leave secrets marked lazy unread until used
 
@@ -462,12 +463,17 @@ def _daemon(t: _Table, ctx: _Context) -> DaemonSettings:
     env_file = ctx.resolve(env_text) if env_text is not None else None
     if env_file is not None:
         # Read by every load, even of commands that resolve no secret: like the config
-        # file, it is part of the configuration, and `mailingest config` checks it.
-        try:
-            ctx.env_file = read_env_file(env_file)
-        except EnvFileError as exc:
-            raise t.error("env_file", str(exc)) from None
+        # file, it is part of the configuration, and `mailingest config` checks it. One
+        # that this user may not read fails only where an { env } secret is needed: under
+        # the systemd unit only the daemon reads it, and `messages` must still work.
         ctx.env_path = env_file
+        if ctx.defer and env_file.exists() and not os.access(env_file, os.R_OK):
+            ctx.env_error = t.error("env_file", f"cannot read {env_file}: permission denied")
+        else:
+            try:
+                ctx.env_file = read_env_file(env_file)
+            except EnvFileError as exc:
+                raise t.error("env_file", str(exc)) from None
     return DaemonSettings(
         poll_interval=t.duration("poll_interval", d.poll_interval),
         max_concurrent=t.integer("max_concurrent", d.max_concurrent, 1),
@@ -683,6 +689,8 @@ def _secret(
 
 def _read_secret(t: _Table, key: str, ctx: _Context, source: str, ref: str) -> Secret:
     if source == "env":
+        if ctx.env_error is not None:
+            raise ctx.env_error
         if ref in ctx.env_file:
             return _checked(t, key, Secret("env", ref, ctx.env_file[ref]))
         if ref in ctx.environ:

@@ -5,6 +5,36 @@ Both backends keep the same tables and columns, so the store's SQL is written on
 
 from __future__ import annotations
 
+#: Later migrations are the same text for both backends (but the primary key).
+_SIZE_POLICY_AND_AUDIT = """
+    ALTER TABLE messages ADD COLUMN quarantined INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE messages ADD COLUMN quarantine_reason TEXT;
+    CREATE INDEX messages_quarantined ON messages (quarantined, id);
+    ALTER TABLE shares ADD COLUMN set_by TEXT;
+    ALTER TABLE shares ADD COLUMN set_at TEXT;
+    CREATE TABLE audit (
+        id {pk},
+        at TEXT NOT NULL,
+        actor TEXT NOT NULL,
+        action TEXT NOT NULL,
+        owner TEXT,
+        account TEXT,
+        record TEXT,
+        detail TEXT NOT NULL DEFAULT '{{}}',
+        retagged INTEGER NOT NULL DEFAULT 0
+    );
+    """
+_OAUTH_TOKENS = """
+    CREATE TABLE oauth_tokens (
+        account TEXT NOT NULL,
+        service TEXT NOT NULL,
+        origin TEXT NOT NULL,
+        token TEXT NOT NULL,
+        updated_at TEXT NOT NULL,
+        PRIMARY KEY (account, service)
+    );
+    """
+
 SQLITE_MIGRATIONS: tuple[str, ...] = (
     # 1: messages, raw chunks, UIDL ledger, account state
     """
@@ -130,36 +160,10 @@ SQLITE_MIGRATIONS: tuple[str, ...] = (
     """,
     # 6: size policy (headers of an oversized message kept, quarantined), who set a share
     # flag and when, the audit log of sharing changes
-    """
-    ALTER TABLE messages ADD COLUMN quarantined INTEGER NOT NULL DEFAULT 0;
-    ALTER TABLE messages ADD COLUMN quarantine_reason TEXT;
-    CREATE INDEX messages_quarantined ON messages (quarantined, id);
-    ALTER TABLE shares ADD COLUMN set_by TEXT;
-    ALTER TABLE shares ADD COLUMN set_at TEXT;
-    CREATE TABLE audit (
-        id INTEGER PRIMARY KEY,
-        at TEXT NOT NULL,
-        actor TEXT NOT NULL,
-        action TEXT NOT NULL,
-        owner TEXT,
-        account TEXT,
-        record TEXT,
-        detail TEXT NOT NULL DEFAULT '{}',
-        retagged INTEGER NOT NULL DEFAULT 0
-    );
-    """,
+    _SIZE_POLICY_AND_AUDIT.format(pk="INTEGER PRIMARY KEY"),
     # 7: OAuth2 refresh tokens a provider rotated, sealed with [storage] secret_key;
     # ``origin`` fingerprints the configured token they descend from
-    """
-    CREATE TABLE oauth_tokens (
-        account TEXT NOT NULL,
-        service TEXT NOT NULL,
-        origin TEXT NOT NULL,
-        token TEXT NOT NULL,
-        updated_at TEXT NOT NULL,
-        PRIMARY KEY (account, service)
-    );
-    """,
+    _OAUTH_TOKENS,
 )
 
 #: The same tables for PostgreSQL. Its history starts at the schema SQLite reached with
@@ -283,33 +287,7 @@ POSTGRES_MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX messages_message_id ON messages (account, message_id);
     """,
     # 4: as SQLite's migration 6
-    """
-    ALTER TABLE messages ADD COLUMN quarantined INTEGER NOT NULL DEFAULT 0;
-    ALTER TABLE messages ADD COLUMN quarantine_reason TEXT;
-    CREATE INDEX messages_quarantined ON messages (quarantined, id);
-    ALTER TABLE shares ADD COLUMN set_by TEXT;
-    ALTER TABLE shares ADD COLUMN set_at TEXT;
-    CREATE TABLE audit (
-        id BIGSERIAL PRIMARY KEY,
-        at TEXT NOT NULL,
-        actor TEXT NOT NULL,
-        action TEXT NOT NULL,
-        owner TEXT,
-        account TEXT,
-        record TEXT,
-        detail TEXT NOT NULL DEFAULT '{}',
-        retagged INTEGER NOT NULL DEFAULT 0
-    );
-    """,
+    _SIZE_POLICY_AND_AUDIT.format(pk="BIGSERIAL PRIMARY KEY"),
     # 5: as SQLite's migration 7
-    """
-    CREATE TABLE oauth_tokens (
-        account TEXT NOT NULL,
-        service TEXT NOT NULL,
-        origin TEXT NOT NULL,
-        token TEXT NOT NULL,
-        updated_at TEXT NOT NULL,
-        PRIMARY KEY (account, service)
-    );
-    """,
+    _OAUTH_TOKENS,
 )

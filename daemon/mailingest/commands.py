@@ -134,7 +134,7 @@ async def _one_shot(
 
 def check_pop3(account: Account) -> dict[str, Any]:
     """Worker-thread side of `check`: connect, TLS, login, STAT; nothing changed."""
-    session = Pop3Session(account)
+    session = Pop3Session(account.pop3_login())
     try:
         session.connect()
         count, _ = session.stat()

@@ -286,7 +286,7 @@ async def _one_session(
     account: Account, store: Store, spool_dir: Path, tally: Tally | None, result: _Session
 ) -> int:
     """One POP3 session; adds what it did to ``result`` as it goes and returns the new count."""
-    session = Pop3Session(account)
+    session = Pop3Session(account.pop3_login())
     new_before = result.new
     # Read before the login where the last listing held mail (under the lease, only this
     # cycle changes it): a mailbox with nothing new is then listed, cleaned and closed in

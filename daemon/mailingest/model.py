@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
+from pathlib import Path
 from typing import IO, Any
 
 
@@ -21,6 +22,27 @@ class Status(StrEnum):
     UNAVAILABLE = "unavailable"
     TEMP_FAILED = "temp_failed"
     ERROR = "error"
+
+
+@dataclass(frozen=True, slots=True)
+class Pop3Login:
+    """What one POP3 session needs of its account: where to connect, how, and as whom.
+
+    The wire (pop3.py) takes these plain values rather than the config's ``Account``, so
+    it depends on nothing above it. ``password`` is called where the session needs it (at
+    connect, and to mask an echoed password in error text): a secret read lazily is read
+    only by a session that logs in.
+    """
+
+    name: str  # the account, as errors name it
+    host: str
+    port: int
+    security: str  # tls | starttls | plain
+    username: str
+    password: Callable[[], str] = field(repr=False, compare=False)
+    ca_file: Path | None = None
+    tls_verify: bool = True
+    timeout: float = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -274,6 +296,7 @@ __all__ = [
     "Headers",
     "LedgerEntry",
     "NewMessage",
+    "Pop3Login",
     "Record",
     "ShareFlag",
     "Status",

@@ -9,7 +9,8 @@ from typing import Any
 import pytest
 
 from mailingest.config import Account, Secret
-from mailingest.retry import Backoff, PollFailure, login_key, poll_retrying, same_login
+from mailingest.pause import login_key, same_login
+from mailingest.retry import Backoff, PollFailure, poll_retrying
 
 
 class Sleeps:

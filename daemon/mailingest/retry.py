@@ -10,9 +10,6 @@ others would fail the same way.
 
 from __future__ import annotations
 
-import hashlib
-import hmac
-import secrets
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -21,7 +18,6 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_exception
 from tenacity.stop import stop_base
 from tenacity.wait import wait_base, wait_exponential, wait_random
 
-from mailingest.config import Account
 from mailingest.errors import (
     AuthError,
     MailIngestError,
@@ -149,37 +145,3 @@ def failure_of(retry_state: RetryCallState) -> PollFailure | None:
     outcome = retry_state.outcome
     exc = outcome.exception() if outcome is not None else None
     return exc if isinstance(exc, PollFailure) else None
-
-
-# -- the auth pause -------------------------------------------------------------------------
-# An authentication failure is never retried: the account pauses until its login changes.
-# The pause remembers the rejected login as a salted scrypt hash (never the password), so a
-# restarted daemon stays paused too and does not spend another attempt on a locked mailbox.
-
-_SCRYPT = {"n": 2**14, "r": 8, "p": 1, "dklen": 32}
-
-
-def _login_bytes(account: Account) -> bytes:
-    """Everything that makes a login: another server or user name is another attempt."""
-    parts = (account.host, str(account.port), account.username, account.password.reveal())
-    return "\0".join(parts).encode("utf-8")
-
-
-def login_key(account: Account, *, salt: bytes | None = None) -> str:
-    """``scrypt$<salt>$<hash>`` of the account's login (CPU-bound: call it in a thread)."""
-    salt = secrets.token_bytes(16) if salt is None else salt
-    digest = hashlib.scrypt(_login_bytes(account), salt=salt, **_SCRYPT)
-    return f"scrypt${salt.hex()}${digest.hex()}"
-
-
-def same_login(key: str, account: Account) -> bool:
-    """Whether ``account`` would log in exactly as the login that ``key`` was made from."""
-    scheme, _, rest = key.partition("$")
-    salt_hex, _, _ = rest.partition("$")
-    if scheme != "scrypt":
-        return False
-    try:
-        salt = bytes.fromhex(salt_hex)
-    except ValueError:
-        return False
-    return hmac.compare_digest(login_key(account, salt=salt), key)

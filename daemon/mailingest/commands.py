@@ -20,7 +20,7 @@ from mailingest.config import Account, Config
 from mailingest.errors import DataError, MailIngestError, PermissionDenied, UsageError
 from mailingest.fetch import FetchResult, fetch_account
 from mailingest.logs import mask_text
-from mailingest.model import AccountState, Record, StoredMessage
+from mailingest.model import AccountState, Record, Status, StoredMessage
 from mailingest.pop3 import Pop3Session
 from mailingest.progress import Progress
 from mailingest.sharing import may_see
@@ -116,7 +116,7 @@ async def _one_shot(
         if not await pause.may_retry(state.pause_key, account):
             return FetchResult(
                 account=account.name,
-                status="auth_failed",
+                status=Status.AUTH_FAILED,
                 error=f"account {account.name!r}: paused since the server rejected this "
                 "login; no login attempted. Put the new password in the config.",
             )
@@ -124,7 +124,7 @@ async def _one_shot(
     if pause.rejected(result.status):
         key = await pause.key_of(account)
         await pause.record(store, account.name, key, announce=False)
-    elif result.status == "ok" and state is not None and state.paused:
+    elif result.status is Status.OK and state is not None and state.paused:
         await pause.resume(store, account.name, announce=False)
     return result
 
@@ -141,10 +141,10 @@ def check_pop3(account: Account) -> dict[str, Any]:
         return {"status": exc.status, "error": str(exc), "capabilities": [], "messages": None}
     except Exception as exc:  # a bug in one account's check must not hide the others'
         error = mask_text(f"account {account.name!r}: internal error: {type(exc).__name__}: {exc}")
-        return {"status": "error", "error": error, "capabilities": [], "messages": None}
+        return {"status": Status.ERROR, "error": error, "capabilities": [], "messages": None}
     finally:
         session.close()
-    return {"status": "ok", "error": None, "capabilities": caps, "messages": count}
+    return {"status": Status.OK, "error": None, "capabilities": caps, "messages": count}
 
 
 async def _check_smtp(account: Account) -> dict[str, Any] | None:
@@ -157,7 +157,7 @@ async def _check_smtp(account: Account) -> dict[str, Any] | None:
         await smtp.check_login(account.smtp, account.name)
     except MailIngestError as exc:  # the server's reply is quoted: mask what it may echo
         return {"status": exc.status, "error": mask_text(str(exc))}
-    return {"status": "ok", "error": None}
+    return {"status": Status.OK, "error": None}
 
 
 async def check(config: Config, names: Sequence[str] | None) -> list[dict[str, Any]]:

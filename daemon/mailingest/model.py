@@ -14,7 +14,10 @@ from typing import IO, Any
 
 
 class Status(StrEnum):
-    """An account's poll result, as JSON ``status``/``result`` shows it."""
+    """An account's result, as JSON ``status``/``result`` and the store show it (a StrEnum:
+    it serialises as the plain string). A poll ends in one of ``POLL_STATUSES``; the others
+    are the statuses of errors outside a poll, which only `check` can report (an SMTP server
+    refusing EHLO with a 5xx is data_error)."""
 
     OK = "ok"
     AUTH_FAILED = "auth_failed"
@@ -22,6 +25,31 @@ class Status(StrEnum):
     UNAVAILABLE = "unavailable"
     TEMP_FAILED = "temp_failed"
     ERROR = "error"
+    CONFIG_ERROR = "config_error"
+    USAGE = "usage"
+    DATA_ERROR = "data_error"
+    PERMISSION_DENIED = "permission_denied"
+
+    @property
+    def transient(self) -> bool:
+        """Whether a poll that ended so may be retried early (backoff): a server down or
+        busy, a drop, a locked store. A rejected login is never retried (it would lock the
+        mailbox); TLS and protocol failures would fail the same way."""
+        return self in _TRANSIENT
+
+
+#: What a poll can end in (fetch maps any other error status to ERROR).
+POLL_STATUSES = frozenset(
+    {
+        Status.OK,
+        Status.AUTH_FAILED,
+        Status.TLS_FAILED,
+        Status.UNAVAILABLE,
+        Status.TEMP_FAILED,
+        Status.ERROR,
+    }
+)
+_TRANSIENT = frozenset({Status.UNAVAILABLE, Status.TEMP_FAILED})
 
 
 @dataclass(frozen=True, slots=True)
@@ -246,7 +274,7 @@ class AccountState:
     account: str
     owner: str | None = None
     last_poll: str | None = None
-    result: str | None = None
+    result: Status | None = None
     error: str | None = None
     new: int = 0
     stored: int = 0
@@ -288,6 +316,7 @@ class Claim:
 
 
 __all__ = [
+    "POLL_STATUSES",
     "AccountPolicy",
     "AccountState",
     "AuditEntry",

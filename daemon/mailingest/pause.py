@@ -18,21 +18,22 @@ import structlog
 
 from mailingest.config import Account
 from mailingest.errors import StoreError
+from mailingest.model import Status
 from mailingest.store import Store
 
 log = structlog.get_logger("mailingest.pause")
 
 #: Why an account is paused (``pause_reason`` in ``status``, ``reason`` of ``account_paused``).
-REASON = "auth_failed"
+REASON = Status.AUTH_FAILED.value
 #: Why a paused account resumes: its config brings another login than the rejected one.
 CREDENTIALS_CHANGED = "credentials_changed"
 
 _SCRYPT = {"n": 2**14, "r": 8, "p": 1, "dklen": 32}
 
 
-def rejected(status: str) -> bool:
+def rejected(status: Status) -> bool:
     """Whether a poll that ended in ``status`` had its login rejected: the pause begins."""
-    return status == "auth_failed"
+    return status is Status.AUTH_FAILED
 
 
 def _login_bytes(account: Account) -> bytes:

@@ -1,10 +1,10 @@
 """The tenacity policies: which failed polls are retried, and how long an account waits.
 
 A poll ends with a status (``fetch_account`` never raises for account failures). The
-scheduler turns a failed status back into our error hierarchy (``PollFailure``), so the
-policy decides by the hierarchy's ``transient`` flag: refused, timeouts, drops,
-``[SYS/TEMP]``, ``[IN-USE]``, LOGIN-DELAY, a busy lease, a locked store. Authentication,
-TLS and protocol failures are never retried early: the first would lock the mailbox, the
+runner raises a failed one as ``PollFailure`` for tenacity, and the policy decides by the
+status alone (``Status.transient``): refused, timeouts, drops, ``[SYS/TEMP]``,
+``[IN-USE]``, LOGIN-DELAY, a busy lease, a locked store are retried. Authentication, TLS
+and protocol failures are never retried early: the first would lock the mailbox, the
 others would fail the same way.
 """
 
@@ -18,23 +18,7 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_exception
 from tenacity.stop import stop_base
 from tenacity.wait import wait_base, wait_exponential, wait_random
 
-from mailingest.errors import (
-    AuthError,
-    MailIngestError,
-    ProtocolError,
-    TemporaryError,
-    TLSError,
-    UnavailableError,
-)
-
-#: Account status -> the error class of the hierarchy that produces it.
-_STATUS_ERRORS: dict[str, type[MailIngestError]] = {
-    "auth_failed": AuthError,
-    "tls_failed": TLSError,
-    "unavailable": UnavailableError,
-    "temp_failed": TemporaryError,
-    "error": ProtocolError,
-}
+from mailingest.model import Status
 
 
 class PollFailure(Exception):
@@ -43,25 +27,19 @@ class PollFailure(Exception):
     ``floor`` is the least wait the server allows (LOGIN-DELAY): a retry never comes sooner.
     """
 
-    def __init__(self, status: str, message: str | None, *, floor: float = 0.0) -> None:
-        kind = _STATUS_ERRORS.get(status, ProtocolError)
-        self.error = kind(message or status)
+    def __init__(self, status: Status, message: str | None, *, floor: float = 0.0) -> None:
         self.status = status
+        self.message = message or status.value
         self.floor = floor
-        super().__init__(str(self.error))
+        super().__init__(self.message)
 
     @property
     def transient(self) -> bool:
-        return self.error.transient
+        return self.status.transient
 
 
 def is_transient(exc: BaseException) -> bool:
     return isinstance(exc, PollFailure) and exc.transient
-
-
-def transient_status(status: str) -> bool:
-    """Whether a poll that ended in ``status`` may be retried early (backoff)."""
-    return _STATUS_ERRORS.get(status, ProtocolError).transient
 
 
 @dataclass(frozen=True, slots=True)

@@ -19,7 +19,7 @@ from mailingest import pause
 from mailingest.config import Account, DaemonSettings
 from mailingest.errors import StoreError
 from mailingest.fetch import FetchResult, log_poll_failed, take_poll
-from mailingest.model import AccountState, Claim
+from mailingest.model import AccountState, Claim, Status
 from mailingest.retry import Backoff, PollFailure, attempt_wait, failure_of, poll_retrying
 from mailingest.store import Store
 
@@ -210,7 +210,7 @@ class AccountRunner:
         except ClaimedElsewhere as elsewhere:
             return elsewhere.wait
         except PollFailure as failure:  # transient, and the retries stopped: as above
-            self._poll_failed(failure.status, str(failure.error), None if self.done else 0.0)
+            self._poll_failed(failure.status, failure.message, None if self.done else 0.0)
             return 0.0
         except Exception:  # a bug must not end this account's polling for good
             log.exception("poll_crashed", account=self.name)
@@ -225,7 +225,8 @@ class AccountRunner:
             delay = self.interval * (1 + random.uniform(-JITTER, JITTER))
         else:  # as claimed: jittered, an interval from this poll's start
             delay = max(0.0, planned - asyncio.get_running_loop().time())
-        if result.status != "ok":  # TLS or protocol: an early retry would fail the same way
+        if result.status is not Status.OK:
+            # TLS or protocol: an early retry would fail the same way.
             delay = await self._schedule(delay, floor)
             self._poll_failed(result.status, result.error, None if self.done else round(delay, 3))
             return delay
@@ -271,7 +272,7 @@ class AccountRunner:
         if result.busy:  # another process is polling it now: this poll is theirs
             raise ClaimedElsewhere(self.interval)
         host.note_result(self.name, result)
-        if result.status == "ok":
+        if result.status is Status.OK:
             return result
         failure = PollFailure(result.status, result.error)
         if failure.transient:
@@ -317,8 +318,8 @@ class AccountRunner:
     def _retry_scheduled(self, retry_state: Any) -> None:
         failure = failure_of(retry_state)
         wait = round(attempt_wait(retry_state), 3)
-        status = failure.status if failure else "error"
-        self._poll_failed(status, str(failure.error) if failure else None, wait)
+        status = failure.status if failure else Status.ERROR
+        self._poll_failed(status, failure.message if failure else None, wait)
         log.warning(
             "retry_scheduled",
             account=self.name,
@@ -327,7 +328,7 @@ class AccountRunner:
             error_kind=status,
         )
 
-    def _poll_failed(self, status: str, error: str | None, retry_in: float | None) -> None:
+    def _poll_failed(self, status: Status, error: str | None, retry_in: float | None) -> None:
         log_poll_failed(self.name, status, error, retry_in)
 
     async def _retry_sleep(self, seconds: float) -> None:

@@ -27,7 +27,7 @@ from mailingest.daemon import process
 from mailingest.daemon.runner import AccountRunner, Fetch
 from mailingest.errors import EX_OK, MailIngestError, StoreError
 from mailingest.fetch import FetchResult, fetch_account
-from mailingest.model import AccountState
+from mailingest.model import AccountState, Status
 from mailingest.retry import Backoff
 from mailingest.store import Store
 from mailingest.systemd import Notifier, watchdog_period
@@ -374,7 +374,7 @@ class Daemon:
 
     def note_result(self, account: str, result: FetchResult) -> None:
         """Remember the last error for STATUS=; forget it once that account polls fine."""
-        if result.status != "ok":
+        if result.status is not Status.OK:
             self.last_error = (account, result.error or result.status)
         elif self.last_error is not None and self.last_error[0] == account:
             self.last_error = None

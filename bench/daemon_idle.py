@@ -32,9 +32,9 @@ sys.path.insert(0, str(BENCH.parent / "tests"))  # write_config, as the tests us
 
 from mailingest import logs  # noqa: E402
 from mailingest.config import Account, load_config  # noqa: E402
+from mailingest.daemon import Daemon  # noqa: E402
 from mailingest.fetch import FetchResult, fetch_account  # noqa: E402
 from mailingest.popserver import Mailbox, ThreadedPop3Server  # noqa: E402
-from mailingest.scheduler import Daemon  # noqa: E402
 from mailingest.store import Store  # noqa: E402
 from support import write_config  # noqa: E402 (after the path set-up above)
 

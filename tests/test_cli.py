@@ -90,7 +90,7 @@ def test_every_logged_event_is_in_the_catalog_and_docs() -> None:
     pattern = re.compile(
         r"(?:\blog|get_logger\([^)]*\))\.(?:debug|info|warning|error|exception)\(\s*\"(\w+)\""
     )
-    for path in PACKAGE.glob("*.py"):
+    for path in PACKAGE.rglob("*.py"):
         used.update(pattern.findall(path.read_text(encoding="utf-8")))
     assert used, "no log calls found"
     assert used <= set(logs.EVENTS), used - set(logs.EVENTS)

@@ -19,10 +19,10 @@ from daemon_support import events, running, until
 from dovecot import free_port
 from mailingest import commands
 from mailingest.config import Account, load_config
+from mailingest.daemon import Daemon
 from mailingest.fetch import FetchResult, fetch_account
 from mailingest.popserver import Faults, Mailbox, Pop3TestServer
 from mailingest.retry import Backoff
-from mailingest.scheduler import Daemon
 from mailingest.store import Store
 from support import loopback_account, make_message, write_config
 

@@ -9,7 +9,9 @@ from typing import Any
 import pytest
 
 from mailingest.config import Account, Secret
-from mailingest.retry import Backoff, PollFailure, login_key, poll_retrying, same_login
+from mailingest.model import Status
+from mailingest.pause import login_key, same_login
+from mailingest.retry import Backoff, PollFailure, poll_retrying
 
 
 class Sleeps:
@@ -32,7 +34,7 @@ class Failing:
         self.calls += 1
         if self.left > 0:
             self.left -= 1
-            raise PollFailure(self.status, f"{self.status} #{self.calls}", floor=self.floor)
+            raise PollFailure(Status(self.status), f"{self.status} #{self.calls}", floor=self.floor)
         return "ok"
 
 

@@ -247,7 +247,7 @@ def _session(wire: bytes) -> pop3.Pop3Session:
     """A logged-in session whose server replies with ``wire`` (the real poplib parsing)."""
     pop: Any = pop3._PlainPOP3.__new__(pop3._PlainPOP3)
     pop.file, pop.sock, pop._debugging, pop.encoding = io.BytesIO(wire), _FakeSock(), 0, "UTF-8"
-    session = pop3.Pop3Session(_account())
+    session = pop3.Pop3Session(_account().pop3_login())
     session._pop = pop
     return session
 
@@ -324,7 +324,7 @@ def test_uidl_over_a_real_socket_parses_or_fails_typed(
 ) -> None:
     server.server.faults.reply_override["UIDL"] = wire
     account = dataclasses.replace(_account(), port=server.port, timeout=2.0)
-    session = pop3.Pop3Session(account)
+    session = pop3.Pop3Session(account.pop3_login())
     try:
         session.connect()
         listing = session.uidl()

@@ -36,7 +36,7 @@ def _is_logger(node: ast.expr) -> bool:
 def logged() -> dict[str, tuple[set[str], set[str]]]:
     """Every event the package logs: the keys and levels over all its call sites."""
     found: dict[str, tuple[set[str], set[str]]] = {}
-    for path in sorted(PACKAGE.glob("*.py")):
+    for path in sorted(PACKAGE.rglob("*.py")):
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
             if not (
                 isinstance(node, ast.Call)

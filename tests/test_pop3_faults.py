@@ -241,7 +241,7 @@ async def test_status_line_over_64_kib_is_a_protocol_error(store: Store) -> None
 async def test_over_long_stat_reply_breaks_the_session_for_good() -> None:
     huge = b"+OK " + b"x" * 70_000 + b"\r\n"
     async with Pop3TestServer([mailbox()], Faults(reply_override={"STAT": huge})) as server:
-        session = Pop3Session(account(server.port))
+        session = Pop3Session(account(server.port).pop3_login())
         await asyncio.to_thread(session.connect)
         with pytest.raises(ProtocolError) as caught:
             await asyncio.to_thread(session.stat)
@@ -618,7 +618,7 @@ async def test_broken_tls_handshake_is_typed_sends_no_password_and_touches_nothi
         [mailbox()], faults, ssl_context=ctx, implicit_tls=implicit
     ) as server:
         acc = account(server.port, security=security, ca_file=certificate[0], leave_on_server=False)
-        session = Pop3Session(acc)
+        session = Pop3Session(acc.pop3_login())
         with pytest.raises(TemporaryError if status == "temp_failed" else TLSError) as caught:
             await asyncio.to_thread(session.connect)
         assert caught.value.account == NAME and session.broken

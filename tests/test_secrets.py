@@ -448,7 +448,7 @@ import sys
 from mailingest import pop3
 from mailingest.cli import main
 def crash(self, *args, **kwargs):
-    raise RuntimeError(f"boom while holding {self.account.password.reveal()!s}")
+    raise RuntimeError(f"boom while holding {self.login.password()!s}")
 pop3.Pop3Session.stat = crash
 pop3.Pop3Session.listing = crash
 sys.exit(main(sys.argv[1:]))

@@ -18,7 +18,7 @@ import structlog
 from mailingest.config import Account, Config, Secret, stored_account, with_accounts
 from mailingest.crypto import SecretBox
 from mailingest.errors import ConfigError, DataError, UsageError
-from mailingest.model import StoredAccount
+from mailingest.model import Status, StoredAccount
 from mailingest.store import Store
 
 log = structlog.get_logger("mailingest.accounts")
@@ -186,7 +186,7 @@ async def add(
             raise UsageError(f"account {name!r} exists already; see `mailingest accounts list`")
         account = validate(table, passwords, config, current.accounts)
         pop3 = await asyncio.to_thread(commands.check_pop3, account) if test else None
-        if pop3 is not None and pop3["status"] != "ok":
+        if pop3 is not None and pop3["status"] != Status.OK:
             return {"account": name, "added": False, "pop3": pop3}
         if not await store.add_account(to_row(table, passwords, box)):
             raise UsageError(f"account {name!r} exists already; see `mailingest accounts list`")

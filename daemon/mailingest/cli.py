@@ -379,7 +379,7 @@ def _reply(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from mailingest.scheduler import run_daemon
+    from mailingest.daemon import run_daemon
 
     config = _load(args)
     return run_daemon(config, config_path=resolve_config_path(args.config))

@@ -15,15 +15,14 @@ from typing import Any, TypeVar
 
 import structlog
 
-from mailingest import crm
+from mailingest import crm, pause
 from mailingest.config import Account, Config
 from mailingest.errors import DataError, MailIngestError, PermissionDenied, UsageError
 from mailingest.fetch import FetchResult, fetch_account
 from mailingest.logs import mask_text
-from mailingest.model import AccountState, Record, StoredMessage
+from mailingest.model import AccountState, Record, Status, StoredMessage
 from mailingest.pop3 import Pop3Session
 from mailingest.progress import Progress
-from mailingest.retry import login_key, same_login
 from mailingest.sharing import may_see
 from mailingest.store import Store
 
@@ -106,35 +105,33 @@ async def _one_shot(
     max_sessions: int,
     progress: Progress | None,
 ) -> FetchResult:
-    """A cycle that honours the auth pause, as the daemon does.
+    """A cycle that honours the auth pause, as the daemon does (see pause.py).
 
     A timer-driven `fetch` must not log in with a password the server already rejected
     (providers lock mailboxes that keep trying): a paused account whose login is unchanged
     is reported without a login; a new rejection pauses it; a success clears the pause.
+    The daemon's pause events (`account_paused`, `account_resumed`) are not logged here.
     """
     if state is not None and state.paused and state.pause_key:
-        if await asyncio.to_thread(same_login, state.pause_key, account):
+        if not await pause.may_retry(state.pause_key, account):
             return FetchResult(
                 account=account.name,
-                status="auth_failed",
+                status=Status.AUTH_FAILED,
                 error=f"account {account.name!r}: paused since the server rejected this "
                 "login; no login attempted. Put the new password in the config.",
             )
     result = await fetch_account(account, store, max_sessions=max_sessions, progress=progress)
-    try:
-        if result.status == "auth_failed":
-            key = await asyncio.to_thread(login_key, account)
-            await store.set_paused(account.name, "auth_failed", key)
-        elif result.status == "ok" and state is not None and state.paused:
-            await store.clear_pause(account.name)
-    except MailIngestError as exc:
-        log.error("state_not_recorded", account=account.name, error=str(exc))
+    if pause.rejected(result.status):
+        key = await pause.key_of(account)
+        await pause.record(store, account.name, key, announce=False)
+    elif result.status is Status.OK and state is not None and state.paused:
+        await pause.resume(store, account.name, announce=False)
     return result
 
 
 def check_pop3(account: Account) -> dict[str, Any]:
     """Worker-thread side of `check`: connect, TLS, login, STAT; nothing changed."""
-    session = Pop3Session(account)
+    session = Pop3Session(account.pop3_login())
     try:
         session.connect()
         count, _ = session.stat()
@@ -144,10 +141,10 @@ def check_pop3(account: Account) -> dict[str, Any]:
         return {"status": exc.status, "error": str(exc), "capabilities": [], "messages": None}
     except Exception as exc:  # a bug in one account's check must not hide the others'
         error = mask_text(f"account {account.name!r}: internal error: {type(exc).__name__}: {exc}")
-        return {"status": "error", "error": error, "capabilities": [], "messages": None}
+        return {"status": Status.ERROR, "error": error, "capabilities": [], "messages": None}
     finally:
         session.close()
-    return {"status": "ok", "error": None, "capabilities": caps, "messages": count}
+    return {"status": Status.OK, "error": None, "capabilities": caps, "messages": count}
 
 
 async def _check_smtp(account: Account) -> dict[str, Any] | None:
@@ -160,7 +157,7 @@ async def _check_smtp(account: Account) -> dict[str, Any] | None:
         await smtp.check_login(account.smtp, account.name)
     except MailIngestError as exc:  # the server's reply is quoted: mask what it may echo
         return {"status": exc.status, "error": mask_text(str(exc))}
-    return {"status": "ok", "error": None}
+    return {"status": Status.OK, "error": None}
 
 
 async def check(config: Config, names: Sequence[str] | None) -> list[dict[str, Any]]:

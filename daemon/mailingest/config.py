@@ -17,6 +17,7 @@ from typing import Any
 
 from mailingest.envfile import EnvFileError, read_env_file
 from mailingest.errors import ConfigError
+from mailingest.model import Pop3Login
 
 DEFAULT_CONFIG_PATH = Path("/etc/mailingest/mailingest.toml")
 RECENT_PREFIX = "recent:"
@@ -140,6 +141,21 @@ class Account:
         """Every address the owner sends as: the identity, ``from_address``, ``aliases``."""
         extra = (self.from_address,) if self.from_address else ()
         return (self.identity, *extra, *self.aliases)
+
+    def pop3_login(self) -> Pop3Login:
+        """The values a POP3 session needs (pop3.py never sees the config); the password
+        stays unread until the session asks for it."""
+        return Pop3Login(
+            name=self.name,
+            host=self.host,
+            port=self.port,
+            security=self.security,
+            username=self.username,
+            password=self.password.reveal,
+            ca_file=self.ca_file,
+            tls_verify=self.tls_verify,
+            timeout=self.timeout,
+        )
 
 
 @dataclass(frozen=True, slots=True)

@@ -23,6 +23,8 @@ Context lives in keyword attributes (``account``, ``key_path``), not only in the
 
 from __future__ import annotations
 
+from mailingest.model import Status
+
 EX_OK = 0
 EX_USAGE = 64
 EX_DATAERR = 65
@@ -43,14 +45,14 @@ EXIT_SEVERITY: tuple[int, ...] = (
     EX_OK,
 )
 
-#: Account status (JSON ``status``/``result``) -> exit code.
-STATUS_EXIT: dict[str, int] = {
-    "ok": EX_OK,
-    "auth_failed": EX_NOPERM,
-    "tls_failed": EX_UNAVAILABLE,
-    "unavailable": EX_UNAVAILABLE,
-    "temp_failed": EX_TEMPFAIL,
-    "error": EX_PROTOCOL,
+#: A poll's status (JSON ``status``/``result``) -> exit code.
+STATUS_EXIT: dict[Status, int] = {
+    Status.OK: EX_OK,
+    Status.AUTH_FAILED: EX_NOPERM,
+    Status.TLS_FAILED: EX_UNAVAILABLE,
+    Status.UNAVAILABLE: EX_UNAVAILABLE,
+    Status.TEMP_FAILED: EX_TEMPFAIL,
+    Status.ERROR: EX_PROTOCOL,
 }
 
 
@@ -66,7 +68,7 @@ class MailIngestError(Exception):
     """Base of every error mailingest raises on purpose."""
 
     exit_code: int = EX_PROTOCOL
-    status: str = "error"
+    status: Status = Status.ERROR
     transient: bool = False
 
     def __init__(self, message: str, *, account: str | None = None) -> None:
@@ -84,7 +86,7 @@ class ConfigError(MailIngestError):
     """The configuration is invalid; ``key_path`` names the offending key."""
 
     exit_code = EX_CONFIG
-    status = "config_error"
+    status = Status.CONFIG_ERROR
 
     def __init__(
         self,
@@ -107,42 +109,42 @@ class UsageError(MailIngestError):
     """The command line asked for something impossible (unknown account, bad ID)."""
 
     exit_code = EX_USAGE
-    status = "usage"
+    status = Status.USAGE
 
 
 class DataError(MailIngestError):
     """Input data (a CSV, a body file) is malformed."""
 
     exit_code = EX_DATAERR
-    status = "data_error"
+    status = Status.DATA_ERROR
 
 
 class Pop3Error(MailIngestError):
     """A POP3 session failed; subclasses say how."""
 
     exit_code = EX_PROTOCOL
-    status = "error"
+    status = Status.ERROR
 
 
 class AuthError(Pop3Error):
     """The server rejected the credentials: never retried automatically."""
 
     exit_code = EX_NOPERM
-    status = "auth_failed"
+    status = Status.AUTH_FAILED
 
 
 class TLSError(Pop3Error):
     """Certificate or handshake failure, or STLS missing: retrying will not help."""
 
     exit_code = EX_UNAVAILABLE
-    status = "tls_failed"
+    status = Status.TLS_FAILED
 
 
 class UnavailableError(Pop3Error):
     """Connection refused, no route, DNS failure."""
 
     exit_code = EX_UNAVAILABLE
-    status = "unavailable"
+    status = Status.UNAVAILABLE
     transient = True
 
 
@@ -150,7 +152,7 @@ class TemporaryError(Pop3Error):
     """Timeouts, drops, ``[SYS/TEMP]``, ``[IN-USE]``, ``[LOGIN-DELAY]``, busy account."""
 
     exit_code = EX_TEMPFAIL
-    status = "temp_failed"
+    status = Status.TEMP_FAILED
     transient = True
 
 
@@ -170,14 +172,14 @@ class ProtocolError(Pop3Error):
     """The server broke the protocol (garbage reply, over-long status line)."""
 
     exit_code = EX_PROTOCOL
-    status = "error"
+    status = Status.ERROR
 
 
 class StoreError(MailIngestError):
     """The store could not be written (disk full, database locked)."""
 
     exit_code = EX_TEMPFAIL
-    status = "temp_failed"
+    status = Status.TEMP_FAILED
     transient = True
 
 
@@ -185,11 +187,11 @@ class SendError(MailIngestError):
     """Sending over SMTP failed."""
 
     exit_code = EX_UNAVAILABLE
-    status = "unavailable"
+    status = Status.UNAVAILABLE
 
 
 class PermissionDenied(MailIngestError):
     """The viewer may not see the message."""
 
     exit_code = EX_NOPERM
-    status = "permission_denied"
+    status = Status.PERMISSION_DENIED

@@ -36,11 +36,10 @@ from mailingest.errors import (
 )
 from mailingest.logs import mask_text
 from mailingest.matching import direction_of, link_addresses, normalize_all
-from mailingest.model import AccountPolicy, Claim, LedgerEntry, NewMessage
+from mailingest.model import POLL_STATUSES, AccountPolicy, Claim, LedgerEntry, NewMessage, Status
 from mailingest.parse import parse_headers, read_head
 from mailingest.pop3 import Pop3Session
 from mailingest.progress import Progress, Tally
-from mailingest.retry import transient_status
 from mailingest.store import Store
 
 log = structlog.get_logger("mailingest.fetch")
@@ -59,7 +58,7 @@ class FetchResult:
     """One account's cycle, as `fetch --json` reports it."""
 
     account: str
-    status: str = "ok"
+    status: Status = Status.OK
     new: int = 0
     bytes: int = 0
     deleted: int = 0
@@ -286,7 +285,7 @@ async def _one_session(
     account: Account, store: Store, spool_dir: Path, tally: Tally | None, result: _Session
 ) -> int:
     """One POP3 session; adds what it did to ``result`` as it goes and returns the new count."""
-    session = Pop3Session(account)
+    session = Pop3Session(account.pop3_login())
     new_before = result.new
     # Read before the login where the last listing held mail (under the lease, only this
     # cycle changes it): a mailbox with nothing new is then listed, cleaned and closed in
@@ -589,23 +588,23 @@ async def fetch_account(
     except MailIngestError as exc:
         if exc.account is None:
             exc.account = account.name
-        result.status = exc.status if exc.status in _STATUSES else "error"
+        result.status = exc.status if exc.status in POLL_STATUSES else Status.ERROR
         result.error = mask_text(str(exc))
         if isinstance(exc, LoginDelayError):
             await _quietly(store.set_next_login(account.name, datetime.fromisoformat(exc.retry_at)))
     except Exception as exc:  # a bug must not take down the other accounts' cycles
         log.exception("poll_crashed", account=account.name)
-        result.status = "error"
+        result.status = Status.ERROR
         # Masked like the logs: this text reaches stdout (`fetch --json`) and the store.
         crash = f"account {account.name!r}: internal error: {type(exc).__name__}: {exc}"
         result.error = mask_text(crash)
     if busy:
         result.busy = True
-        result.status = "temp_failed"
+        result.status = Status.TEMP_FAILED
         result.error = str(BusyError(_BUSY, account=account.name))
     result.new, result.bytes, result.deleted = total.new, total.bytes, total.deleted
     result.duration_ms = int((time.monotonic() - started) * 1000)
-    if result.status == "ok":
+    if result.status is Status.OK:
         log.info(
             "poll_completed",
             account=account.name,
@@ -633,10 +632,12 @@ async def fetch_account(
     return result
 
 
-def log_poll_failed(account: str, status: str, error: str | None, retry_in: float | None) -> None:
+def log_poll_failed(
+    account: str, status: Status, error: str | None, retry_in: float | None
+) -> None:
     """`poll_failed`, with the wait before the next attempt (None: none comes: a one-shot
     fetch, a paused account, a stopping daemon). Transient failures are warnings."""
-    if transient_status(status):
+    if status.transient:
         log.warning(
             "poll_failed", account=account, error_kind=status, error=error, retry_in_s=retry_in
         )
@@ -766,5 +767,4 @@ async def _quietly(job: Awaitable[None]) -> None:
         log.warning("state_not_recorded", error=str(exc))
 
 
-_STATUSES = {"ok", "auth_failed", "tls_failed", "unavailable", "temp_failed", "error"}
 __all__ = ["FetchResult", "TemporaryError", "fetch_account", "take_poll"]

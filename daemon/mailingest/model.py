@@ -9,11 +9,15 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
+from pathlib import Path
 from typing import IO, Any
 
 
 class Status(StrEnum):
-    """An account's poll result, as JSON ``status``/``result`` shows it."""
+    """An account's result, as JSON ``status``/``result`` and the store show it (a StrEnum:
+    it serialises as the plain string). A poll ends in one of ``POLL_STATUSES``; the others
+    are the statuses of errors outside a poll, which only `check` can report (an SMTP server
+    refusing EHLO with a 5xx is data_error)."""
 
     OK = "ok"
     AUTH_FAILED = "auth_failed"
@@ -21,6 +25,52 @@ class Status(StrEnum):
     UNAVAILABLE = "unavailable"
     TEMP_FAILED = "temp_failed"
     ERROR = "error"
+    CONFIG_ERROR = "config_error"
+    USAGE = "usage"
+    DATA_ERROR = "data_error"
+    PERMISSION_DENIED = "permission_denied"
+
+    @property
+    def transient(self) -> bool:
+        """Whether a poll that ended so may be retried early (backoff): a server down or
+        busy, a drop, a locked store. A rejected login is never retried (it would lock the
+        mailbox); TLS and protocol failures would fail the same way."""
+        return self in _TRANSIENT
+
+
+#: What a poll can end in (fetch maps any other error status to ERROR).
+POLL_STATUSES = frozenset(
+    {
+        Status.OK,
+        Status.AUTH_FAILED,
+        Status.TLS_FAILED,
+        Status.UNAVAILABLE,
+        Status.TEMP_FAILED,
+        Status.ERROR,
+    }
+)
+_TRANSIENT = frozenset({Status.UNAVAILABLE, Status.TEMP_FAILED})
+
+
+@dataclass(frozen=True, slots=True)
+class Pop3Login:
+    """What one POP3 session needs of its account: where to connect, how, and as whom.
+
+    The wire (pop3.py) takes these plain values rather than the config's ``Account``, so
+    it depends on nothing above it. ``password`` is called where the session needs it (at
+    connect, and to mask an echoed password in error text): a secret read lazily is read
+    only by a session that logs in.
+    """
+
+    name: str  # the account, as errors name it
+    host: str
+    port: int
+    security: str  # tls | starttls | plain
+    username: str
+    password: Callable[[], str] = field(repr=False, compare=False)
+    ca_file: Path | None = None
+    tls_verify: bool = True
+    timeout: float = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -224,7 +274,7 @@ class AccountState:
     account: str
     owner: str | None = None
     last_poll: str | None = None
-    result: str | None = None
+    result: Status | None = None
     error: str | None = None
     new: int = 0
     stored: int = 0
@@ -266,6 +316,7 @@ class Claim:
 
 
 __all__ = [
+    "POLL_STATUSES",
     "AccountPolicy",
     "AccountState",
     "AuditEntry",
@@ -274,6 +325,7 @@ __all__ = [
     "Headers",
     "LedgerEntry",
     "NewMessage",
+    "Pop3Login",
     "Record",
     "ShareFlag",
     "Status",

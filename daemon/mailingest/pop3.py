@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from mailingest.config import Account
 from mailingest.errors import (
     AuthError,
     LoginDelayError,
@@ -31,6 +30,7 @@ from mailingest.errors import (
     TLSError,
     UnavailableError,
 )
+from mailingest.model import Pop3Login
 from mailingest.tls import client_context
 
 #: A status line (``+OK``/``-ERR``) longer than this is a protocol error (the contract's 64 KiB).
@@ -156,16 +156,16 @@ class Capabilities:
         return min(int(args[0]), MAX_LOGIN_DELAY)
 
 
-def make_tls_context(account: Account) -> ssl.SSLContext:
-    return client_context(account.ca_file, account.tls_verify)
+def make_tls_context(login: Pop3Login) -> ssl.SSLContext:
+    return client_context(login.ca_file, login.tls_verify)
 
 
 class Pop3Session:
-    """One POP3 session for one account. Not thread-safe: one worker thread at a time, except
-    that ``close()`` may come from another thread to end a worker's blocked read."""
+    """One POP3 session for one account's login. Not thread-safe: one worker thread at a time,
+    except that ``close()`` may come from another thread to end a worker's blocked read."""
 
-    def __init__(self, account: Account) -> None:
-        self.account = account
+    def __init__(self, login: Pop3Login) -> None:
+        self.login = login
         self.capabilities = Capabilities()
         self.broken = False
         self._pop: _BoundedLines | None = None
@@ -173,14 +173,14 @@ class Pop3Session:
 
     def __repr__(self) -> str:
         state = "broken" if self.broken else ("open" if self._pop else "closed")
-        return f"<Pop3Session {self.account.name} {self.account.host}:{self.account.port} {state}>"
+        return f"<Pop3Session {self.login.name} {self.login.host}:{self.login.port} {state}>"
 
     # -- error boundary -------------------------------------------------------------------
 
     @contextlib.contextmanager
     def _translate(self, phase: str) -> Iterator[None]:
         """Map socket/TLS/poplib errors to ours; any failure mid-response breaks the session."""
-        name = self.account.name
+        name = self.login.name
         try:
             yield
         except Pop3Error as exc:
@@ -213,14 +213,13 @@ class Pop3Session:
         except socket.gaierror as exc:
             self._discard()
             raise UnavailableError(
-                f"cannot resolve {self.account.host}: {exc}", account=name
+                f"cannot resolve {self.login.host}: {exc}", account=name
             ) from exc
         except (ConnectionRefusedError, OSError) as exc:
             self._discard()
             if phase == "connect" and not isinstance(exc, ConnectionResetError):
                 raise UnavailableError(
-                    f"cannot connect to {self.account.host}:{self.account.port}: "
-                    f"{exc.strerror or exc}",
+                    f"cannot connect to {self.login.host}:{self.login.port}: {exc.strerror or exc}",
                     account=name,
                 ) from exc
             raise TemporaryError(
@@ -229,9 +228,9 @@ class Pop3Session:
 
     def _from_err_reply(self, phase: str, reply: bytes) -> Pop3Error:
         """Type an ``-ERR`` reply by its response code and the phase it came in."""
-        name = self.account.name
+        name = self.login.name
         code = response_code(reply)
-        text = _reply_text(reply, self.account.password.reveal())
+        text = _reply_text(reply, self.login.password())
         if code == "LOGIN-DELAY":
             self._discard()
             wait = self.capabilities.login_delay or DEFAULT_LOGIN_DELAY
@@ -265,28 +264,28 @@ class Pop3Session:
 
     def _conn(self) -> _BoundedLines:
         if self._pop is None or self.broken:
-            raise ProtocolError("session is closed", account=self.account.name)
+            raise ProtocolError("session is closed", account=self.login.name)
         return self._pop
 
     # -- session ------------------------------------------------------------------------------
 
     def connect(self) -> None:
         """Connect, secure the channel, read CAPA, log in with USER/PASS, re-read CAPA."""
-        acc = self.account
+        login = self.login
         with self._translate("connect"):
-            if acc.security == "tls":
+            if login.security == "tls":
                 self._pop = _SSLPOP3(
-                    acc.host, acc.port, context=make_tls_context(acc), timeout=acc.timeout
+                    login.host, login.port, context=make_tls_context(login), timeout=login.timeout
                 )
             else:
-                self._pop = _PlainPOP3(acc.host, acc.port, timeout=acc.timeout)
-            self._pop.secret = acc.password.reveal()
+                self._pop = _PlainPOP3(login.host, login.port, timeout=login.timeout)
+            self._pop.secret = login.password()
             # Pipelined commands are small writes: Nagle would hold each until the previous
             # one is acknowledged, a round trip per RETR instead of a window of them.
             with contextlib.suppress(OSError):
                 self._pop.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.capabilities.names = self._capa("capa")
-        if acc.security == "starttls":
+        if login.security == "starttls":
             self._starttls()
             self.capabilities.names = self._capa("capa")
         self._login()
@@ -303,27 +302,27 @@ class Pop3Session:
         return {k.upper(): v for k, v in raw.items()}
 
     def _starttls(self) -> None:
-        acc = self.account
+        login = self.login
         if "STLS" not in (self.capabilities.names or {}):
             self._discard()
             raise TLSError(
                 "server does not offer STLS; refusing to continue in plaintext "
                 '(set security = "tls" or, on a trusted network, "plain")',
-                account=acc.name,
+                account=login.name,
             )
         with self._translate("stls"):
             pop = self._conn()
             pop.command("STLS")
-            pop.sock = make_tls_context(acc).wrap_socket(pop.sock, server_hostname=acc.host)
+            pop.sock = make_tls_context(login).wrap_socket(pop.sock, server_hostname=login.host)
             pop.file = pop.sock.makefile("rb")
 
     def _login(self) -> None:
-        acc = self.account
+        login = self.login
         # USER and PASS go lock-step: a pipelined PASS loses what follows it on Courier.
         with self._translate("login"):
             pop = self._conn()
-            pop.user(acc.username)
-            pop.pass_(acc.password.reveal())
+            pop.user(login.username)
+            pop.pass_(login.password())
         after = self._capa("capa")
         if after:
             self.capabilities.extra = after
@@ -338,7 +337,7 @@ class Pop3Session:
             reply = self._conn().command("STAT")
             parts = reply.split()
             if len(parts) < 3 or not parts[1].isdigit() or not parts[2].isdigit():
-                text = _reply_text(reply, self.account.password.reveal())
+                text = _reply_text(reply, self.login.password())
                 raise ProtocolError(f"malformed STAT reply {text!r}")
         return int(parts[1]), int(parts[2])
 
@@ -346,7 +345,7 @@ class Pop3Session:
         """The (message number, unique id) listing; a malformed line is a protocol error."""
         with self._translate("uidl"):
             _, lines, _ = self._conn().uidl()
-        return [_parse_pair(line, self.account.name, "UIDL") for line in lines]
+        return [_parse_pair(line, self.login.name, "UIDL") for line in lines]
 
     def sizes(self) -> dict[int, int]:
         with self._translate("list"):
@@ -368,11 +367,11 @@ class Pop3Session:
                     except poplib.error_proto:
                         self._discard()  # LIST's reply is on its way: out of step for good
                         raise
-                uidls = [_parse_pair(line, self.account.name, "UIDL") for line in lines]
+                uidls = [_parse_pair(line, self.login.name, "UIDL") for line in lines]
         except ProtocolError as exc:
             raise ProtocolError(
                 f"server refused UIDL ({exc.message}); without UIDL there is no safe dedup",
-                account=self.account.name,
+                account=self.login.name,
             ) from exc
         if not pipelined:
             return uidls, self.sizes()
@@ -383,9 +382,9 @@ class Pop3Session:
     def _sizes(self, lines: list[bytes]) -> dict[int, int]:
         out: dict[int, int] = {}
         for line in lines:
-            num, size = _parse_pair(line, self.account.name, "LIST")
+            num, size = _parse_pair(line, self.login.name, "LIST")
             if not size.isdigit():
-                raise ProtocolError(f"malformed LIST line {line[:80]!r}", account=self.account.name)
+                raise ProtocolError(f"malformed LIST line {line[:80]!r}", account=self.login.name)
             out[num] = int(size)
         return out
 

@@ -49,7 +49,7 @@ async def release(account: Account, store: Store, message: int) -> Released:
         if not keys:
             raise DataError(f"message {message} is not quarantined", account=account.name)
         uidls = {(m[1] if (m := _SUSPECT_KEY.fullmatch(k)) else k): k for k in keys}
-        session = Pop3Session(account)
+        session = Pop3Session(account.pop3_login())
         try:
             return await _fetch(account, store, session, message, uidls)
         finally:

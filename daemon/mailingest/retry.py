@@ -1,18 +1,15 @@
 """The tenacity policies: which failed polls are retried, and how long an account waits.
 
 A poll ends with a status (``fetch_account`` never raises for account failures). The
-scheduler turns a failed status back into our error hierarchy (``PollFailure``), so the
-policy decides by the hierarchy's ``transient`` flag: refused, timeouts, drops,
-``[SYS/TEMP]``, ``[IN-USE]``, LOGIN-DELAY, a busy lease, a locked store. Authentication,
-TLS and protocol failures are never retried early: the first would lock the mailbox, the
+runner raises a failed one as ``PollFailure`` for tenacity, and the policy decides by the
+status alone (``Status.transient``): refused, timeouts, drops, ``[SYS/TEMP]``,
+``[IN-USE]``, LOGIN-DELAY, a busy lease, a locked store are retried. Authentication, TLS
+and protocol failures are never retried early: the first would lock the mailbox, the
 others would fail the same way.
 """
 
 from __future__ import annotations
 
-import hashlib
-import hmac
-import secrets
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -21,24 +18,7 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_exception
 from tenacity.stop import stop_base
 from tenacity.wait import wait_base, wait_exponential, wait_random
 
-from mailingest.config import Account
-from mailingest.errors import (
-    AuthError,
-    MailIngestError,
-    ProtocolError,
-    TemporaryError,
-    TLSError,
-    UnavailableError,
-)
-
-#: Account status -> the error class of the hierarchy that produces it.
-_STATUS_ERRORS: dict[str, type[MailIngestError]] = {
-    "auth_failed": AuthError,
-    "tls_failed": TLSError,
-    "unavailable": UnavailableError,
-    "temp_failed": TemporaryError,
-    "error": ProtocolError,
-}
+from mailingest.model import Status
 
 
 class PollFailure(Exception):
@@ -47,25 +27,19 @@ class PollFailure(Exception):
     ``floor`` is the least wait the server allows (LOGIN-DELAY): a retry never comes sooner.
     """
 
-    def __init__(self, status: str, message: str | None, *, floor: float = 0.0) -> None:
-        kind = _STATUS_ERRORS.get(status, ProtocolError)
-        self.error = kind(message or status)
+    def __init__(self, status: Status, message: str | None, *, floor: float = 0.0) -> None:
         self.status = status
+        self.message = message or status.value
         self.floor = floor
-        super().__init__(str(self.error))
+        super().__init__(self.message)
 
     @property
     def transient(self) -> bool:
-        return self.error.transient
+        return self.status.transient
 
 
 def is_transient(exc: BaseException) -> bool:
     return isinstance(exc, PollFailure) and exc.transient
-
-
-def transient_status(status: str) -> bool:
-    """Whether a poll that ended in ``status`` may be retried early (backoff)."""
-    return _STATUS_ERRORS.get(status, ProtocolError).transient
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,37 +123,3 @@ def failure_of(retry_state: RetryCallState) -> PollFailure | None:
     outcome = retry_state.outcome
     exc = outcome.exception() if outcome is not None else None
     return exc if isinstance(exc, PollFailure) else None
-
-
-# -- the auth pause -------------------------------------------------------------------------
-# An authentication failure is never retried: the account pauses until its login changes.
-# The pause remembers the rejected login as a salted scrypt hash (never the password), so a
-# restarted daemon stays paused too and does not spend another attempt on a locked mailbox.
-
-_SCRYPT = {"n": 2**14, "r": 8, "p": 1, "dklen": 32}
-
-
-def _login_bytes(account: Account) -> bytes:
-    """Everything that makes a login: another server or user name is another attempt."""
-    parts = (account.host, str(account.port), account.username, account.password.reveal())
-    return "\0".join(parts).encode("utf-8")
-
-
-def login_key(account: Account, *, salt: bytes | None = None) -> str:
-    """``scrypt$<salt>$<hash>`` of the account's login (CPU-bound: call it in a thread)."""
-    salt = secrets.token_bytes(16) if salt is None else salt
-    digest = hashlib.scrypt(_login_bytes(account), salt=salt, **_SCRYPT)
-    return f"scrypt${salt.hex()}${digest.hex()}"
-
-
-def same_login(key: str, account: Account) -> bool:
-    """Whether ``account`` would log in exactly as the login that ``key`` was made from."""
-    scheme, _, rest = key.partition("$")
-    salt_hex, _, _ = rest.partition("$")
-    if scheme != "scrypt":
-        return False
-    try:
-        salt = bytes.fromhex(salt_hex)
-    except ValueError:
-        return False
-    return hmac.compare_digest(login_key(account, salt=salt), key)

@@ -8,7 +8,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from mailingest.errors import StoreError
-from mailingest.model import AccountState, Claim
+from mailingest.model import AccountState, Claim, Status
 from mailingest.store._db import Database, now_iso
 
 _ENSURE = "INSERT INTO account_state (account) VALUES (?) ON CONFLICT DO NOTHING"
@@ -119,14 +119,14 @@ async def record_poll(
     account: str,
     owner: str,
     *,
-    result: str,
+    result: Status,
     error: str | None,
     new: int,
     holder: str | None = None,
 ) -> str | None:
     """Record a poll's result and release ``holder``'s lease, in one statement; the next
     login LOGIN-DELAY allows (ISO UTC), read in the same breath."""
-    failed = result != "ok"
+    failed = result is not Status.OK
     async with db.statement("recording the poll result", write=True):
         rows = await db.fetchall(
             "INSERT INTO account_state (account, owner, last_poll, result, error, new,"
@@ -166,7 +166,7 @@ async def account_states(db: Database, *, counts: bool = True) -> dict[str, Acco
             account=r[0],
             owner=r[1],
             last_poll=r[2],
-            result=r[3],
+            result=Status(r[3]) if r[3] is not None else None,
             error=r[4],
             new=int(r[5] or 0),
             paused=bool(r[6]),

@@ -9,31 +9,29 @@ from __future__ import annotations
 
 import asyncio
 import random
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import structlog
 
-from mailingest.config import Account
+from mailingest import pause
+from mailingest.config import Account, DaemonSettings
 from mailingest.errors import StoreError
 from mailingest.fetch import FetchResult, log_poll_failed, take_poll
-from mailingest.model import Claim
-from mailingest.retry import (
-    PollFailure,
-    attempt_wait,
-    failure_of,
-    login_key,
-    poll_retrying,
-    same_login,
-)
+from mailingest.model import AccountState, Claim, Status
+from mailingest.retry import Backoff, PollFailure, attempt_wait, failure_of, poll_retrying
+from mailingest.store import Store
 
-if TYPE_CHECKING:
-    from mailingest.scheduler import Daemon
+log = structlog.get_logger("mailingest.daemon")
 
-log = structlog.get_logger("mailingest.scheduler")
+#: One account's cycle (fetch.fetch_account; tests inject their own).
+Fetch = Callable[..., Awaitable[FetchResult]]
 
 #: Fraction of an interval added or removed at random, so accounts do not fire together.
 JITTER = 0.1
+#: First polls after start are spread over this many seconds (or the interval, if shorter).
+FIRST_SPREAD = 5.0
 
 
 class Interrupted(Exception):
@@ -53,11 +51,50 @@ class ClaimedElsewhere(Exception):
 CLAIM_SPREAD = 1.0
 
 
+class RunnerHost(Protocol):
+    """What a runner needs of the daemon that runs it (scheduler.Daemon): the runner
+    depends on this, never on the scheduler itself."""
+
+    @property
+    def store(self) -> Store: ...
+
+    @property
+    def settings(self) -> DaemonSettings:
+        """The ``[daemon]`` settings now (a reload may change them)."""
+        ...
+
+    @property
+    def backoff(self) -> Backoff: ...
+
+    @property
+    def gate(self) -> asyncio.Semaphore:
+        """The concurrency limit every poll waits for (a reload may replace it)."""
+        ...
+
+    @property
+    def stopping(self) -> asyncio.Event: ...
+
+    @property
+    def fetch(self) -> Fetch: ...
+
+    def forget(self, runner: AccountRunner) -> None:
+        """The runner's task ended."""
+
+    def note_result(self, account: str, result: FetchResult) -> None:
+        """A poll ended (for STATUS=)."""
+
+    def status_changed(self) -> None:
+        """Polling, paused or last error changed (for STATUS=)."""
+
+    async def retag_after_poll(self, account: str) -> None:
+        """A poll ended: re-tag what it stored if the sharing settings changed meanwhile."""
+
+
 class AccountRunner:
     """One account's schedule: sleep until due, poll under the gate, retry, or pause."""
 
-    def __init__(self, daemon: Daemon, account: Account) -> None:
-        self.daemon = daemon
+    def __init__(self, host: RunnerHost, account: Account) -> None:
+        self.host = host
         self.account = account
         self.generation = 0  # bumped when a reload changes the account
         self.claimed_generation = 0  # a poll under newer settings is taken even if not due
@@ -82,7 +119,7 @@ class AccountRunner:
 
     @property
     def interval(self) -> float:
-        return self.account.poll_interval or self.daemon.config.daemon.poll_interval
+        return self.account.poll_interval or self.host.settings.poll_interval
 
     @property
     def paused(self) -> bool:
@@ -90,7 +127,24 @@ class AccountRunner:
 
     @property
     def done(self) -> bool:
-        return self.retired or self.daemon.stopping.is_set()
+        return self.retired or self.host.stopping.is_set()
+
+    async def restore(self, state: AccountState | None, now: datetime) -> float:
+        """Take up the state a previous run left (``now``: the daemon's start); returns the
+        seconds until the first poll: soon, spread, unless a persisted next poll (a backoff)
+        or LOGIN-DELAY says later. A recorded pause holds while the login is the rejected one.
+        """
+        if state is not None and state.paused:
+            await self.adopt_pause(state.pause_key)
+        delay = random.uniform(0, min(self.interval, FIRST_SPREAD))
+        if state is not None and state.next_poll and not self.paused:
+            persisted = (datetime.fromisoformat(state.next_poll) - now).total_seconds()
+            if persisted > 0:
+                delay = min(persisted, self.interval)  # a restart keeps a backoff
+        if state is not None and state.next_login:
+            floor = seconds_until_login(datetime.fromisoformat(state.next_login))
+            delay = max(delay, floor)
+        return delay
 
     def start(self, delay: float) -> None:
         self.due = asyncio.get_running_loop().time() + delay
@@ -98,7 +152,7 @@ class AccountRunner:
         self.task.add_done_callback(self._reap)
 
     def _reap(self, task: asyncio.Task[None]) -> None:
-        self.daemon.forget(self)
+        self.host.forget(self)
         if not task.cancelled() and task.exception() is not None:
             exc = task.exception()
             log.error("poll_crashed", account=self.name, exc_info=exc)
@@ -143,7 +197,7 @@ class AccountRunner:
         """Poll, retrying transient failures; the delay until the next poll."""
         generation = self.generation
         retrying = poll_retrying(
-            backoff=self.daemon.backoff,
+            backoff=self.host.backoff,
             interval=self.interval,
             sleep=self._retry_sleep,
             stop=lambda: self.done or self.generation != generation,
@@ -156,14 +210,14 @@ class AccountRunner:
         except ClaimedElsewhere as elsewhere:
             return elsewhere.wait
         except PollFailure as failure:  # transient, and the retries stopped: as above
-            self._poll_failed(failure.status, str(failure.error), None if self.done else 0.0)
+            self._poll_failed(failure.status, failure.message, None if self.done else 0.0)
             return 0.0
         except Exception:  # a bug must not end this account's polling for good
             log.exception("poll_crashed", account=self.name)
             return await self._schedule(self.interval)
         planned, self.planned = self.planned, None
         floor = seconds_until_login(result.next_login)
-        if result.status == "auth_failed":
+        if pause.rejected(result.status):
             self._poll_failed(result.status, result.error, None)  # paused: no retry
             await self._pause(self.polled)
             return 0.0
@@ -171,11 +225,12 @@ class AccountRunner:
             delay = self.interval * (1 + random.uniform(-JITTER, JITTER))
         else:  # as claimed: jittered, an interval from this poll's start
             delay = max(0.0, planned - asyncio.get_running_loop().time())
-        if result.status != "ok":  # TLS or protocol: an early retry would fail the same way
+        if result.status is not Status.OK:
+            # TLS or protocol: an early retry would fail the same way.
             delay = await self._schedule(delay, floor)
             self._poll_failed(result.status, result.error, None if self.done else round(delay, 3))
             return delay
-        if result.new and result.sessions < self.daemon.config.daemon.max_sessions_per_cycle:
+        if result.new and result.sessions < self.host.settings.max_sessions_per_cycle:
             # The cycle stored new mail but started fewer sessions than it may: its last
             # listing held nothing new, or LOGIN-DELAY forbade the next login with mail
             # perhaps still waiting. In that case the next poll comes as soon as the server
@@ -188,11 +243,11 @@ class AccountRunner:
         return await self._schedule(delay, floor)
 
     async def _attempt(self, generation: int) -> FetchResult:
-        daemon = self.daemon
+        host = self.host
         if self.done or self.generation != generation:
             raise Interrupted
         account = self.polled = self.account
-        async with daemon.gate:
+        async with host.gate:
             if self.done or self.generation != generation:
                 raise Interrupted
             # Under the gate: the claim moves the next poll an interval ahead from the
@@ -200,25 +255,24 @@ class AccountRunner:
             claim = await self._claim(generation)
             self.lag = max(0.0, asyncio.get_running_loop().time() - self.due)
             self.in_flight = True
-            daemon.status_changed()
+            host.status_changed()
             try:
-                result = await daemon.fetch(
+                result = await host.fetch(
                     account,
-                    daemon.store,
-                    max_sessions=daemon.config.daemon.max_sessions_per_cycle,
+                    host.store,
+                    max_sessions=host.settings.max_sessions_per_cycle,
                     log_failure=False,  # logged here, with the wait before the next attempt
                     claim=claim,
                 )
             finally:
                 self.in_flight = False
-        if self.name in daemon.retag_pending:
-            # A reload changed the sharing settings during this poll, which tagged what it
-            # stored the old way: re-tag now that it is over (or retry a failed re-tag).
-            await daemon.sync_settings([self.name])
+        # A reload may have changed the sharing settings during this poll, which tagged what
+        # it stored the old way: re-tagged now that it is over (or a failed re-tag retried).
+        await host.retag_after_poll(self.name)
         if result.busy:  # another process is polling it now: this poll is theirs
             raise ClaimedElsewhere(self.interval)
-        daemon.note_result(self.name, result)
-        if result.status == "ok":
+        host.note_result(self.name, result)
+        if result.status is Status.OK:
             return result
         failure = PollFailure(result.status, result.error)
         if failure.transient:
@@ -239,15 +293,13 @@ class AccountRunner:
         delay = self.interval * (1 + random.uniform(-JITTER, JITTER))
         due = (now, now + timedelta(seconds=delay))
         try:
-            claim = await take_poll(self.daemon.store, self.name, due, force=force)
+            claim = await take_poll(self.host.store, self.name, due, force=force)
             if claim.paused:
-                key = claim.pause_key
-                if key is not None and await asyncio.to_thread(same_login, key, self.account):
-                    self.pause_key = key  # another process's rejected login is this one
-                    self.daemon.status_changed()
+                if await self.adopt_pause(claim.pause_key):
+                    self.host.status_changed()  # another process's rejected login is this one
                     raise Interrupted
-                await self.resume("credentials_changed")  # this config brings another login
-                claim = await take_poll(self.daemon.store, self.name, due, force=True)
+                # This config brings another login: the pause ended.
+                claim = await take_poll(self.host.store, self.name, due, force=True)
         except StoreError as exc:
             log.error("state_not_recorded", account=self.name, error=str(exc))
             return None
@@ -266,8 +318,8 @@ class AccountRunner:
     def _retry_scheduled(self, retry_state: Any) -> None:
         failure = failure_of(retry_state)
         wait = round(attempt_wait(retry_state), 3)
-        status = failure.status if failure else "error"
-        self._poll_failed(status, str(failure.error) if failure else None, wait)
+        status = failure.status if failure else Status.ERROR
+        self._poll_failed(status, failure.message if failure else None, wait)
         log.warning(
             "retry_scheduled",
             account=self.name,
@@ -276,7 +328,7 @@ class AccountRunner:
             error_kind=status,
         )
 
-    def _poll_failed(self, status: str, error: str | None, retry_in: float | None) -> None:
+    def _poll_failed(self, status: Status, error: str | None, retry_in: float | None) -> None:
         log_poll_failed(self.name, status, error, retry_in)
 
     async def _retry_sleep(self, seconds: float) -> None:
@@ -294,47 +346,41 @@ class AccountRunner:
         self.due = asyncio.get_running_loop().time() + delay
         when = datetime.now(UTC) + timedelta(seconds=delay)
         try:
-            await self.daemon.store.set_next_polls({self.name: when})
+            await self.host.store.set_next_polls({self.name: when})
         except StoreError as exc:
             log.error("state_not_recorded", account=self.name, error=str(exc))
 
     async def _login_floor(self) -> float:
         """Seconds until the server's LOGIN-DELAY allows the next login (0 if it does now)."""
         try:
-            allowed = await self.daemon.store.next_login(self.name)
+            allowed = await self.host.store.next_login(self.name)
         except StoreError:
             return 0.0
         return seconds_until_login(allowed)
 
     async def _pause(self, rejected: Account) -> None:
-        """The server rejected the login: no more attempts until other credentials come.
-
-        Mail providers lock accounts that keep retrying a bad password, so the pause is
-        keyed on the rejected login (stored as a salted hash, so it survives a restart).
-        """
-        key = await asyncio.to_thread(login_key, rejected)
-        self.pause_key = key
-        try:
-            await self.daemon.store.set_paused(self.name, "auth_failed", key)
-        except StoreError as exc:
-            log.error("state_not_recorded", account=self.name, error=str(exc))
-        # Logged once the pause is saved: whoever reacts to the line sees it in `status`.
-        log.warning("account_paused", account=self.name, reason="auth_failed")
-        self.daemon.status_changed()
+        """The server rejected the login: no more attempts until other credentials come
+        (see pause.py). The key is kept here too: the pause holds even if the store fails."""
+        key = self.pause_key = await pause.key_of(rejected)
+        await pause.record(self.host.store, self.name, key)
+        self.host.status_changed()
         # A reload during that poll may already have brought the fix.
-        if self.account is not rejected and not await asyncio.to_thread(
-            same_login, key, self.account
-        ):
-            await self.resume("credentials_changed")
+        if self.account is not rejected and await pause.may_retry(key, self.account):
+            await self.resume(pause.CREDENTIALS_CHANGED)
+
+    async def adopt_pause(self, key: str | None) -> bool:
+        """A pause found in the store (from before a restart, or another process's): kept
+        while this config brings the rejected login, else ended. True if paused now."""
+        if key is not None and not await pause.may_retry(key, self.account):
+            self.pause_key = key
+            return True
+        await self.resume(pause.CREDENTIALS_CHANGED)
+        return False
 
     async def resume(self, reason: str) -> None:
         self.pause_key = None
-        log.info("account_resumed", account=self.name, reason=reason)
-        try:
-            await self.daemon.store.clear_pause(self.name)
-        except StoreError as exc:
-            log.error("state_not_recorded", account=self.name, error=str(exc))
-        self.daemon.status_changed()
+        await pause.resume(self.host.store, self.name, reason)
+        self.host.status_changed()
 
     async def update(self, account: Account) -> bool:
         """A reload brought ``account``; True if it differs. A changed account polls at once,
@@ -344,9 +390,9 @@ class AccountRunner:
         self.account = account
         self.generation += 1
         if self.pause_key is not None:
-            if await asyncio.to_thread(same_login, self.pause_key, account):
+            if not await pause.may_retry(self.pause_key, account):
                 return True  # other settings changed; the login is still the rejected one
-            await self.resume("credentials_changed")
+            await self.resume(pause.CREDENTIALS_CHANGED)
         self.wake()
         return True
 

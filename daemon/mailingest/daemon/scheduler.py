@@ -4,61 +4,44 @@ auth-failure pause, reload on SIGHUP, a bounded stop on SIGTERM/SIGINT and sd_no
 Shaped like arq's worker: ``Daemon.run()`` owns the event loop and always cleans up,
 ``Daemon.async_run()`` is the entry for tests; one task per account (``AccountRunner``) so one
 account's slowness or failure never moves another's schedule; shutdown is stop taking work
--> grace period -> cancel -> close. Protocol work stays in fetch.py.
+-> grace period -> cancel -> close (process.py). The runners see the daemon only through
+``RunnerHost``; protocol work stays in fetch.py.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
-import random
 import signal
-import sys
-import threading
 import time
-from collections.abc import Awaitable, Callable, Collection
+from collections.abc import Collection
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
 
 import structlog
 
 from mailingest import accounts, crm, logs
-from mailingest.config import Account, Config, load_config
+from mailingest.config import Account, Config, DaemonSettings, load_config
+from mailingest.daemon import process
+from mailingest.daemon.runner import AccountRunner, Fetch
 from mailingest.errors import EX_OK, MailIngestError, StoreError
 from mailingest.fetch import FetchResult, fetch_account
-from mailingest.model import AccountState
-from mailingest.retry import Backoff, same_login
-from mailingest.runner import AccountRunner, seconds_until_login
+from mailingest.model import AccountState, Status
+from mailingest.retry import Backoff
 from mailingest.store import Store
 from mailingest.systemd import Notifier, watchdog_period
 
-log = structlog.get_logger("mailingest.scheduler")
+log = structlog.get_logger("mailingest.daemon")
 
-#: First polls after start are spread over this many seconds (or the interval, if shorter).
-FIRST_SPREAD = 5.0
-#: Worker threads beyond one per concurrent fetch: header parsing, config reloads.
-EXTRA_WORKERS = 4
-WORKER_PREFIX = "mailingest-worker"
-#: The stop budget, as shares of ``shutdown_timeout`` after the signal: in-flight polls may
-#: finish until FINISH_SHARE, cancelled ones unwind until UNWIND_SHARE, then the store
-#: closes; at EXIT_SHARE the process leaves whatever still blocks (the rest is the
-#: interpreter's own exit).
-FINISH_SHARE = 0.6
-UNWIND_SHARE = 0.8
-EXIT_SHARE = 0.95
 #: STATUS= is sent at most this often (seconds).
 STATUS_EVERY = 1.0
 #: How often the daemon looks for changes of the accounts kept in the database (seconds).
 ACCOUNTS_EVERY = 2.0
 
-Fetch = Callable[..., Awaitable[FetchResult]]
-
 
 class Daemon:
-    """Polls every configured account until stopped."""
+    """Polls every configured account until stopped (the runners' ``RunnerHost``)."""
 
     def __init__(
         self,
@@ -110,16 +93,15 @@ class Daemon:
         assert self._store is not None, "the store opens in async_run()"
         return self._store
 
+    @property
+    def settings(self) -> DaemonSettings:
+        return self.config.daemon
+
     # -- entry points ---------------------------------------------------------------------
 
     def run(self) -> int:
-        """Own the event loop and the process; return once stopped.
-
-        The stop is bounded by ``shutdown_timeout`` even when a worker thread is blocked in
-        a socket call whose timeout is longer (a thread cannot be cancelled): at the
-        deadline the process exits anyway. That is as safe as a kill, which the store is
-        built to survive: every commit is durable, and no DELE is applied without a QUIT.
-        """
+        """Own the event loop and the process; return once stopped. The stop is bounded by
+        ``shutdown_timeout`` even when a worker thread blocks (see process.py)."""
         self._owns_process = True
         with asyncio.Runner() as runner:
             code = runner.run(self.async_run())
@@ -132,7 +114,7 @@ class Daemon:
         loop = asyncio.get_running_loop()
         self._size_executor(self.config.daemon.max_concurrent)
         previous_handler = loop.get_exception_handler()
-        loop.set_exception_handler(_log_loop_error)  # keep even these lines JSON
+        loop.set_exception_handler(process.log_loop_error)  # keep even these lines JSON
         watchdog: asyncio.Task[None] | None = None
         watcher: asyncio.Task[None] | None = None
         if signals:  # before anything slow: a SIGTERM during start-up is a clean stop too
@@ -183,7 +165,7 @@ class Daemon:
         log.info("daemon_stopping", reason=reason)
         self.stopping.set()
         if self._owns_process:
-            _exit_at(self._by(EXIT_SHARE), self.config.daemon.shutdown_timeout)
+            process.exit_at(self._by(process.EXIT_SHARE), self.config.daemon.shutdown_timeout)
         for runner in self._all_runners():
             runner.wake()
 
@@ -332,6 +314,12 @@ class Daemon:
             if changed:
                 log.info("mail_retagged", accounts=changed)
 
+    async def retag_after_poll(self, account: str) -> None:
+        """A poll of ``account`` ended: re-tag it if a reload changed its sharing settings
+        while it polled, or if its last re-tag failed (see sync_settings)."""
+        if account in self.retag_pending:
+            await self.sync_settings([account])
+
     async def _states(self) -> dict[str, AccountState]:
         try:
             return await self.store.account_states(counts=False)
@@ -345,21 +333,7 @@ class Daemon:
         now = datetime.now(UTC)
         for account in accounts:
             runner = AccountRunner(self, account)
-            state = states.get(account.name)
-            if state is not None and state.paused:
-                key = state.pause_key
-                if key is not None and await asyncio.to_thread(same_login, key, account):
-                    runner.pause_key = key  # still the login that was rejected
-                else:
-                    await runner.resume("credentials_changed")
-            delay = random.uniform(0, min(runner.interval, FIRST_SPREAD))
-            if state is not None and state.next_poll and not runner.paused:
-                persisted = (datetime.fromisoformat(state.next_poll) - now).total_seconds()
-                if persisted > 0:
-                    delay = min(persisted, runner.interval)  # a restart keeps a backoff
-            if state is not None and state.next_login:
-                floor = seconds_until_login(datetime.fromisoformat(state.next_login))
-                delay = max(delay, floor)
+            delay = await runner.restore(states.get(account.name), now)
             first[account.name] = None if runner.paused else now + timedelta(seconds=delay)
             self._runners[account.name] = runner
             runner.start(delay)
@@ -367,14 +341,11 @@ class Daemon:
             await self.store.set_next_polls(first)
 
     def _size_executor(self, concurrency: int) -> None:
-        """One worker thread per concurrent POP3 session, plus a few for parsing and reloads.
-
-        Named threads, so that a stack dump (py-spy, gdb) shows which are ours.
-        """
-        executor = ThreadPoolExecutor(concurrency + EXTRA_WORKERS, thread_name_prefix=WORKER_PREFIX)
-        asyncio.get_running_loop().set_default_executor(executor)
+        """New worker threads for ``concurrency`` (process.worker_pool); the old ones exit
+        once their running jobs finish."""
+        executor = process.worker_pool(concurrency)
         for old in self._executors:
-            old.shutdown(wait=False)  # running jobs finish; the threads then exit
+            old.shutdown(wait=False)
         self._executors.append(executor)
 
     # -- state for status and systemd -------------------------------------------------------
@@ -403,7 +374,7 @@ class Daemon:
 
     def note_result(self, account: str, result: FetchResult) -> None:
         """Remember the last error for STATUS=; forget it once that account polls fine."""
-        if result.status != "ok":
+        if result.status is not Status.OK:
             self.last_error = (account, result.error or result.status)
         elif self.last_error is not None and self.last_error[0] == account:
             self.last_error = None
@@ -435,51 +406,13 @@ class Daemon:
         return start + self.config.daemon.shutdown_timeout * share
 
     async def _drain(self) -> int:
-        """Let in-flight polls finish for part of the grace period, then cancel them.
-
-        A cancelled poll is abandoned without QUIT, so the server applies none of its DELEs;
-        everything it committed stays committed. Returns how many polls were abandoned.
-        """
-        runners = self._all_runners()
-        tasks = [r.task for r in runners if r.task is not None]
-        busy = [r.task for r in runners if r.task is not None and r.in_flight]
-        for runner in runners:
-            if runner.task is not None and not runner.in_flight:
-                runner.task.cancel()  # asleep or queued at the gate: nothing to lose
-        pending: set[asyncio.Task[None]] = set()
-        if busy:
-            left = self._by(FINISH_SHARE) - time.monotonic()
-            _, pending = await asyncio.wait(busy, timeout=max(0.0, left))
-            for task in pending:
-                task.cancel()
-        if tasks:  # cancelled polls unwind (close the session, release the lease)
-            left = self._by(UNWIND_SHARE) - time.monotonic()
-            await asyncio.wait(tasks, timeout=max(0.05, left))
+        """The runners' bounded stop (process.drain), then the reloads'; returns how many
+        polls were abandoned."""
+        abandoned = await process.drain(self._all_runners(), self._by)
         if self._reloads is not None:
             self._reloads.cancel()
             await asyncio.gather(self._reloads, return_exceptions=True)
-        return len(pending)
-
-
-def _log_loop_error(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
-    """asyncio's own reports (a task failed and nobody awaited it) as catalogued events."""
-    exc = context.get("exception")
-    log.error("task_failed", message=str(context.get("message", "")), exc_info=exc)
-
-
-def _exit_at(deadline: float, timeout: float) -> None:
-    """Exit the process at ``deadline`` (monotonic) if it is still running then."""
-
-    def force() -> None:
-        log.warning("shutdown_forced", timeout_s=timeout)
-        for stream in (sys.stdout, sys.stderr):
-            with contextlib.suppress(Exception):
-                stream.flush()
-        os._exit(EX_OK)
-
-    timer = threading.Timer(max(0.0, deadline - time.monotonic()), force)
-    timer.daemon = True  # never keeps the process alive by itself
-    timer.start()
+        return abandoned
 
 
 def run_daemon(config: Config, *, config_path: Path | None = None) -> int:

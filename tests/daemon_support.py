@@ -17,7 +17,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-from mailingest.scheduler import Daemon
+from mailingest.daemon import Daemon
 from support import run_cli
 
 #: Nothing here waits longer for one thing to happen (a generous bound, never a benchmark).

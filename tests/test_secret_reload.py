@@ -24,11 +24,11 @@ from structlog.testing import capture_logs
 from daemon_support import DaemonProcess, events, running, until
 from mailingest import commands
 from mailingest.config import load_config
+from mailingest.daemon import Daemon
 from mailingest.envfile import EnvFileError, parse_env
 from mailingest.errors import ConfigError
 from mailingest.popserver import Mailbox, Pop3TestServer, ThreadedPop3Server
 from mailingest.retry import Backoff
-from mailingest.scheduler import Daemon
 from support import loopback_account, make_message, run_cli, write_config
 
 PASSWORD = "Right-Horse-7"

@@ -28,14 +28,14 @@ from pathlib import Path
 from typing import Any
 
 BENCH = Path(__file__).resolve().parent
-sys.path.insert(0, str(BENCH.parent / "tests"))  # write_config, as the tests use it
+sys.path.insert(0, str(BENCH.parent / "tests"))  # write_config and pop3d, as the tests use them
 
 from mailingest import logs  # noqa: E402
 from mailingest.config import Account, load_config  # noqa: E402
 from mailingest.daemon import Daemon  # noqa: E402
 from mailingest.fetch import FetchResult, fetch_account  # noqa: E402
-from mailingest.popserver import Mailbox, ThreadedPop3Server  # noqa: E402
 from mailingest.store import Store  # noqa: E402
+from pop3d import Mailbox, ThreadedPop3Server  # noqa: E402
 from support import write_config  # noqa: E402 (after the path set-up above)
 
 PASSWORD = "Bench-Pass-1"

@@ -32,7 +32,7 @@ sys.path.insert(0, str(BENCH.parent / "tests"))
 
 from daemon_idle import PASSWORD, _accounts, _cpu_seconds, _status_kb  # noqa: E402
 
-from mailingest.popserver import Mailbox, ThreadedPop3Server  # noqa: E402
+from pop3d import Mailbox, ThreadedPop3Server  # noqa: E402
 from postgres import private_postgres  # noqa: E402
 from support import write_config  # noqa: E402
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from mailingest import __version__, logs
-from mailingest.popserver import Faults, Mailbox, ThreadedPop3Server
+from pop3d import Faults, Mailbox, ThreadedPop3Server
 from postgres import Postgres
 from support import loopback_account, run_cli, write_config
 

@@ -21,9 +21,9 @@ from mailingest import commands
 from mailingest.config import Account, load_config
 from mailingest.daemon import Daemon
 from mailingest.fetch import FetchResult, fetch_account
-from mailingest.popserver import Faults, Mailbox, Pop3TestServer
 from mailingest.retry import Backoff
 from mailingest.store import Store
+from pop3d import Faults, Mailbox, Pop3TestServer
 from support import loopback_account, make_message, write_config
 
 PASSWORD = "Right-Horse-7"

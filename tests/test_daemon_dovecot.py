@@ -18,8 +18,8 @@ import pytest
 from daemon_support import DaemonProcess, NotifySocket, status, wait_until
 from dovecot import Dovecot, Mailbox
 from mailingest import logs
-from mailingest.popserver import Faults, ThreadedPop3Server
-from mailingest.popserver import Mailbox as ScriptedMailbox
+from pop3d import Faults, ThreadedPop3Server
+from pop3d import Mailbox as ScriptedMailbox
 from support import dovecot_account, fetch_json, make_message, run_cli, write_config
 
 STOP_BOUND = 10.0  # the contract: exit 0 within shutdown_timeout, 10 s by default

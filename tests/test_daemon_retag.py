@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from daemon_support import DaemonProcess, wait_until
-from mailingest.popserver import Mailbox, ThreadedPop3Server
+from pop3d import Mailbox, ThreadedPop3Server
 from support import StoreAt, fetch_json, loopback_account, make_message, run_cli, write_config
 
 PASSWORD = "Pw-retag-12345"

@@ -21,9 +21,9 @@ from mailingest import commands
 from mailingest import fetch as fetch_module
 from mailingest.config import Account, Secret
 from mailingest.fetch import FetchResult, fetch_account
-from mailingest.popserver import Faults, Mailbox, Pop3TestServer
 from mailingest.retry import PollFailure
 from mailingest.store import Store
+from pop3d import Faults, Mailbox, Pop3TestServer
 from support import sha, stored_hashes
 
 HOST = "127.0.0.1"

@@ -14,8 +14,8 @@ import pytest
 
 from mailingest.config import Account, Secret
 from mailingest.fetch import FetchResult, fetch_account
-from mailingest.popserver import Faults, Mailbox, Pop3TestServer
 from mailingest.store import Store
+from pop3d import Faults, Mailbox, Pop3TestServer
 from support import sha, stored_hashes
 
 HOST = "127.0.0.1"

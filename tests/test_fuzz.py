@@ -28,7 +28,7 @@ from mailingest.matching import (
 )
 from mailingest.model import Headers
 from mailingest.parse import decode_text, parse_headers, read_head
-from mailingest.popserver import Mailbox, ThreadedPop3Server
+from pop3d import Mailbox, ThreadedPop3Server
 
 NAME = "fuzz"
 FAST = settings(max_examples=300, deadline=None)

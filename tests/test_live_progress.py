@@ -22,9 +22,9 @@ from pathlib import Path
 from mailingest.config import Account, Secret
 from mailingest.fetch import BATCH_COUNT, fetch_account
 from mailingest.output import human_bytes
-from mailingest.popserver import Faults, Mailbox, Pop3TestServer, ThreadedPop3Server
 from mailingest.progress import Progress, Tally
 from mailingest.store import Store
+from pop3d import Faults, Mailbox, Pop3TestServer, ThreadedPop3Server
 from support import TIMEOUT, loopback_account, run_cli, write_config
 
 PASSWORD = "pw-progress"

@@ -38,8 +38,8 @@ from mailingest.errors import (
 )
 from mailingest.fetch import FetchResult, fetch_account
 from mailingest.pop3 import Pop3Session
-from mailingest.popserver import Faults, Mailbox, Pop3TestServer, ThreadedPop3Server
 from mailingest.store import Store
+from pop3d import Faults, Mailbox, Pop3TestServer, ThreadedPop3Server
 from support import run_cli, sha, stored_hashes, write_config
 
 HOST = "127.0.0.1"

@@ -20,8 +20,8 @@ from typing import Any, Literal
 
 import pytest
 
-from mailingest.popserver import Faults, Mailbox, Pop3TestServer, ThreadedPop3Server
 from mailingest.samples import sample_mailboxes, sample_records_csv
+from pop3d import Faults, Mailbox, Pop3TestServer, ThreadedPop3Server
 
 HOST = "127.0.0.1"
 TIMEOUT = 2.0

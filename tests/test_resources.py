@@ -27,8 +27,8 @@ import pytest
 
 from mailingest.config import Account, Secret
 from mailingest.fetch import fetch_account
-from mailingest.popserver import Faults, Mailbox, Pop3TestServer, ThreadedPop3Server
 from mailingest.store import BUSY_TIMEOUT_MS, Store
+from pop3d import Faults, Mailbox, Pop3TestServer, ThreadedPop3Server
 from support import StoreAt, write_config
 
 USER, PASSWORD, NAME = "alice", "Resource-Pw-31", "acct"

@@ -27,8 +27,8 @@ from mailingest.config import load_config
 from mailingest.daemon import Daemon
 from mailingest.envfile import EnvFileError, parse_env
 from mailingest.errors import ConfigError
-from mailingest.popserver import Mailbox, Pop3TestServer, ThreadedPop3Server
 from mailingest.retry import Backoff
+from pop3d import Mailbox, Pop3TestServer, ThreadedPop3Server
 from support import loopback_account, make_message, run_cli, write_config
 
 PASSWORD = "Right-Horse-7"

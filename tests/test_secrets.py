@@ -25,8 +25,8 @@ from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import AuthResult, Envelope, LoginPassword, Session
 
 from dovecot import Dovecot, Mailbox, free_port
-from mailingest.popserver import Faults, ThreadedPop3Server
-from mailingest.popserver import Mailbox as ScriptedMailbox
+from pop3d import Faults, ThreadedPop3Server
+from pop3d import Mailbox as ScriptedMailbox
 from postgres import PASSWORD as DB_PASSWORD
 from postgres import Postgres
 from support import make_message, write_config

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from dovecot import free_port
-from mailingest.popserver import Mailbox, ThreadedPop3Server
+from pop3d import Mailbox, ThreadedPop3Server
 from smtp_support import Recorder, SmtpServer, serving, smtp_table
 from support import TIMEOUT, run_cli, sha, write_config
 

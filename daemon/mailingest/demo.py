@@ -17,7 +17,7 @@ from mailingest import commands
 from mailingest.config import load_config
 from mailingest.errors import EX_OK, STATUS_EXIT, worst_exit
 from mailingest.output import human_bytes, print_table
-from mailingest.popserver import Pop3TestServer
+from mailingest.popserver import LoopbackPop3Server
 from mailingest.samples import sample_mailboxes, sample_records_csv
 
 log = structlog.get_logger("mailingest.demo")
@@ -46,7 +46,7 @@ def demo_config_text(port: int, database: str = "demo.db") -> str:
 
 async def run_demo(out: TextIO, *, database: str | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="mailingest-demo-") as tmp:
-        async with Pop3TestServer(sample_mailboxes()) as server:
+        async with LoopbackPop3Server(sample_mailboxes()) as server:
             log.info("demo_server_started", port=server.port)
             path = Path(tmp) / "mailingest.toml"
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)

@@ -21,7 +21,7 @@ from token_endpoint import Reply, token_endpoint
 LOGIN_REFRESH = "login-refresh-Gd05-never-printed"
 
 
-def _device_reply(interval: int = 1) -> Reply:
+def device_reply(interval: int = 1) -> Reply:
     body = {
         "device_code": "dev-code-1",
         "user_code": "WXYZ-1234",
@@ -44,7 +44,7 @@ def test_device_sign_in_stores_the_token_the_next_fetch_uses(
         assert code == 77 and "auth login --account m365" in out["accounts"][0]["error"]
         assert endpoint.requests == []
         endpoint.replies = [
-            _device_reply(),
+            device_reply(),
             Reply(400, {"error": "authorization_pending"}),
             endpoint.token(access_jwt(mailbox.user), refresh_token=LOGIN_REFRESH),
             endpoint.token(access_jwt(mailbox.user)),
@@ -74,7 +74,7 @@ def test_a_denied_device_sign_in_is_exit_77_and_stores_nothing(
     tmp_path: Path, mailbox: Mailbox
 ) -> None:
     with token_endpoint() as endpoint:
-        endpoint.replies = [_device_reply(), Reply(400, {"error": "access_denied"})]
+        endpoint.replies = [device_reply(), Reply(400, {"error": "access_denied"})]
         config = oauth_config(tmp_path, mailbox, endpoint, device_url=endpoint.url)
         proc = run_cli(config, "auth", "login", "--account", "m365", "--flow", "device")
     assert proc.returncode == 77, proc.stderr.decode()

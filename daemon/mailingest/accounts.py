@@ -102,11 +102,24 @@ def _account(
 ) -> Account:
     table = dict(row.settings)
     table.update(name=row.name, owner=row.owner)
-    table["password"] = box.secret(row.name, row.password, f"{row.name!r}", now)
+    _put_secret(table, box.secret(row.name, row.password, f"{row.name!r}", now))
     if row.smtp_password is not None and isinstance(table.get("smtp"), dict):
         smtp = box.secret(row.name, row.smtp_password, f"{row.name!r} (SMTP)", now)
         table["smtp"] = {**table["smtp"], "password": smtp}
-    return stored_account(table, config.path.parent, earlier)
+    return stored_account(table, config.path.parent, earlier, config.storage.secret_key)
+
+
+def _put_secret(table: dict[str, Any], secret: Secret) -> None:
+    """The sealed secret of a stored account is its POP3 password, or, for an account that
+    signs in with OAuth2, its client secret (none for a public client: sealed "")."""
+    auth = table.get("auth")
+    if not (isinstance(auth, dict) and isinstance(auth.get("oauth2"), dict)):
+        table["password"] = secret
+        return
+    # Unopened (a command that signs in nowhere): kept as it is, never asked for.
+    if secret.resolved and not secret.value:
+        return
+    table["auth"] = {"oauth2": {**auth["oauth2"], "client_secret": secret}}
 
 
 def _skipped(name: str, error: str) -> None:
@@ -128,18 +141,19 @@ def validate(
     """The account a user asked for, checked as the file's are (65 naming the key if not)."""
     full = dict(table)
     if passwords.pop3 is not None:
-        full["password"] = Secret("database", str(full.get("name", "")), passwords.pop3)
+        _put_secret(full, Secret("database", str(full.get("name", "")), passwords.pop3))
     if passwords.smtp is not None and isinstance(full.get("smtp"), dict):
         full["smtp"] = {**full["smtp"], "password": Secret("database", "smtp", passwords.smtp)}
     try:
-        return stored_account(full, config.path.parent, list(others))
+        return stored_account(full, config.path.parent, list(others), config.storage.secret_key)
     except ConfigError as exc:
         where = ": ".join(p for p in (exc.key_path, exc.message) if p)
         raise DataError(f"account {full.get('name', '?')!r}: {where}") from exc
 
 
 def to_row(table: Mapping[str, Any], passwords: NewPasswords, box: SecretBox) -> StoredAccount:
-    """The row to store: the settings without name, owner and passwords; those sealed."""
+    """The row to store: the settings without name, owner and passwords; those sealed
+    (an OAuth2 account's "password" is its client secret, "" for a public client)."""
     assert passwords.pop3 is not None
     settings = {k: v for k, v in table.items() if k not in _APART}
     if isinstance(settings.get("smtp"), dict):
@@ -185,7 +199,7 @@ async def add(
         if any(a.name == name for a in current.accounts):
             raise UsageError(f"account {name!r} exists already; see `mailingest accounts list`")
         account = validate(table, passwords, config, current.accounts)
-        pop3 = await asyncio.to_thread(commands.check_pop3, account) if test else None
+        pop3 = await commands.check_pop3_with(account, store) if test else None
         if pop3 is not None and pop3["status"] != Status.OK:
             return {"account": name, "added": False, "pop3": pop3}
         if not await store.add_account(to_row(table, passwords, box)):
@@ -194,9 +208,15 @@ async def add(
 
 
 async def change(
-    config: Config, name: str, changes: dict[str, Any], passwords: NewPasswords
+    config: Config,
+    name: str,
+    changes: dict[str, Any],
+    passwords: NewPasswords,
+    *,
+    client_secret: bool = False,
 ) -> dict[str, Any]:
-    """Change a stored account's settings (``None`` removes a key) and passwords."""
+    """Change a stored account's settings (``None`` removes a key) and passwords
+    (``client_secret``: ``passwords.pop3`` is an OAuth2 account's client secret)."""
     from mailingest import commands
 
     box = secret_box(config)
@@ -207,6 +227,9 @@ async def change(
             raise not_stored(name, config)
         _, current = await with_stored(store, config)
         table = stored_table(row)
+        if passwords.pop3 is not None and client_secret != ("auth" in table):
+            wanted = "--client-secret-*" if "auth" in table else "--password-*"
+            raise UsageError(f"account {name!r} takes {wanted} (it signs in that way)")
         for key, value in changes.items():
             if value is None:
                 table.pop(key, None)
@@ -218,7 +241,8 @@ async def change(
         validate(table, new, config, others)
         if not await store.update_account(to_row(table, new, box)):
             raise not_stored(name, config)
-    changed = sorted(changes) + (["password"] if passwords.pop3 else [])
+    secret = "client_secret" if client_secret else "password"
+    changed = sorted(changes) + ([secret] if passwords.pop3 else [])
     return {"account": name, "changed": changed}
 
 

@@ -85,7 +85,7 @@ async def login(
     assert conf.seal_key is not None  # the refresh_token grant requires it
     sealed = SecretBox(conf.seal_key.reveal()).seal(token.refresh_token)
     await store.save_rotated_token(name, service, conf.origin(), sealed)
-    await pause.resume(store, name, "signed_in")
+    await pause.resume(store, name, pause.SIGNED_IN)
     signin.forget(name)
     return SignedIn(name, service, chosen, conf.scopes)
 

@@ -418,7 +418,7 @@ def _audit(args: argparse.Namespace) -> int:
 
 
 def _auth(args: argparse.Namespace) -> int:
-    return cli_auth.run(args, lambda: _load(args))
+    return cli_auth.run(args, lambda: _load_all(args))
 
 
 _COMMANDS = {

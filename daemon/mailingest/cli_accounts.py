@@ -24,7 +24,8 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--owner", required=True, metavar="USER", help="the CRM user")
     p.add_argument("--host", required=True)
     p.add_argument("--username", required=True, metavar="LOGIN")
-    _password_options(p, required=True)
+    _password_options(p)
+    _oauth2_options(p)
     p.add_argument("--port", type=int)
     p.add_argument("--security", choices=["tls", "starttls", "plain"])
     p.add_argument("--allow-plaintext", action="store_true", help="needed with --security plain")
@@ -37,7 +38,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p = asub.add_parser("set", help="change a stored account's settings or password")
     p.add_argument("name", metavar="NAME")
-    _password_options(p, required=False)
+    _password_options(p)
     p.add_argument("--host")
     p.add_argument("--port", type=int)
     p.add_argument("--username", metavar="LOGIN")
@@ -53,10 +54,46 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
 
-def _password_options(p: argparse.ArgumentParser, *, required: bool) -> None:
-    group = p.add_mutually_exclusive_group(required=required)
+def _password_options(p: argparse.ArgumentParser) -> None:
+    group = p.add_mutually_exclusive_group()
     group.add_argument("--password-stdin", action="store_true", help="read it from stdin")
     group.add_argument("--password-env", metavar="VAR", help="read it from this variable")
+    group.add_argument(
+        "--client-secret-stdin", action="store_true", help="OAuth2: the client secret, from stdin"
+    )
+    group.add_argument("--client-secret-env", metavar="VAR", help="OAuth2: the client secret")
+
+
+def _oauth2_options(p: argparse.ArgumentParser) -> None:
+    """OAuth2 sign-in instead of a password: the keys of auth = { oauth2 = ... }."""
+    p.add_argument("--oauth2", choices=["microsoft", "google", "custom"], metavar="PROVIDER")
+    p.add_argument("--grant", choices=["refresh_token", "client_credentials", "jwt_bearer"])
+    p.add_argument("--client-id", metavar="ID")
+    p.add_argument("--tenant", metavar="DIRECTORY", help="Microsoft")
+    p.add_argument("--token-url", metavar="URL")
+    p.add_argument("--device-url", metavar="URL", help="for `auth login` (device code)")
+    p.add_argument("--auth-url", metavar="URL", help="for `auth login` (browser)")
+    p.add_argument("--scope", action="append", metavar="SCOPE")
+    p.add_argument("--mechanism", choices=["auto", "xoauth2", "oauthbearer"])
+
+
+def _oauth2_table(args: argparse.Namespace) -> dict[str, Any] | None:
+    if args.oauth2 is None:
+        for key in ("grant", "client_id", "tenant", "token_url", "scope", "mechanism"):
+            if getattr(args, key):
+                raise UsageError(f"--{key.replace('_', '-')} needs --oauth2 PROVIDER")
+        return None
+    if args.password_stdin or args.password_env:
+        raise UsageError("an OAuth2 account has no password; see --client-secret-env")
+    table: dict[str, Any] = {"provider": args.oauth2}
+    for key in ("grant", "client_id", "tenant", "token_url", "device_url", "auth_url"):
+        if getattr(args, key) is not None:
+            table[key] = getattr(args, key)
+    if args.scope:
+        table["scopes"] = list(args.scope)
+    if args.mechanism is not None:
+        table["mechanism"] = args.mechanism
+    return table
 
 
 def _settings_options(p: argparse.ArgumentParser) -> None:
@@ -98,7 +135,10 @@ def run(args: argparse.Namespace, load: Callable[[], Config]) -> int:
         passwords = accounts.NewPasswords(pop3=_password(args))
         if not changes and passwords.pop3 is None:
             raise UsageError("nothing to change; see `mailingest accounts set --help`")
-        result = asyncio.run(accounts.change(config, args.name, changes, passwords))
+        secret = bool(args.client_secret_stdin or args.client_secret_env)
+        result = asyncio.run(
+            accounts.change(config, args.name, changes, passwords, client_secret=secret)
+        )
         return _report(args, result, EX_OK)
     if action == "remove":
         return _report(args, asyncio.run(accounts.remove(config, args.name)), EX_OK)
@@ -127,7 +167,14 @@ def _add(args: argparse.Namespace, config: Config) -> int:
         table["allow_plaintext"] = True
     if args.delete:
         table["leave_on_server"] = False
-    passwords = accounts.NewPasswords(pop3=_password(args))
+    oauth2 = _oauth2_table(args)
+    secret = _password(args)
+    if oauth2 is not None:
+        table["auth"] = {"oauth2": oauth2}
+        secret = secret or ""  # a public client: no secret
+    elif secret is None or args.client_secret_stdin or args.client_secret_env:
+        raise UsageError("give --password-stdin or --password-env (or --oauth2 PROVIDER)")
+    passwords = accounts.NewPasswords(pop3=secret)
     result = asyncio.run(accounts.add(config, table, passwords, test=not args.no_test))
     pop3 = result["pop3"]
     code = EX_OK if result["added"] else STATUS_EXIT.get(pop3["status"], 65)
@@ -154,19 +201,22 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _password(args: argparse.Namespace) -> str | None:
-    if args.password_stdin:
+    """The password, or an OAuth2 client secret (stored alike: sealed)."""
+    what = "client secret" if args.client_secret_stdin or args.client_secret_env else "password"
+    if args.password_stdin or args.client_secret_stdin:
         line = sys.stdin.buffer.readline()
         try:
             text = line.decode("utf-8").removesuffix("\n").removesuffix("\r")
         except UnicodeDecodeError as exc:
-            raise DataError("the password on stdin is not valid UTF-8") from exc
+            raise DataError(f"the {what} on stdin is not valid UTF-8") from exc
         if not text:
-            raise DataError("no password on stdin (one line expected)")
+            raise DataError(f"no {what} on stdin (one line expected)")
         return text
-    if args.password_env:
-        value = os.environ.get(args.password_env)
+    variable = args.password_env or args.client_secret_env
+    if variable:
+        value = os.environ.get(variable)
         if not value:
-            raise UsageError(f"environment variable {args.password_env} is not set or empty")
+            raise UsageError(f"environment variable {variable} is not set or empty")
         return value
     return None
 

@@ -154,7 +154,7 @@ def check_pop3(account: Account, login: Pop3Login | None = None) -> dict[str, An
     }
 
 
-async def _check_pop3(account: Account, store: Store | None) -> dict[str, Any]:
+async def check_pop3_with(account: Account, store: Store | None) -> dict[str, Any]:
     """The POP3 check; an OAuth2 account's token request is reported apart from its login."""
     if account.auth is None or store is None:
         pop3 = await asyncio.to_thread(check_pop3, account)
@@ -194,7 +194,7 @@ async def check(config: Config, names: Sequence[str] | None) -> list[dict[str, A
 
     async def run(store: Store | None) -> list[dict[str, Any]]:
         async def one(account: Account) -> dict[str, Any]:
-            pop3 = await _check_pop3(account, store)
+            pop3 = await check_pop3_with(account, store)
             smtp = await _check_smtp(account, store)
             return {"account": account.name, "pop3": pop3, "smtp": smtp}
 

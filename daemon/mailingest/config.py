@@ -399,14 +399,17 @@ def _account(
 
 
 def stored_account(
-    table: Mapping[str, Any], base: Path, earlier: Sequence[Account] = ()
+    table: Mapping[str, Any],
+    base: Path,
+    earlier: Sequence[Account] = (),
+    seal_key: Secret | None = None,
 ) -> Account:
     """An account kept in the database (``mailingest accounts``), validated exactly as a
     ``[[accounts]]`` table; its passwords are ``Secret`` values in the table. Errors name
     the account and the key, as for the file."""
     name = table.get("name", "?")
     ctx = _Context(f"account {name!r} in the database", base, {})
-    return _account(dict(table), 0, ctx, list(earlier))
+    return _account(dict(table), 0, ctx, list(earlier), seal_key)
 
 
 def with_accounts(config: Config, more: Sequence[Account]) -> Config:

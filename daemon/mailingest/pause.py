@@ -27,6 +27,11 @@ log = structlog.get_logger("mailingest.pause")
 REASON = Status.AUTH_FAILED.value
 #: Why a paused account resumes: its config brings another login than the rejected one.
 CREDENTIALS_CHANGED = "credentials_changed"
+#: Why a paused OAuth2 account resumes in the daemon: `mailingest auth login` ended the
+#: pause in the store.
+LIFTED = "pause_lifted"
+#: Why a paused account resumes: `mailingest auth login` stored a new refresh token.
+SIGNED_IN = "signed_in"
 
 _SCRYPT = {"n": 2**14, "r": 8, "p": 1, "dklen": 32}
 
@@ -67,16 +72,19 @@ async def may_retry(key: str, account: Account) -> bool:
     return not await asyncio.to_thread(same_login, key, account)
 
 
-async def record(store: Store, account: str, key: str, *, announce: bool = True) -> None:
+async def record(store: Store, account: str, key: str, *, announce: bool = True) -> bool:
     """Save the pause (no next poll until it ends); ``announce``: log ``account_paused``,
     once it is saved, so whoever reacts to the line sees it in ``status``. A store error
-    is logged: the pause then holds in this process only."""
+    is logged: the pause then holds in this process only (False)."""
+    saved = True
     try:
         await store.set_paused(account, REASON, key)
     except StoreError as exc:
         log.error("state_not_recorded", account=account, error=str(exc))
+        saved = False
     if announce:
         log.warning("account_paused", account=account, reason=REASON)
+    return saved
 
 
 async def resume(
@@ -93,7 +101,9 @@ async def resume(
 
 __all__ = [
     "CREDENTIALS_CHANGED",
+    "LIFTED",
     "REASON",
+    "SIGNED_IN",
     "key_of",
     "login_key",
     "may_retry",

@@ -55,7 +55,8 @@ async def _source(
     elif conf.refresh_token is None:
         raise AuthError(
             f"no {service} refresh token yet: sign in once with "
-            f"`mailingest auth login --account {name}` (or set refresh_token)",
+            f"`mailingest auth login --account {name}` (or set refresh_token; an account "
+            "being added: `accounts add ... --no-test` first)",
             account=name,
         )
     return source

@@ -100,6 +100,7 @@ class AccountRunner:
         self.claimed_generation = 0  # a poll under newer settings is taken even if not due
         self.retired = False
         self.pause_key: str | None = None  # set while paused: the rejected login's hash
+        self.pause_recorded = False  # the store holds the pause (another process may end it)
         self.in_flight = False
         self.task: asyncio.Task[None] | None = None
         self.due = 0.0  # loop time of the next poll
@@ -188,7 +189,11 @@ class AccountRunner:
                 if delay > 0:
                     delay += self.spread()
                 self.due = loop.time() + delay
-                await self.sleep(None if self.paused else delay)
+                # Paused: woken by a reload, and once an interval to see whether a sign-in
+                # lifted the pause in the store.
+                await self.sleep(self.interval if self.paused else delay)
+                if self.paused and not self.done:
+                    await self._pause_lifted()
                 if self.done or self.paused:
                     continue
                 delay = await self._cycle()
@@ -362,7 +367,7 @@ class AccountRunner:
         """The server rejected the login: no more attempts until other credentials come
         (see pause.py). The key is kept here too: the pause holds even if the store fails."""
         key = self.pause_key = await pause.key_of(rejected)
-        await pause.record(self.host.store, self.name, key)
+        self.pause_recorded = await pause.record(self.host.store, self.name, key)
         self.host.status_changed()
         # A reload during that poll may already have brought the fix.
         if self.account is not rejected and await pause.may_retry(key, self.account):
@@ -373,9 +378,28 @@ class AccountRunner:
         while this config brings the rejected login, else ended. True if paused now."""
         if key is not None and not await pause.may_retry(key, self.account):
             self.pause_key = key
+            self.pause_recorded = True  # it comes from the store
             return True
         await self.resume(pause.CREDENTIALS_CHANGED)
         return False
+
+    async def _pause_lifted(self) -> None:
+        """End a pause that `mailingest auth login` ended in the store: the credential of
+        an OAuth2 refresh-token account lives there, not in the config. (A password account
+        resumes only with another login from its own config: a pause another daemon lifted
+        with its config is no reason to retry this one's.) A pause the store never recorded
+        (it failed) holds: no login is retried on a store error."""
+        auth = self.account.auth
+        if auth is None or auth.grant != "refresh_token":
+            return
+        try:
+            key = await self.host.store.pause_key(self.name)
+        except StoreError:
+            return
+        if key is None and self.pause_recorded:
+            self.pause_key = None
+            log.info("account_resumed", account=self.name, reason=pause.LIFTED)
+            self.host.status_changed()
 
     async def resume(self, reason: str) -> None:
         self.pause_key = None

@@ -200,6 +200,9 @@ class Store:
     async def clear_pause(self, account: str) -> None:
         await state.clear_pause(self._db, account)
 
+    async def pause_key(self, account: str) -> str | None:
+        return await state.pause_key(self._db, account)
+
     async def set_next_polls(self, when: dict[str, datetime | None]) -> None:
         await state.set_next_polls(self._db, when)
 

@@ -224,6 +224,15 @@ async def clear_pause(db: Database, account: str) -> None:
     )
 
 
+async def pause_key(db: Database, account: str) -> str | None:
+    """The key of the account's recorded pause; None if it is not paused (any more)."""
+    async with db.statement("reading the auth pause", write=False):
+        row = await db.fetchone(
+            "SELECT pause_key FROM account_state WHERE account = ? AND paused = 1", (account,)
+        )
+    return str(row[0]) if row is not None and row[0] is not None else None
+
+
 async def set_next_polls(db: Database, when: dict[str, datetime | None]) -> None:
     """The next poll of each account (ISO 8601 UTC, or none), in one transaction."""
     async with db.write("recording the next polls"):

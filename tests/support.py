@@ -18,6 +18,8 @@ from dovecot import Dovecot, Mailbox
 from mailingest.store import Store
 
 TIMEOUT = 120
+TESTS = Path(__file__).resolve().parent  # the tests/ folder (support modules, corpus/)
+ROOT = TESTS.parent  # the repository
 
 
 @dataclass(frozen=True)

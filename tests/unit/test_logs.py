@@ -7,14 +7,13 @@ import io
 import json
 import re
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 import structlog
 
 from mailingest import logs
+from support import ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "daemon" / "mailingest"
 DOC = ROOT / "docs" / "logging.md"
 LEVELS = {"debug": "debug", "info": "info", "warning": "warning", "error": "error"}

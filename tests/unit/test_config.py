@@ -25,11 +25,12 @@ from mailingest.config import (
     resolve_config_path,
 )
 from mailingest.errors import ConfigError
+from support import ROOT
 
 POA_PW = "hunter2-pop-secret"
 SMTA_PW = "hunter2-smtp-secret"
 ENV = {"A_PW": POA_PW, "S_PW": SMTA_PW}
-EXAMPLE = Path(__file__).resolve().parent.parent / "config" / "mailingest.example.toml"
+EXAMPLE = ROOT / "config" / "mailingest.example.toml"
 
 BASE = {
     "name": '"a"',

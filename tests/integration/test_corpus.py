@@ -23,9 +23,9 @@ from dovecot import Dovecot
 from mailingest.matching import direction_of, link_addresses, normalize, normalize_all
 from mailingest.model import Headers
 from mailingest.parse import parse_headers, read_head
-from support import dovecot_account, fetch_json, run_cli, write_config
+from support import TESTS, dovecot_account, fetch_json, run_cli, write_config
 
-CORPUS_DIR = Path(__file__).resolve().parent / "corpus"
+CORPUS_DIR = TESTS / "corpus"
 CORPUS = sorted(CORPUS_DIR.glob("*.eml"))
 OWNER = "alice"
 IDENTITY = "owner@example.com"

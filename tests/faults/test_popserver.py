@@ -22,6 +22,7 @@ import pytest
 
 from mailingest.samples import sample_mailboxes, sample_records_csv
 from pop3d import Faults, Mailbox, Pop3TestServer, ThreadedPop3Server
+from support import ROOT
 
 HOST = "127.0.0.1"
 TIMEOUT = 2.0
@@ -588,7 +589,7 @@ def _normal(address: str) -> str:
 
 
 def test_sample_records_file_equals_the_bundled_text_and_matches_the_mail() -> None:
-    path = Path(__file__).resolve().parents[1] / "config" / "records.sample.csv"
+    path = ROOT / "config" / "records.sample.csv"
     assert path.read_text(encoding="utf-8") == sample_records_csv()
     known = {_normal(a): rid for rid, addrs in _records().items() for a in addrs}
     assert len(known) == 7 and any(len(a) > 1 for a in _records().values())

@@ -12,11 +12,11 @@ import pytest
 from mailingest import __version__, logs
 from pop3d import Faults, Mailbox, ThreadedPop3Server
 from postgres import Postgres
-from support import loopback_account, run_cli, write_config
+from support import ROOT, loopback_account, run_cli, write_config
 
-PACKAGE = Path(__file__).resolve().parent.parent / "daemon" / "mailingest"
-README = Path(__file__).resolve().parent.parent / "README.md"
-LOG_DOC = Path(__file__).resolve().parent.parent / "docs" / "logging.md"
+PACKAGE = ROOT / "daemon" / "mailingest"
+README = ROOT / "README.md"
+LOG_DOC = ROOT / "docs" / "logging.md"
 SECRET = "S3cr3t-Zebra-Quartz-99"
 
 

@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 
 from mailingest.systemd import Notifier, one_line, watchdog_period
+from support import ROOT
 
-UNITS = Path(__file__).resolve().parent.parent / "systemd"
+UNITS = ROOT / "systemd"
 SERVICES = ("mailingest.service", "mailingest-fetch.service")
 ALL_UNITS = (*SERVICES, "mailingest-fetch.timer")
 EXEC_START = "/usr/bin/env mailingest "

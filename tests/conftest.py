@@ -8,10 +8,11 @@ from pathlib import Path
 
 import pytest
 
+from builders import self_signed_cert
 from dovecot import Dovecot, Mailbox, private_dovecot
 from mailingest.store import Store
 from postgres import Postgres, private_postgres
-from smtp_support import SmtpServer, make_cert, serving
+from smtp_support import SmtpServer, serving
 from support import StoreAt
 
 BACKENDS = ("sqlite", "postgresql")
@@ -67,7 +68,7 @@ async def store(store_at: StoreAt) -> AsyncIterator[Store]:
 
 @pytest.fixture(scope="session")
 def smtp_cert(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    return make_cert(tmp_path_factory.mktemp("smtp-cert"))
+    return self_signed_cert(tmp_path_factory.mktemp("smtp-cert"))
 
 
 @pytest.fixture

@@ -9,10 +9,11 @@ from pathlib import Path
 
 import pytest
 
+from builders import loopback_account
 from mailingest import __version__, logs
 from pop3d import Faults, Mailbox, ThreadedPop3Server
 from postgres import Postgres
-from support import ROOT, loopback_account, run_cli, write_config
+from support import ROOT, run_cli, write_config
 
 PACKAGE = ROOT / "daemon" / "mailingest"
 README = ROOT / "README.md"

@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import email
 import email.policy
-import json
 from pathlib import Path
 from typing import Any
 
+from builders import dovecot_account
 from dovecot import Mailbox
 from smtp_support import SmtpServer, smtp_table
-from support import dovecot_account, fetch_json, run_cli, write_config
+from support import cli_json, fetch_json, run_cli, write_config
 
 LEAD = "lead@customer.example"
 BOSS = "boss@customer.example"
@@ -47,16 +47,10 @@ def _fetched(tmp_path: Path, mailbox: Mailbox, server: SmtpServer, **alice: Any)
     return config
 
 
-def _ok(config: Path, *args: str) -> Any:
-    proc = run_cli(config, *args, "--json")
-    assert proc.returncode == 0, proc.stderr.decode()
-    return json.loads(proc.stdout)
-
-
 def _send(config: Path, tmp_path: Path, *cc: str) -> Any:
     """`send` from alice-mail to LEAD (and ``cc``), Subject "Offer"; its JSON."""
     copies = ("--cc", *cc) if cc else ()
-    return _ok(
+    return cli_json(
         config, "send", "--account", "alice-mail", "--to", LEAD, *copies,
         "--subject", "Offer", "--body-file", _body(tmp_path),
     )  # fmt: skip
@@ -81,11 +75,11 @@ def test_a_reply_to_your_own_sent_mail_goes_to_its_recipients_and_all_adds_its_c
     config = _config(tmp_path, mailbox, smtp_server)
     sent = _send(config, tmp_path, BOSS)
     body = _body(tmp_path)
-    _ok(config, "reply", str(sent["id"]), "--viewer", "alice", "--body-file", body)
+    cli_json(config, "reply", str(sent["id"]), "--viewer", "alice", "--body-file", body)
     rcpts, message = _last_sent(smtp_server)
     assert (rcpts, message["To"], message["Cc"]) == ([LEAD], LEAD, None)
     assert message["Subject"] == "Re: Offer" and message["In-Reply-To"] == sent["message_id"]
-    _ok(config, "reply", str(sent["id"]), "--viewer", "alice", "--body-file", body, "--all")
+    cli_json(config, "reply", str(sent["id"]), "--viewer", "alice", "--body-file", body, "--all")
     rcpts, message = _last_sent(smtp_server)
     assert (rcpts, message["To"], message["Cc"]) == ([LEAD, BOSS], LEAD, BOSS)
 
@@ -94,11 +88,13 @@ def test_reply_all_to_incoming_mail_copies_the_others_but_never_yourself(
     tmp_path: Path, mailbox: Mailbox, smtp_server: SmtpServer
 ) -> None:
     config = _fetched(tmp_path, mailbox, smtp_server)
-    [incoming] = _ok(config, "messages", "--viewer", "alice")
+    [incoming] = cli_json(config, "messages", "--viewer", "alice")
     body = _body(tmp_path)
-    _ok(config, "reply", str(incoming["id"]), "--viewer", "alice", "--body-file", body)
+    cli_json(config, "reply", str(incoming["id"]), "--viewer", "alice", "--body-file", body)
     assert _last_sent(smtp_server)[0] == [LEAD]
-    _ok(config, "reply", str(incoming["id"]), "--viewer", "alice", "--body-file", body, "--all")
+    cli_json(
+        config, "reply", str(incoming["id"]), "--viewer", "alice", "--body-file", body, "--all"
+    )
     rcpts, message = _last_sent(smtp_server)
     # alice@crm.example is alice's own From (in any case): never copied.
     assert rcpts == [LEAD, "carol@crm.example", BOSS]
@@ -134,11 +130,13 @@ def test_a_share_flag_outside_custom_mode_is_refused_and_changes_nothing(
     assert run_cli(config, "records", "share", "L1", "--owner", "alice", "--off").returncode == 0
     # The refused flag did not lie in wait for a later switch to custom mode.
     custom = _config(tmp_path, mailbox, smtp_server, sharing="custom")
-    assert _ok(custom, "messages", "--viewer", "bob") == []
-    [mine] = _ok(custom, "messages", "--viewer", "alice")
+    assert cli_json(custom, "messages", "--viewer", "bob") == []
+    [mine] = cli_json(custom, "messages", "--viewer", "alice")
     assert mine["reason"] == "custom_not_shared"
     assert run_cli(custom, "records", "share", "L1", "--owner", "alice").returncode == 0
-    assert [m["reason"] for m in _ok(custom, "messages", "--viewer", "bob")] == ["custom_shared"]
+    assert [m["reason"] for m in cli_json(custom, "messages", "--viewer", "bob")] == [
+        "custom_shared"
+    ]
 
 
 def test_email_magnet_labels_incoming_customer_mail_only(
@@ -146,19 +144,19 @@ def test_email_magnet_labels_incoming_customer_mail_only(
 ) -> None:
     config = _fetched(tmp_path, mailbox, smtp_server, magnet_label="CRM")
     _send(config, tmp_path)
-    mine = _ok(config, "messages", "--viewer", "alice")
+    mine = cli_json(config, "messages", "--viewer", "alice")
     assert sorted((m["direction"], m["records"], m["labels"]) for m in mine) == [
         ("in", ["L1"], ["CRM"]),
         ("out", ["L1"], []),
     ]
-    labelled = _ok(config, "messages", "--viewer", "alice", "--label", "CRM")
+    labelled = cli_json(config, "messages", "--viewer", "alice", "--label", "CRM")
     assert [m["subject"] for m in labelled] == ["Quote"]
     # A new label re-labels the stored mail the same way, as does a record's new address.
     relabelled = _config(tmp_path, mailbox, smtp_server, magnet_label="Deals")
-    deals = _ok(relabelled, "messages", "--viewer", "alice", "--label", "Deals")
+    deals = cli_json(relabelled, "messages", "--viewer", "alice", "--label", "Deals")
     assert [m["direction"] for m in deals] == ["in"]
     assert run_cli(relabelled, "records", "set-email", "L1", f"{LEAD};{BOSS}").returncode == 0
-    deals = _ok(relabelled, "messages", "--viewer", "alice", "--label", "Deals")
+    deals = cli_json(relabelled, "messages", "--viewer", "alice", "--label", "Deals")
     assert [m["direction"] for m in deals] == ["in"]
 
 
@@ -185,7 +183,7 @@ def test_mail_the_owner_sent_from_the_crm_from_or_an_alias_is_recognised_as_thei
         aliases=["a.smith@crm.example"],
     )
     assert fetch_json(config)[0] == 0
-    stored = {m["subject"]: m for m in _ok(config, "messages", "--viewer", "alice")}
+    stored = {m["subject"]: m for m in cli_json(config, "messages", "--viewer", "alice")}
     assert {s: (m["direction"], m["records"]) for s, m in stored.items()} == {
         "s1": ("out", ["L1"]),  # outgoing mail links on its recipients
         "s2": ("out", ["L1"]),
@@ -207,9 +205,9 @@ def test_the_fetched_copy_of_mail_sent_from_the_crm_is_that_message_stored_once(
     mailbox.deliver(b"Received: by mx.gmail.example; Tue, 24 Nov 2026 10:00:01 +0000\r\n" + data)
     for _ in range(2):
         assert fetch_json(config)[0] == 0
-        [stored] = _ok(config, "messages", "--viewer", "alice")
+        [stored] = cli_json(config, "messages", "--viewer", "alice")
         assert (stored["id"], stored["reason"]) == (sent["id"], "crm_sent")
-    assert [m["id"] for m in _ok(config, "messages", "--viewer", "bob")] == [sent["id"]]
+    assert [m["id"] for m in cli_json(config, "messages", "--viewer", "bob")] == [sent["id"]]
 
 
 def test_an_address_change_links_the_addresss_mail_even_where_another_record_has_it(
@@ -224,11 +222,11 @@ def test_an_address_change_links_the_addresss_mail_even_where_another_record_has
     csv.write_text("id,kind,email,name\nC1,contact,old@customer.example,Lead as contact\n")
     assert run_cli(config, "records", "import", str(csv)).returncode == 0
     assert fetch_json(config)[0] == 0
-    [before] = _ok(config, "messages", "--viewer", "alice")
+    [before] = cli_json(config, "messages", "--viewer", "alice")
     assert before["records"] == ["L1"]
     assert run_cli(config, "records", "set-email", "C1", LEAD).returncode == 0
-    [after] = _ok(config, "messages", "--viewer", "alice")
+    [after] = cli_json(config, "messages", "--viewer", "alice")
     assert sorted(after["records"]) == ["C1", "L1"]
-    assert [m["id"] for m in _ok(config, "messages", "--viewer", "alice", "--record", "C1")] == [
-        after["id"]
-    ]
+    assert [
+        m["id"] for m in cli_json(config, "messages", "--viewer", "alice", "--record", "C1")
+    ] == [after["id"]]

@@ -4,22 +4,16 @@ domain or share flag is kept with who, when and how many messages it re-tagged."
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
+from builders import dovecot_account
 from dovecot import Dovecot
-from support import dovecot_account, fetch_json, run_cli, write_config
+from support import cli_json, fetch_json, run_cli, write_config
 
 
 def _mail(sender: str, subject: str) -> bytes:
     return f"From: {sender}\r\nTo: someone@crm.example\r\nSubject: {subject}\r\n\r\nhi\r\n".encode()
-
-
-def _ok(config: Path, *args: str, env: dict[str, str] | None = None) -> Any:
-    proc = run_cli(config, *args, "--json", env=env)
-    assert proc.returncode == 0, proc.stderr.decode()
-    return json.loads(proc.stdout)
 
 
 def _write(tmp_path: Path, dovecot: Dovecot, boxes: list[Any], alice_mode: str) -> Path:
@@ -36,7 +30,7 @@ def _write(tmp_path: Path, dovecot: Dovecot, boxes: list[Any], alice_mode: str) 
 
 
 def _by_subject(config: Path, viewer: str) -> dict[str, Any]:
-    return {m["subject"]: m for m in _ok(config, "messages", "--viewer", viewer)}
+    return {m["subject"]: m for m in cli_json(config, "messages", "--viewer", viewer)}
 
 
 def test_explain_names_the_rule_and_the_audit_log_keeps_every_sharing_change(
@@ -54,7 +48,7 @@ def test_explain_names_the_rule_and_the_audit_log_keeps_every_sharing_change(
     )
     assert run_cli(config, "records", "import", str(csv)).returncode == 0
     assert fetch_json(config)[0] == 0
-    assert _ok(config, "audit") == []  # storing mail under the first settings is no change
+    assert cli_json(config, "audit") == []  # storing mail under the first settings is no change
 
     assert (
         run_cli(config, "records", "share", "L1", "--owner", "alice", "--by", "carol").returncode
@@ -62,7 +56,7 @@ def test_explain_names_the_rule_and_the_audit_log_keeps_every_sharing_change(
     )
     mine = _by_subject(config, "alice")
     bobs = _by_subject(config, "bob")
-    shared = _ok(config, "explain", str(mine["alice lead"]["id"]), "--viewer", "bob")
+    shared = cli_json(config, "explain", str(mine["alice lead"]["id"]), "--viewer", "bob")
     assert (shared["may_see"], shared["reason"], shared["mode"]) == (
         True,
         "custom_shared",
@@ -73,19 +67,19 @@ def test_explain_names_the_rule_and_the_audit_log_keeps_every_sharing_change(
     assert shared["shares"][0]["set_at"] and "set by carol" in shared["rule"]
     assert [h["action"] for h in shared["history"]] == ["share"]
 
-    own = _ok(config, "explain", str(mine["alice stranger"]["id"]), "--viewer", "alice")
+    own = cli_json(config, "explain", str(mine["alice stranger"]["id"]), "--viewer", "alice")
     assert own["reason"] == "unmatched" and own["why"] == "alice owns it"
     assert "linked to no CRM record" in own["rule"]
     hidden = run_cli(config, "explain", str(mine["alice stranger"]["id"]), "--viewer", "bob")
     assert hidden.returncode == 77 and b"may not see" in hidden.stderr
 
-    excluded = _ok(config, "explain", str(bobs["bob secret"]["id"]), "--viewer", "bob")
+    excluded = cli_json(config, "explain", str(bobs["bob secret"]["id"]), "--viewer", "bob")
     assert (excluded["reason"], excluded["excluded_domain"]) == (
         "excluded_domain",
         "secret.example",
     )
     assert excluded["excluded_domains"] == ["secret.example"]
-    public = _ok(config, "explain", str(bobs["bob lead"]["id"]), "--viewer", "alice")
+    public = cli_json(config, "explain", str(bobs["bob lead"]["id"]), "--viewer", "alice")
     assert (public["reason"], public["excluded_domain"]) == ("public", None)
     assert "customer.example" in public["rule"]
     text = run_cli(config, "explain", str(bobs["bob secret"]["id"]), "--viewer", "bob")
@@ -93,10 +87,10 @@ def test_explain_names_the_rule_and_the_audit_log_keeps_every_sharing_change(
 
     # A mode change in the config file is applied (and audited) by the next command.
     config = _write(tmp_path, dovecot, boxes, "private")
-    assert _ok(config, "status", env={"SUDO_USER": "dave"}) is not None
+    assert cli_json(config, "status", env={"SUDO_USER": "dave"}) is not None
     off = ("records", "share", "L1", "--owner", "alice", "--off", "--by", "carol")
     assert run_cli(config, *off).returncode == 0
-    log = _ok(config, "audit")
+    log = cli_json(config, "audit")
     assert [(e["action"], e["actor"], e["retagged"]) for e in log] == [
         ("unshare", "carol", 0),  # private mode now: the flag no longer decides anything
         ("sharing_changed", "dave", 1),
@@ -105,10 +99,10 @@ def test_explain_names_the_rule_and_the_audit_log_keeps_every_sharing_change(
     change = log[1]
     assert (change["account"], change["owner"]) == ("alice-mail", "alice")
     assert change["detail"] == {"sharing": {"from": "custom", "to": "private"}}
-    assert [e["action"] for e in _ok(config, "audit", "--owner", "bob")] == []
-    assert len(_ok(config, "audit", "--limit", "1")) == 1
+    assert [e["action"] for e in cli_json(config, "audit", "--owner", "bob")] == []
+    assert len(cli_json(config, "audit", "--limit", "1")) == 1
     table = run_cli(config, "audit").stdout.decode()
     assert "account alice-mail: sharing custom -> private" in table and "carol" in table
-    now = _ok(config, "explain", str(mine["alice lead"]["id"]), "--viewer", "alice")
+    now = cli_json(config, "explain", str(mine["alice lead"]["id"]), "--viewer", "alice")
     assert now["reason"] == "mode_private" and now["shares"] == []
     assert [h["action"] for h in now["history"]] == ["unshare", "sharing_changed", "share"]

@@ -19,13 +19,14 @@ import threading
 import time
 from pathlib import Path
 
+from builders import loopback_account
 from mailingest.config import Account, Secret
 from mailingest.fetch import BATCH_COUNT, fetch_account
 from mailingest.output import human_bytes
 from mailingest.progress import Progress, Tally
 from mailingest.store import Store
 from pop3d import Faults, Mailbox, Pop3TestServer, ThreadedPop3Server
-from support import TIMEOUT, loopback_account, run_cli, write_config
+from support import TIMEOUT, run_cli, write_config
 
 PASSWORD = "pw-progress"
 #: More than two group-commit batches for a1, more than one for a2.

@@ -4,12 +4,11 @@ message's sender links all of that sender's stored mail at once."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import Any
 
+from builders import dovecot_account
 from dovecot import Mailbox
-from support import dovecot_account, fetch_json, run_cli, write_config
+from support import cli_json, fetch_json, run_cli, write_config
 
 
 def _mail(sender: str, subject: str, to: str = "alice@crm.example") -> bytes:
@@ -30,12 +29,6 @@ MAIL = [
 ]
 
 
-def _ok(config: Path, *args: str) -> Any:
-    proc = run_cli(config, *args, "--json")
-    assert proc.returncode == 0, proc.stderr.decode()
-    return json.loads(proc.stdout)
-
-
 def _setup(tmp_path: Path, mailbox: Mailbox) -> Path:
     mailbox.dovecot.deliver_many(mailbox.user, MAIL)
     account = dovecot_account(
@@ -53,18 +46,20 @@ def test_unmatched_mail_is_grouped_by_sender_and_create_from_links_it_all(
     tmp_path: Path, mailbox: Mailbox
 ) -> None:
     config = _setup(tmp_path, mailbox)
-    queue = _ok(config, "messages", "--viewer", "alice", "--unmatched")
+    queue = cli_json(config, "messages", "--viewer", "alice", "--unmatched")
     assert [(g["sender"], g["count"]) for g in queue] == [
         ("juergen@unknown.example", 3),
         ("someone@other.example", 1),
     ]
-    assert _ok(config, "messages", "--viewer", "bob", "--unmatched") == []
+    assert cli_json(config, "messages", "--viewer", "bob", "--unmatched") == []
     text = run_cli(config, "messages", "--viewer", "alice", "--unmatched")
     assert b"juergen@unknown.example" in text.stdout and b"sender" in text.stdout
 
-    first = next(m for m in _ok(config, "messages", "--viewer", "alice") if m["subject"] == "first")
+    first = next(
+        m for m in cli_json(config, "messages", "--viewer", "alice") if m["subject"] == "first"
+    )
     assert first["records"] == [] and first["reason"] == "unmatched"
-    created = _ok(config, "records", "create-from", str(first["id"]), "--viewer", "alice")
+    created = cli_json(config, "records", "create-from", str(first["id"]), "--viewer", "alice")
     # Three from the sender and alice's own mail to that address: linked at once.
     assert created["linked"] == 4
     assert created["record"] == {
@@ -73,12 +68,14 @@ def test_unmatched_mail_is_grouped_by_sender_and_create_from_links_it_all(
         "name": "Jürgen Koch",
         "emails": ["juergen@unknown.example"],
     }
-    linked = _ok(config, "messages", "--viewer", "alice", "--record", "juergen@unknown.example")
+    linked = cli_json(
+        config, "messages", "--viewer", "alice", "--record", "juergen@unknown.example"
+    )
     assert sorted(m["subject"] for m in linked) == ["first", "second", "sent by alice", "third"]
     assert {m["reason"] for m in linked} == {"custom_not_shared"}  # re-tagged with the link
-    queue = _ok(config, "messages", "--viewer", "alice", "--unmatched")
+    queue = cli_json(config, "messages", "--viewer", "alice", "--unmatched")
     assert [g["sender"] for g in queue] == ["someone@other.example"]
-    listed = {r["id"] for r in _ok(config, "records", "list")}
+    listed = {r["id"] for r in cli_json(config, "records", "list")}
     assert listed == {"L1", "juergen@unknown.example"}
 
     again = run_cli(config, "records", "create-from", str(first["id"]), "--viewer", "alice")
@@ -92,8 +89,10 @@ def test_unmatched_mail_is_grouped_by_sender_and_create_from_links_it_all(
 
 def test_create_from_takes_an_id_kind_and_name(tmp_path: Path, mailbox: Mailbox) -> None:
     config = _setup(tmp_path, mailbox)
-    once = next(m for m in _ok(config, "messages", "--viewer", "alice") if m["subject"] == "once")
-    created = _ok(
+    once = next(
+        m for m in cli_json(config, "messages", "--viewer", "alice") if m["subject"] == "once"
+    )
+    created = cli_json(
         config, "records", "create-from", str(once["id"]), "--viewer", "alice",
         "--id", "C7", "--kind", "contact", "--name", "Some One",
     )  # fmt: skip

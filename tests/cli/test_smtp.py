@@ -14,10 +14,11 @@ from typing import Any
 
 import pytest
 
+from builders import sha
 from dovecot import free_port
 from pop3d import Mailbox, ThreadedPop3Server
 from smtp_support import Recorder, SmtpServer, serving, smtp_table
-from support import TIMEOUT, run_cli, sha, write_config
+from support import TIMEOUT, run_cli, write_config
 
 
 @pytest.fixture(scope="module")

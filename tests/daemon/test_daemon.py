@@ -15,6 +15,7 @@ from typing import Any
 
 from structlog.testing import capture_logs
 
+from builders import loopback_account, make_message
 from daemon_support import events, running, until
 from dovecot import free_port
 from mailingest import commands
@@ -24,7 +25,7 @@ from mailingest.fetch import FetchResult, fetch_account
 from mailingest.retry import Backoff
 from mailingest.store import Store
 from pop3d import Faults, Mailbox, Pop3TestServer
-from support import loopback_account, make_message, write_config
+from support import write_config
 
 PASSWORD = "Right-Horse-7"
 WRONG = "Wrong-Horse-7"

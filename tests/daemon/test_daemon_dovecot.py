@@ -15,12 +15,13 @@ from typing import Any
 
 import pytest
 
+from builders import dovecot_account, make_message
 from daemon_support import DaemonProcess, NotifySocket, status, wait_until
 from dovecot import Dovecot, Mailbox
 from mailingest import logs
 from pop3d import Faults, ThreadedPop3Server
 from pop3d import Mailbox as ScriptedMailbox
-from support import dovecot_account, fetch_json, make_message, run_cli, write_config
+from support import fetch_json, run_cli, run_sql, write_config
 
 STOP_BOUND = 10.0  # the contract: exit 0 within shutdown_timeout, 10 s by default
 DAEMON = {"poll_interval": "1s", "log_format": "json"}
@@ -28,13 +29,9 @@ DAEMON = {"poll_interval": "1s", "log_format": "json"}
 
 def _stored(config: Path) -> int:
     """Messages committed so far (read-only: the daemon may be writing)."""
-    path = config.parent / "mail.db"
     try:
-        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
-        try:
-            return int(db.execute("SELECT count(*) FROM messages").fetchone()[0])
-        finally:
-            db.close()
+        rows = run_sql(config.parent / "mail.db", "SELECT count(*) FROM messages", readonly=True)
+        return int(rows[0][0])
     except sqlite3.OperationalError:
         return 0  # not created (or not migrated) yet
 

@@ -14,9 +14,10 @@ import signal
 from pathlib import Path
 from typing import Any
 
+from builders import loopback_account, make_message
 from daemon_support import DaemonProcess, wait_until
 from pop3d import Mailbox, ThreadedPop3Server
-from support import StoreAt, fetch_json, loopback_account, make_message, run_cli, write_config
+from support import StoreAt, fetch_json, run_cli, write_config
 
 PASSWORD = "Pw-retag-12345"
 RECORDS = "id,kind,email,name\nL1,lead,lead@example.org,Lead One\n"

@@ -14,9 +14,10 @@ import signal
 from collections import defaultdict
 from pathlib import Path
 
+from builders import crlf, dovecot_account, make_message, sha
 from daemon_support import DaemonProcess, wait_until
 from dovecot import Dovecot, Mailbox
-from support import StoreAt, crlf, dovecot_account, make_message, sha, write_config
+from support import StoreAt, write_config
 
 ACCOUNTS = 60
 DAEMONS = 3

@@ -5,40 +5,34 @@ from __future__ import annotations
 import json
 import signal
 import socket
-import sqlite3
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
 
+from builders import crlf, dovecot_account, make_message, sha
 from daemon_support import WAIT, DaemonProcess, wait_until
 from dovecot import Mailbox
 from mailingest.fetch import BATCH_COUNT, lease_host
 from proxy import CommandProxy
-from support import crlf, dovecot_account, fetch_json, make_message, sha, write_config
+from support import fetch_json, run_sql, write_config
 
 
 def _stored(config: Path) -> list[str]:
-    db = sqlite3.connect(config.parent / "mail.db")
-    try:
-        return [r[0] for r in db.execute("SELECT sha256 FROM messages")]
-    finally:
-        db.close()
+    return [r[0] for r in run_sql(config.parent / "mail.db", "SELECT sha256 FROM messages")]
 
 
 def _set_lease(config: Path, holder: str, expires_in: float) -> None:
-    db = sqlite3.connect(config.parent / "mail.db")
-    try:
-        db.execute(
-            "INSERT INTO account_state (account, lease_holder, lease_expires) VALUES (?,?,?)"
-            " ON CONFLICT (account) DO UPDATE SET lease_holder = excluded.lease_holder,"
-            " lease_expires = excluded.lease_expires",
-            ("acct", holder, time.time() + expires_in),
-        )
-        db.commit()
-    finally:
-        db.close()
+    run_sql(
+        config.parent / "mail.db",
+        "INSERT INTO account_state (account, lease_holder, lease_expires) VALUES (?,?,?)"
+        " ON CONFLICT (account) DO UPDATE SET lease_holder = excluded.lease_holder,"
+        " lease_expires = excluded.lease_expires",
+        "acct",
+        holder,
+        time.time() + expires_in,
+    )
 
 
 def test_overlapping_fetches_store_once_and_losers_report_busy(
@@ -142,10 +136,8 @@ def test_fetch_killed_holding_the_lease_does_not_block_the_next(
     )
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:  # wait until it holds the lease
-        db = sqlite3.connect(config.parent / "mail.db")
-        held = db.execute("SELECT lease_holder FROM account_state").fetchone()
-        db.close()
-        if held and held[0]:
+        held = run_sql(config.parent / "mail.db", "SELECT lease_holder FROM account_state")
+        if held and held[0][0]:
             break
         time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
@@ -159,12 +151,10 @@ def test_fetch_killed_holding_the_lease_does_not_block_the_next(
 
 
 def _lease_holder(config: Path) -> str | None:
-    db = sqlite3.connect(f"file:{config.parent / 'mail.db'}?mode=ro", uri=True)
-    try:
-        row = db.execute("SELECT lease_holder FROM account_state").fetchone()
-    finally:
-        db.close()
-    return row[0] if row else None
+    rows = run_sql(
+        config.parent / "mail.db", "SELECT lease_holder FROM account_state", readonly=True
+    )
+    return rows[0][0] if rows else None
 
 
 def test_daemon_killed_holding_the_lease_does_not_block_the_next_fetch(

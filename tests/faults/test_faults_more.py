@@ -11,82 +11,26 @@ and every message ends up stored once, byte-exact, or still on the server.
 from __future__ import annotations
 
 import asyncio
+import functools
 from dataclasses import dataclass
-from typing import Any
 
 import pytest
 from structlog.testing import capture_logs
 
+import builders
+from builders import NAME, PASSWORD, USER, expected, message
 from mailingest import commands
 from mailingest import fetch as fetch_module
-from mailingest.config import Account, Secret
-from mailingest.fetch import FetchResult, fetch_account
 from mailingest.retry import PollFailure
 from mailingest.store import Store
-from pop3d import Faults, Mailbox, Pop3TestServer
-from support import sha, stored_hashes
+from pop3d import Faults, Mailbox, Pop3TestServer, first_session
+from support import fetch, stored_hashes
 
-HOST = "127.0.0.1"
-USER, PASSWORD, OWNER, NAME = "alice", "pw", "alice", "acct"
 TIMEOUT = 1.0
-FETCH_BOUND = 30.0
+account = functools.partial(builders.account, timeout=TIMEOUT)
 #: Statuses the daemon's retry policy backs off and retries; the others wait for a change.
 RETRIED = {"temp_failed", "unavailable"}
-
-
-def message(index: int) -> bytes:
-    return (
-        f"From: Lead {index} <lead{index}@example.org>\nTo: owner@example.com\n"
-        f"Subject: message {index}\nMessage-ID: <m{index}@example.org>\n\nHello {index}\n"
-    ).encode()
-
-
 MESSAGES = [message(i) for i in range(1, 6)]
-
-
-def served(raw: bytes) -> bytes:
-    if not raw:
-        return b""
-    body = raw[:-1] if raw.endswith(b"\n") else raw
-    return b"".join(line.removesuffix(b"\r") + b"\r\n" for line in body.split(b"\n"))
-
-
-def expected(messages: list[bytes]) -> list[str]:
-    return sorted(sha(served(m)) for m in messages)
-
-
-def account(port: int, **overrides: Any) -> Account:
-    fields: dict[str, Any] = {
-        "name": NAME,
-        "owner": OWNER,
-        "host": HOST,
-        "port": port,
-        "security": "plain",
-        "username": USER,
-        "password": Secret(source="literal", ref="", value=PASSWORD),
-        "allow_plaintext": True,
-        "timeout": TIMEOUT,
-    }
-    fields.update(overrides)
-    return Account(**fields)
-
-
-def first_session(faults: Faults) -> Faults:
-    return Faults(per_session=lambda n: faults if n == 0 else Faults())
-
-
-def session_log(server: Pop3TestServer, number: int) -> list[str]:
-    prefix = f"{number}: "
-    return [e.removeprefix(prefix) for e in server.log if e.startswith(prefix)]
-
-
-async def fetch(acc: Account, store: Store, **kw: Any) -> FetchResult:
-    async with asyncio.timeout(FETCH_BOUND):
-        return await fetch_account(acc, store, **kw)
-
-
-async def stored(store: Store) -> list[str]:
-    return await stored_hashes(store, OWNER)
 
 
 # -- one table: fault -> typed status, retry, what is committed, what the next fetch does ------
@@ -160,9 +104,9 @@ async def test_fault_is_typed_logged_and_loses_or_duplicates_nothing(
         # Transient failures are warnings (the daemon retries them), the rest errors.
         assert failed["log_level"] == ("warning" if case.status in RETRIED else "error")
         assert failed["retry_in_s"] is None  # a one-shot fetch never retries
-        assert await stored(store) == expected(MESSAGES[: case.committed])
+        assert await stored_hashes(store) == expected(MESSAGES[: case.committed])
         assert server.mailbox(USER).remaining() == len(MESSAGES)  # no QUIT: nothing expunged
-        assert "QUIT" not in session_log(server, 0)
+        assert "QUIT" not in server.session_log(0)
         retrieved = server.commands_seen("RETR")
 
         second = await fetch(acc, store)
@@ -174,7 +118,7 @@ async def test_fault_is_typed_logged_and_loses_or_duplicates_nothing(
             assert server.commands_seen("RETR") == retrieved  # DELE from the ledger only
         assert server.mailbox(USER).remaining() == 0
         assert server.errors == []
-    assert await stored(store) == expected(MESSAGES)
+    assert await stored_hashes(store) == expected(MESSAGES)
 
 
 # -- a message the server will not serve -------------------------------------------------------
@@ -206,13 +150,13 @@ async def test_a_message_the_server_refuses_does_not_hold_back_the_others(
         assert [e["account"] for e in logs if e["event"] == "poll_failed"] == [NAME]
         assert first.new == 4 and first.deleted == 4
         assert box.messages == [MESSAGES[2]]  # only the refused one is left
-        assert await stored(store) == expected(MESSAGES[:2] + MESSAGES[3:])
+        assert await stored_hashes(store) == expected(MESSAGES[:2] + MESSAGES[3:])
 
         second = await fetch(acc, store)
         assert second.status == "error" and second.new == 0 and second.deleted == 0, second
         assert box.messages == [MESSAGES[2]]
         assert server.errors == []
-    assert await stored(store) == expected(MESSAGES[:2] + MESSAGES[3:])
+    assert await stored_hashes(store) == expected(MESSAGES[:2] + MESSAGES[3:])
 
 
 # -- UIDLs that change between sessions --------------------------------------------------------
@@ -236,7 +180,7 @@ async def test_uidls_renumbered_after_a_crash_before_dele_store_nothing_twice(
         assert second.deleted == len(MESSAGES)
         assert box.remaining() == 0
         assert server.errors == []
-    assert await stored(store) == expected(MESSAGES)
+    assert await stored_hashes(store) == expected(MESSAGES)
 
 
 async def test_uidls_renumbered_at_every_session_of_one_cycle_drain_once(
@@ -259,7 +203,7 @@ async def test_uidls_renumbered_at_every_session_of_one_cycle_drain_once(
         assert result.deleted == len(messages) and box.remaining() == 0
         assert server.commands_seen("RETR") == len(messages)  # each retrieved once
         assert server.errors == []
-    assert await stored(store) == expected(messages)
+    assert await stored_hashes(store) == expected(messages)
 
 
 async def test_uidls_renumbered_between_keeping_fetches_retrieve_but_store_once(
@@ -277,7 +221,7 @@ async def test_uidls_renumbered_between_keeping_fetches_retrieve_but_store_once(
         third = await fetch(acc, store)  # the new UIDLs are in the ledger now
         assert third.new == 0 and server.commands_seen("RETR") == 2 * len(MESSAGES)
         assert box.remaining() == len(MESSAGES) and server.errors == []
-    assert await stored(store) == expected(MESSAGES)
+    assert await stored_hashes(store) == expected(MESSAGES)
 
 
 async def test_same_content_under_two_uidls_is_stored_once_and_both_deleted(
@@ -290,7 +234,7 @@ async def test_same_content_under_two_uidls_is_stored_once_and_both_deleted(
         result = await fetch(account(server.port, leave_on_server=False), store)
         assert result.status == "ok" and result.new == 2 and result.deleted == 3, result
         assert box.remaining() == 0 and server.errors == []
-    assert await stored(store) == expected([same, message(1)])
+    assert await stored_hashes(store) == expected([same, message(1)])
 
 
 # -- malformed replies outside the fetch path ----------------------------------------------

@@ -7,80 +7,18 @@ stored byte-exact exactly once, and nothing leaves the server before it is store
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 import pytest
 
-from mailingest.config import Account, Secret
-from mailingest.fetch import FetchResult, fetch_account
+from builders import NAME, USER, account, expected, mailbox, message, served, sha
+from mailingest.config import Secret
+from mailingest.fetch import FetchResult
 from mailingest.store import Store
-from pop3d import Faults, Mailbox, Pop3TestServer
-from support import sha, stored_hashes
-
-HOST = "127.0.0.1"
-USER, PASSWORD, OWNER, NAME = "alice", "pw", "alice", "acct"
-FETCH_BOUND = 30.0  # no single fetch here may take longer than this
-
-
-def message(index: int, body: bytes | None = None) -> bytes:
-    """A small, distinct message with bare-LF line ends, as a sender may hand it over."""
-    text = body if body is not None else f"Hello {index}\n.dot line {index}\n".encode()
-    return (
-        f"From: Lead {index} <lead{index}@example.org>\nTo: owner@example.com\n"
-        f"Subject: message {index}\nMessage-ID: <m{index}@example.org>\n\n"
-    ).encode() + text
-
+from pop3d import Faults, Pop3TestServer, first_session
+from support import assert_failed, fetch, stored_hashes
 
 MESSAGES = [message(i) for i in range(1, 6)]
-
-
-def served(raw: bytes) -> bytes:
-    """What a POP3 client must store for ``raw``: every line ended by CRLF, a final CRLF added."""
-    if not raw:
-        return b""
-    body = raw[:-1] if raw.endswith(b"\n") else raw
-    return b"".join(line.removesuffix(b"\r") + b"\r\n" for line in body.split(b"\n"))
-
-
-def expected(messages: list[bytes]) -> list[str]:
-    return sorted(sha(served(m)) for m in messages)
-
-
-def account(server: Pop3TestServer, **overrides: Any) -> Account:
-    fields: dict[str, Any] = {
-        "name": NAME,
-        "owner": OWNER,
-        "host": HOST,
-        "port": server.port,
-        "security": "plain",
-        "username": USER,
-        "password": Secret(source="literal", ref="", value=PASSWORD),
-        "allow_plaintext": True,
-        "timeout": 2.0,
-    }
-    fields.update(overrides)
-    return Account(**fields)
-
-
-def mailbox(messages: list[bytes] | None = None, **kw: Any) -> Mailbox:
-    return Mailbox(USER, PASSWORD, list(MESSAGES if messages is None else messages), **kw)
-
-
-def sessions(first: Faults, rest: Faults | None = None) -> Faults:
-    """Faults for the first connection only; later ones get ``rest`` (default: none)."""
-    later = rest if rest is not None else Faults()
-    return Faults(per_session=lambda n: first if n == 0 else later)
-
-
-async def fetch(acc: Account, store: Store, **kw: Any) -> FetchResult:
-    """One cycle; returning at all (within the bound) is the "process survives" check."""
-    async with asyncio.timeout(FETCH_BOUND):
-        return await fetch_account(acc, store, **kw)
-
-
-async def stored(store: Store) -> list[str]:
-    return await stored_hashes(store, OWNER)
 
 
 def assert_ok(result: FetchResult, new: int | None = None) -> None:
@@ -89,19 +27,14 @@ def assert_ok(result: FetchResult, new: int | None = None) -> None:
         assert result.new == new, result
 
 
-def assert_failed(result: FetchResult, status: str) -> None:
-    assert result.status == status, result
-    assert result.error is not None and result.error.startswith(f"account {NAME!r}: "), result
-
-
 # -- happy path ------------------------------------------------------------------------------
 
 
 async def test_fetch_stores_every_message_byte_exact_and_the_next_fetch_nothing(
     store: Store,
 ) -> None:
-    async with Pop3TestServer([mailbox()]) as server:
-        acc = account(server)
+    async with Pop3TestServer([mailbox(MESSAGES)]) as server:
+        acc = account(server.port)
         first = await fetch(acc, store)
         assert_ok(first, new=len(MESSAGES))
         assert first.bytes == sum(len(served(m)) for m in MESSAGES)
@@ -112,18 +45,18 @@ async def test_fetch_stores_every_message_byte_exact_and_the_next_fetch_nothing(
         assert server.commands_seen("DELE") == 0
         assert server.mailbox(USER).remaining() == len(MESSAGES)  # leave_on_server default
         assert server.errors == []
-    assert await stored(store) == expected(MESSAGES)
+    assert await stored_hashes(store) == expected(MESSAGES)
 
 
 async def test_leave_on_server_false_deletes_everything_after_storing_it(store: Store) -> None:
-    async with Pop3TestServer([mailbox()]) as server:
-        result = await fetch(account(server, leave_on_server=False), store)
+    async with Pop3TestServer([mailbox(MESSAGES)]) as server:
+        result = await fetch(account(server.port, leave_on_server=False), store)
         assert_ok(result, new=len(MESSAGES))
         assert result.deleted == len(MESSAGES)
         assert server.mailbox(USER).remaining() == 0
         assert server.mailbox(USER).deleted_total == len(MESSAGES)
         assert server.errors == []
-    assert await stored(store) == expected(MESSAGES)
+    assert await stored_hashes(store) == expected(MESSAGES)
 
 
 @pytest.mark.parametrize(
@@ -139,12 +72,12 @@ async def test_every_capability_set_stores_and_deletes_everything(
 ) -> None:
     messages = [message(i) for i in range(1, 41)]  # more than one pipeline window
     async with Pop3TestServer([mailbox(messages)], Faults(capa=capa)) as server:
-        result = await fetch(account(server, leave_on_server=False), store)
+        result = await fetch(account(server.port, leave_on_server=False), store)
         assert_ok(result, new=len(messages))
         assert server.mailbox(USER).remaining() == 0
         assert server.commands_seen("RETR") == len(messages)
         assert server.errors == []
-    assert await stored(store) == expected(messages)
+    assert await stored_hashes(store) == expected(messages)
 
 
 # -- crashes and drops -------------------------------------------------------------------------
@@ -152,11 +85,13 @@ async def test_every_capability_set_stores_and_deletes_everything(
 
 async def test_crash_between_commit_and_quit_deletes_without_refetch(store: Store) -> None:
     """QUIT never answered: no expunge; the next cycle DELEs from the ledger, RETRs nothing."""
-    async with Pop3TestServer([mailbox()], sessions(Faults(drop_after="QUIT"))) as server:
-        acc = account(server, leave_on_server=False)
+    async with Pop3TestServer(
+        [mailbox(MESSAGES)], first_session(Faults(drop_after="QUIT"))
+    ) as server:
+        acc = account(server.port, leave_on_server=False)
         first = await fetch(acc, store)
         assert_failed(first, "temp_failed")
-        assert await stored(store) == expected(MESSAGES)  # committed before DELE and QUIT
+        assert await stored_hashes(store) == expected(MESSAGES)  # committed before DELE and QUIT
         assert server.commands_seen("DELE") == len(MESSAGES)
         assert server.mailbox(USER).remaining() == len(MESSAGES)  # no QUIT, no expunge
         retrieved = server.commands_seen("RETR")
@@ -168,17 +103,19 @@ async def test_crash_between_commit_and_quit_deletes_without_refetch(store: Stor
         assert server.commands_seen("RETR") == retrieved  # deleted without refetching
         assert server.mailbox(USER).remaining() == 0
         assert server.errors == []
-    assert await stored(store) == expected(MESSAGES)
+    assert await stored_hashes(store) == expected(MESSAGES)
 
 
 async def test_drop_mid_retr_commits_what_came_whole_and_the_next_fetch_the_rest(
     store: Store,
 ) -> None:
-    async with Pop3TestServer([mailbox()], sessions(Faults(drop_mid_retr=3))) as server:
-        acc = account(server, leave_on_server=False)
+    async with Pop3TestServer(
+        [mailbox(MESSAGES)], first_session(Faults(drop_mid_retr=3))
+    ) as server:
+        acc = account(server.port, leave_on_server=False)
         first = await fetch(acc, store)
         assert_failed(first, "temp_failed")
-        assert await stored(store) == expected(MESSAGES[:2])  # 1 and 2 whole, 3 cut
+        assert await stored_hashes(store) == expected(MESSAGES[:2])  # 1 and 2 whole, 3 cut
         assert server.commands_seen("DELE") == 0
         assert server.mailbox(USER).remaining() == len(MESSAGES)
 
@@ -187,59 +124,61 @@ async def test_drop_mid_retr_commits_what_came_whole_and_the_next_fetch_the_rest
         assert server.commands_seen("RETR 1") == 1 and server.commands_seen("RETR 2") == 1
         assert server.mailbox(USER).remaining() == 0
         assert server.errors == []
-    assert await stored(store) == expected(MESSAGES)  # nothing lost, nothing twice
+    assert await stored_hashes(store) == expected(MESSAGES)  # nothing lost, nothing twice
 
 
 async def test_a_failed_session_still_reports_the_messages_it_stored(store: Store) -> None:
-    async with Pop3TestServer([mailbox()], sessions(Faults(drop_mid_retr=3))) as server:
-        result = await fetch(account(server), store)
+    async with Pop3TestServer(
+        [mailbox(MESSAGES)], first_session(Faults(drop_mid_retr=3))
+    ) as server:
+        result = await fetch(account(server.port), store)
         assert_failed(result, "temp_failed")
-        assert len(await stored(store)) == 2
+        assert len(await stored_hashes(store)) == 2
         assert result.new == 2
 
 
 async def test_sys_temp_on_retr_2_keeps_message_1_and_the_next_fetch_completes(
     store: Store,
 ) -> None:
-    faults = sessions(Faults(err_on={"RETR 2": "-ERR [SYS/TEMP] try later"}))
-    async with Pop3TestServer([mailbox()], faults) as server:
-        acc = account(server, leave_on_server=False)
+    faults = first_session(Faults(err_on={"RETR 2": "-ERR [SYS/TEMP] try later"}))
+    async with Pop3TestServer([mailbox(MESSAGES)], faults) as server:
+        acc = account(server.port, leave_on_server=False)
         first = await fetch(acc, store)
         assert_failed(first, "temp_failed")
         assert "SYS/TEMP" in (first.error or "")
-        assert await stored(store) == expected(MESSAGES[:1])
+        assert await stored_hashes(store) == expected(MESSAGES[:1])
         assert server.mailbox(USER).remaining() == len(MESSAGES)
 
         second = await fetch(acc, store)
         assert_ok(second, new=len(MESSAGES) - 1)
         assert server.mailbox(USER).remaining() == 0
         assert server.errors == []
-    assert await stored(store) == expected(MESSAGES)
+    assert await stored_hashes(store) == expected(MESSAGES)
 
 
 async def test_in_use_after_pass_is_a_temporary_failure(store: Store) -> None:
     faults = Faults(err_on={"PASS": "-ERR [IN-USE] locked"})
-    async with Pop3TestServer([mailbox()], faults) as server:
-        result = await fetch(account(server, leave_on_server=False), store)
+    async with Pop3TestServer([mailbox(MESSAGES)], faults) as server:
+        result = await fetch(account(server.port, leave_on_server=False), store)
         assert_failed(result, "temp_failed")
         assert server.login_attempts == 1
         assert server.commands_seen("RETR") == 0 and server.commands_seen("DELE") == 0
         assert server.mailbox(USER).remaining() == len(MESSAGES)
         assert server.errors == []
-    assert await stored(store) == []
+    assert await stored_hashes(store) == []
 
 
 async def test_wrong_password_is_auth_failed_after_exactly_one_pass(store: Store) -> None:
     wrong = Secret(source="literal", ref="", value="not-the-password")
-    async with Pop3TestServer([mailbox()]) as server:
-        result = await fetch(account(server, password=wrong), store)
+    async with Pop3TestServer([mailbox(MESSAGES)]) as server:
+        result = await fetch(account(server.port, password=wrong), store)
         assert_failed(result, "auth_failed")
         assert "not-the-password" not in (result.error or "")
         assert server.login_attempts == 1 and server.commands_seen("PASS") == 1
         assert server.sessions == 0
         assert server.mailbox(USER).remaining() == len(MESSAGES)
         assert server.errors == []
-    assert await stored(store) == []
+    assert await stored_hashes(store) == []
 
 
 # -- UIDL oddities -----------------------------------------------------------------------------
@@ -249,22 +188,22 @@ async def test_duplicate_uidls_in_one_listing_store_the_message_once(store: Stor
     same = message(1)
     box = mailbox([same, same, message(2)], uidls=["dup", "dup", "other"])
     async with Pop3TestServer([box]) as server:
-        acc = account(server)
+        acc = account(server.port)
         result = await fetch(acc, store)
         assert_ok(result, new=2)
         assert_ok(await fetch(acc, store), new=0)
         assert server.mailbox(USER).remaining() == 3
         assert server.errors == []
-    assert await stored(store) == expected([same, message(2)])
+    assert await stored_hashes(store) == expected([same, message(2)])
 
 
 async def test_duplicate_uidl_never_deletes_a_message_that_was_not_stored(store: Store) -> None:
     first, second = message(1), message(2, body=b"different content\n")
     box = mailbox([first, second], uidls=["dup", "dup"])
     async with Pop3TestServer([box]) as server:
-        result = await fetch(account(server, leave_on_server=False), store)
+        result = await fetch(account(server.port, leave_on_server=False), store)
         assert server.errors == []
-        digests = await stored(store)
+        digests = await stored_hashes(store)
         remaining = server.mailbox(USER).messages
         # Every message is either stored or still on the server.
         for raw in (first, second):
@@ -274,17 +213,17 @@ async def test_duplicate_uidl_never_deletes_a_message_that_was_not_stored(store:
 
 
 async def test_renumbered_uidls_do_not_store_the_same_content_twice(store: Store) -> None:
-    async with Pop3TestServer([mailbox()]) as server:
-        assert_ok(await fetch(account(server), store), new=len(MESSAGES))
-    renumbered = mailbox(uidls=[f"new-{i}" for i in range(len(MESSAGES))])
+    async with Pop3TestServer([mailbox(MESSAGES)]) as server:
+        assert_ok(await fetch(account(server.port), store), new=len(MESSAGES))
+    renumbered = mailbox(MESSAGES, uidls=[f"new-{i}" for i in range(len(MESSAGES))])
     async with Pop3TestServer([renumbered]) as server:
-        acc = account(server, leave_on_server=False)
+        acc = account(server.port, leave_on_server=False)
         result = await fetch(acc, store)
         assert_ok(result, new=0)  # every message is a content duplicate
         assert result.deleted == len(MESSAGES)  # ledger rows were added: safe to delete
         assert server.mailbox(USER).remaining() == 0
         assert server.errors == []
-    assert await stored(store) == expected(MESSAGES)
+    assert await stored_hashes(store) == expected(MESSAGES)
 
 
 # -- Gmail-like servers ------------------------------------------------------------------------
@@ -300,55 +239,55 @@ async def test_capped_listing_is_drained_by_several_sessions_in_one_fetch(
     messages = [message(i) for i in range(1000)]
     faults = Faults(max_list=250, hide_retrieved=True)
     async with Pop3TestServer([mailbox(messages)], faults) as server:
-        result = await fetch(account(server), store, max_sessions=max_sessions)
+        result = await fetch(account(server.port), store, max_sessions=max_sessions)
         assert_ok(result, new=stored_count)
         assert result.sessions == min(max_sessions, 5)  # 4 x 250, then an empty one
         assert server.commands_seen("RETR") == stored_count
         assert server.errors == []
-    assert await stored(store) == expected(messages[:stored_count])
+    assert await stored_hashes(store) == expected(messages[:stored_count])
 
 
 async def test_capped_listing_with_deleting_drains_the_mailbox(store: Store) -> None:
     messages = [message(i) for i in range(600)]
     async with Pop3TestServer([mailbox(messages)], Faults(max_list=250)) as server:
-        result = await fetch(account(server, leave_on_server=False), store)
+        result = await fetch(account(server.port, leave_on_server=False), store)
         assert_ok(result, new=600)
         assert result.deleted == 600
         assert server.mailbox(USER).remaining() == 0
         assert server.errors == []
-    assert await stored(store) == expected(messages)
+    assert await stored_hashes(store) == expected(messages)
 
 
 async def test_gmail_normal_mode_hides_what_a_session_retrieved_but_all_is_stored(
     store: Store,
 ) -> None:
-    async with Pop3TestServer([mailbox()], Faults(hide_retrieved=True)) as server:
-        acc = account(server)
+    async with Pop3TestServer([mailbox(MESSAGES)], Faults(hide_retrieved=True)) as server:
+        acc = account(server.port)
         assert_ok(await fetch(acc, store), new=len(MESSAGES))
         assert_ok(await fetch(acc, store), new=0)
         assert server.commands_seen("RETR") == len(MESSAGES)
         assert server.errors == []
-    assert await stored(store) == expected(MESSAGES)
+    assert await stored_hashes(store) == expected(MESSAGES)
 
 
 async def test_messages_are_committed_before_quit_even_when_quit_fails(store: Store) -> None:
     """Gmail applies QUIT (hides what was RETRieved) even if its reply never arrives."""
     faults = Faults(hide_retrieved=True, reply_override={"QUIT": b""})
-    async with Pop3TestServer([mailbox()], faults) as server:
-        acc = account(server)
+    async with Pop3TestServer([mailbox(MESSAGES)], faults) as server:
+        acc = account(server.port)
         result = await fetch(acc, store)
         assert_failed(result, "temp_failed")
-        assert await stored(store) == expected(MESSAGES)  # hidden now, but safely stored
+        assert await stored_hashes(store) == expected(MESSAGES)  # hidden now, but safely stored
         assert server.errors == []
 
 
 async def test_login_delay_ends_the_cycle_instead_of_a_refused_second_login(
     store: Store,
 ) -> None:
-    async with Pop3TestServer([mailbox()], Faults(login_delay=300)) as server:
-        acc = account(server)
+    async with Pop3TestServer([mailbox(MESSAGES)], Faults(login_delay=300)) as server:
+        acc = account(server.port)
         result = await fetch(acc, store)
-        assert await stored(store) == expected(MESSAGES)
+        assert await stored_hashes(store) == expected(MESSAGES)
         assert server.login_attempts == 1
         assert_ok(result, new=len(MESSAGES))
         again = await fetch(acc, store)  # too early: no login at all, a temporary failure
@@ -359,16 +298,16 @@ async def test_login_delay_ends_the_cycle_instead_of_a_refused_second_login(
 
 
 async def test_login_delay_error_is_temporary_and_moves_the_next_login(store: Store) -> None:
-    faults = sessions(Faults(err_on={"PASS": "-ERR [LOGIN-DELAY] wait"}, login_delay=5))
-    async with Pop3TestServer([mailbox()], faults) as server:
-        result = await fetch(account(server), store)
+    faults = first_session(Faults(err_on={"PASS": "-ERR [LOGIN-DELAY] wait"}, login_delay=5))
+    async with Pop3TestServer([mailbox(MESSAGES)], faults) as server:
+        result = await fetch(account(server.port), store)
         assert result.status == "temp_failed" and "LOGIN-DELAY" in (result.error or "")
         allowed = await store.next_login(NAME)
         assert allowed is not None
         attempts = server.login_attempts
-        again = await fetch(account(server), store)
+        again = await fetch(account(server.port), store)
         assert again.status == "temp_failed" and server.login_attempts == attempts
-    assert await stored(store) == []
+    assert await stored_hashes(store) == []
 
 
 async def test_disk_full_while_spooling_stops_without_dele(
@@ -386,14 +325,16 @@ async def test_disk_full_while_spooling_stops_without_dele(
             raise OSError(28, "No space left on device")
         real_write(self, data)
 
-    async with Pop3TestServer([mailbox()]) as server:
+    async with Pop3TestServer([mailbox(MESSAGES)]) as server:
         monkeypatch.setattr(fetch_module._Spool, "write", full)
-        result = await fetch(account(server, leave_on_server=False), store)
+        result = await fetch(account(server.port, leave_on_server=False), store)
         assert result.status == "temp_failed"
         assert "No space left on device" in (result.error or "") and NAME in (result.error or "")
         assert server.mailbox(USER).remaining() == len(MESSAGES)
         monkeypatch.setattr(fetch_module._Spool, "write", real_write)
         # The message spooled whole before the disk filled was committed (never DELEted).
-        assert_ok(await fetch(account(server, leave_on_server=False), store), new=len(MESSAGES) - 1)
+        assert_ok(
+            await fetch(account(server.port, leave_on_server=False), store), new=len(MESSAGES) - 1
+        )
         assert server.mailbox(USER).remaining() == 0
-    assert await stored(store) == expected(MESSAGES)
+    assert await stored_hashes(store) == expected(MESSAGES)

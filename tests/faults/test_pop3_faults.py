@@ -9,14 +9,11 @@ or still on the server, and that nothing is stored twice.
 from __future__ import annotations
 
 import asyncio
+import functools
 import io
 import json
-import poplib
 import shutil
-import socket
-import sqlite3
 import ssl
-import subprocess
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -26,8 +23,21 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import builders
+from builders import (
+    HOST,
+    NAME,
+    OWNER,
+    PASSWORD,
+    USER,
+    expected,
+    mailbox,
+    message,
+    self_signed_cert,
+    served,
+)
+from dovecot import free_port
 from mailingest import pop3
-from mailingest.config import Account, Secret
 from mailingest.errors import (
     EX_TEMPFAIL,
     EX_UNAVAILABLE,
@@ -36,92 +46,22 @@ from mailingest.errors import (
     TemporaryError,
     TLSError,
 )
-from mailingest.fetch import FetchResult, fetch_account
 from mailingest.pop3 import Pop3Session
 from mailingest.store import Store
-from pop3d import Faults, Mailbox, Pop3TestServer, ThreadedPop3Server
-from support import run_cli, sha, stored_hashes, write_config
+from pop3d import Faults, Pop3TestServer, ThreadedPop3Server, first_session
+from support import (
+    assert_failed,
+    fetch,
+    poplib_digests,
+    run_cli,
+    run_sql,
+    stored_hashes,
+    write_config,
+)
 
-HOST = "127.0.0.1"
-USER, PASSWORD, OWNER, NAME = "alice", "pw", "alice", "acct"
 TIMEOUT = 1.0  # client socket timeout: every hang below ends after about this long
-FETCH_BOUND = 30.0
-
-
-def message(index: int) -> bytes:
-    return (
-        f"From: Lead {index} <lead{index}@example.org>\nTo: owner@example.com\n"
-        f"Subject: message {index}\nMessage-ID: <m{index}@example.org>\n\n"
-        f"Hello {index}\n.dot line\n"
-    ).encode()
-
-
+account = functools.partial(builders.account, timeout=TIMEOUT)
 MESSAGES = [message(i) for i in range(1, 4)]
-
-
-def served(raw: bytes) -> bytes:
-    """What a POP3 client must store for ``raw``: every line ended by CRLF, a final CRLF added."""
-    if not raw:
-        return b""
-    body = raw[:-1] if raw.endswith(b"\n") else raw
-    return b"".join(line.removesuffix(b"\r") + b"\r\n" for line in body.split(b"\n"))
-
-
-def expected(messages: list[bytes]) -> list[str]:
-    return sorted(sha(served(m)) for m in messages)
-
-
-def account(port: int, **overrides: Any) -> Account:
-    fields: dict[str, Any] = {
-        "name": NAME,
-        "owner": OWNER,
-        "host": HOST,
-        "port": port,
-        "security": "plain",
-        "username": USER,
-        "password": Secret(source="literal", ref="", value=PASSWORD),
-        "allow_plaintext": True,
-        "timeout": TIMEOUT,
-    }
-    fields.update(overrides)
-    return Account(**fields)
-
-
-def mailbox(messages: list[bytes] | None = None) -> Mailbox:
-    return Mailbox(USER, PASSWORD, list(MESSAGES if messages is None else messages))
-
-
-def first_session(faults: Faults) -> Faults:
-    """``faults`` on the first connection only; later connections behave."""
-    return Faults(per_session=lambda n: faults if n == 0 else Faults())
-
-
-def session_log(server: Pop3TestServer, number: int) -> list[str]:
-    """The commands connection ``number`` sent, PASS masked by the server."""
-    prefix = f"{number}: "
-    return [e.removeprefix(prefix) for e in server.log if e.startswith(prefix)]
-
-
-async def fetch(acc: Account, store: Store) -> FetchResult:
-    """One cycle; returning at all (within the bound) is the "process survives" check."""
-    async with asyncio.timeout(FETCH_BOUND):
-        return await fetch_account(acc, store)
-
-
-async def stored(store: Store) -> list[str]:
-    return await stored_hashes(store, OWNER)
-
-
-def assert_failed(result: FetchResult, *statuses: str) -> None:
-    assert result.status in statuses, result
-    assert result.error is not None and result.error.startswith(f"account {NAME!r}: "), result
-
-
-def free_port() -> int:
-    """A loopback port with nothing listening on it (bound, then released)."""
-    with socket.socket() as sock:
-        sock.bind((HOST, 0))
-        return int(sock.getsockname()[1])
 
 
 # -- connecting --------------------------------------------------------------------------------
@@ -130,11 +70,11 @@ def free_port() -> int:
 async def test_connection_refused_is_unavailable(store: Store) -> None:
     result = await fetch(account(free_port()), store)
     assert_failed(result, "unavailable")
-    assert await stored(store) == []
+    assert await stored_hashes(store) == []
 
 
 async def test_drop_before_greeting_is_temporary(store: Store) -> None:
-    async with Pop3TestServer([mailbox()], Faults(drop_before_greeting=True)) as server:
+    async with Pop3TestServer([mailbox(MESSAGES)], Faults(drop_before_greeting=True)) as server:
         result = await fetch(account(server.port), store)
         assert_failed(result, "temp_failed")
         assert server.log == []
@@ -150,7 +90,7 @@ async def test_drop_before_greeting_is_temporary(store: Store) -> None:
     ],
 )
 async def test_garbage_greeting_is_a_protocol_error(store: Store, greeting: str) -> None:
-    async with Pop3TestServer([mailbox()], Faults(greeting=greeting)) as server:
+    async with Pop3TestServer([mailbox(MESSAGES)], Faults(greeting=greeting)) as server:
         result = await fetch(account(server.port), store)
         assert_failed(result, "error")
         assert server.login_attempts == 0  # never sent a password to it
@@ -160,19 +100,19 @@ async def test_garbage_greeting_is_a_protocol_error(store: Store, greeting: str)
 async def test_plus_err_reply_to_pass_is_not_a_login(store: Store) -> None:
     """poplib takes any "+" line as success; "+ERR" must not log us in."""
     faults = Faults(reply_override={"PASS": b"+ERR no\r\n"})
-    async with Pop3TestServer([mailbox()], faults) as server:
+    async with Pop3TestServer([mailbox(MESSAGES)], faults) as server:
         result = await fetch(account(server.port), store)
         assert_failed(result, "error", "auth_failed")
         assert server.commands_seen("UIDL") == 0 and server.commands_seen("RETR") == 0
         assert server.errors == []
-    assert await stored(store) == []
+    assert await stored_hashes(store) == []
 
 
 @pytest.mark.parametrize(
     "reply", ["-ERR [IN-USE] locked", "-ERR [LOGIN-DELAY] wait", "-ERR [SYS/TEMP] x"]
 )
 async def test_transient_response_code_at_login_is_temporary(store: Store, reply: str) -> None:
-    async with Pop3TestServer([mailbox()], Faults(err_on={"PASS": reply})) as server:
+    async with Pop3TestServer([mailbox(MESSAGES)], Faults(err_on={"PASS": reply})) as server:
         result = await fetch(account(server.port), store)
         assert_failed(result, "temp_failed")
         assert server.login_attempts == 1
@@ -180,7 +120,7 @@ async def test_transient_response_code_at_login_is_temporary(store: Store, reply
 
 
 async def test_plain_err_at_login_is_auth_failed(store: Store) -> None:
-    async with Pop3TestServer([mailbox()], Faults(err_on={"PASS": "-ERR nope"})) as server:
+    async with Pop3TestServer([mailbox(MESSAGES)], Faults(err_on={"PASS": "-ERR nope"})) as server:
         result = await fetch(account(server.port), store)
         assert_failed(result, "auth_failed")
         assert server.login_attempts == 1
@@ -188,7 +128,7 @@ async def test_plain_err_at_login_is_auth_failed(store: Store) -> None:
 
 
 async def test_in_use_lock_from_a_concurrent_login_is_temporary(store: Store) -> None:
-    async with Pop3TestServer([mailbox()], Faults(delay={"UIDL": 0.5})) as server:
+    async with Pop3TestServer([mailbox(MESSAGES)], Faults(delay={"UIDL": 0.5})) as server:
         results = await asyncio.gather(
             fetch(account(server.port), store),
             fetch(account(server.port, name="twin"), store),  # same mailbox, other account
@@ -203,7 +143,9 @@ async def test_in_use_lock_from_a_concurrent_login_is_temporary(store: Store) ->
 
 @pytest.mark.parametrize("command", ["CAPA", "PASS", "UIDL", "LIST", "RETR 1", "DELE 2", "QUIT"])
 async def test_a_hanging_server_times_out_as_temporary_failure(store: Store, command: str) -> None:
-    async with Pop3TestServer([mailbox()], first_session(Faults(hang_on=command))) as server:
+    async with Pop3TestServer(
+        [mailbox(MESSAGES)], first_session(Faults(hang_on=command))
+    ) as server:
         acc = account(server.port, leave_on_server=False)
         started = time.monotonic()
         result = await fetch(acc, store)
@@ -212,7 +154,7 @@ async def test_a_hanging_server_times_out_as_temporary_failure(store: Store, com
         assert "timed out" in (result.error or "")
         assert server.mailbox(USER).remaining() == len(MESSAGES)  # no QUIT done: no expunge
         late = command in ("DELE 2", "QUIT")  # everything was committed before the hang
-        assert await stored(store) == (expected(MESSAGES) if late else [])
+        assert await stored_hashes(store) == (expected(MESSAGES) if late else [])
         retrieved = server.commands_seen("RETR")
 
         again = await fetch(acc, store)
@@ -221,7 +163,7 @@ async def test_a_hanging_server_times_out_as_temporary_failure(store: Store, com
             assert server.commands_seen("RETR") == retrieved  # deleted without refetching
         assert server.mailbox(USER).remaining() == 0
         assert server.errors == []
-    assert await stored(store) == expected(MESSAGES)
+    assert await stored_hashes(store) == expected(MESSAGES)
 
 
 # -- broken replies ----------------------------------------------------------------------------
@@ -229,18 +171,18 @@ async def test_a_hanging_server_times_out_as_temporary_failure(store: Store, com
 
 async def test_status_line_over_64_kib_is_a_protocol_error(store: Store) -> None:
     huge = b"+OK " + b"x" * 70_000 + b"\r\n"
-    async with Pop3TestServer([mailbox()], Faults(reply_override={"UIDL": huge})) as server:
+    async with Pop3TestServer([mailbox(MESSAGES)], Faults(reply_override={"UIDL": huge})) as server:
         result = await fetch(account(server.port, leave_on_server=False), store)
         assert_failed(result, "error")
         assert "65536" in (result.error or "")
         assert server.commands_seen("RETR") == 0 and server.commands_seen("DELE") == 0
         assert server.errors == []
-    assert await stored(store) == []
+    assert await stored_hashes(store) == []
 
 
 async def test_over_long_stat_reply_breaks_the_session_for_good() -> None:
     huge = b"+OK " + b"x" * 70_000 + b"\r\n"
-    async with Pop3TestServer([mailbox()], Faults(reply_override={"STAT": huge})) as server:
+    async with Pop3TestServer([mailbox(MESSAGES)], Faults(reply_override={"STAT": huge})) as server:
         session = Pop3Session(account(server.port).pop3_login())
         await asyncio.to_thread(session.connect)
         with pytest.raises(ProtocolError) as caught:
@@ -268,7 +210,7 @@ async def test_truncated_multiline_reply_stores_nothing_of_that_message(
         acc = account(server.port, leave_on_server=False)
         first = await fetch(acc, store)
         assert_failed(first, "temp_failed", "error")
-        assert await stored(store) == expected(messages[:1])
+        assert await stored_hashes(store) == expected(messages[:1])
         assert server.commands_seen("DELE") == 0
         assert server.mailbox(USER).remaining() == len(messages)
 
@@ -276,7 +218,7 @@ async def test_truncated_multiline_reply_stores_nothing_of_that_message(
         assert second.status == "ok", second
         assert server.mailbox(USER).remaining() == 0
         assert server.errors == []
-    assert await stored(store) == expected(messages)
+    assert await stored_hashes(store) == expected(messages)
 
 
 @pytest.mark.parametrize(
@@ -289,7 +231,7 @@ async def test_truncated_multiline_reply_stores_nothing_of_that_message(
 )
 async def test_malformed_uidl_listing_is_an_error(store: Store, listing: bytes) -> None:
     faults = Faults(reply_override={"UIDL": listing})
-    async with Pop3TestServer([mailbox()], faults) as server:
+    async with Pop3TestServer([mailbox(MESSAGES)], faults) as server:
         result = await fetch(account(server.port, leave_on_server=False), store)
         assert_failed(result, "error")
         assert "internal error" not in (result.error or "")
@@ -299,7 +241,7 @@ async def test_malformed_uidl_listing_is_an_error(store: Store, listing: bytes) 
 
 async def test_err_on_uidl_is_an_error_that_names_uidl(store: Store) -> None:
     faults = Faults(err_on={"UIDL": "-ERR command not supported"})
-    async with Pop3TestServer([mailbox()], faults) as server:
+    async with Pop3TestServer([mailbox(MESSAGES)], faults) as server:
         result = await fetch(account(server.port, leave_on_server=False), store)
         assert_failed(result, "error")
         assert "UIDL" in (result.error or "")
@@ -311,12 +253,12 @@ async def test_err_on_dele_abandons_the_session_and_the_next_fetch_deletes(
     store: Store,
 ) -> None:
     faults = first_session(Faults(err_on={"DELE 2": "-ERR cannot delete now"}))
-    async with Pop3TestServer([mailbox()], faults) as server:
+    async with Pop3TestServer([mailbox(MESSAGES)], faults) as server:
         acc = account(server.port, leave_on_server=False)
         first = await fetch(acc, store)
         assert_failed(first, "error", "temp_failed")
-        assert "QUIT" not in session_log(server, 0)  # no QUIT: none of its DELEs applies
-        assert await stored(store) == expected(MESSAGES)
+        assert "QUIT" not in server.session_log(0)  # no QUIT: none of its DELEs applies
+        assert await stored_hashes(store) == expected(MESSAGES)
         assert server.mailbox(USER).remaining() == len(MESSAGES)
         retrieved = server.commands_seen("RETR")
 
@@ -325,7 +267,7 @@ async def test_err_on_dele_abandons_the_session_and_the_next_fetch_deletes(
         assert server.commands_seen("RETR") == retrieved
         assert server.mailbox(USER).remaining() == 0
         assert server.errors == []
-    assert await stored(store) == expected(MESSAGES)
+    assert await stored_hashes(store) == expected(MESSAGES)
 
 
 @pytest.mark.parametrize(
@@ -336,7 +278,7 @@ async def test_err_on_dele_abandons_the_session_and_the_next_fetch_deletes(
     ],
 )
 async def test_malformed_capa_is_a_typed_protocol_error(store: Store, capa: bytes) -> None:
-    async with Pop3TestServer([mailbox()], Faults(reply_override={"CAPA": capa})) as server:
+    async with Pop3TestServer([mailbox(MESSAGES)], Faults(reply_override={"CAPA": capa})) as server:
         result = await fetch(account(server.port), store)
         assert_failed(result, "error")
         assert "internal error" not in (result.error or "")
@@ -348,30 +290,30 @@ async def test_malformed_capa_is_a_typed_protocol_error(store: Store, capa: byte
 
 async def test_pass_is_never_pipelined_with_what_follows(store: Store) -> None:
     """Courier drops whatever arrived in the same read as PASS; the fetch must not care."""
-    async with Pop3TestServer([mailbox()], Faults(pass_same_write_drop=True)) as server:
+    async with Pop3TestServer([mailbox(MESSAGES)], Faults(pass_same_write_drop=True)) as server:
         result = await fetch(account(server.port, leave_on_server=False), store)
         assert result.status == "ok", result
         assert server.mailbox(USER).remaining() == 0
         assert server.errors == []
-    assert await stored(store) == expected(MESSAGES)
+    assert await stored_hashes(store) == expected(MESSAGES)
 
 
 @pytest.mark.parametrize("advertised", [True, False])
 async def test_utf8_is_sent_after_login_only_when_advertised(
     store: Store, advertised: bool
 ) -> None:
-    async with Pop3TestServer([mailbox()], Faults(utf8=advertised)) as server:
+    async with Pop3TestServer([mailbox(MESSAGES)], Faults(utf8=advertised)) as server:
         result = await fetch(account(server.port), store)
         assert result.status == "ok", result
         if advertised:
             assert server.commands_seen("UTF8") == result.sessions
             for number in range(result.sessions):
-                log = session_log(server, number)
+                log = server.session_log(number)
                 assert log.index("UTF8") > log.index("PASS ***")  # after login, once
         else:
             assert server.commands_seen("UTF8") == 0
         assert server.errors == []
-    assert await stored(store) == expected(MESSAGES)
+    assert await stored_hashes(store) == expected(MESSAGES)
 
 
 # -- byte-exact storage ------------------------------------------------------------------------
@@ -400,34 +342,17 @@ ODD_MESSAGES = [
 ]
 
 
-def _poplib_reference(port: int) -> list[str]:
-    """sha256 of what stdlib poplib (line limit raised) returns for each message."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(poplib, "_MAXLINE", 8 * 1024 * 1024)
-        client = poplib.POP3(HOST, port, timeout=10)
-        try:
-            client.user(USER)
-            client.pass_(PASSWORD)
-            count, _ = client.stat()
-            digests = []
-            for number in range(1, count + 1):
-                _, lines, _ = client.retr(number)
-                digests.append(sha(b"".join(line + b"\r\n" for line in lines)))
-            client.quit()
-        finally:
-            client.close()
-    return sorted(digests)
-
-
 async def test_odd_messages_are_stored_byte_exact(store: Store) -> None:
     async with Pop3TestServer([mailbox(ODD_MESSAGES)]) as server:
-        reference = await asyncio.to_thread(_poplib_reference, server.port)
+        reference = sorted(
+            await asyncio.to_thread(poplib_digests, HOST, server.port, USER, PASSWORD, 10)
+        )
         result = await fetch(account(server.port, timeout=5.0), store)
         assert result.status == "ok" and result.new == len(ODD_MESSAGES), result
         assert result.bytes == sum(len(served(m)) for m in ODD_MESSAGES)
         assert server.errors == []
     assert reference == expected(ODD_MESSAGES)  # our reference agrees with poplib's
-    assert await stored(store) == reference
+    assert await stored_hashes(store) == reference
 
 
 async def test_an_empty_message_is_stored_as_zero_bytes(store: Store) -> None:
@@ -435,7 +360,7 @@ async def test_an_empty_message_is_stored_as_zero_bytes(store: Store) -> None:
         result = await fetch(account(server.port), store)
         assert result.status == "ok" and result.new == 2, result
         assert server.errors == []
-    assert await stored(store) == expected([b"", message(1)])
+    assert await stored_hashes(store) == expected([b"", message(1)])
 
 
 _LINE = st.one_of(
@@ -490,38 +415,10 @@ def test_stream_body_unstuffs_and_normalises_any_split(
 
 @pytest.fixture(scope="module")
 def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """A self-signed certificate for 127.0.0.1 and its key, made with the openssl CLI."""
-    openssl = shutil.which("openssl")
-    if openssl is None:
+    """A self-signed certificate for 127.0.0.1 and its key."""
+    if shutil.which("openssl") is None:
         pytest.skip("openssl not installed")
-    directory = tmp_path_factory.mktemp("tls")
-    key, cert = directory / "key.pem", directory / "cert.pem"
-    subprocess.run(
-        [
-            openssl,
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-            "-keyout",
-            str(key),
-            "-out",
-            str(cert),
-            "-days",
-            "2",
-            "-subj",
-            "/CN=mailingest test",
-            "-addext",
-            "subjectAltName=IP:127.0.0.1",
-        ],
-        check=True,
-        capture_output=True,
-        timeout=30,
-    )
-    return cert, key
+    return self_signed_cert(tmp_path_factory.mktemp("tls"))
 
 
 def server_context(certificate: tuple[Path, Path]) -> ssl.SSLContext:
@@ -536,7 +433,9 @@ async def test_self_signed_certificate_needs_its_ca_file(
 ) -> None:
     ctx = server_context(certificate)
     implicit = security == "tls"
-    async with Pop3TestServer([mailbox()], ssl_context=ctx, implicit_tls=implicit) as server:
+    async with Pop3TestServer(
+        [mailbox(MESSAGES)], ssl_context=ctx, implicit_tls=implicit
+    ) as server:
         rejected = await fetch(account(server.port, security=security), store)
         assert_failed(rejected, "tls_failed")
         assert "certificate" in (rejected.error or "")
@@ -547,18 +446,18 @@ async def test_self_signed_certificate_needs_its_ca_file(
         assert accepted.status == "ok" and accepted.new == len(MESSAGES), accepted
         assert server.login_attempts == accepted.sessions
         assert server.errors == []
-    assert await stored(store) == expected(MESSAGES)
+    assert await stored_hashes(store) == expected(MESSAGES)
 
 
 async def test_starttls_without_stls_offered_never_sends_the_password(store: Store) -> None:
-    async with Pop3TestServer([mailbox()]) as server:  # no ssl_context: CAPA has no STLS
+    async with Pop3TestServer([mailbox(MESSAGES)]) as server:  # no ssl_context: CAPA has no STLS
         result = await fetch(account(server.port, security="starttls"), store)
         assert_failed(result, "tls_failed")
         assert "STLS" in (result.error or "")
         assert server.commands_seen("USER") == 0 and server.commands_seen("PASS") == 0
         assert server.login_attempts == 0
         assert server.errors == []
-    assert await stored(store) == []
+    assert await stored_hashes(store) == []
 
 
 @pytest.mark.parametrize("security", ["tls", "starttls"])
@@ -577,15 +476,15 @@ async def test_a_drop_under_tls_is_temporary_not_a_tls_failure(
         first = await fetch(acc, store)
         assert_failed(first, "temp_failed")
         # What arrived whole is committed: a prefix of 1..19 (a reset may cut buffered data).
-        kept = len(await stored(store))
-        assert kept <= 19 and await stored(store) == expected(messages[:kept])
+        kept = len(await stored_hashes(store))
+        assert kept <= 19 and await stored_hashes(store) == expected(messages[:kept])
         assert server.mailbox(USER).remaining() == len(messages)
 
         second = await fetch(acc, store)
         assert second.status == "ok" and second.new == len(messages) - kept, second
         assert server.mailbox(USER).remaining() == 0
         assert server.errors == []
-    assert await stored(store) == expected(messages)
+    assert await stored_hashes(store) == expected(messages)
 
 
 _HANDSHAKE_FAULTS = [
@@ -615,7 +514,7 @@ async def test_broken_tls_handshake_is_typed_sends_no_password_and_touches_nothi
     ctx = server_context(certificate)
     implicit = security == "tls"
     async with Pop3TestServer(
-        [mailbox()], faults, ssl_context=ctx, implicit_tls=implicit
+        [mailbox(MESSAGES)], faults, ssl_context=ctx, implicit_tls=implicit
     ) as server:
         acc = account(server.port, security=security, ca_file=certificate[0], leave_on_server=False)
         session = Pop3Session(acc.pop3_login())
@@ -631,16 +530,16 @@ async def test_broken_tls_handshake_is_typed_sends_no_password_and_touches_nothi
         )
         assert result.new == 0 and result.deleted == 0
         for number in (0, 1):
-            assert session_log(server, number) == ([] if implicit else ["CAPA", "STLS"])
+            assert server.session_log(number) == ([] if implicit else ["CAPA", "STLS"])
         assert server.login_attempts == 0
-        assert await stored(store) == []
+        assert await stored_hashes(store) == []
         assert server.mailbox(USER).remaining() == len(MESSAGES)
 
         again = await fetch(acc, store)  # the handshake works again: everything, once
         assert again.status == "ok" and again.new == len(MESSAGES), again
         assert server.mailbox(USER).remaining() == 0
         assert server.errors == []
-    assert await stored(store) == expected(MESSAGES)
+    assert await stored_hashes(store) == expected(MESSAGES)
 
 
 def test_fetch_cli_reports_each_broken_handshake_and_exits_with_the_worst(
@@ -649,9 +548,9 @@ def test_fetch_cli_reports_each_broken_handshake_and_exits_with_the_worst(
     """A plaintext server on the TLS port (69) and a drop after STLS (75), in one `fetch`."""
     ctx = server_context(certificate)
     garbage = ThreadedPop3Server(
-        [mailbox()], Faults(tls_handshake="garbage"), ssl_context=ctx, implicit_tls=True
+        [mailbox(MESSAGES)], Faults(tls_handshake="garbage"), ssl_context=ctx, implicit_tls=True
     )
-    dropped = ThreadedPop3Server([mailbox()], Faults(tls_handshake="drop"), ssl_context=ctx)
+    dropped = ThreadedPop3Server([mailbox(MESSAGES)], Faults(tls_handshake="drop"), ssl_context=ctx)
     with garbage, dropped:
         common: dict[str, Any] = {"owner": OWNER, "host": HOST, "username": USER}
         common |= {"password": PASSWORD, "ca_file": str(certificate[0]), "timeout": "5s"}
@@ -676,8 +575,4 @@ def test_fetch_cli_reports_each_broken_handshake_and_exits_with_the_worst(
     for result in results.values():
         assert result["new"] == 0 and result["deleted"] == 0
     assert b"Traceback" not in proc.stderr
-    db = sqlite3.connect(tmp_path / "mail.db")
-    try:
-        assert db.execute("SELECT count(*) FROM messages").fetchone()[0] == 0
-    finally:
-        db.close()
+    assert run_sql(tmp_path / "mail.db", "SELECT count(*) FROM messages") == [(0,)]

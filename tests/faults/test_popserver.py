@@ -12,7 +12,6 @@ import io
 import poplib
 import shutil
 import ssl
-import subprocess
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
@@ -20,6 +19,7 @@ from typing import Any, Literal
 
 import pytest
 
+from builders import self_signed_cert, served
 from mailingest.samples import sample_mailboxes, sample_records_csv
 from pop3d import Faults, Mailbox, Pop3TestServer, ThreadedPop3Server
 from support import ROOT
@@ -34,14 +34,6 @@ MESSAGES = [
 
 Serve = Callable[..., Awaitable[Pop3TestServer]]
 Handshake = Literal["drop", "reset", "garbage"]
-
-
-def served(raw: bytes) -> bytes:
-    """Independent reference: CRLF-normalised, final CRLF added, not dot-stuffed."""
-    if not raw:
-        return b""
-    body = raw[:-1] if raw.endswith(b"\n") else raw
-    return b"".join(line.removesuffix(b"\r") + b"\r\n" for line in body.split(b"\n"))
 
 
 def scan_listing(resp: object) -> object:
@@ -477,35 +469,9 @@ async def test_stop_closes_client_connections(serve: Serve) -> None:
 
 @pytest.fixture
 def tls_context(tmp_path: Path) -> tuple[ssl.SSLContext, ssl.SSLContext]:
-    openssl = shutil.which("openssl")
-    if openssl is None:
+    if shutil.which("openssl") is None:
         pytest.skip("openssl not installed")
-    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
-    subprocess.run(
-        [
-            openssl,
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-            "-keyout",
-            str(key),
-            "-out",
-            str(cert),
-            "-days",
-            "1",
-            "-subj",
-            "/CN=localhost",
-            "-addext",
-            "subjectAltName=IP:127.0.0.1",
-        ],
-        check=True,
-        capture_output=True,
-        timeout=30,
-    )
+    cert, key = self_signed_cert(tmp_path)
     server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     server_ctx.load_cert_chain(cert, key)
     return server_ctx, ssl.create_default_context(cafile=str(cert))

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import json
 import os
 import resource
@@ -25,6 +24,7 @@ from typing import Any
 
 import pytest
 
+from builders import expected, message
 from mailingest.config import Account, Secret
 from mailingest.fetch import fetch_account
 from mailingest.store import BUSY_TIMEOUT_MS, Store
@@ -34,26 +34,9 @@ from support import StoreAt, write_config
 USER, PASSWORD, NAME = "alice", "Resource-Pw-31", "acct"
 
 
-def message(index: int, size: int = 0) -> bytes:
-    body = (f"line {index} " * 8 + "\n").encode() * max(1, size // 80)
-    return (
-        f"From: Lead {index} <lead{index}@example.org>\nTo: owner@example.com\n"
-        f"Subject: message {index}\nMessage-ID: <m{index}@example.org>\n\n"
-    ).encode() + body
-
-
-def served(raw: bytes) -> bytes:
-    body = raw[:-1] if raw.endswith(b"\n") else raw
-    return b"".join(line.removesuffix(b"\r") + b"\r\n" for line in body.split(b"\n"))
-
-
-def sha(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def stored(database: Path) -> list[str]:
-    """sha256 of each stored message, recomputed from the stored chunks."""
-    return StoreAt(database).stored()
+def sized(index: int, size: int = 0) -> bytes:
+    """A message of about ``size`` bytes (at least one body line)."""
+    return message(index, (f"line {index} " * 8 + "\n").encode() * max(1, size // 80))
 
 
 def account_table(port: int) -> dict[str, Any]:
@@ -161,8 +144,8 @@ def small_disk(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Small
 def test_disk_full_stops_before_any_dele_and_the_next_run_completes(
     small_disk: SmallDisk, sizes: list[int]
 ) -> None:
-    first = [message(i) for i in range(3)]
-    later = [message(100 + i, size) for i, size in enumerate(sizes)]
+    first = [sized(i) for i in range(3)]
+    later = [sized(100 + i, size) for i, size in enumerate(sizes)]
     with ThreadedPop3Server([Mailbox(USER, PASSWORD, list(first))]) as server:
         config = write_config(
             small_disk.path.parent, [account_table(server.port)], database="disk/mail.db"
@@ -193,7 +176,7 @@ def test_disk_full_stops_before_any_dele_and_the_next_run_completes(
         assert code == 0, (out, err)
         assert out is not None and out["accounts"][0]["deleted"] == len(later)
         assert box.remaining() == 0
-    assert stored(small_disk.path / "mail.db") == sorted(sha(served(m)) for m in first + later)
+    assert StoreAt(small_disk.path / "mail.db").stored() == expected(first + later)
 
 
 # -- locked database ---------------------------------------------------------------------------
@@ -209,7 +192,7 @@ def test_locked_database_exits_75_without_dele_and_the_next_run_completes(
 ) -> None:
     """Held longer than the store's busy timeout (10 s: a CLI run waits that long for the
     daemon's commits, which last milliseconds), so the fetch gives up with a clear message."""
-    messages = [message(i) for i in range(4)]
+    messages = [sized(i) for i in range(4)]
     with ThreadedPop3Server([Mailbox(USER, PASSWORD, [])]) as server:
         config = write_config(tmp_path, [account_table(server.port)])
         assert run_fetch(config)[0] == 0  # the database exists
@@ -231,12 +214,12 @@ def test_locked_database_exits_75_without_dele_and_the_next_run_completes(
         assert code == 0, (out, err)
         assert out is not None and out["accounts"][0]["new"] == len(messages)
         assert box.remaining() == 0
-    assert stored(tmp_path / "mail.db") == sorted(sha(served(m)) for m in messages)
+    assert StoreAt(tmp_path / "mail.db").stored() == expected(messages)
 
 
 def test_a_short_lock_is_waited_out(tmp_path: Path) -> None:
     """A lock released within the busy timeout costs a wait, not a failed fetch."""
-    messages = [message(i) for i in range(3)]
+    messages = [sized(i) for i in range(3)]
     with ThreadedPop3Server([Mailbox(USER, PASSWORD, [])]) as server:
         config = write_config(tmp_path, [account_table(server.port)])
         assert run_fetch(config)[0] == 0
@@ -260,7 +243,7 @@ def test_a_short_lock_is_waited_out(tmp_path: Path) -> None:
             holder.join()
         assert code == 0, (out, err)
         assert server.server.mailbox(USER).remaining() == 0
-    assert stored(tmp_path / "mail.db") == sorted(sha(served(m)) for m in messages)
+    assert StoreAt(tmp_path / "mail.db").stored() == expected(messages)
 
 
 def _wait_for(check: Callable[[], bool], timeout: float = 10.0) -> None:
@@ -281,7 +264,7 @@ async def test_database_locked_in_the_middle_of_a_cycle_is_temporary_and_typed(
     """
     shorter = {"sqlite": "PRAGMA busy_timeout = 300", "postgresql": "SET lock_timeout = 300"}
     await store._db.execute(shorter[store_at.backend])
-    messages = [message(i) for i in range(5)]
+    messages = [sized(i) for i in range(5)]
     faults = Faults(per_session=lambda n: Faults(delay={"RETR 1": 0.5}) if n == 0 else Faults())
     acc = Account(
         name=NAME,
@@ -326,4 +309,4 @@ async def test_database_locked_in_the_middle_of_a_cycle_is_temporary_and_typed(
         again = await fetch_account(acc, store)
         assert again.status == "ok" and again.new == len(messages), again
         assert server.mailbox(USER).remaining() == 0
-    assert store_at.stored() == sorted(sha(served(m)) for m in messages)
+    assert store_at.stored() == expected(messages)

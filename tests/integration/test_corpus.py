@@ -3,12 +3,9 @@ parsed without raising, listed with sane fields, linked where an address is read
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
-import poplib
 import re
-import sqlite3
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -19,11 +16,12 @@ from typing import Any
 
 import pytest
 
+from builders import dovecot_account, served, sha
 from dovecot import Dovecot
 from mailingest.matching import direction_of, link_addresses, normalize, normalize_all
 from mailingest.model import Headers
 from mailingest.parse import parse_headers, read_head
-from support import TESTS, dovecot_account, fetch_json, run_cli, write_config
+from support import TESTS, fetch_json, poplib_digests, run_cli, run_sql, write_config
 
 CORPUS_DIR = TESTS / "corpus"
 CORPUS = sorted(CORPUS_DIR.glob("*.eml"))
@@ -70,13 +68,6 @@ def test_committed_corpus_matches_its_generator() -> None:
 # -- in process: parsing and matching never raise ------------------------------------------
 
 
-def _served(raw: bytes) -> bytes:
-    if not raw:
-        return b""
-    body = raw[:-1] if raw.endswith(b"\n") else raw
-    return b"".join(line.removesuffix(b"\r") + b"\r\n" for line in body.split(b"\n"))
-
-
 def _check_headers(headers: Headers) -> None:
     for field in (headers.from_addrs, headers.to, headers.cc, headers.reply_to):
         assert isinstance(field, tuple) and all(isinstance(a, str) and a for a in field)
@@ -96,7 +87,7 @@ def _check_headers(headers: Headers) -> None:
 @pytest.mark.parametrize("path", CORPUS, ids=[p.stem for p in CORPUS])
 def test_parse_and_matching_never_raise(path: Path) -> None:
     raw = path.read_bytes()
-    for data in (raw, _served(raw)):
+    for data in (raw, served(raw)):
         _check_headers(parse_headers(data))
         _check_headers(parse_headers(read_head(io.BytesIO(data))))
 
@@ -113,43 +104,16 @@ class Ingested:
     stored: dict[str, bytes]  # sha256 column -> the bytes read back from the store
 
 
-def _sha(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def _poplib_retr(server: Dovecot, user: str, password: str) -> list[str]:
-    """sha256 of each message as stdlib poplib RETRs it: lines, each ended by CRLF."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(poplib, "_MAXLINE", 4 * 1024 * 1024)  # the 300 KB line
-        client = poplib.POP3(server.host, server.port, timeout=30)
-        try:
-            client.user(user)
-            client.pass_(password)
-            count, _ = client.stat()
-            digests = []
-            for number in range(1, count + 1):
-                _, lines, _ = client.retr(number)
-                digests.append(_sha(b"".join(line + b"\r\n" for line in lines)))
-            client.quit()
-        finally:
-            client.close()
-    return digests
-
-
 def _read_back(database: Path) -> dict[str, bytes]:
     """The stored bytes of each message, by its recorded sha256."""
-    db = sqlite3.connect(database)
-    try:
-        out: dict[str, bytes] = {}
-        for message_id, digest in db.execute("SELECT id, sha256 FROM messages").fetchall():
-            assert digest not in out, f"stored twice: {digest}"
-            chunks = db.execute(
-                "SELECT data FROM message_chunks WHERE message = ? ORDER BY seq", (message_id,)
-            )
-            out[digest] = b"".join(chunk for (chunk,) in chunks)
-        return out
-    finally:
-        db.close()
+    out: dict[str, bytes] = {}
+    for message_id, digest in run_sql(database, "SELECT id, sha256 FROM messages"):
+        assert digest not in out, f"stored twice: {digest}"
+        chunks = run_sql(
+            database, "SELECT data FROM message_chunks WHERE message = ? ORDER BY seq", message_id
+        )
+        out[digest] = b"".join(chunk for (chunk,) in chunks)
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -159,7 +123,7 @@ def ingested(dovecot: Dovecot, tmp_path_factory: pytest.TempPathFactory) -> Iter
     directory = tmp_path_factory.mktemp("corpus")
     for path in CORPUS:  # one at a time: each delivery gets the next UID, in file order
         box.deliver(path.read_bytes())
-    digests = _poplib_retr(dovecot, box.user, box.password)
+    digests = poplib_digests(dovecot.host, dovecot.port, box.user, box.password)
     assert len(digests) == len(CORPUS)
     reference = {p.name: d for p, d in zip(CORPUS, digests, strict=True)}
     config = write_config(directory, [dovecot_account(box, owner=OWNER, timeout="60s")])
@@ -184,7 +148,7 @@ def test_every_corpus_message_is_stored_byte_exact_once(ingested: Ingested) -> N
     assert len(set(ingested.reference.values())) == len(CORPUS)  # distinct as served
     assert sorted(ingested.stored) == sorted(ingested.reference.values())
     for digest, raw in ingested.stored.items():
-        assert _sha(raw) == digest  # the bytes read back, not only the recorded hash
+        assert sha(raw) == digest  # the bytes read back, not only the recorded hash
 
 
 def test_a_second_fetch_stores_nothing_more(ingested: Ingested) -> None:
@@ -243,4 +207,4 @@ def test_show_prints_the_oddest_messages(ingested: Ingested) -> None:
         shown = run_cli(ingested.config, "show", message_id, "--viewer", OWNER)
         assert shown.returncode == 0, (name, shown.stderr.decode())
         raw = run_cli(ingested.config, "show", message_id, "--viewer", OWNER, "--raw")
-        assert raw.returncode == 0 and _sha(raw.stdout) == ingested.reference[name]
+        assert raw.returncode == 0 and sha(raw.stdout) == ingested.reference[name]

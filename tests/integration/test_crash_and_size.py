@@ -15,10 +15,11 @@ from pathlib import Path
 
 import pytest
 
+from builders import crlf, dovecot_account, make_message, sha
 from dovecot import Dovecot, Mailbox
 from postgres import Postgres
 from proxy import CommandProxy
-from support import StoreAt, crlf, dovecot_account, fetch_json, make_message, sha, write_config
+from support import StoreAt, fetch_json, write_config
 
 MESSAGES = 300
 KILLS = 5  # kills that must interrupt a running fetch

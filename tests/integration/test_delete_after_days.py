@@ -9,8 +9,6 @@ which stamps first_seen).
 
 from __future__ import annotations
 
-import asyncio
-import hashlib
 from collections import Counter
 from datetime import datetime, timedelta, tzinfo
 from pathlib import Path
@@ -18,13 +16,14 @@ from typing import Self
 
 import pytest
 
+from builders import crlf, dovecot_account, make_message, sha
 from dovecot import Mailbox
 from mailingest import fetch as fetch_module
 from mailingest.config import Account, load_config
-from mailingest.fetch import FetchResult, fetch_account
+from mailingest.fetch import FetchResult
 from mailingest.store import Store
 from mailingest.store import _db as store_db_module
-from support import crlf, dovecot_account, make_message, sha, write_config
+from support import stored_hashes, write_config
 
 DAYS = 3
 OWNER = "alice"  # dovecot_account()'s owner
@@ -62,22 +61,15 @@ def account(tmp_path: Path, mailbox: Mailbox, days: int) -> Account:
     return load_config(write_config(tmp_path, [table])).accounts[0]
 
 
-async def fetch(acc: Account, store: Store) -> FetchResult:
-    async with asyncio.timeout(FETCH_BOUND):
-        result = await fetch_account(acc, store)
+async def fetch_ok(acc: Account, store: Store) -> FetchResult:
+    result = await fetch_ok(acc, store, bound=FETCH_BOUND)
     assert result.status == "ok" and result.error is None, result
     return result
 
 
 async def stored(store: Store) -> Counter[str]:
     """sha256 of every stored message, recomputed from the stored bytes."""
-    digests: Counter[str] = Counter()
-    for item in await store.messages(viewer=OWNER):
-        digest = hashlib.sha256()
-        async for chunk in store.raw_chunks(item.id):
-            digest.update(chunk)
-        digests[digest.hexdigest()] += 1
-    return digests
+    return Counter(await stored_hashes(store, OWNER))
 
 
 def on_server(mailbox: Mailbox) -> Counter[str]:
@@ -91,7 +83,7 @@ def on_server(mailbox: Mailbox) -> Counter[str]:
     )
 
 
-def served(messages: list[bytes]) -> Counter[str]:
+def as_served(messages: list[bytes]) -> Counter[str]:
     return Counter(sha(crlf(m)) for m in messages)
 
 
@@ -106,14 +98,14 @@ async def test_messages_younger_than_delete_after_days_stay_on_the_server(
     mailbox.deliver_many(messages)
     acc = account(tmp_path, mailbox, DAYS)
 
-    first = await fetch(acc, store)
+    first = await fetch_ok(acc, store)
     clock.advance(days=DAYS, minutes=-1)
-    second = await fetch(acc, store)
+    second = await fetch_ok(acc, store)
 
     assert (first.new, first.deleted) == (4, 0)
     assert (second.new, second.deleted) == (0, 0)
-    assert on_server(mailbox) == served(messages)
-    assert await stored(store) == served(messages)
+    assert on_server(mailbox) == as_served(messages)
+    assert await stored(store) == as_served(messages)
 
 
 async def test_age_counts_from_when_a_message_was_stored_not_from_its_date_header(
@@ -124,11 +116,11 @@ async def test_age_counts_from_when_a_message_was_stored_not_from_its_date_heade
     mailbox.deliver(old)
     acc = account(tmp_path, mailbox, DAYS)
 
-    first = await fetch(acc, store)
-    second = await fetch(acc, store)
+    first = await fetch_ok(acc, store)
+    second = await fetch_ok(acc, store)
 
     assert (first.new, first.deleted, second.deleted) == (1, 0, 0)
-    assert on_server(mailbox) == served([old])
+    assert on_server(mailbox) == as_served([old])
 
 
 async def test_messages_older_than_delete_after_days_are_deleted_by_the_next_fetch_only(
@@ -139,27 +131,27 @@ async def test_messages_older_than_delete_after_days_are_deleted_by_the_next_fet
     older, younger = batch(0, 3), batch(3, 2)
     acc = account(tmp_path, mailbox, DAYS)
     mailbox.deliver_many(older)
-    day_0 = await fetch(acc, store)
+    day_0 = await fetch_ok(acc, store)
     clock.advance(days=DAYS - 1)
     mailbox.deliver_many(younger)
-    day_2 = await fetch(acc, store)
+    day_2 = await fetch_ok(acc, store)
 
     clock.advance(days=1, minutes=1)  # older: N days and a minute; younger: a day and a minute
-    day_3 = await fetch(acc, store)
-    day_3_again = await fetch(acc, store)
+    day_3 = await fetch_ok(acc, store)
+    day_3_again = await fetch_ok(acc, store)
 
     assert (day_0.new, day_0.deleted, day_2.new, day_2.deleted) == (3, 0, 2, 0)
     assert (day_3.new, day_3.deleted) == (0, len(older))
     assert (day_3_again.new, day_3_again.deleted) == (0, 0)
-    assert on_server(mailbox) == served(younger)
-    assert await stored(store) == served(older + younger)
+    assert on_server(mailbox) == as_served(younger)
+    assert await stored(store) == as_served(older + younger)
 
     clock.advance(days=DAYS)
-    later = await fetch(acc, store)
+    later = await fetch_ok(acc, store)
 
     assert (later.new, later.deleted) == (0, len(younger))
     assert mailbox.count() == 0
-    assert await stored(store) == served(older + younger)
+    assert await stored(store) == as_served(older + younger)
 
 
 async def test_delete_after_days_zero_never_deletes(
@@ -169,10 +161,10 @@ async def test_delete_after_days_zero_never_deletes(
     mailbox.deliver_many(messages)
     acc = account(tmp_path, mailbox, 0)
 
-    first = await fetch(acc, store)
+    first = await fetch_ok(acc, store)
     clock.advance(days=3650)
-    later = await fetch(acc, store)
+    later = await fetch_ok(acc, store)
 
     assert (first.new, first.deleted, later.new, later.deleted) == (3, 0, 0, 0)
-    assert on_server(mailbox) == served(messages)
-    assert await stored(store) == served(messages)
+    assert on_server(mailbox) == as_served(messages)
+    assert await stored(store) == as_served(messages)

@@ -3,22 +3,13 @@
 from __future__ import annotations
 
 import json
-import poplib
 from pathlib import Path
 
 import pytest
 
+from builders import crlf, dovecot_account, make_message, sha
 from dovecot import Mailbox
-from support import (
-    StoreAt,
-    crlf,
-    dovecot_account,
-    fetch_json,
-    make_message,
-    run_cli,
-    sha,
-    write_config,
-)
+from support import StoreAt, fetch_json, poplib_digests, run_cli, write_config
 
 ODD_MESSAGES = [
     make_message(1),
@@ -29,25 +20,6 @@ ODD_MESSAGES = [
     b"Subject: =?utf-8?q?Angebot_f=C3=BCr_Q4?=\nFrom: a@b.example\n\nbody\n",
     b"From: broken <<<@@@\nSubject: \xff\xfe 8-bit junk\n\n\x00 NUL byte\n",
 ]
-
-
-def _poplib_reference(mailbox: Mailbox) -> list[str]:
-    """sha256 of what plain poplib RETR returns (lines joined with CRLF, plus a final CRLF)."""
-    old = poplib._MAXLINE
-    poplib._MAXLINE = 1 << 20
-    try:
-        client = poplib.POP3(mailbox.dovecot.host, mailbox.dovecot.port, timeout=20)
-        client.user(mailbox.user)
-        client.pass_(mailbox.password)
-        count, _ = client.stat()
-        digests = []
-        for number in range(1, count + 1):
-            _, lines, _ = client.retr(number)
-            digests.append(sha(b"\r\n".join(lines) + b"\r\n"))
-        client.quit()
-    finally:
-        poplib._MAXLINE = old
-    return sorted(digests)
 
 
 def _stored(at: StoreAt) -> list[tuple[str, int, str]]:
@@ -61,7 +33,11 @@ def test_every_message_stored_byte_exact_and_once(
     tmp_path: Path, store_at: StoreAt, mailbox: Mailbox
 ) -> None:
     mailbox.deliver_many(ODD_MESSAGES)
-    reference = _poplib_reference(mailbox)
+    reference = sorted(
+        poplib_digests(
+            mailbox.dovecot.host, mailbox.dovecot.port, mailbox.user, mailbox.password, 20
+        )
+    )
     config = write_config(tmp_path, storage=store_at.storage(), accounts=[dovecot_account(mailbox)])
 
     code, out = fetch_json(config)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import signal
 import socket
-import sqlite3
 import subprocess
 import sys
 import threading
@@ -19,9 +18,10 @@ from pathlib import Path
 
 import pytest
 
+from builders import crlf, dovecot_account, make_message, sha
 from dovecot import Mailbox
 from mailingest.fetch import BATCH_COUNT
-from support import crlf, dovecot_account, fetch_json, make_message, run_cli, sha, write_config
+from support import fetch_json, run_cli, run_sql, write_config
 
 _TERMINATOR = b"\r\n.\r\n"
 
@@ -163,16 +163,13 @@ def pop3_proxy(target: int, *, strip_pipelining: bool = False) -> Iterator[Pop3P
 
 def _stored(config: Path) -> list[tuple[str, bytes]]:
     """(sha256 recorded, bytes reassembled from the chunks) of every stored message, sorted."""
-    db = sqlite3.connect(config.parent / "mail.db")
-    try:
-        recorded = dict(db.execute("SELECT id, sha256 FROM messages"))
-        raw: dict[int, bytes] = {}
-        for message, data in db.execute(
-            "SELECT message, data FROM message_chunks ORDER BY message, seq"
-        ):
-            raw[message] = raw.get(message, b"") + bytes(data)
-    finally:
-        db.close()
+    database = config.parent / "mail.db"
+    recorded = dict(run_sql(database, "SELECT id, sha256 FROM messages"))
+    raw: dict[int, bytes] = {}
+    for message, data in run_sql(
+        database, "SELECT message, data FROM message_chunks ORDER BY message, seq"
+    ):
+        raw[message] = raw.get(message, b"") + bytes(data)
     return sorted((recorded[m], raw.get(m, b"")) for m in recorded)
 
 

@@ -4,21 +4,17 @@ secrets, one fetcher per account (see also test_lease.py), and the CLI's JSON sh
 from __future__ import annotations
 
 import json
-import sqlite3
 from pathlib import Path
 
+from builders import dovecot_account, make_message
 from dovecot import Mailbox
 from mailingest.fetch import LISTING_CAP
 from proxy import CommandProxy
-from support import dovecot_account, fetch_json, make_message, run_cli, write_config
+from support import fetch_json, run_cli, run_sql, write_config
 
 
 def _count(config: Path) -> int:
-    db = sqlite3.connect(config.parent / "mail.db")
-    try:
-        return int(db.execute("SELECT count(*) FROM messages").fetchone()[0])
-    finally:
-        db.close()
+    return int(run_sql(config.parent / "mail.db", "SELECT count(*) FROM messages")[0][0])
 
 
 def test_every_retrieved_message_is_committed_before_quit(tmp_path: Path, mailbox: Mailbox) -> None:

@@ -13,8 +13,9 @@ from email.utils import format_datetime
 from pathlib import Path
 from typing import Any
 
+from builders import crlf, dovecot_account, sha
 from dovecot import Dovecot, Mailbox
-from support import StoreAt, crlf, dovecot_account, fetch_json, run_cli, sha, write_config
+from support import StoreAt, fetch_json, run_cli, write_config
 
 RECORDS_CSV = """id,kind,email,name
 L1,lead,Ann <ann@cust.example>,Ann Lead

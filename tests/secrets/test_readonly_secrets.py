@@ -10,10 +10,11 @@ from pathlib import Path
 
 import pytest
 
+from builders import dovecot_account, make_message
 from dovecot import Mailbox
 from mailingest.config import load_config
 from mailingest.errors import ConfigError
-from support import dovecot_account, fetch_json, make_message, run_cli, write_config
+from support import fetch_json, run_cli, write_config
 
 KEY = "k3y-for-tests-0123456789abcdef"
 READ_ONLY = [

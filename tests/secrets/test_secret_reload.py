@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
+from builders import loopback_account, make_message
 from daemon_support import DaemonProcess, events, running, until
 from mailingest import commands
 from mailingest.config import load_config
@@ -29,7 +30,7 @@ from mailingest.envfile import EnvFileError, parse_env
 from mailingest.errors import ConfigError
 from mailingest.retry import Backoff
 from pop3d import Mailbox, Pop3TestServer, ThreadedPop3Server
-from support import loopback_account, make_message, run_cli, write_config
+from support import run_cli, write_config
 
 PASSWORD = "Right-Horse-7"
 WRONG = "Wrong-Horse-7"

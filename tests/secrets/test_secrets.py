@@ -24,12 +24,13 @@ import pytest
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import AuthResult, Envelope, LoginPassword, Session
 
+from builders import make_message
 from dovecot import Dovecot, Mailbox, free_port
 from pop3d import Faults, ThreadedPop3Server
 from pop3d import Mailbox as ScriptedMailbox
 from postgres import PASSWORD as DB_PASSWORD
 from postgres import Postgres
-from support import make_message, write_config
+from support import run_sql, write_config
 
 SOURCES = ("literal", "env", "file", "credential")
 POP3 = {s: f"Pop3-{s}-{uuid.uuid4().hex[:10]}" for s in SOURCES}
@@ -515,10 +516,7 @@ def _has_stored(database: Path) -> bool:
     if not database.exists():
         return False
     try:
-        db = sqlite3.connect(f"file:{database}?mode=ro", uri=True, timeout=1)
-        try:
-            return bool(db.execute("SELECT count(*) FROM messages").fetchone()[0])
-        finally:
-            db.close()
+        rows = run_sql(database, "SELECT count(*) FROM messages", readonly=True, timeout=1)
+        return bool(rows[0][0])
     except sqlite3.Error:
         return False

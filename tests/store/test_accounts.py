@@ -10,10 +10,11 @@ from typing import Any
 
 import pytest
 
+from builders import make_message
 from daemon_support import DaemonProcess, wait_until
 from dovecot import Mailbox
 from postgres import Postgres
-from support import StoreAt, make_message, run_cli, write_config
+from support import StoreAt, run_cli, write_config
 
 KEY = "k3y-for-tests-0123456789abcdef"
 

@@ -11,7 +11,7 @@ import pytest
 
 from builders import loopback_account
 from mailingest import __version__, logs
-from pop3d import Faults, Mailbox, ThreadedPop3Server
+from pop3d import Faults, Mailbox, Pop3dThreaded, ThreadedPop3Server
 from postgres import Postgres
 from support import ROOT, run_cli, write_config
 
@@ -76,11 +76,13 @@ def test_config_errors_exit_78_with_key_path(tmp_path: Path) -> None:
     assert proc.returncode == 78 and b"missing.toml" in proc.stderr
 
 
-def test_pipelined_server_faults_reach_exit_codes(tmp_path: Path) -> None:
-    faults = Faults(err_on={"PASS": "-ERR [IN-USE] locked by another session"})
-    with ThreadedPop3Server([Mailbox("alice", SECRET, [])], faults) as srv:
-        config = write_config(tmp_path, [_account(srv.port)])
-        proc = run_cli(config, "fetch", "--json")
+@pytest.mark.pop3d_faults(err_on={"PASS": "-ERR [IN-USE] locked by another session"})
+def test_pipelined_server_faults_reach_exit_codes(
+    tmp_path: Path, pop3d_threaded: Pop3dThreaded
+) -> None:
+    srv = pop3d_threaded([Mailbox("alice", SECRET, [])])
+    config = write_config(tmp_path, [_account(srv.port)])
+    proc = run_cli(config, "fetch", "--json")
     assert proc.returncode == 75
     [result] = json.loads(proc.stdout)["accounts"]
     assert result["status"] == "temp_failed" and "a1" in result["error"]

@@ -48,7 +48,7 @@ from mailingest.errors import (
 )
 from mailingest.pop3 import Pop3Session
 from mailingest.store import Store
-from pop3d import Faults, Pop3TestServer, ThreadedPop3Server, first_session
+from pop3d import Faults, Pop3d, Pop3TestServer, ThreadedPop3Server, first_session
 from support import (
     assert_failed,
     fetch,
@@ -73,12 +73,13 @@ async def test_connection_refused_is_unavailable(store: Store) -> None:
     assert await stored_hashes(store) == []
 
 
-async def test_drop_before_greeting_is_temporary(store: Store) -> None:
-    async with Pop3TestServer([mailbox(MESSAGES)], Faults(drop_before_greeting=True)) as server:
-        result = await fetch(account(server.port), store)
-        assert_failed(result, "temp_failed")
-        assert server.log == []
-        assert server.errors == []
+@pytest.mark.pop3d_faults(drop_before_greeting=True)
+async def test_drop_before_greeting_is_temporary(store: Store, pop3d: Pop3d) -> None:
+    server = await pop3d([mailbox(MESSAGES)])
+    result = await fetch(account(server.port), store)
+    assert_failed(result, "temp_failed")
+    assert server.log == []
+    assert server.errors == []
 
 
 @pytest.mark.parametrize(
@@ -89,116 +90,122 @@ async def test_drop_before_greeting_is_temporary(store: Store) -> None:
         pytest.param("+OK " + "x" * 70_000, id="over-64-kib"),
     ],
 )
-async def test_garbage_greeting_is_a_protocol_error(store: Store, greeting: str) -> None:
-    async with Pop3TestServer([mailbox(MESSAGES)], Faults(greeting=greeting)) as server:
-        result = await fetch(account(server.port), store)
-        assert_failed(result, "error")
-        assert server.login_attempts == 0  # never sent a password to it
-        assert server.errors == []
+async def test_garbage_greeting_is_a_protocol_error(
+    store: Store, greeting: str, pop3d: Pop3d
+) -> None:
+    server = await pop3d([mailbox(MESSAGES)], Faults(greeting=greeting))
+    result = await fetch(account(server.port), store)
+    assert_failed(result, "error")
+    assert server.login_attempts == 0  # never sent a password to it
+    assert server.errors == []
 
 
-async def test_plus_err_reply_to_pass_is_not_a_login(store: Store) -> None:
+async def test_plus_err_reply_to_pass_is_not_a_login(store: Store, pop3d: Pop3d) -> None:
     """poplib takes any "+" line as success; "+ERR" must not log us in."""
     faults = Faults(reply_override={"PASS": b"+ERR no\r\n"})
-    async with Pop3TestServer([mailbox(MESSAGES)], faults) as server:
-        result = await fetch(account(server.port), store)
-        assert_failed(result, "error", "auth_failed")
-        assert server.commands_seen("UIDL") == 0 and server.commands_seen("RETR") == 0
-        assert server.errors == []
+    server = await pop3d([mailbox(MESSAGES)], faults)
+    result = await fetch(account(server.port), store)
+    assert_failed(result, "error", "auth_failed")
+    assert server.commands_seen("UIDL") == 0 and server.commands_seen("RETR") == 0
+    assert server.errors == []
     assert await stored_hashes(store) == []
 
 
 @pytest.mark.parametrize(
     "reply", ["-ERR [IN-USE] locked", "-ERR [LOGIN-DELAY] wait", "-ERR [SYS/TEMP] x"]
 )
-async def test_transient_response_code_at_login_is_temporary(store: Store, reply: str) -> None:
-    async with Pop3TestServer([mailbox(MESSAGES)], Faults(err_on={"PASS": reply})) as server:
-        result = await fetch(account(server.port), store)
-        assert_failed(result, "temp_failed")
-        assert server.login_attempts == 1
-        assert server.errors == []
+async def test_transient_response_code_at_login_is_temporary(
+    store: Store, reply: str, pop3d: Pop3d
+) -> None:
+    server = await pop3d([mailbox(MESSAGES)], Faults(err_on={"PASS": reply}))
+    result = await fetch(account(server.port), store)
+    assert_failed(result, "temp_failed")
+    assert server.login_attempts == 1
+    assert server.errors == []
 
 
-async def test_plain_err_at_login_is_auth_failed(store: Store) -> None:
-    async with Pop3TestServer([mailbox(MESSAGES)], Faults(err_on={"PASS": "-ERR nope"})) as server:
-        result = await fetch(account(server.port), store)
-        assert_failed(result, "auth_failed")
-        assert server.login_attempts == 1
-        assert server.errors == []
+@pytest.mark.pop3d_faults(err_on={"PASS": "-ERR nope"})
+async def test_plain_err_at_login_is_auth_failed(store: Store, pop3d: Pop3d) -> None:
+    server = await pop3d([mailbox(MESSAGES)])
+    result = await fetch(account(server.port), store)
+    assert_failed(result, "auth_failed")
+    assert server.login_attempts == 1
+    assert server.errors == []
 
 
-async def test_in_use_lock_from_a_concurrent_login_is_temporary(store: Store) -> None:
-    async with Pop3TestServer([mailbox(MESSAGES)], Faults(delay={"UIDL": 0.5})) as server:
-        results = await asyncio.gather(
-            fetch(account(server.port), store),
-            fetch(account(server.port, name="twin"), store),  # same mailbox, other account
-        )
-        statuses = sorted(r.status for r in results)
-        assert statuses == ["ok", "temp_failed"], results
-        assert server.errors == []
+@pytest.mark.pop3d_faults(delay={"UIDL": 0.5})
+async def test_in_use_lock_from_a_concurrent_login_is_temporary(store: Store, pop3d: Pop3d) -> None:
+    server = await pop3d([mailbox(MESSAGES)])
+    results = await asyncio.gather(
+        fetch(account(server.port), store),
+        fetch(account(server.port, name="twin"), store),  # same mailbox, other account
+    )
+    statuses = sorted(r.status for r in results)
+    assert statuses == ["ok", "temp_failed"], results
+    assert server.errors == []
 
 
 # -- hangs and timeouts ------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("command", ["CAPA", "PASS", "UIDL", "LIST", "RETR 1", "DELE 2", "QUIT"])
-async def test_a_hanging_server_times_out_as_temporary_failure(store: Store, command: str) -> None:
-    async with Pop3TestServer(
-        [mailbox(MESSAGES)], first_session(Faults(hang_on=command))
-    ) as server:
-        acc = account(server.port, leave_on_server=False)
-        started = time.monotonic()
-        result = await fetch(acc, store)
-        assert time.monotonic() - started < 5 * TIMEOUT
-        assert_failed(result, "temp_failed")
-        assert "timed out" in (result.error or "")
-        assert server.mailbox(USER).remaining() == len(MESSAGES)  # no QUIT done: no expunge
-        late = command in ("DELE 2", "QUIT")  # everything was committed before the hang
-        assert await stored_hashes(store) == (expected(MESSAGES) if late else [])
-        retrieved = server.commands_seen("RETR")
+async def test_a_hanging_server_times_out_as_temporary_failure(
+    store: Store, command: str, pop3d: Pop3d
+) -> None:
+    server = await pop3d([mailbox(MESSAGES)], first_session(Faults(hang_on=command)))
+    acc = account(server.port, leave_on_server=False)
+    started = time.monotonic()
+    result = await fetch(acc, store)
+    assert time.monotonic() - started < 5 * TIMEOUT
+    assert_failed(result, "temp_failed")
+    assert "timed out" in (result.error or "")
+    assert server.mailbox(USER).remaining() == len(MESSAGES)  # no QUIT done: no expunge
+    late = command in ("DELE 2", "QUIT")  # everything was committed before the hang
+    assert await stored_hashes(store) == (expected(MESSAGES) if late else [])
+    retrieved = server.commands_seen("RETR")
 
-        again = await fetch(acc, store)
-        assert again.status == "ok" and again.deleted == len(MESSAGES), again
-        if late:
-            assert server.commands_seen("RETR") == retrieved  # deleted without refetching
-        assert server.mailbox(USER).remaining() == 0
-        assert server.errors == []
+    again = await fetch(acc, store)
+    assert again.status == "ok" and again.deleted == len(MESSAGES), again
+    if late:
+        assert server.commands_seen("RETR") == retrieved  # deleted without refetching
+    assert server.mailbox(USER).remaining() == 0
+    assert server.errors == []
     assert await stored_hashes(store) == expected(MESSAGES)
 
 
 # -- broken replies ----------------------------------------------------------------------------
 
 
-async def test_status_line_over_64_kib_is_a_protocol_error(store: Store) -> None:
+async def test_status_line_over_64_kib_is_a_protocol_error(store: Store, pop3d: Pop3d) -> None:
     huge = b"+OK " + b"x" * 70_000 + b"\r\n"
-    async with Pop3TestServer([mailbox(MESSAGES)], Faults(reply_override={"UIDL": huge})) as server:
-        result = await fetch(account(server.port, leave_on_server=False), store)
-        assert_failed(result, "error")
-        assert "65536" in (result.error or "")
-        assert server.commands_seen("RETR") == 0 and server.commands_seen("DELE") == 0
-        assert server.errors == []
+    server = await pop3d([mailbox(MESSAGES)], Faults(reply_override={"UIDL": huge}))
+    result = await fetch(account(server.port, leave_on_server=False), store)
+    assert_failed(result, "error")
+    assert "65536" in (result.error or "")
+    assert server.commands_seen("RETR") == 0 and server.commands_seen("DELE") == 0
+    assert server.errors == []
     assert await stored_hashes(store) == []
 
 
-async def test_over_long_stat_reply_breaks_the_session_for_good() -> None:
+async def test_over_long_stat_reply_breaks_the_session_for_good(pop3d: Pop3d) -> None:
     huge = b"+OK " + b"x" * 70_000 + b"\r\n"
-    async with Pop3TestServer([mailbox(MESSAGES)], Faults(reply_override={"STAT": huge})) as server:
-        session = Pop3Session(account(server.port).pop3_login())
-        await asyncio.to_thread(session.connect)
-        with pytest.raises(ProtocolError) as caught:
-            await asyncio.to_thread(session.stat)
-        assert caught.value.account == NAME
-        assert session.broken
-        with pytest.raises(ProtocolError):  # nothing more is ever sent on it
-            await asyncio.to_thread(session.delete, [1])
-        await asyncio.to_thread(session.close)
-        assert server.commands_seen("DELE") == 0 and server.commands_seen("QUIT") == 0
-        assert server.errors == []
+    server = await pop3d([mailbox(MESSAGES)], Faults(reply_override={"STAT": huge}))
+    session = Pop3Session(account(server.port).pop3_login())
+    await asyncio.to_thread(session.connect)
+    with pytest.raises(ProtocolError) as caught:
+        await asyncio.to_thread(session.stat)
+    assert caught.value.account == NAME
+    assert session.broken
+    with pytest.raises(ProtocolError):  # nothing more is ever sent on it
+        await asyncio.to_thread(session.delete, [1])
+    await asyncio.to_thread(session.close)
+    assert server.commands_seen("DELE") == 0 and server.commands_seen("QUIT") == 0
+    assert server.errors == []
 
 
 @pytest.mark.parametrize("then", ["close", "silence"])
 async def test_truncated_multiline_reply_stores_nothing_of_that_message(
-    store: Store, then: str
+    store: Store, then: str, pop3d: Pop3d
 ) -> None:
     """RETR 2's body lacks its terminating "." and then the server closes (or goes quiet)."""
     cut = b"+OK 40 octets\r\nFrom: x@example.org\r\nSubject: cut\r\n\r\npartial\r\n"
@@ -206,18 +213,18 @@ async def test_truncated_multiline_reply_stores_nothing_of_that_message(
         reply_override={"RETR 2": cut}, drop_after="RETR 3" if then == "close" else None
     )
     messages = MESSAGES if then == "close" else MESSAGES[:2]  # silence: RETR 2 is the last one
-    async with Pop3TestServer([mailbox(messages)], first_session(faults)) as server:
-        acc = account(server.port, leave_on_server=False)
-        first = await fetch(acc, store)
-        assert_failed(first, "temp_failed", "error")
-        assert await stored_hashes(store) == expected(messages[:1])
-        assert server.commands_seen("DELE") == 0
-        assert server.mailbox(USER).remaining() == len(messages)
+    server = await pop3d([mailbox(messages)], first_session(faults))
+    acc = account(server.port, leave_on_server=False)
+    first = await fetch(acc, store)
+    assert_failed(first, "temp_failed", "error")
+    assert await stored_hashes(store) == expected(messages[:1])
+    assert server.commands_seen("DELE") == 0
+    assert server.mailbox(USER).remaining() == len(messages)
 
-        second = await fetch(acc, store)
-        assert second.status == "ok", second
-        assert server.mailbox(USER).remaining() == 0
-        assert server.errors == []
+    second = await fetch(acc, store)
+    assert second.status == "ok", second
+    assert server.mailbox(USER).remaining() == 0
+    assert server.errors == []
     assert await stored_hashes(store) == expected(messages)
 
 
@@ -229,44 +236,47 @@ async def test_truncated_multiline_reply_stores_nothing_of_that_message(
         pytest.param(b"+OK\r\n1 \xff\xfe\r\n.\r\n", id="non-ascii-id"),
     ],
 )
-async def test_malformed_uidl_listing_is_an_error(store: Store, listing: bytes) -> None:
+async def test_malformed_uidl_listing_is_an_error(
+    store: Store, listing: bytes, pop3d: Pop3d
+) -> None:
     faults = Faults(reply_override={"UIDL": listing})
-    async with Pop3TestServer([mailbox(MESSAGES)], faults) as server:
-        result = await fetch(account(server.port, leave_on_server=False), store)
-        assert_failed(result, "error")
-        assert "internal error" not in (result.error or "")
-        assert server.commands_seen("RETR") == 0 and server.commands_seen("DELE") == 0
-        assert server.errors == []
+    server = await pop3d([mailbox(MESSAGES)], faults)
+    result = await fetch(account(server.port, leave_on_server=False), store)
+    assert_failed(result, "error")
+    assert "internal error" not in (result.error or "")
+    assert server.commands_seen("RETR") == 0 and server.commands_seen("DELE") == 0
+    assert server.errors == []
 
 
-async def test_err_on_uidl_is_an_error_that_names_uidl(store: Store) -> None:
+async def test_err_on_uidl_is_an_error_that_names_uidl(store: Store, pop3d: Pop3d) -> None:
     faults = Faults(err_on={"UIDL": "-ERR command not supported"})
-    async with Pop3TestServer([mailbox(MESSAGES)], faults) as server:
-        result = await fetch(account(server.port, leave_on_server=False), store)
-        assert_failed(result, "error")
-        assert "UIDL" in (result.error or "")
-        assert server.commands_seen("RETR") == 0 and server.commands_seen("DELE") == 0
-        assert server.errors == []
+    server = await pop3d([mailbox(MESSAGES)], faults)
+    result = await fetch(account(server.port, leave_on_server=False), store)
+    assert_failed(result, "error")
+    assert "UIDL" in (result.error or "")
+    assert server.commands_seen("RETR") == 0 and server.commands_seen("DELE") == 0
+    assert server.errors == []
 
 
 async def test_err_on_dele_abandons_the_session_and_the_next_fetch_deletes(
     store: Store,
+    pop3d: Pop3d,
 ) -> None:
     faults = first_session(Faults(err_on={"DELE 2": "-ERR cannot delete now"}))
-    async with Pop3TestServer([mailbox(MESSAGES)], faults) as server:
-        acc = account(server.port, leave_on_server=False)
-        first = await fetch(acc, store)
-        assert_failed(first, "error", "temp_failed")
-        assert "QUIT" not in server.session_log(0)  # no QUIT: none of its DELEs applies
-        assert await stored_hashes(store) == expected(MESSAGES)
-        assert server.mailbox(USER).remaining() == len(MESSAGES)
-        retrieved = server.commands_seen("RETR")
+    server = await pop3d([mailbox(MESSAGES)], faults)
+    acc = account(server.port, leave_on_server=False)
+    first = await fetch(acc, store)
+    assert_failed(first, "error", "temp_failed")
+    assert "QUIT" not in server.session_log(0)  # no QUIT: none of its DELEs applies
+    assert await stored_hashes(store) == expected(MESSAGES)
+    assert server.mailbox(USER).remaining() == len(MESSAGES)
+    retrieved = server.commands_seen("RETR")
 
-        second = await fetch(acc, store)
-        assert second.status == "ok" and second.new == 0 and second.deleted == len(MESSAGES)
-        assert server.commands_seen("RETR") == retrieved
-        assert server.mailbox(USER).remaining() == 0
-        assert server.errors == []
+    second = await fetch(acc, store)
+    assert second.status == "ok" and second.new == 0 and second.deleted == len(MESSAGES)
+    assert server.commands_seen("RETR") == retrieved
+    assert server.mailbox(USER).remaining() == 0
+    assert server.errors == []
     assert await stored_hashes(store) == expected(MESSAGES)
 
 
@@ -277,42 +287,45 @@ async def test_err_on_dele_abandons_the_session_and_the_next_fetch_deletes(
         pytest.param(b"+OK\r\nUIDL\r\n\r\n.\r\n", id="empty-line"),
     ],
 )
-async def test_malformed_capa_is_a_typed_protocol_error(store: Store, capa: bytes) -> None:
-    async with Pop3TestServer([mailbox(MESSAGES)], Faults(reply_override={"CAPA": capa})) as server:
-        result = await fetch(account(server.port), store)
-        assert_failed(result, "error")
-        assert "internal error" not in (result.error or "")
-        assert server.errors == []
+async def test_malformed_capa_is_a_typed_protocol_error(
+    store: Store, capa: bytes, pop3d: Pop3d
+) -> None:
+    server = await pop3d([mailbox(MESSAGES)], Faults(reply_override={"CAPA": capa}))
+    result = await fetch(account(server.port), store)
+    assert_failed(result, "error")
+    assert "internal error" not in (result.error or "")
+    assert server.errors == []
 
 
 # -- login etiquette ---------------------------------------------------------------------------
 
 
-async def test_pass_is_never_pipelined_with_what_follows(store: Store) -> None:
+@pytest.mark.pop3d_faults(pass_same_write_drop=True)
+async def test_pass_is_never_pipelined_with_what_follows(store: Store, pop3d: Pop3d) -> None:
     """Courier drops whatever arrived in the same read as PASS; the fetch must not care."""
-    async with Pop3TestServer([mailbox(MESSAGES)], Faults(pass_same_write_drop=True)) as server:
-        result = await fetch(account(server.port, leave_on_server=False), store)
-        assert result.status == "ok", result
-        assert server.mailbox(USER).remaining() == 0
-        assert server.errors == []
+    server = await pop3d([mailbox(MESSAGES)])
+    result = await fetch(account(server.port, leave_on_server=False), store)
+    assert result.status == "ok", result
+    assert server.mailbox(USER).remaining() == 0
+    assert server.errors == []
     assert await stored_hashes(store) == expected(MESSAGES)
 
 
 @pytest.mark.parametrize("advertised", [True, False])
 async def test_utf8_is_sent_after_login_only_when_advertised(
-    store: Store, advertised: bool
+    store: Store, advertised: bool, pop3d: Pop3d
 ) -> None:
-    async with Pop3TestServer([mailbox(MESSAGES)], Faults(utf8=advertised)) as server:
-        result = await fetch(account(server.port), store)
-        assert result.status == "ok", result
-        if advertised:
-            assert server.commands_seen("UTF8") == result.sessions
-            for number in range(result.sessions):
-                log = server.session_log(number)
-                assert log.index("UTF8") > log.index("PASS ***")  # after login, once
-        else:
-            assert server.commands_seen("UTF8") == 0
-        assert server.errors == []
+    server = await pop3d([mailbox(MESSAGES)], Faults(utf8=advertised))
+    result = await fetch(account(server.port), store)
+    assert result.status == "ok", result
+    if advertised:
+        assert server.commands_seen("UTF8") == result.sessions
+        for number in range(result.sessions):
+            log = server.session_log(number)
+            assert log.index("UTF8") > log.index("PASS ***")  # after login, once
+    else:
+        assert server.commands_seen("UTF8") == 0
+    assert server.errors == []
     assert await stored_hashes(store) == expected(MESSAGES)
 
 
@@ -342,24 +355,24 @@ ODD_MESSAGES = [
 ]
 
 
-async def test_odd_messages_are_stored_byte_exact(store: Store) -> None:
-    async with Pop3TestServer([mailbox(ODD_MESSAGES)]) as server:
-        reference = sorted(
-            await asyncio.to_thread(poplib_digests, HOST, server.port, USER, PASSWORD, 10)
-        )
-        result = await fetch(account(server.port, timeout=5.0), store)
-        assert result.status == "ok" and result.new == len(ODD_MESSAGES), result
-        assert result.bytes == sum(len(served(m)) for m in ODD_MESSAGES)
-        assert server.errors == []
+async def test_odd_messages_are_stored_byte_exact(store: Store, pop3d: Pop3d) -> None:
+    server = await pop3d([mailbox(ODD_MESSAGES)])
+    reference = sorted(
+        await asyncio.to_thread(poplib_digests, HOST, server.port, USER, PASSWORD, 10)
+    )
+    result = await fetch(account(server.port, timeout=5.0), store)
+    assert result.status == "ok" and result.new == len(ODD_MESSAGES), result
+    assert result.bytes == sum(len(served(m)) for m in ODD_MESSAGES)
+    assert server.errors == []
     assert reference == expected(ODD_MESSAGES)  # our reference agrees with poplib's
     assert await stored_hashes(store) == reference
 
 
-async def test_an_empty_message_is_stored_as_zero_bytes(store: Store) -> None:
-    async with Pop3TestServer([mailbox([b"", message(1)])]) as server:
-        result = await fetch(account(server.port), store)
-        assert result.status == "ok" and result.new == 2, result
-        assert server.errors == []
+async def test_an_empty_message_is_stored_as_zero_bytes(store: Store, pop3d: Pop3d) -> None:
+    server = await pop3d([mailbox([b"", message(1)])])
+    result = await fetch(account(server.port), store)
+    assert result.status == "ok" and result.new == 2, result
+    assert server.errors == []
     assert await stored_hashes(store) == expected([b"", message(1)])
 
 
@@ -429,23 +442,21 @@ def server_context(certificate: tuple[Path, Path]) -> ssl.SSLContext:
 
 @pytest.mark.parametrize("security", ["tls", "starttls"])
 async def test_self_signed_certificate_needs_its_ca_file(
-    store: Store, certificate: tuple[Path, Path], security: str
+    store: Store, certificate: tuple[Path, Path], security: str, pop3d: Pop3d
 ) -> None:
     ctx = server_context(certificate)
     implicit = security == "tls"
-    async with Pop3TestServer(
-        [mailbox(MESSAGES)], ssl_context=ctx, implicit_tls=implicit
-    ) as server:
-        rejected = await fetch(account(server.port, security=security), store)
-        assert_failed(rejected, "tls_failed")
-        assert "certificate" in (rejected.error or "")
-        assert server.commands_seen("USER") == 0 and server.login_attempts == 0
+    server = await pop3d([mailbox(MESSAGES)], ssl_context=ctx, implicit_tls=implicit)
+    rejected = await fetch(account(server.port, security=security), store)
+    assert_failed(rejected, "tls_failed")
+    assert "certificate" in (rejected.error or "")
+    assert server.commands_seen("USER") == 0 and server.login_attempts == 0
 
-        trusted = account(server.port, security=security, ca_file=certificate[0])
-        accepted = await fetch(trusted, store)
-        assert accepted.status == "ok" and accepted.new == len(MESSAGES), accepted
-        assert server.login_attempts == accepted.sessions
-        assert server.errors == []
+    trusted = account(server.port, security=security, ca_file=certificate[0])
+    accepted = await fetch(trusted, store)
+    assert accepted.status == "ok" and accepted.new == len(MESSAGES), accepted
+    assert server.login_attempts == accepted.sessions
+    assert server.errors == []
     assert await stored_hashes(store) == expected(MESSAGES)
 
 
@@ -462,28 +473,26 @@ async def test_starttls_without_stls_offered_never_sends_the_password(store: Sto
 
 @pytest.mark.parametrize("security", ["tls", "starttls"])
 async def test_a_drop_under_tls_is_temporary_not_a_tls_failure(
-    store: Store, certificate: tuple[Path, Path], security: str
+    store: Store, certificate: tuple[Path, Path], security: str, pop3d: Pop3d
 ) -> None:
     """The peer's TLS EOF (often seen on the next pipelined write) is a drop like any other."""
     messages = [message(i) + b"filler line\n" * 2000 for i in range(1, 41)]
     faults = first_session(Faults(drop_mid_retr=20))
     ctx = server_context(certificate)
     implicit = security == "tls"
-    async with Pop3TestServer(
-        [mailbox(messages)], faults, ssl_context=ctx, implicit_tls=implicit
-    ) as server:
-        acc = account(server.port, security=security, ca_file=certificate[0], leave_on_server=False)
-        first = await fetch(acc, store)
-        assert_failed(first, "temp_failed")
-        # What arrived whole is committed: a prefix of 1..19 (a reset may cut buffered data).
-        kept = len(await stored_hashes(store))
-        assert kept <= 19 and await stored_hashes(store) == expected(messages[:kept])
-        assert server.mailbox(USER).remaining() == len(messages)
+    server = await pop3d([mailbox(messages)], faults, ssl_context=ctx, implicit_tls=implicit)
+    acc = account(server.port, security=security, ca_file=certificate[0], leave_on_server=False)
+    first = await fetch(acc, store)
+    assert_failed(first, "temp_failed")
+    # What arrived whole is committed: a prefix of 1..19 (a reset may cut buffered data).
+    kept = len(await stored_hashes(store))
+    assert kept <= 19 and await stored_hashes(store) == expected(messages[:kept])
+    assert server.mailbox(USER).remaining() == len(messages)
 
-        second = await fetch(acc, store)
-        assert second.status == "ok" and second.new == len(messages) - kept, second
-        assert server.mailbox(USER).remaining() == 0
-        assert server.errors == []
+    second = await fetch(acc, store)
+    assert second.status == "ok" and second.new == len(messages) - kept, second
+    assert server.mailbox(USER).remaining() == 0
+    assert server.errors == []
     assert await stored_hashes(store) == expected(messages)
 
 
@@ -505,6 +514,7 @@ async def test_broken_tls_handshake_is_typed_sends_no_password_and_touches_nothi
     security: str,
     how: Literal["drop", "reset", "garbage"],
     status: str,
+    pop3d: Pop3d,
 ) -> None:
     """The server accepts TCP (tls) or answers +OK to STLS (starttls), then breaks the
     handshake: a close or reset is a drop, transient (temp_failed, 75, as the contract's "TLS
@@ -513,32 +523,30 @@ async def test_broken_tls_handshake_is_typed_sends_no_password_and_touches_nothi
     faults = Faults(per_session=lambda n: broken if n < 2 else Faults())
     ctx = server_context(certificate)
     implicit = security == "tls"
-    async with Pop3TestServer(
-        [mailbox(MESSAGES)], faults, ssl_context=ctx, implicit_tls=implicit
-    ) as server:
-        acc = account(server.port, security=security, ca_file=certificate[0], leave_on_server=False)
-        session = Pop3Session(acc.pop3_login())
-        with pytest.raises(TemporaryError if status == "temp_failed" else TLSError) as caught:
-            await asyncio.to_thread(session.connect)
-        assert caught.value.account == NAME and session.broken
-        await asyncio.to_thread(session.close)
+    server = await pop3d([mailbox(MESSAGES)], faults, ssl_context=ctx, implicit_tls=implicit)
+    acc = account(server.port, security=security, ca_file=certificate[0], leave_on_server=False)
+    session = Pop3Session(acc.pop3_login())
+    with pytest.raises(TemporaryError if status == "temp_failed" else TLSError) as caught:
+        await asyncio.to_thread(session.connect)
+    assert caught.value.account == NAME and session.broken
+    await asyncio.to_thread(session.close)
 
-        result = await fetch(acc, store)
-        assert_failed(result, status)
-        assert STATUS_EXIT[result.status] == (
-            EX_TEMPFAIL if status == "temp_failed" else EX_UNAVAILABLE
-        )
-        assert result.new == 0 and result.deleted == 0
-        for number in (0, 1):
-            assert server.session_log(number) == ([] if implicit else ["CAPA", "STLS"])
-        assert server.login_attempts == 0
-        assert await stored_hashes(store) == []
-        assert server.mailbox(USER).remaining() == len(MESSAGES)
+    result = await fetch(acc, store)
+    assert_failed(result, status)
+    assert STATUS_EXIT[result.status] == (
+        EX_TEMPFAIL if status == "temp_failed" else EX_UNAVAILABLE
+    )
+    assert result.new == 0 and result.deleted == 0
+    for number in (0, 1):
+        assert server.session_log(number) == ([] if implicit else ["CAPA", "STLS"])
+    assert server.login_attempts == 0
+    assert await stored_hashes(store) == []
+    assert server.mailbox(USER).remaining() == len(MESSAGES)
 
-        again = await fetch(acc, store)  # the handshake works again: everything, once
-        assert again.status == "ok" and again.new == len(MESSAGES), again
-        assert server.mailbox(USER).remaining() == 0
-        assert server.errors == []
+    again = await fetch(acc, store)  # the handshake works again: everything, once
+    assert again.status == "ok" and again.new == len(MESSAGES), again
+    assert server.mailbox(USER).remaining() == 0
+    assert server.errors == []
     assert await stored_hashes(store) == expected(MESSAGES)
 
 

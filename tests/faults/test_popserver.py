@@ -13,7 +13,7 @@ import poplib
 import shutil
 import ssl
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any, Literal
 
@@ -21,7 +21,7 @@ import pytest
 
 from builders import self_signed_cert, served
 from mailingest.samples import sample_mailboxes, sample_records_csv
-from pop3d import Faults, Mailbox, Pop3TestServer, ThreadedPop3Server
+from pop3d import Faults, Mailbox, Pop3d, Pop3TestServer, ThreadedPop3Server
 from support import ROOT
 
 HOST = "127.0.0.1"
@@ -46,21 +46,15 @@ def box(user: str = "alice", messages: list[bytes] | None = None, **kw: Any) -> 
 
 
 @pytest.fixture
-async def serve() -> AsyncIterator[Serve]:
-    servers: list[Pop3TestServer] = []
+def serve(pop3d: Pop3d) -> Serve:
+    """``await serve(faults, boxes, **kw)``: a scripted server (default: one ``box()``)."""
 
     async def start(
         faults: Faults | None = None, boxes: list[Mailbox] | None = None, **kw: Any
     ) -> Pop3TestServer:
-        server = Pop3TestServer(boxes or [box()], faults, **kw)
-        await server.start()
-        servers.append(server)
-        return server
+        return await pop3d(boxes or [box()], faults, **kw)
 
-    yield start
-    for server in servers:
-        await server.stop()
-        assert server.errors == []
+    return start
 
 
 @contextlib.contextmanager

@@ -23,7 +23,7 @@ from mailingest.config import Account, load_config
 from mailingest.fetch import FetchResult
 from mailingest.store import Store
 from mailingest.store import _db as store_db_module
-from support import stored_hashes, write_config
+from support import fetch, stored_hashes, write_config
 
 DAYS = 3
 OWNER = "alice"  # dovecot_account()'s owner
@@ -62,7 +62,7 @@ def account(tmp_path: Path, mailbox: Mailbox, days: int) -> Account:
 
 
 async def fetch_ok(acc: Account, store: Store) -> FetchResult:
-    result = await fetch_ok(acc, store, bound=FETCH_BOUND)
+    result = await fetch(acc, store, bound=FETCH_BOUND)
     assert result.status == "ok" and result.error is None, result
     return result
 

@@ -3,7 +3,6 @@ exception escape, except our typed ``ProtocolError``/``TemporaryError`` where a 
 
 from __future__ import annotations
 
-import dataclasses
 import email.header
 import io
 import poplib
@@ -15,8 +14,8 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
+from builders import account
 from mailingest import pop3
-from mailingest.config import Account, Secret
 from mailingest.errors import ProtocolError, TemporaryError
 from mailingest.matching import (
     direction_of,
@@ -230,24 +229,11 @@ class _FakeSock:
         pass
 
 
-def _account() -> Account:
-    return Account(
-        name=NAME,
-        owner="alice",
-        host="127.0.0.1",
-        port=110,
-        security="plain",
-        username="u",
-        password=Secret(source="literal", ref="", value="pw"),
-        allow_plaintext=True,
-    )
-
-
 def _session(wire: bytes) -> pop3.Pop3Session:
     """A logged-in session whose server replies with ``wire`` (the real poplib parsing)."""
     pop: Any = pop3._PlainPOP3.__new__(pop3._PlainPOP3)
     pop.file, pop.sock, pop._debugging, pop.encoding = io.BytesIO(wire), _FakeSock(), 0, "UTF-8"
-    session = pop3.Pop3Session(_account().pop3_login())
+    session = pop3.Pop3Session(account(110, name=NAME, username="u", timeout=60.0).pop3_login())
     session._pop = pop
     return session
 
@@ -323,8 +309,8 @@ def test_uidl_over_a_real_socket_parses_or_fails_typed(
     server: ThreadedPop3Server, wire: bytes
 ) -> None:
     server.server.faults.reply_override["UIDL"] = wire
-    account = dataclasses.replace(_account(), port=server.port, timeout=2.0)
-    session = pop3.Pop3Session(account.pop3_login())
+    acc = account(server.port, name=NAME, username="u", timeout=2.0)
+    session = pop3.Pop3Session(acc.pop3_login())
     try:
         session.connect()
         listing = session.uidl()

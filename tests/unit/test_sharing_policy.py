@@ -23,8 +23,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import builders
+from builders import literal
 from mailingest import crm
-from mailingest.config import Account, Config, DaemonSettings, Secret, StorageSettings
+from mailingest.config import Account, Config, DaemonSettings, StorageSettings
 from mailingest.errors import DataError
 from mailingest.matching import (
     direction_of,
@@ -59,15 +61,13 @@ def account(
     label: str | None = None,
 ) -> Account:
     """An account as config.load_config builds it (excluded domains lower-cased there)."""
-    return Account(
+    return builders.account(
+        110,
         name=name,
         owner=owner,
-        host="127.0.0.1",
-        port=110,
-        security="plain",
         username=identity,
-        password=Secret("literal", "", "not-used"),
-        allow_plaintext=True,
+        password=literal("not-used"),
+        timeout=60.0,
         sharing=sharing,
         excluded_domains=tuple(excluded),
         magnet_label=label,

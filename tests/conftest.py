@@ -1,5 +1,6 @@
 """Shared fixtures: one private Dovecot and one private PostgreSQL per test session, a fresh
-mailbox per test, and a store on each backend."""
+mailbox per test, a store on each backend, and the scripted POP3 server (``pop3d``, with
+faults from the ``pop3d_faults`` marker)."""
 
 from __future__ import annotations
 
@@ -8,10 +9,12 @@ from pathlib import Path
 
 import pytest
 
+from builders import self_signed_cert
 from dovecot import OAUTH2_KEY, Dovecot, Mailbox, private_dovecot
 from mailingest.store import Store
+from pop3d import Pop3d, Pop3dThreaded, marked_faults
 from postgres import Postgres, private_postgres
-from smtp_support import SmtpServer, make_cert, serving
+from smtp_support import SmtpServer, serving
 from support import StoreAt
 
 BACKENDS = ("sqlite", "postgresql")
@@ -68,7 +71,7 @@ async def store(store_at: StoreAt) -> AsyncIterator[Store]:
 
 @pytest.fixture(scope="session")
 def smtp_cert(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    return make_cert(tmp_path_factory.mktemp("smtp-cert"))
+    return self_signed_cert(tmp_path_factory.mktemp("smtp-cert"))
 
 
 @pytest.fixture
@@ -76,3 +79,24 @@ def smtp_server(smtp_cert: tuple[Path, Path]) -> Iterator[SmtpServer]:
     """A real SMTP server (aiosmtpd) on loopback that requires STARTTLS, then AUTH."""
     with serving(smtp_cert, "starttls") as server:
         yield server
+
+
+@pytest.fixture
+async def pop3d(request: pytest.FixtureRequest) -> AsyncIterator[Pop3d]:
+    """The scripted POP3 server for an async test: ``server = await pop3d([mailbox])``."""
+    servers = Pop3d(marked_faults(request.node))
+    try:
+        yield servers
+    finally:
+        await servers.stop()
+
+
+@pytest.fixture
+def pop3d_threaded(request: pytest.FixtureRequest) -> Iterator[Pop3dThreaded]:
+    """The scripted POP3 server on a thread of its own, for sync tests (the CLI in a
+    subprocess): ``server = pop3d_threaded([mailbox])``; faults as for ``pop3d``."""
+    servers = Pop3dThreaded(marked_faults(request.node))
+    try:
+        yield servers
+    finally:
+        servers.stop()

@@ -19,6 +19,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
+import pytest
+
 from mailingest.popserver import (
     CAPABILITIES,
     Entry,
@@ -28,7 +30,16 @@ from mailingest.popserver import (
     served_chunks,
 )
 
-__all__ = ["Faults", "Mailbox", "Pop3TestServer", "ThreadedPop3Server", "first_session"]
+__all__ = [
+    "Faults",
+    "Mailbox",
+    "Pop3TestServer",
+    "Pop3d",
+    "Pop3dThreaded",
+    "ThreadedPop3Server",
+    "first_session",
+    "marked_faults",
+]
 
 _T = TypeVar("_T")
 _CHUNK = 64 * 1024
@@ -361,3 +372,68 @@ class ThreadedPop3Server:
 
     def __exit__(self, *exc_info: object) -> None:
         self.stop()
+
+
+# -- for the pop3d fixtures (conftest.py) -----------------------------------------------------
+
+
+def marked_faults(node: pytest.Item) -> Faults | None:
+    """The faults of the test's ``pop3d_faults`` marker: ``Faults`` fields as keywords, or one
+    ``Faults`` (e.g. ``first_session(...)``); None without the marker."""
+    marker = node.get_closest_marker("pop3d_faults")
+    if marker is None:
+        return None
+    if marker.args:
+        [faults] = marker.args
+        if not isinstance(faults, Faults) or marker.kwargs:
+            raise TypeError("pop3d_faults takes one Faults or Faults fields as keywords")
+        return faults
+    return Faults(**marker.kwargs)
+
+
+class Pop3d:
+    """Starts scripted POP3 servers (tests/pop3d.py) for one test and stops them after it.
+
+    ``await pop3d(mailboxes, faults, **kw)`` starts a ``Pop3TestServer`` on the test's event
+    loop; ``faults`` defaults to the test's ``pop3d_faults`` marker (none: a well-behaved
+    server); ``kw`` go to the server (ssl_context, implicit_tls, ...). At the end of the test
+    every server is stopped and must have recorded no server error."""
+
+    def __init__(self, marked: Faults | None) -> None:
+        self.marked = marked
+        self.servers: list[Pop3TestServer] = []
+
+    async def __call__(
+        self, mailboxes: Iterable[Mailbox], faults: Faults | None = None, **kw: Any
+    ) -> Pop3TestServer:
+        server = Pop3TestServer(mailboxes, faults if faults is not None else self.marked, **kw)
+        self.servers.append(server)
+        await server.start()
+        return server
+
+    async def stop(self) -> None:
+        for server in self.servers:
+            await server.stop()
+        for server in self.servers:
+            assert server.errors == [], server.errors
+
+
+class Pop3dThreaded:
+    """``Pop3d`` for sync tests: each server a ``ThreadedPop3Server``."""
+
+    def __init__(self, marked: Faults | None) -> None:
+        self.marked = marked
+        self.servers: list[ThreadedPop3Server] = []
+
+    def __call__(
+        self, mailboxes: Iterable[Mailbox], faults: Faults | None = None, **kw: Any
+    ) -> ThreadedPop3Server:
+        server = ThreadedPop3Server(mailboxes, faults if faults is not None else self.marked, **kw)
+        self.servers.append(server)
+        return server.start()
+
+    def stop(self) -> None:
+        for server in self.servers:
+            server.stop()
+        for server in self.servers:
+            assert server.server.errors == [], server.server.errors

@@ -4,7 +4,6 @@ and a test certificate; it keeps every envelope it accepts."""
 from __future__ import annotations
 
 import ssl
-import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -83,19 +82,6 @@ class Recorder:
             SMTP_PASSWORD.encode(),
         )
         return AuthResult(success=ok, handled=False)  # handled=False: aiosmtpd answers 535
-
-
-def make_cert(directory: Path) -> tuple[Path, Path]:
-    """A self-signed certificate for localhost and 127.0.0.1: (cert, key)."""
-    key, crt = directory / "key.pem", directory / "cert.pem"
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
-         "-nodes", "-keyout", str(key), "-out", str(crt), "-days", "2", "-subj", "/CN=localhost",
-         "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
-        check=True,
-        capture_output=True,
-    )  # fmt: skip
-    return crt, key
 
 
 @dataclass

@@ -1,11 +1,14 @@
-"""Test helpers: write configs, run the CLI as a real process, make sample mail."""
+"""Test helpers that run things and read back what they did: write configs, run the CLI as a
+real process, a bounded fetch, SQL on a test's store. What tests build (messages, accounts)
+is in builders.py."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
-import hashlib
 import json
 import os
+import poplib
 import sqlite3
 import subprocess
 import sys
@@ -14,10 +17,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dovecot import Dovecot, Mailbox
+import pytest
+
+from builders import NAME, OWNER, sha
+from mailingest.config import Account
+from mailingest.fetch import FetchResult, fetch_account
 from mailingest.store import Store
 
 TIMEOUT = 120
+FETCH_BOUND = 30.0  # no single fetch of a test may take longer than this
+TESTS = Path(__file__).resolve().parent  # the tests/ folder (support modules, corpus/)
+ROOT = TESTS.parent  # the repository
 
 
 @dataclass(frozen=True)
@@ -42,13 +52,7 @@ class StoreAt:
 
     def query(self, sql: str, args: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
         """Rows of ``sql`` (``?`` placeholders) read as another process would."""
-        if isinstance(self.database, Path):
-            with contextlib.closing(sqlite3.connect(self.database, timeout=30)) as db:
-                return [tuple(r) for r in db.execute(sql, args).fetchall()]
-        import psycopg
-
-        with psycopg.connect(self.database, password=self.password) as conn:
-            return [tuple(r) for r in conn.execute(sql.replace("?", "%s"), args).fetchall()]
+        return run_sql(self, sql, *args)
 
     @contextlib.contextmanager
     def write_locked(self) -> Iterator[None]:
@@ -86,6 +90,33 @@ class StoreAt:
         if self.password_file is not None:
             table["password"] = {"file": str(self.password_file)}
         return table
+
+
+def run_sql(
+    where: StoreAt | Path, sql: str, *params: Any, readonly: bool = False, timeout: float = 30
+) -> list[tuple[Any, ...]]:
+    """Run ``sql`` (``?`` placeholders) on a test's store as another process would, in a
+    transaction of its own that is committed; its rows (none for a statement without).
+
+    ``where``: a SQLite file (``readonly``: opened read-only, so a missing file is an
+    sqlite3.OperationalError, never created) or a ``StoreAt`` on either backend. The only way
+    tests reach a store's tables behind its back."""
+    at = where if isinstance(where, StoreAt) else StoreAt(where)
+    if isinstance(at.database, Path):
+        target = f"file:{at.database}?mode=ro" if readonly else str(at.database)
+        db = sqlite3.connect(target, uri=readonly, timeout=timeout)
+        try:
+            cursor = db.execute(sql, params)
+            rows = [tuple(r) for r in cursor.fetchall()] if cursor.description else []
+            db.commit()
+            return rows
+        finally:
+            db.close()
+    import psycopg
+
+    with psycopg.connect(at.database, password=at.password) as conn:
+        cur = conn.execute(sql.replace("?", "%s"), params)
+        return [tuple(r) for r in cur.fetchall()] if cur.description else []
 
 
 def _toml_value(value: Any) -> str:
@@ -134,19 +165,6 @@ def write_config(
     return path
 
 
-def dovecot_account(mailbox: Mailbox, name: str = "acct", **overrides: Any) -> dict[str, Any]:
-    """An account table for a Dovecot test mailbox over plain POP3 on loopback."""
-    server: Dovecot = mailbox.dovecot
-    fields = {
-        "name": name,
-        "host": server.host,
-        "username": mailbox.user,
-        "password": mailbox.password,
-        "timeout": "20s",
-    }
-    return loopback_account(server.port, **(fields | overrides))
-
-
 def run_cli(
     config: Path | None,
     *args: str,
@@ -175,33 +193,14 @@ def fetch_json(config: Path, *args: str) -> tuple[int, dict[str, Any]]:
     return proc.returncode, json.loads(proc.stdout)
 
 
-def crlf(raw: bytes) -> bytes:
-    """What a POP3 server serves for raw: every line CRLF-terminated, a final CRLF added."""
-    lines = raw.replace(b"\r\n", b"\n").split(b"\n")
-    if lines and lines[-1] == b"":
-        lines.pop()
-    return b"".join(line + b"\r\n" for line in lines)
+def cli_json(config: Path, *args: str, env: Mapping[str, str] | None = None) -> Any:
+    """The JSON a command prints with ``--json``; it must exit 0."""
+    proc = run_cli(config, *args, "--json", env=env)
+    assert proc.returncode == 0, proc.stderr.decode()
+    return json.loads(proc.stdout)
 
 
-def sha(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def make_message(
-    index: int, *, body: bytes | None = None, sender: str = "lead@example.org"
-) -> bytes:
-    """A small, distinct, valid message."""
-    text = body if body is not None else f"Hello {index}\nSecond line of {index}.\n".encode()
-    return (
-        f"From: Lead {index} <{sender}>\n"
-        f"To: owner@example.com\n"
-        f"Subject: message {index}\n"
-        f"Date: Tue, 24 Nov 2026 10:{index % 60:02d}:00 +0000\n"
-        f"Message-ID: <m{index}@example.org>\n\n"
-    ).encode() + text
-
-
-async def stored_hashes(store: Store, viewer: str) -> list[str]:
+async def stored_hashes(store: Store, viewer: str = OWNER) -> list[str]:
     """sha256 of every message ``viewer`` sees, recomputed from the stored bytes and checked
     against the store's own record, sorted."""
     digests = []
@@ -212,15 +211,38 @@ async def stored_hashes(store: Store, viewer: str) -> list[str]:
     return sorted(digests)
 
 
-def loopback_account(port: int, /, **fields: Any) -> dict[str, Any]:
-    """An account table for a POP3 server on 127.0.0.1, plain POP3 (opted in); ``fields``
-    (name, username, password, ...) are added or replace the defaults."""
-    return {
-        "owner": "alice",
-        "host": "127.0.0.1",
-        "port": port,
-        "security": "plain",
-        "allow_plaintext": True,
-        "timeout": "5s",
-        **fields,
-    }
+async def fetch(
+    acc: Account, store: Store, *, bound: float = FETCH_BOUND, **kw: Any
+) -> FetchResult:
+    """One fetch cycle, bounded: returning at all (within ``bound`` seconds) is the "process
+    survives" check of the fault tests."""
+    async with asyncio.timeout(bound):
+        return await fetch_account(acc, store, **kw)
+
+
+def assert_failed(result: FetchResult, *statuses: str, name: str = NAME) -> None:
+    """The cycle failed with one of ``statuses``, its error naming the account."""
+    assert result.status in statuses, result
+    assert result.error is not None and result.error.startswith(f"account {name!r}: "), result
+
+
+def poplib_digests(
+    host: str, port: int, user: str, password: str, timeout: float = 30
+) -> list[str]:
+    """sha256 of each message as stdlib poplib RETRs it (lines, each ended by CRLF; the line
+    limit raised to 8 MiB), in message order: a reference independent of our client."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(poplib, "_MAXLINE", 8 * 1024 * 1024)
+        client = poplib.POP3(host, port, timeout=timeout)
+        try:
+            client.user(user)
+            client.pass_(password)
+            count, _ = client.stat()
+            digests = []
+            for number in range(1, count + 1):
+                _, lines, _ = client.retr(number)
+                digests.append(sha(b"".join(line + b"\r\n" for line in lines)))
+            client.quit()
+        finally:
+            client.close()
+    return digests

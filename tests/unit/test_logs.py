@@ -1,0 +1,137 @@
+"""The log catalog agrees with the code and docs/logging.md; lines are JSON, never secrets."""
+
+from __future__ import annotations
+
+import ast
+import io
+import json
+import re
+from collections.abc import Iterator
+
+import pytest
+import structlog
+
+from mailingest import logs
+from support import ROOT
+
+PACKAGE = ROOT / "daemon" / "mailingest"
+DOC = ROOT / "docs" / "logging.md"
+LEVELS = {"debug": "debug", "info": "info", "warning": "warning", "error": "error"}
+LEVELS["exception"] = "error"
+SECRET = 'Pa"ss\\wörd-Zebra-42'
+
+
+def _is_logger(node: ast.expr) -> bool:
+    """`log.<level>(...)` or `structlog.get_logger(...).<level>(...)`."""
+    if isinstance(node, ast.Name):
+        return node.id == "log"
+    if isinstance(node, ast.Call):
+        func = node.func
+        name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")
+        return name == "get_logger"
+    return False
+
+
+def logged() -> dict[str, tuple[set[str], set[str]]]:
+    """Every event the package logs: the keys and levels over all its call sites."""
+    found: dict[str, tuple[set[str], set[str]]] = {}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if not (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Attribute)
+                and node.func.attr in LEVELS
+                and _is_logger(node.func.value)
+                and node.args
+                and isinstance(node.args[0], ast.Constant)
+                and isinstance(node.args[0].value, str)
+            ):
+                continue
+            keys, levels = found.setdefault(node.args[0].value, (set(), set()))
+            keys.update(k.arg for k in node.keywords if k.arg and k.arg != "exc_info")
+            levels.add(LEVELS[node.func.attr])
+    return found
+
+
+def documented() -> dict[str, tuple[set[str], set[str]]]:
+    """docs/logging.md's event table: name -> (keys, levels)."""
+    rows: dict[str, tuple[set[str], set[str]]] = {}
+    for line in DOC.read_text(encoding="utf-8").splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 4 and re.fullmatch(r"`\w+`", cells[0]):
+            levels = {level.strip() for level in cells[1].split(",")}
+            rows[cells[0].strip("`")] = (set(re.findall(r"`(\w+)`", cells[2])), levels)
+    return rows
+
+
+def test_every_event_the_code_logs_is_catalogued_with_its_exact_keys() -> None:
+    code = logged()
+    assert code, "no logger calls found"
+    assert set(code) == set(logs.EVENTS), set(code) ^ set(logs.EVENTS)
+    for event, (keys, _) in code.items():
+        assert keys == set(logs.event_keys(event)), (event, keys, logs.event_keys(event))
+
+
+def test_docs_logging_md_documents_the_catalog_keys_and_levels() -> None:
+    doc = documented()
+    assert set(doc) == set(logs.EVENTS), set(doc) ^ set(logs.EVENTS)
+    code = logged()
+    for event, (keys, levels) in doc.items():
+        assert keys == set(logs.event_keys(event)), event
+        assert levels == code[event][1], (event, levels, code[event][1])
+
+
+@pytest.fixture
+def captured() -> Iterator[io.StringIO]:
+    stream = io.StringIO()
+    logs.register_secrets([SECRET])
+    logs.configure("json", level=10, stream=stream)
+    yield stream
+    structlog.reset_defaults()
+
+
+def test_json_lines_carry_timestamp_level_event_and_mask_every_secret(
+    captured: io.StringIO,
+) -> None:
+    log = structlog.get_logger("test")
+    log.info("poll_failed", account="a", error_kind="auth_failed", error=f"said {SECRET}")
+    log.warning("config_rejected", error={"nested": [SECRET, {"password": "x"}]})
+    log.debug("poll_started", account="a", line=f"PASS {SECRET}", auth="AUTH PLAIN AGFAYg==")
+    try:
+        raise RuntimeError(f"boom {SECRET}")
+    except RuntimeError:
+        log.exception("poll_crashed", account="a")
+    log.info(
+        "demo_server_started",
+        port=1,
+        obj=object.__new__(type("X", (), {"__repr__": lambda _: SECRET})),
+    )
+    text = captured.getvalue()
+    for form in (SECRET, json.dumps(SECRET)[1:-1], repr(SECRET)[1:-1], "AGFAYg=="):
+        assert form not in text
+    lines = [json.loads(line) for line in text.splitlines()]
+    assert len(lines) == 5
+    for line in lines:
+        assert {"timestamp", "level", "event"} <= set(line)
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z", line["timestamp"])
+    assert [line["level"] for line in lines] == ["info", "warning", "debug", "error", "info"]
+    assert lines[2]["line"] == "PASS ***" and lines[2]["auth"] == "***"
+    assert "boom ***" in lines[3]["exception"]
+
+
+def test_console_output_masks_secrets_too() -> None:
+    stream = io.StringIO()
+    logs.register_secrets([SECRET])
+    logs.configure("console", stream=stream)
+    try:
+        structlog.get_logger("test").warning("account_paused", account="a", reason=SECRET)
+    finally:
+        structlog.reset_defaults()
+    assert "account_paused" in stream.getvalue()
+    assert SECRET not in stream.getvalue() and "***" in stream.getvalue()
+
+
+def test_mask_text_keeps_prose_readable() -> None:
+    assert logs.mask_text("please pass the salt") == "please pass the salt"
+    assert logs.mask_text("-ERR [AUTH] rejected") == "-ERR [AUTH] rejected"
+    assert logs.mask_text("sent PASS hunter2 then") == "sent PASS *** then"

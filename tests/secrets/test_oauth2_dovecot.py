@@ -8,59 +8,23 @@ import json
 import signal
 import time
 from pathlib import Path
-from typing import Any
 
 import jwt
 import pytest
 
-from builders import dovecot_account
 from daemon_support import DaemonProcess, wait_until
-from dovecot import OAUTH2_ISSUER, OAUTH2_KEY, Mailbox
-from support import fetch_json, run_cli, run_sql, write_config
-from token_endpoint import Reply, TokenEndpoint, token_endpoint
-
-SEAL = "seal-key-for-oauth2-tests-0123456789"
-CLIENT_SECRET = "client-secret-Hv83-never-printed"
-REFRESH = "refresh-token-Kp21-never-printed"
-
-
-def access_jwt(user: str, lifetime: int = 600) -> str:
-    """An access token the fixture's Dovecot accepts for ``user`` until it expires."""
-    now = int(time.time())
-    claims = {"sub": user, "email": user, "iss": OAUTH2_ISSUER, "iat": now, "exp": now + lifetime}
-    return jwt.encode(claims, OAUTH2_KEY, algorithm="HS256")
-
-
-def oauth_config(tmp_path: Path, mailbox: Mailbox, endpoint: TokenEndpoint, **oauth2: Any) -> Path:
-    account = dovecot_account(mailbox, name="m365")
-    del account["password"]
-    settings = {
-        "provider": "custom",
-        "token_url": endpoint.url,
-        "scopes": ["pop"],
-        "client_id": "app-1",
-        "client_secret": CLIENT_SECRET,
-        "refresh_token": REFRESH,
-        **oauth2,
-    }
-    account["auth"] = {"oauth2": {k: v for k, v in settings.items() if v is not None}}
-    storage = {"database": str(tmp_path / "mail.db"), "secret_key": SEAL}
-    return write_config(tmp_path, [account], storage=storage)
-
-
-def logins(mailbox: Mailbox) -> list[str]:
-    """The mechanisms of this user's successful logins, from Dovecot's log."""
-    text = mailbox.dovecot.log_path.read_text(errors="replace")
-    found = []
-    for line in text.splitlines():
-        if f"Login: user=<{mailbox.user}>," in line:
-            found.append(line.split("method=", 1)[1].split(",", 1)[0])
-    return found
-
-
-def failed_token_logins(mailbox: Mailbox) -> int:
-    text = mailbox.dovecot.log_path.read_text(errors="replace")
-    return sum(f"oauth2({mailbox.user}," in line and "failed" in line for line in text.splitlines())
+from dovecot import OAUTH2_ISSUER, Mailbox
+from oauth2_support import (
+    CLIENT_SECRET,
+    REFRESH,
+    SEAL,
+    access_jwt,
+    failed_token_logins,
+    logins,
+    oauth_config,
+)
+from support import fetch_json, run_cli, run_sql
+from token_endpoint import Reply, token_endpoint
 
 
 @pytest.mark.parametrize(

@@ -13,24 +13,12 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
-from test_oauth2_dovecot import access_jwt, logins, oauth_config
-
 from dovecot import Mailbox
+from oauth2_support import access_jwt, device_reply, logins, oauth_config
 from support import TIMEOUT, fetch_json, run_cli
 from token_endpoint import Reply, token_endpoint
 
 LOGIN_REFRESH = "login-refresh-Gd05-never-printed"
-
-
-def device_reply(interval: int = 1) -> Reply:
-    body = {
-        "device_code": "dev-code-1",
-        "user_code": "WXYZ-1234",
-        "verification_uri": "https://microsoft.example/devicelogin",
-        "expires_in": 60,
-        "interval": interval,
-    }
-    return Reply(200, body)
 
 
 def test_device_sign_in_stores_the_token_the_next_fetch_uses(

@@ -45,6 +45,15 @@ def add(config: Path, box: Mailbox, password: str, *extra: str) -> tuple[int, di
     return code, json.loads(out)
 
 
+def database_dump(at: StoreAt, request: pytest.FixtureRequest) -> bytes:
+    """Every byte the database holds: the SQLite files, or pg_dump's output."""
+    if isinstance(at.database, Path):
+        files = sorted(at.database.parent.glob(at.database.name + "*"))
+        return b"".join(path.read_bytes() for path in files)
+    server: Postgres = request.getfixturevalue("postgres")
+    return server.dump(at.database)
+
+
 def stored_rows(at: StoreAt) -> int:
     return int(at.query("SELECT count(*) FROM accounts")[0][0])
 
@@ -111,12 +120,7 @@ def test_the_database_holds_no_account_password(
     code, out, _ = cli(config, "accounts", "list", "--json")
     [row] = json.loads(out)["accounts"]
     assert code == 0 and (row["account"], row["source"]) == ("mine", "database")
-    if isinstance(store_at.database, Path):
-        files = sorted(store_at.database.parent.glob(store_at.database.name + "*"))
-        dump = b"".join(path.read_bytes() for path in files)
-    else:
-        server: Postgres = request.getfixturevalue("postgres")
-        dump = server.dump(store_at.database)
+    dump = database_dump(store_at, request)
     assert mailbox.user.encode() in dump  # the settings are there...
     assert mailbox.password.encode() not in dump  # ...the password only sealed
     assert KEY.encode() not in dump

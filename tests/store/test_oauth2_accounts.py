@@ -9,14 +9,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from test_accounts import database_dump, setup, stored_rows
 
 from daemon_support import DaemonProcess, wait_until
 from dovecot import Mailbox
-from postgres import Postgres
+from oauth2_support import access_jwt, device_reply, logins
 from support import StoreAt, fetch_json, run_cli
-from test_accounts import setup, stored_rows
-from test_oauth2_dovecot import access_jwt, logins
-from test_oauth2_login import device_reply
 from token_endpoint import Reply, TokenEndpoint, token_endpoint
 
 CLIENT_SECRET = "db-client-secret-Nm28-never-printed"
@@ -40,13 +38,6 @@ def add_oauth2(
     return done.returncode, json.loads(done.stdout), done.stderr.decode()
 
 
-def dump_of(at: StoreAt, request: pytest.FixtureRequest) -> bytes:
-    if isinstance(at.database, Path):
-        return b"".join(p.read_bytes() for p in at.database.parent.glob(at.database.name + "*"))
-    server: Postgres = request.getfixturevalue("postgres")
-    return server.dump(at.database)
-
-
 def test_an_app_only_account_is_tested_by_signing_in_and_its_secret_is_sealed(
     mailbox: Mailbox, store_at: StoreAt, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
@@ -61,7 +52,7 @@ def test_an_app_only_account_is_tested_by_signing_in_and_its_secret_is_sealed(
         assert code == 0 and out["accounts"][0]["new"] == 1, out
     assert [r["client_secret"] for r in endpoint.requests] == [CLIENT_SECRET] * 2
     assert [r["grant_type"] for r in endpoint.requests] == ["client_credentials"] * 2
-    dump = dump_of(store_at, request)
+    dump = database_dump(store_at, request)
     assert b"app-db" in dump and CLIENT_SECRET.encode() not in dump
 
 

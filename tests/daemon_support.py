@@ -142,7 +142,11 @@ class DaemonProcess:
 
     def events(self, name: str | None = None, **match: Any) -> list[dict[str, Any]]:
         """The log's events (every line must be JSON), optionally filtered."""
-        lines = [json.loads(line) for line in self.text().splitlines() if line.strip()]
+        text = self.text()
+        try:
+            lines = [json.loads(line) for line in text.splitlines() if line.strip()]
+        except json.JSONDecodeError:
+            raise AssertionError(f"the daemon wrote a line that is not JSON:\n{text}") from None
         return [
             e
             for e in lines

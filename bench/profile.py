@@ -6,9 +6,9 @@ Runs ``mailingest fetch`` in this process against a private Dovecot (as bench/ru
 with timers wrapped around the phases of the fetch path, without changing the package:
 
 - socket reads: ``SocketIO.readinto`` (waiting for Dovecot and copying its bytes);
-- RETR framing etc.: ``fetch._retrieve`` minus its socket reads (status lines, line-by-line
-  dot-unstuffing, sha256, spool writes), in the retrieval thread;
-- header parse: ``fetch._prepare`` (headers, address normalisation, linking);
+- RETR framing etc.: ``retrieval.retrieve_spooled`` minus its socket reads (status lines,
+  line-by-line dot-unstuffing, sha256, spool writes), in the retrieval thread;
+- header parse: ``retrieval.prepare`` (headers, address normalisation, linking);
 - SQLite: ``Store.add_batch`` awaited (statements, each an aiosqlite round trip to its
   thread, and the COMMIT that fsyncs the WAL); the number of round trips is counted;
 - the rest of the fetch command (store setup, listing, leases, second session, QUIT).
@@ -110,12 +110,12 @@ def instrument(timers: Timers, sync: str) -> None:
     """Wrap the phases of the fetch path (monkeypatching; the package is unchanged)."""
     import aiosqlite
 
-    from mailingest import fetch, store
+    from mailingest import retrieval, store
 
     # Coarse phases only: a timer per line would cost more than the work it measures.
     socket.SocketIO.readinto = timers.wrap(SOCKET, socket.SocketIO.readinto)  # type: ignore[method-assign]
-    fetch._retrieve = timers.wrap(RETRIEVE, fetch._retrieve)
-    fetch._prepare = timers.wrap(PREPARE, fetch._prepare)
+    retrieval.retrieve_spooled = timers.wrap(RETRIEVE, retrieval.retrieve_spooled)
+    retrieval.prepare = timers.wrap(PREPARE, retrieval.prepare)
     store.Store.add_batch = timers.wrap_async(SQLITE, store.Store.add_batch)  # type: ignore[method-assign]
     queue = aiosqlite.Connection._execute
 

@@ -7,17 +7,10 @@ earlier one's), so a kill at any instant re-fetches and dedups rather than loses
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
-import hashlib
-import itertools
-import os
-import socket
-import tempfile
 import time
-import uuid
 from collections import Counter
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -25,7 +18,7 @@ from typing import Any
 
 import structlog
 
-from mailingest import signin
+from mailingest import lease, signin
 from mailingest.config import Account
 from mailingest.crm import account_policy
 from mailingest.errors import (
@@ -36,22 +29,13 @@ from mailingest.errors import (
     TemporaryError,
 )
 from mailingest.logs import mask_text
-from mailingest.matching import direction_of, link_addresses, normalize_all
 from mailingest.model import POLL_STATUSES, AccountPolicy, Claim, LedgerEntry, NewMessage, Status
-from mailingest.parse import parse_headers, read_head
 from mailingest.pop3 import Pop3Session
 from mailingest.progress import Progress, Tally
+from mailingest.retrieval import Retrieved, Spool, batches, retrieve_prepared
 from mailingest.store import Store
 
 log = structlog.get_logger("mailingest.fetch")
-
-#: Group commit: a batch is committed (one fsync) after this many messages or bytes.
-BATCH_COUNT = 200
-BATCH_BYTES = 32 * 1024 * 1024
-#: Spool files keep at most this much of one message in memory before going to disk.
-SPOOL_MEMORY = 256 * 1024
-#: An account's lease outlives its holder by at most this long; renewed every third of it.
-LEASE_TTL = 60.0
 
 
 @dataclass
@@ -81,33 +65,6 @@ class FetchResult:
             "duration_ms": self.duration_ms,
             "error": self.error,
         }
-
-
-class _Spool:
-    """One message on its way to the store: hashed and counted while it streams in."""
-
-    def __init__(self, directory: Path) -> None:
-        self.file = tempfile.SpooledTemporaryFile(max_size=SPOOL_MEMORY, dir=str(directory))
-        self.hash = hashlib.sha256()
-        self.size = 0
-
-    def write(self, data: bytes) -> None:
-        self.hash.update(data)
-        self.size += len(data)
-        self.file.write(data)
-
-    def finish(self) -> None:
-        """Write out what is still buffered: a full disk fails here, typed, not at a later
-        seek or close, where it escaped as an internal error."""
-        try:
-            self.file.flush()
-        except OSError as exc:
-            raise StoreError(f"cannot spool the message: {exc.strerror or exc}") from exc
-
-    def discard(self) -> None:
-        """Close (the file goes away); data that cannot be written out (disk full) is dropped."""
-        with contextlib.suppress(OSError):
-            self.file.close()
 
 
 @dataclass
@@ -154,134 +111,6 @@ def _should_delete(account: Account, entry: LedgerEntry, now: datetime) -> bool:
     return False
 
 
-def _batches(new: Sequence[tuple[int, str]], sizes: dict[int, int]) -> list[list[tuple[int, str]]]:
-    """Cut the retrieval list into group-commit batches by count and listed bytes."""
-    out: list[list[tuple[int, str]]] = []
-    current: list[tuple[int, str]] = []
-    total = 0
-    for num, uidl in new:
-        size = sizes.get(num, 0)
-        if current and (len(current) >= BATCH_COUNT or total + size > BATCH_BYTES):
-            out.append(current)
-            current, total = [], 0
-        current.append((num, uidl))
-        total += size
-    if current:
-        out.append(current)
-    return out
-
-
-def retrieve_spooled(
-    session: Pop3Session,
-    batch: list[tuple[int, str]],
-    spool_dir: Path,
-    suspect: set[str],
-    header_only: bool = False,
-    arrived: Callable[[int], None] | None = None,
-) -> tuple[list[tuple[int, str, _Spool]], MailIngestError | None]:
-    """Worker-thread side: RETR a batch into spool files (pipelined when offered).
-
-    Returns (number, ledger key, spool) per message received whole; ``arrived`` hears the
-    size of each as it comes (live progress: Tally.hook). The key is the UIDL,
-    or, for a UIDL the listing holds more than once, the UIDL plus the content hash: such
-    an id does not tell the messages apart, their content does. On a failure the messages
-    received so far are returned with the error, so they are committed before it ends the
-    session.
-    """
-    spools: dict[int, _Spool] = {}
-
-    def open_sink(num: int) -> Callable[[bytes], None]:
-        spool = spools[num] = _Spool(spool_dir)
-        return spool.write
-
-    uidl_of = dict(batch)
-    done: list[tuple[int, str, _Spool]] = []
-    error: MailIngestError | None = None
-    stream = session.retrieve([n for n, _ in batch], open_sink, header_only=header_only)
-    try:
-        for num in stream:
-            spool, uidl = spools[num], uidl_of[num]
-            spool.finish()
-            key = f"{uidl}/{spool.hash.hexdigest()}" if uidl in suspect else uidl
-            done.append((num, key, spool))
-            if arrived is not None:
-                arrived(spool.size)
-    except MailIngestError as exc:
-        error = exc
-    except BaseException:
-        for spool in spools.values():
-            spool.discard()
-        raise
-    finally:
-        stream.close()  # stopped early: the session is discarded now, before any DELE
-    kept = {id(s) for _, _, s in done}
-    for spool in spools.values():
-        if id(spool) not in kept:
-            spool.discard()
-    return done, error
-
-
-_Retrieved = tuple[list[tuple[int, str, "_Spool"]], list[NewMessage], MailIngestError | None]
-
-
-def _retrieve_prepared(
-    account: Account,
-    session: Pop3Session,
-    batch: list[tuple[int, str]],
-    spool_dir: Path,
-    suspect: set[str],
-    held: dict[int, int] | None,
-    arrived: Callable[[int], None] | None,
-) -> _Retrieved:
-    """Worker-thread side: RETR a batch, then parse what came whole (see retrieve_spooled).
-
-    ``held``: the batch is over the size limit; listed sizes by number. Only the headers
-    are fetched (TOP), to be stored quarantined."""
-    retrieved, failure = retrieve_spooled(
-        session, batch, spool_dir, suspect, held is not None, arrived
-    )
-    try:
-        items = _prepare(account, retrieved, held)
-    except BaseException:
-        for _, _, spool in retrieved:
-            spool.discard()
-        raise
-    return retrieved, items, failure
-
-
-def _prepare(
-    account: Account, retrieved: list[tuple[int, str, _Spool]], held: dict[int, int] | None
-) -> list[NewMessage]:
-    """Worker-thread side: parse headers, decide direction and the addresses that link."""
-    items: list[NewMessage] = []
-    for num, uidl, spool in retrieved:
-        spool.file.seek(0)
-        headers = parse_headers(read_head(spool.file))
-        direction = direction_of(headers, account.addresses)
-        listed = held.get(num, spool.size) if held is not None else spool.size
-        reason = (
-            f"{listed} bytes over max_message_size {account.max_message_size}"
-            if held is not None
-            else None
-        )
-        items.append(
-            NewMessage(
-                uidl=uidl,
-                spool=spool.file,
-                size=listed,
-                quarantine=reason,
-                sha256=spool.hash.hexdigest(),
-                headers=headers,
-                direction=direction,
-                senders=normalize_all(headers.from_addrs),
-                recipients_to=normalize_all(headers.to),
-                recipients_cc=normalize_all(headers.cc),
-                link=link_addresses(headers, direction),
-            )
-        )
-    return items
-
-
 async def _one_session(
     account: Account, store: Store, spool_dir: Path, tally: Tally | None, result: _Session
 ) -> int:
@@ -314,9 +143,9 @@ async def _one_session(
             job = functools.partial(
                 _store_batches, account, store, session, spool_dir=spool_dir, seen=seen
             )
-            refused = await job(_batches(work, seen.sizes), result=result, tally=tally)
+            refused = await job(batches(work, seen.sizes), result=result, tally=tally)
             if big and not session.broken:
-                held = _batches([(n, u) for n, u in seen.new if n in big], {})
+                held = batches([(n, u) for n, u in seen.new if n in big], {})
                 refused = await job(held, result=result, tally=tally, held=big) or refused
             doomed = _doomed(account, seen.key_of, await store.ledger(account.name))
         if not seen.closed:
@@ -421,12 +250,12 @@ async def _store_batches(
     refused: MailIngestError | None = None  # a message the server would not serve
     arrived = tally.hook() if tally is not None else None
 
-    def retrieve(index: int) -> asyncio.Future[_Retrieved] | None:
+    def retrieve(index: int) -> asyncio.Future[Retrieved] | None:
         if index >= len(batches):
             return None
         return asyncio.ensure_future(
             asyncio.to_thread(
-                _retrieve_prepared,
+                retrieve_prepared,
                 account,
                 session,
                 batches[index],
@@ -466,7 +295,7 @@ async def _store_batches(
     return refused
 
 
-async def _abandon(session: Pop3Session, fetching: asyncio.Future[_Retrieved]) -> None:
+async def _abandon(session: Pop3Session, fetching: asyncio.Future[Retrieved]) -> None:
     """Leaving early (a failed commit, a cancel) with a retrieval in flight: abandon the
     session, which ends that retrieval too. Nothing it fetched is committed or DELEted, so
     it is fetched again next time."""
@@ -476,7 +305,7 @@ async def _abandon(session: Pop3Session, fetching: asyncio.Future[_Retrieved]) -
     await asyncio.wait({fetching})
 
 
-def _discard_retrieved(fetching: asyncio.Future[_Retrieved]) -> None:
+def _discard_retrieved(fetching: asyncio.Future[Retrieved]) -> None:
     if fetching.cancelled() or fetching.exception() is not None:
         return  # an exception is the worker's own cleanup having run (see retrieve_spooled)
     for _, _, spool in fetching.result()[0]:
@@ -487,7 +316,7 @@ async def _commit(
     account: Account,
     store: Store,
     policy: AccountPolicy,
-    retrieved: list[tuple[int, str, _Spool]],
+    retrieved: list[tuple[int, str, Spool]],
     items: list[NewMessage],
     result: _Session,
 ) -> None:
@@ -534,32 +363,6 @@ async def _pace_logins(account: Account, store: Store, session: Pop3Session) -> 
         await store.set_next_login(account.name, datetime.now(UTC) + timedelta(seconds=delay))
 
 
-class _Renewer:
-    """Renews the lease every third of its life while the cycle runs (if this process dies,
-    it expires). A timer until the first renewal: most cycles end before it fires, and a
-    timer costs less than a task per poll."""
-
-    def __init__(self, store: Store, account: str, holder: str) -> None:
-        self._job = (store, account, holder)
-        self._task: asyncio.Task[None] | None = None
-        self._timer = asyncio.get_running_loop().call_later(LEASE_TTL / 3, self._start)
-
-    def _start(self) -> None:
-        self._task = asyncio.ensure_future(self._renew())
-
-    async def _renew(self) -> None:
-        store, account, holder = self._job
-        while True:
-            with contextlib.suppress(StoreError):
-                await store.renew_lease(account, holder, LEASE_TTL)
-            await asyncio.sleep(LEASE_TTL / 3)
-
-    def cancel(self) -> None:
-        self._timer.cancel()
-        if self._task is not None:
-            self._task.cancel()
-
-
 async def fetch_account(
     account: Account,
     store: Store,
@@ -583,7 +386,7 @@ async def fetch_account(
     busy = False
     try:
         if claim is None:
-            claim = await take_poll(store, account.name)
+            claim = await lease.take_poll(store, account.name)
             busy = claim.busy
         if not busy:
             await _cycle(account, store, max_sessions, progress, total, result, claim)
@@ -652,26 +455,6 @@ def log_poll_failed(
 _BUSY = "busy: another process is fetching this account; nothing was touched"
 
 
-async def take_poll(
-    store: Store,
-    account: str,
-    due: tuple[datetime, datetime] | None = None,
-    *,
-    force: bool = False,
-) -> Claim:
-    """Take the account's lease (and, with ``due``, its scheduled poll: Store.take_poll)
-    in a new holder's name; a lease left by a process of this host that died is taken over."""
-    holder = f"{lease_host()}:{os.getpid()}:{_TOKEN}{next(_SERIAL)}"
-    claim = await store.take_poll(account, holder, LEASE_TTL, due=due, force=force)
-    if claim.busy and claim.holder is not None and _dead_here(claim.holder):
-        claim = await store.take_poll(
-            account, holder, LEASE_TTL, due=due, force=force, stale=claim.holder
-        )
-    if claim.busy:
-        log.info("account_busy", account=account, holder=claim.holder)
-    return claim
-
-
 async def _cycle(
     account: Account,
     store: Store,
@@ -684,8 +467,8 @@ async def _cycle(
     """Sessions under the account's lease (``claim``, taken); the caller releases it."""
     holder = claim.holder
     assert claim.taken and holder is not None
-    _RUNNING.add(holder)
-    renewer = _Renewer(store, account.name, holder)
+    lease.RUNNING.add(holder)
+    renewer = lease.Renewer(store, account.name, holder)
     tally = Tally(account.name, progress) if progress is not None else None
     try:
         # Read with the lease: the first session needs no read of its own.
@@ -716,50 +499,9 @@ async def _cycle(
         raise
     finally:
         renewer.cancel()
-        _RUNNING.discard(holder)
+        lease.RUNNING.discard(holder)
         if tally is not None:
             tally.finish(total.new, total.bytes)
-
-
-#: A lease holder is unique: host, process, this process's token and a serial number.
-_TOKEN = uuid.uuid4().hex[:6]
-_SERIAL = itertools.count(1)
-
-#: Lease holders of the cycles running in this process. A lease in this process's name that
-#: none of them holds was left by a cycle that could not release it (the store was locked):
-#: without this, the daemon found its own leftover "busy" until the lease expired.
-_RUNNING: set[str] = set()
-
-
-@functools.cache
-def lease_host() -> str:
-    """Where a lease holder's PID means something: the host name, plus the boot and the PID
-    namespace. Containers that share a host name (host networking) each number their own
-    processes: a PID alive in one is no proof of death in another."""
-    scope = []
-    with contextlib.suppress(OSError):
-        scope.append(Path("/proc/sys/kernel/random/boot_id").read_text().strip()[:8])
-    with contextlib.suppress(OSError):
-        scope.append(os.readlink("/proc/self/ns/pid").strip("pid:[]"))
-    host = socket.gethostname().replace(":", "_")
-    return f"{host}/{'-'.join(scope)}" if scope else host
-
-
-def _dead_here(holder: str) -> bool:
-    """A lease holder on this host whose process is gone (killed, crashed) holds nothing."""
-    host, _, rest = holder.partition(":")
-    pid = rest.partition(":")[0]
-    if host != lease_host() or not pid.isdigit():
-        return False
-    if int(pid) == os.getpid():
-        return holder not in _RUNNING
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False  # alive, another user's
-    return False
 
 
 async def _quietly(job: Awaitable[None]) -> None:
@@ -769,4 +511,4 @@ async def _quietly(job: Awaitable[None]) -> None:
         log.warning("state_not_recorded", error=str(exc))
 
 
-__all__ = ["FetchResult", "TemporaryError", "fetch_account", "take_poll"]
+__all__ = ["FetchResult", "TemporaryError", "fetch_account", "log_poll_failed"]

@@ -17,8 +17,9 @@ import structlog
 from mailingest import signin
 from mailingest.config import Account
 from mailingest.errors import BusyError, DataError
-from mailingest.fetch import LEASE_TTL, retrieve_spooled, take_poll
+from mailingest.lease import take_poll
 from mailingest.pop3 import Pop3Session
+from mailingest.retrieval import retrieve_spooled
 from mailingest.store import Store
 
 log = structlog.get_logger("mailingest.release")
@@ -98,4 +99,4 @@ async def _fetch(
     return Released(stored, account.name, spool.size, deleted)
 
 
-__all__ = ["LEASE_TTL", "Released", "release"]
+__all__ = ["Released", "release"]

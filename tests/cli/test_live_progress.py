@@ -21,9 +21,10 @@ from pathlib import Path
 
 from builders import loopback_account
 from mailingest.config import Account, Secret
-from mailingest.fetch import BATCH_COUNT, fetch_account
+from mailingest.fetch import fetch_account
 from mailingest.output import human_bytes
 from mailingest.progress import Progress, Tally
+from mailingest.retrieval import BATCH_COUNT
 from mailingest.store import Store
 from pop3d import Faults, Mailbox, Pop3TestServer, ThreadedPop3Server
 from support import TIMEOUT, run_cli, write_config

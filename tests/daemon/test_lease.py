@@ -14,7 +14,8 @@ from pathlib import Path
 from builders import crlf, dovecot_account, make_message, sha
 from daemon_support import WAIT, DaemonProcess, wait_until
 from dovecot import Mailbox
-from mailingest.fetch import BATCH_COUNT, lease_host
+from mailingest.lease import lease_host
+from mailingest.retrieval import BATCH_COUNT
 from proxy import CommandProxy
 from support import fetch_json, run_sql, write_config
 

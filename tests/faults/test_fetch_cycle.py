@@ -331,9 +331,9 @@ async def test_login_delay_error_is_temporary_and_moves_the_next_login(
 async def test_disk_full_while_spooling_stops_without_dele(
     store: Store, monkeypatch: pytest.MonkeyPatch, pop3d: Pop3d
 ) -> None:
-    from mailingest import fetch as fetch_module
+    from mailingest import retrieval
 
-    real_write = fetch_module._Spool.write
+    real_write = retrieval.Spool.write
     writes = 0
 
     def full(self: Any, data: bytes) -> None:
@@ -344,12 +344,12 @@ async def test_disk_full_while_spooling_stops_without_dele(
         real_write(self, data)
 
     server = await pop3d([mailbox(MESSAGES)])
-    monkeypatch.setattr(fetch_module._Spool, "write", full)
+    monkeypatch.setattr(retrieval.Spool, "write", full)
     result = await fetch(account(server.port, leave_on_server=False), store)
     assert result.status == "temp_failed"
     assert "No space left on device" in (result.error or "") and NAME in (result.error or "")
     assert server.mailbox(USER).remaining() == len(MESSAGES)
-    monkeypatch.setattr(fetch_module._Spool, "write", real_write)
+    monkeypatch.setattr(retrieval.Spool, "write", real_write)
     # The message spooled whole before the disk filled was committed (never DELEted).
     assert_ok(
         await fetch(account(server.port, leave_on_server=False), store), new=len(MESSAGES) - 1

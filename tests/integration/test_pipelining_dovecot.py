@@ -20,7 +20,7 @@ import pytest
 
 from builders import crlf, dovecot_account, make_message, sha
 from dovecot import Mailbox
-from mailingest.fetch import BATCH_COUNT
+from mailingest.retrieval import BATCH_COUNT
 from support import fetch_json, run_cli, run_sql, write_config
 
 _TERMINATOR = b"\r\n.\r\n"

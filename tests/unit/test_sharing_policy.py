@@ -97,7 +97,7 @@ def raw_message(
 
 
 def new_message(raw: bytes, identity: str, uidl: str, *, origin: str = "pop3") -> NewMessage:
-    """What fetch._prepare makes of a retrieved message (a CRM-sent one is always ``out``)."""
+    """What retrieval.prepare makes of a retrieved message (a CRM-sent one is always ``out``)."""
     headers = parse_headers(read_head(io.BytesIO(raw)))
     direction = "out" if origin == "crm" else direction_of(headers, (identity,))
     return NewMessage(

@@ -18,7 +18,8 @@ import structlog
 from mailingest import pause
 from mailingest.config import Account, DaemonSettings
 from mailingest.errors import StoreError
-from mailingest.fetch import FetchResult, log_poll_failed, take_poll
+from mailingest.fetch import FetchResult, log_poll_failed
+from mailingest.lease import take_poll
 from mailingest.model import AccountState, Claim, Status
 from mailingest.retry import Backoff, PollFailure, attempt_wait, failure_of, poll_retrying
 from mailingest.store import Store

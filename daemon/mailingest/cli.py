@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from mailingest import __version__, cli_accounts, cli_review, commands, logs
+from mailingest import __version__, cli_accounts, cli_api, cli_review, commands, logs
 from mailingest.config import Config, load_config, render_config, resolve_config_path
 from mailingest.errors import (
     EX_DATAERR,
@@ -80,6 +80,7 @@ def _parser() -> argparse.ArgumentParser:
     _records_parser(sub)
     cli_accounts.add_parser(sub)
     cli_review.add_parser(sub)
+    cli_api.add_parser(sub)
     p = sub.add_parser("show", help="one message; --raw writes the exact stored bytes")
     p.add_argument("id", type=int, metavar="ID")
     p.add_argument("--viewer", required=True, metavar="USER")
@@ -408,6 +409,10 @@ def _audit(args: argparse.Namespace) -> int:
     return cli_review.audit(args, _load_all(args, secrets=False))
 
 
+def _api(args: argparse.Namespace) -> int:
+    return cli_api.run(args, lambda: _load(args, secrets=False))
+
+
 _COMMANDS = {
     "run": _run,
     "fetch": _fetch,
@@ -424,6 +429,7 @@ _COMMANDS = {
     "release": _release,
     "explain": _explain,
     "audit": _audit,
+    "api": _api,
 }
 
 

@@ -58,6 +58,7 @@ class ApiWorld:
         self.url = f"http://127.0.0.1:{self.port}"
         self.tokens: dict[str, str] = {}
         self.daemon: DaemonProcess | None = None
+        self.http = httpx.Client(base_url=self.url, timeout=WAIT)  # keep-alive: fast tests
 
     def cli(self, *args: str, code: int = 0) -> str:
         proc = run_cli(self.config, *args)
@@ -86,12 +87,12 @@ class ApiWorld:
     def get(self, who: str | None, path: str, **kwargs: Any) -> httpx.Response:
         headers = self.headers(who) if who else {}
         headers |= kwargs.pop("headers", {})
-        return httpx.get(self.url + path, headers=headers, timeout=WAIT, **kwargs)
+        return self.http.get(path, headers=headers, **kwargs)
 
     def send(self, method: str, who: str | None, path: str, **kwargs: Any) -> httpx.Response:
         headers = self.headers(who) if who else {}
         headers |= kwargs.pop("headers", {})
-        return httpx.request(method, self.url + path, headers=headers, timeout=WAIT, **kwargs)
+        return self.http.request(method, path, headers=headers, **kwargs)
 
     def all_messages(self, who: str, params: Mapping[str, str] | None = None) -> list[Any]:
         """Every page of GET /messages, a few at a time (the cursor is exercised)."""
@@ -118,6 +119,7 @@ class ApiWorld:
             try:
                 yield daemon
             finally:
+                self.http.close()
                 code, _ = daemon.stop()
                 assert code == 0, daemon.text()[-3000:]
 

@@ -40,7 +40,15 @@ class ApiWorld:
     """alice and bob (custom sharing) each own a mailbox; carol owns none. Tokens: one per
     user, an admin, a service token that may act for users."""
 
-    def __init__(self, directory: Path, dovecot: Dovecot, *, poll: str = "1h") -> None:
+    def __init__(
+        self,
+        directory: Path,
+        dovecot: Dovecot,
+        *,
+        poll: str = "1h",
+        alice: Mapping[str, Any] | None = None,
+        bob: Mapping[str, Any] | None = None,
+    ) -> None:
         self.directory = directory
         self.alice: Mailbox = dovecot.new_mailbox()
         self.bob: Mailbox = dovecot.new_mailbox()
@@ -48,8 +56,10 @@ class ApiWorld:
         self.config = write_config(
             directory,
             accounts=[
-                dovecot_account(self.alice, "alice-mail", owner="alice", sharing="custom"),
-                dovecot_account(self.bob, "bob-mail", owner="bob", sharing="custom"),
+                dovecot_account(
+                    self.alice, "alice-mail", owner="alice", sharing="custom", **(alice or {})
+                ),
+                dovecot_account(self.bob, "bob-mail", owner="bob", sharing="custom", **(bob or {})),
             ],
             daemon={"poll_interval": poll},
         )

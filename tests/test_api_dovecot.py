@@ -200,7 +200,7 @@ def test_404_for_unknown_ids_and_other_users_mail(world: ApiWorld) -> None:
     _error(world.send("PUT", "alice", "/records/NOPE/shares/alice"), 404)
     _error(world.send("PUT", "crm", "/records/NOPE/emails", json={"emails": ["a@b.example"]}), 404)
     _error(world.get("alice", "/nothing-here"), 404)
-    _error(world.send("POST", "alice", "/messages"), 405)
+    _error(world.send("DELETE", "alice", "/messages"), 405)
 
 
 @pytest.mark.parametrize(

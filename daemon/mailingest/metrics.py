@@ -25,7 +25,7 @@ from mailingest.model import POLL_STATUSES
 _POLL_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 #: COMMIT durations: an fsync to a stalled disk or a lock wait.
 _COMMIT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10)
-SEND_RESULTS = ("ok", "refused", "failed")
+SEND_RESULTS = ("ok", "failed")
 
 
 class Metrics:

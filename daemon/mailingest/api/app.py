@@ -10,7 +10,7 @@ from collections.abc import Awaitable, Callable
 import structlog
 from aiohttp import web
 
-from mailingest.api import messages, ops, records
+from mailingest.api import messages, ops, records, sending
 from mailingest.api.auth import authenticate
 from mailingest.api.errors import ApiError, error_response
 from mailingest.api.host import CALLER, HOST, ApiHost, host_of
@@ -35,6 +35,8 @@ ROUTES: tuple[tuple[str, str, Handler, bool], ...] = (
     ("GET", "/messages", messages.list_messages, True),
     ("GET", "/messages/{id:[0-9]{1,19}}", messages.get_message, True),
     ("GET", "/messages/{id:[0-9]{1,19}}/raw", messages.get_raw, True),
+    ("POST", "/messages", sending.send, True),
+    ("POST", "/messages/{id:[0-9]{1,19}}/reply", sending.reply, True),
     ("GET", "/records", records.list_records, True),
     ("PUT", "/records/{id}", records.put_record, True),
     ("DELETE", "/records/{id}", records.delete_record, True),

@@ -2,7 +2,8 @@
 
 Every failure is ``{"status", "error", "message", "field"}`` with the HTTP status: 401 no
 or bad token, 403 not allowed, 404 unknown id (or mail the caller may not see), 413 body
-too large, 422 bad input (``field`` names it). Never a traceback.
+too large, 422 bad input (``field`` names it), 502 the SMTP server failed a send, 503 the
+store (or the SMTP server, for now) is unavailable. Never a traceback.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ CODES = {
     413: "too_large",
     422: "invalid",
     500: "internal",
+    502: "smtp_failed",
     503: "unavailable",
 }
 

@@ -83,7 +83,25 @@ _ERROR = {
         "field": {**_NSTR, "description": "the input at fault (422)"},
     },
 }
-_SCHEMAS = {"Message": _MESSAGE, "MessageBody": _MESSAGE_BODY, "Record": _RECORD, "Error": _ERROR}
+_SENT = {
+    "type": "object",
+    "description": "As `mailingest send --json` prints it.",
+    "properties": {
+        "id": _INT,
+        "message_id": _STR,
+        "account": _STR,
+        "visibility": _STR,
+        "reason": _STR,
+        "refused": _STRS,
+    },
+}
+_SCHEMAS = {
+    "Sent": _SENT,
+    "Message": _MESSAGE,
+    "MessageBody": _MESSAGE_BODY,
+    "Record": _RECORD,
+    "Error": _ERROR,
+}
 
 
 def _ref(name: str) -> dict[str, str]:
@@ -101,7 +119,8 @@ def _errors(*codes: int) -> dict[str, Any]:
         404: "no such id, or mail the caller may not see",
         413: "body over 1 MiB",
         422: "bad input; `field` names it",
-        503: "the store is unavailable",
+        502: "the SMTP server refused or failed the send",
+        503: "the store is unavailable (or the SMTP server, for now: retry later)",
     }
     return {str(c): _json(_ref("Error"), meaning[c]) for c in codes}
 
@@ -190,6 +209,51 @@ _PATHS: dict[str, Any] = {
                 ),
                 _query("cursor", _STR, "the previous page's next_cursor"),
             ],
+        ),
+        "post": _op(
+            "Send from one of the caller's accounts over SMTP (`send`); stored as sent",
+            _json(_ref("Sent")),
+            401,
+            403,
+            413,
+            422,
+            502,
+            503,
+            requestBody=_body(
+                {
+                    "type": "object",
+                    "required": ["account", "to"],
+                    "additionalProperties": False,
+                    "properties": {
+                        "account": _STR,
+                        "to": _STRS,
+                        "cc": _STRS,
+                        "subject": _STR,
+                        "body": _STR,
+                    },
+                }
+            ),
+        ),
+    },
+    "/messages/{id}/reply": {
+        "post": _op(
+            "Reply from the caller's primary account (`reply`); `all` copies the others",
+            _json(_ref("Sent")),
+            401,
+            403,
+            404,
+            413,
+            422,
+            502,
+            503,
+            parameters=[_ID],
+            requestBody=_body(
+                {
+                    "type": "object",
+                    "additionalProperties": False,
+                    "properties": {"body": _STR, "all": {"type": "boolean"}},
+                }
+            ),
         )
     },
     "/messages/{id}": {

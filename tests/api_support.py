@@ -48,6 +48,7 @@ class ApiWorld:
         poll: str = "1h",
         alice: Mapping[str, Any] | None = None,
         bob: Mapping[str, Any] | None = None,
+        storage: Mapping[str, Any] | None = None,
     ) -> None:
         self.directory = directory
         self.alice: Mailbox = dovecot.new_mailbox()
@@ -62,6 +63,7 @@ class ApiWorld:
                 dovecot_account(self.bob, "bob-mail", owner="bob", sharing="custom", **(bob or {})),
             ],
             daemon={"poll_interval": poll},
+            storage=storage,
         )
         with self.config.open("a") as config:
             config.write(f'\n[api]\nlisten = "127.0.0.1:{self.port}"\n')

@@ -15,7 +15,8 @@ from openapi_spec_validator import validate
 from api_support import ApiWorld, mail
 from dovecot import Dovecot
 from mailingest.api.app import ROUTES
-from support import crlf, run_cli
+from postgres import Postgres
+from support import StoreAt, crlf, run_cli
 
 HTML_MAIL = (
     b"From: Cleo <cleo@third.example>\nTo: owner@own.example\nSubject: with parts\n"
@@ -30,9 +31,20 @@ HTML_MAIL = (
 )
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory: pytest.TempPathFactory, dovecot: Dovecot) -> Iterator[ApiWorld]:
-    world = ApiWorld(tmp_path_factory.mktemp("api"), dovecot)
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def world(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, dovecot: Dovecot
+) -> Iterator[ApiWorld]:
+    """The daemon on each backend (the other API tests use SQLite)."""
+    directory = tmp_path_factory.mktemp("api")
+    storage = None
+    if request.param == "postgresql":
+        postgres: Postgres = request.getfixturevalue("postgres")
+        secret = directory / "db-password"
+        secret.write_text(postgres.password + "\n")
+        secret.chmod(0o600)
+        storage = StoreAt(postgres.new_database(), secret).storage()
+    world = ApiWorld(directory, dovecot, storage=storage)
     world.import_records()
     world.make_tokens()
     world.alice.deliver_many(

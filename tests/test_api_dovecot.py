@@ -264,6 +264,7 @@ def test_422_names_the_bad_query_value(world: ApiWorld, params: dict[str, str], 
         (b'{"kind": "lead", "emails": ["a@b.example"], "owner": "x"}', "owner"),
         (b'{"kind": "lead", "name": 5, "emails": ["a@b.example"]}', "name"),
         (b"\xff\xfe", "body"),
+        (b"[" * 100_000, "body"),
     ],
 )
 def test_422_names_the_bad_body_field(world: ApiWorld, body: bytes, field: str) -> None:

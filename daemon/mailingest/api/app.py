@@ -85,6 +85,7 @@ async def _token(request: web.Request, handler: Handler) -> web.StreamResponse:
 def build_app(host: ApiHost) -> web.Application:
     app = web.Application(middlewares=[_errors, _token], client_max_size=MAX_BODY)
     app[HOST] = host
+    app[messages.DECODING] = asyncio.Semaphore(messages.DECODE_AT_ONCE)
     for method, path, handler, _ in ROUTES:
         app.router.add_route(method, path, handler)
     return app

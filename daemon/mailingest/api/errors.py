@@ -57,6 +57,8 @@ async def json_object(request: web.Request) -> dict[str, Any]:
         data = json.loads(raw) if raw else None
     except (ValueError, UnicodeDecodeError) as exc:
         raise ApiError(422, f"the body is not valid JSON: {exc}", field="body") from None
+    except RecursionError:
+        raise ApiError(422, "the body nests too deep", field="body") from None
     if not isinstance(data, dict):
         raise ApiError(422, "expected a JSON object as the body", field="body")
     return data

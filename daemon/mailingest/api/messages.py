@@ -23,6 +23,9 @@ from mailingest.sharing import may_see
 
 log = structlog.get_logger("mailingest.api")
 
+#: Messages decoded at once (each is read whole, up to bodies.MAX_DECODED): memory bound.
+DECODING = web.AppKey("decoding", asyncio.Semaphore)
+DECODE_AT_ONCE = 4
 PAGE_DEFAULT = 50
 PAGE_MAX = 500
 _FILTERS = ("record", "account", "label", "quarantined", "limit", "cursor")
@@ -90,8 +93,9 @@ async def get_message(request: web.Request) -> web.Response:
     if message.size > bodies.MAX_DECODED:
         body["body_omitted"] = f"larger than {bodies.MAX_DECODED} bytes: read /raw"
     else:
-        chunks = [c async for c in host_of(request).store.raw_chunks(message.id)]
-        body |= await asyncio.to_thread(bodies.decode, b"".join(chunks))
+        async with request.app[DECODING]:
+            chunks = [c async for c in host_of(request).store.raw_chunks(message.id)]
+            body |= await asyncio.to_thread(bodies.decode, b"".join(chunks))
     return web.json_response({**message.to_json(), **body})
 
 

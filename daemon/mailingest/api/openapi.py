@@ -139,8 +139,9 @@ def _path(name: str, schema: dict[str, Any] | None = None) -> dict[str, Any]:
     return {"name": name, "in": "path", "required": True, "schema": schema or _STR}
 
 
-def _op(summary: str, ok: dict[str, Any], *codes: int, **more: Any) -> dict[str, Any]:
-    op = {"summary": summary, "responses": {"200": ok, **_errors(*codes)}}
+def _op(summary: str, ok: dict[str, Any], codes: str = "", **more: Any) -> dict[str, Any]:
+    """One operation; ``codes``: its error statuses, e.g. "401 404"."""
+    op = {"summary": summary, "responses": {"200": ok, **_errors(*map(int, codes.split()))}}
     return op | more
 
 
@@ -158,7 +159,7 @@ _PATHS: dict[str, Any] = {
         "get": _op(
             "The process answers and the store is reachable",
             _json({"type": "object"}),
-            503,
+            "503",
             security=_OPEN,
         )
     },
@@ -166,7 +167,7 @@ _PATHS: dict[str, Any] = {
         "get": _op(
             "Accounts loaded and the store takes writes",
             _json({"type": "object"}),
-            503,
+            "503",
             security=_OPEN,
         )
     },
@@ -195,10 +196,7 @@ _PATHS: dict[str, Any] = {
                     },
                 }
             ),
-            401,
-            403,
-            422,
-            503,
+            "401 403 422 503",
             parameters=[
                 _query("record", _STR, "only mail linked to this record"),
                 _query("account", _STR, "only this account's mail"),
@@ -213,12 +211,7 @@ _PATHS: dict[str, Any] = {
         "post": _op(
             "Send from one of the caller's accounts over SMTP (`send`); stored as sent",
             _json(_ref("Sent")),
-            401,
-            403,
-            413,
-            422,
-            502,
-            503,
+            "401 403 413 422 502 503",
             requestBody=_body(
                 {
                     "type": "object",
@@ -239,13 +232,7 @@ _PATHS: dict[str, Any] = {
         "post": _op(
             "Reply from the caller's primary account (`reply`); `all` copies the others",
             _json(_ref("Sent")),
-            401,
-            403,
-            404,
-            413,
-            422,
-            502,
-            503,
+            "401 403 404 413 422 502 503",
             parameters=[_ID],
             requestBody=_body(
                 {
@@ -260,10 +247,7 @@ _PATHS: dict[str, Any] = {
         "get": _op(
             "One message, its decoded text/HTML parts and attachments",
             _json(_ref("MessageBody")),
-            401,
-            403,
-            404,
-            503,
+            "401 403 404 503",
             parameters=[_ID],
         )
     },
@@ -286,9 +270,7 @@ _PATHS: dict[str, Any] = {
                     "properties": {"records": {"type": "array", "items": _ref("Record")}},
                 }
             ),
-            401,
-            403,
-            503,
+            "401 403 503",
         )
     },
     "/records/{id}": {
@@ -296,11 +278,7 @@ _PATHS: dict[str, Any] = {
             "Create or replace a record; its stored mail links and re-tags at once"
             " (admin or service token)",
             _json({"type": "object", "properties": {"record": _ref("Record")}}),
-            401,
-            403,
-            413,
-            422,
-            503,
+            "401 403 413 422 503",
             parameters=[_path("id")],
             requestBody=_body(
                 {
@@ -320,10 +298,7 @@ _PATHS: dict[str, Any] = {
             _json(
                 {"type": "object", "properties": {"record": _STR, "deleted": {"type": "boolean"}}}
             ),
-            401,
-            403,
-            404,
-            503,
+            "401 403 404 503",
             parameters=[_path("id")],
         ),
     },
@@ -331,12 +306,7 @@ _PATHS: dict[str, Any] = {
         "put": _op(
             "Change a record's addresses; links stay, mail from the new ones links now",
             _json({"type": "object", "properties": {"record": _STR, "emails": _STRS}}),
-            401,
-            403,
-            404,
-            413,
-            422,
-            503,
+            "401 403 404 413 422 503",
             parameters=[_path("id")],
             requestBody=_body(
                 {
@@ -362,11 +332,7 @@ _PATHS: dict[str, Any] = {
                     },
                 }
             ),
-            401,
-            403,
-            404,
-            422,
-            503,
+            "401 403 404 422 503",
             parameters=_SHARE,
         )
         for method, what in (("put", "share"), ("delete", "stop sharing"))
@@ -380,9 +346,7 @@ _PATHS: dict[str, Any] = {
                     "properties": {"accounts": {"type": "array", "items": {"type": "object"}}},
                 }
             ),
-            401,
-            403,
-            503,
+            "401 403 503",
         )
     },
 }

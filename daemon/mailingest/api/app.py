@@ -10,7 +10,7 @@ from collections.abc import Awaitable, Callable
 import structlog
 from aiohttp import web
 
-from mailingest.api import messages, ops, records, sending
+from mailingest.api import accounts, messages, ops, records, sending
 from mailingest.api.auth import authenticate
 from mailingest.api.errors import ApiError, error_response
 from mailingest.api.host import CALLER, HOST, ApiHost, host_of
@@ -44,6 +44,11 @@ ROUTES: tuple[tuple[str, str, Handler, bool], ...] = (
     ("PUT", "/records/{id}/shares/{owner}", records.share, True),
     ("DELETE", "/records/{id}/shares/{owner}", records.share, True),
     ("GET", "/accounts", ops.accounts, True),
+    ("POST", "/accounts", accounts.add_account, True),
+    ("GET", "/accounts/{name}", accounts.get_settings, True),
+    ("PATCH", "/accounts/{name}", accounts.patch_settings, True),
+    ("POST", "/accounts/{name}/check", accounts.check, True),
+    ("POST", "/accounts/{name}/fetch", accounts.fetch_now, True),
 )
 _PUBLIC = {handler for _, _, handler, token in ROUTES if not token}
 

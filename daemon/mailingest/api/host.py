@@ -22,7 +22,18 @@ class ApiHost(Protocol):
         ...
 
     @property
+    def file_config(self) -> Config:
+        """The config file's part of ``config`` (what `mailingest accounts` starts from)."""
+        ...
+
+    @property
     def metrics(self) -> Metrics: ...
+
+    async def accounts_changed(self) -> None:
+        """Apply a change of the accounts kept in the database now (re-tag, add, remove)."""
+
+    def poll_now(self, account: str) -> bool | None:
+        """Poll at once: None if unknown, False if paused."""
 
     @property
     def ready(self) -> bool:

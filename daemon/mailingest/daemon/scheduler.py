@@ -195,6 +195,19 @@ class Daemon:
             return
         self._reloads = asyncio.create_task(self._reload_loop(), name="reload")
 
+    async def accounts_changed(self) -> None:
+        """The API changed the accounts kept in the database: apply that now (re-tag,
+        add, remove) rather than at the next look, and return once it is applied."""
+        self.reload(file=False)
+        if self._reloads is not None:
+            await asyncio.shield(self._reloads)
+
+    def poll_now(self, account: str) -> bool | None:
+        """Poll ``account`` at once (the API's "fetch now"): None if unknown, False if
+        paused."""
+        runner = self._runners.get(account)
+        return runner.poll_now() if runner is not None else None
+
     async def _reload_loop(self) -> None:
         while True:
             self._reload_again = False

@@ -49,19 +49,21 @@ class ApiWorld:
         alice: Mapping[str, Any] | None = None,
         bob: Mapping[str, Any] | None = None,
         storage: Mapping[str, Any] | None = None,
+        file_accounts: bool = True,
     ) -> None:
         self.directory = directory
         self.alice: Mailbox = dovecot.new_mailbox()
         self.bob: Mailbox = dovecot.new_mailbox()
         self.port = free_port()
+        self.accounts = [
+            dovecot_account(
+                self.alice, "alice-mail", owner="alice", sharing="custom", **(alice or {})
+            ),
+            dovecot_account(self.bob, "bob-mail", owner="bob", sharing="custom", **(bob or {})),
+        ]
         self.config = write_config(
             directory,
-            accounts=[
-                dovecot_account(
-                    self.alice, "alice-mail", owner="alice", sharing="custom", **(alice or {})
-                ),
-                dovecot_account(self.bob, "bob-mail", owner="bob", sharing="custom", **(bob or {})),
-            ],
+            accounts=self.accounts if file_accounts else [],
             daemon={"poll_interval": poll},
             storage=storage,
         )

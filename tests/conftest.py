@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from dovecot import Dovecot, Mailbox, private_dovecot
+from dovecot import OAUTH2_KEY, Dovecot, Mailbox, private_dovecot
 from mailingest.store import Store
 from postgres import Postgres, private_postgres
 from smtp_support import SmtpServer, make_cert, serving
@@ -20,7 +20,8 @@ BACKENDS = ("sqlite", "postgresql")
 @pytest.fixture(scope="session")
 def dovecot(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Dovecot]:
     """A real Dovecot on 127.0.0.1 for the whole run; raises DovecotMissing if not installed."""
-    with private_dovecot(keep_log_in=tmp_path_factory.mktemp("dovecot")) as server:
+    kept = tmp_path_factory.mktemp("dovecot")
+    with private_dovecot(keep_log_in=kept, oauth2_key=OAUTH2_KEY) as server:
         yield server
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import itertools
 import os
 import pwd
@@ -22,6 +23,10 @@ from pathlib import Path
 MAIL_USER = "mailingest-test"
 DEFAULT_UIDL_FORMAT = "%08Xu%08Xv"
 START_TIMEOUT = 15.0
+#: The issuer of the JWT access tokens an OAuth2-enabled fixture accepts.
+OAUTH2_ISSUER = "mailingest-test-idp"
+#: The HS256 key the session's Dovecot checks JWT access tokens with (tests mint them).
+OAUTH2_KEY = b"mailingest-test-oauth2-hs256-key-0001"
 STOP_TIMEOUT = 10.0
 # SIGTERM usually ends it in milliseconds, but the master then waits 1-6 s for a child that was
 # busy when the signal came. Everything here is disposable: SIGKILL after this grace.
@@ -92,7 +97,9 @@ def _group_alive(pgid: int) -> bool:
 
 
 @contextmanager
-def private_dovecot(*, keep_log_in: Path | None = None) -> Iterator[Dovecot]:
+def private_dovecot(
+    *, keep_log_in: Path | None = None, oauth2_key: bytes | None = None
+) -> Iterator[Dovecot]:
     """A started Dovecot in a fresh temp dir; on exit it is stopped and the dir removed.
 
     Not under pytest's tmp dirs: every pytest run resets pytest-of-<user> to 0700, which
@@ -102,7 +109,7 @@ def private_dovecot(*, keep_log_in: Path | None = None) -> Iterator[Dovecot]:
     try:
         root.chmod(0o711)  # traversable by the mail user, not listable
         for attempt in range(3):
-            server = Dovecot(root)  # new free ports each time
+            server = Dovecot(root, oauth2_key=oauth2_key)  # new free ports each time
             try:
                 server.start()
                 break
@@ -160,6 +167,7 @@ class Dovecot:
         ssl_port: int | None = None,
         uidl_format: str = DEFAULT_UIDL_FORMAT,
         binary: str = "dovecot",
+        oauth2_key: bytes | None = None,
     ) -> None:
         found = shutil.which(binary) or shutil.which(binary, path="/usr/sbin:/sbin")
         if found is None:
@@ -174,6 +182,8 @@ class Dovecot:
         while self.ssl_port == self.port:
             self.ssl_port = free_port()
         self.uidl_format = uidl_format
+        #: HS256 key: OAuth2 sign-in (XOAUTH2, OAUTHBEARER) with JWTs Dovecot checks itself.
+        self.oauth2_key = oauth2_key
         self.conf_path = self.root / "dovecot.conf"
         self.log_path = self.root / "dovecot.log"
         self.out_path = self.root / "dovecot.out"
@@ -312,6 +322,17 @@ class Dovecot:
             )
         if not self.cert_path.exists():
             self._make_cert()
+        if self.oauth2_key is not None:
+            # Local validation: the key of JWTs without azp and kid, base64, in a dict file.
+            key_file = self.root / "oauth2-keys" / "default" / "HS256" / "default"
+            key_file.parent.mkdir(parents=True, exist_ok=True)
+            key_file.write_text(base64.b64encode(self.oauth2_key).decode())
+            (self.root / "oauth2.conf.ext").write_text(
+                "introspection_mode = local\n"
+                f"local_validation_key_dict = fs:posix:prefix={self.root}/oauth2-keys/\n"
+                "username_attribute = email\n"
+                f"issuers = {OAUTH2_ISSUER}\n"
+            )
 
     def _make_cert(self) -> None:
         openssl = shutil.which("openssl")
@@ -349,7 +370,7 @@ default_internal_group = root
 default_vsz_limit = 0
 login_trusted_networks = 127.0.0.0/8
 disable_plaintext_auth = no
-auth_mechanisms = plain login
+auth_mechanisms = plain login{" xoauth2 oauthbearer" if self.oauth2_key else ""}
 auth_verbose = yes
 auth_failure_delay = 0
 # Gmail-style "recent:u1" logs in as "recent_u1", whose mail dir links to u1's.
@@ -369,9 +390,10 @@ pop3_uidl_format = {self.uidl_format}
 # One file per user: a new user is a new file, never a stale cache of a file read this second.
 passdb {{
   driver = passwd-file
+  mechanisms = plain login
   args = scheme=PLAIN username_format=%u {self.passwd_dir}/%u
 }}
-userdb {{
+{self._oauth2_passdb()}userdb {{
   driver = static
   args = uid={uid} gid={gid} home={self.mail_dir}/%u
 }}
@@ -397,6 +419,14 @@ service stats {{
   chroot =
 }}
 """
+
+    def _oauth2_passdb(self) -> str:
+        if self.oauth2_key is None:
+            return ""
+        return (
+            "passdb {\n  driver = oauth2\n  mechanisms = xoauth2 oauthbearer\n"
+            f"  args = {self.root}/oauth2.conf.ext\n}}\n"
+        )
 
     # -- users and mail ----------------------------------------------------------------------
 

@@ -31,6 +31,32 @@ class Recorder:
     auth_reply: str | None = None
     rcpt_reply: str | None = None
     data_reply: str | None = None
+    #: The access token AUTH XOAUTH2 / OAUTHBEARER accepts; each attempt is kept as
+    #: (mechanism, response on the AUTH line or "", the decoded response).
+    oauth2_token: str = "smtp-access-token-Tb61"
+    oauth2_attempts: list[tuple[str, str, str]] = field(default_factory=list)
+
+    async def auth_XOAUTH2(self, server: Any, args: list[str]) -> AuthResult:
+        return await self._oauth2(server, args, b"")
+
+    async def auth_OAUTHBEARER(self, server: Any, args: list[str]) -> AuthResult:
+        return await self._oauth2(server, args, b"\x01")
+
+    async def _oauth2(self, server: Any, args: list[str], dummy: bytes) -> AuthResult:
+        """Microsoft's way: the response comes after a 334, never on the AUTH line."""
+        if len(args) > 1:
+            self.oauth2_attempts.append((args[0], args[1], ""))
+            return AuthResult(success=False, handled=False, message="504 one-line form refused")
+        response = await server.challenge_auth("")
+        if not isinstance(response, bytes):
+            return AuthResult(success=False, handled=True)
+        text = response.decode("utf-8", "replace")
+        self.oauth2_attempts.append((args[0], "", text))
+        if f"auth=Bearer {self.oauth2_token}\x01" in text:
+            return AuthResult(success=True, auth_data=text)
+        if await server.challenge_auth('{"status":"401"}') != dummy:
+            return AuthResult(success=False, handled=False, message="501 bad dummy response")
+        return AuthResult(success=False, handled=False)
 
     async def handle_RCPT(
         self, server: Any, session: Session, envelope: Envelope, address: str, options: list[str]

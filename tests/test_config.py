@@ -24,6 +24,7 @@ from mailingest.config import (
     render_config,
     resolve_config_path,
 )
+from mailingest.config_auth import OAuth2Config
 from mailingest.errors import ConfigError
 
 POA_PW = "hunter2-pop-secret"
@@ -109,8 +110,8 @@ ERROR_CASES = [
     ),
     ("[daemon]\nworkers = 2\n", "daemon.workers", "allowed keys: env_file, log_format, max_"),
     ('[daemon]\nenv_file = "absent.env"\n', "daemon.env_file", "cannot read"),
-    (acct(pasword='"x"'), f"{A}.pasword", "allowed keys: aliases, allow_plaintext, ca_file"),
-    (acct(SMTP + "foo = 1\n"), f"{SMTP_A}.foo", "allowed keys: allow_plaintext, ca_file"),
+    (acct(pasword='"x"'), f"{A}.pasword", "allowed keys: aliases, allow_plaintext, auth, ca_file"),
+    (acct(SMTP + "foo = 1\n"), f"{SMTP_A}.foo", "allowed keys: allow_plaintext, auth, ca_file"),
     (acct(password='{ vault = "x" }'), f"{A}.password.vault", "allowed keys: credential, env"),
     # table shapes
     ("storage = 1\n", "storage", "expected a table"),
@@ -625,9 +626,12 @@ def test_example_config_loads(tmp_path: Path) -> None:
 def test_example_config_documents_every_key() -> None:
     text = EXAMPLE.read_text()
     assert "[accounts.smtp]" in text
-    for settings in (Account, SmtpSettings, DaemonSettings, StorageSettings):
-        for key in (f.name for f in dataclasses.fields(settings) if f.name != "smtp"):
+    for settings in (Account, SmtpSettings, DaemonSettings, StorageSettings, OAuth2Config):
+        for key in (f.name for f in dataclasses.fields(settings) if f.name not in _SECTIONS):
             assert f"{key} =" in text, key
+
+
+_SECTIONS = ("smtp", "seal_key")  # a table of its own; storage.secret_key
 
 
 def test_postgresql_storage_keeps_the_url_and_describes_its_password(tmp_path: Path) -> None:

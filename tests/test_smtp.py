@@ -18,6 +18,7 @@ from dovecot import free_port
 from pop3d import Mailbox, ThreadedPop3Server
 from smtp_support import Recorder, SmtpServer, serving, smtp_table
 from support import TIMEOUT, run_cli, sha, write_config
+from token_endpoint import TokenEndpoint, token_endpoint
 
 
 @pytest.fixture(scope="module")
@@ -444,4 +445,53 @@ def test_a_body_on_stdin_that_is_not_utf8_is_bad_input_and_nothing_is_sent(
     proc = _send_stdin(config, "Grüße".encode("latin-1"))
     assert proc.returncode == 65, proc.stderr.decode()
     assert b"cannot read the body" in proc.stderr
+    _assert_nothing_sent_or_stored(config, smtp_server)
+
+
+def _oauth2_smtp(endpoint: TokenEndpoint, **extra: Any) -> dict[str, Any]:
+    settings = {
+        "provider": "custom",
+        "grant": "client_credentials",
+        "token_url": endpoint.url,
+        "scopes": ["smtp"],
+        "client_id": "app-smtp",
+        "client_secret": "smtp-client-secret-Lq40",
+        **extra,
+    }
+    return {"password": None, "auth": {"oauth2": settings}}
+
+
+@pytest.mark.parametrize("mechanism", ["xoauth2", "oauthbearer"])
+def test_send_signs_in_with_oauth2_in_two_steps(
+    tmp_path: Path, smtp_server: SmtpServer, pop3: ThreadedPop3Server, mechanism: str
+) -> None:
+    token = smtp_server.recorder.oauth2_token
+    with token_endpoint() as endpoint:
+        endpoint.replies = [endpoint.token(token)]
+        smtp = _oauth2_smtp(endpoint, mechanism=mechanism)
+        config = write_config(tmp_path, _accounts(pop3, smtp_server, smtp=smtp))
+        proc = _send(config, _body(tmp_path))
+        assert proc.returncode == 0, proc.stderr.decode()
+        check = run_cli(config, "check", "--json", "--account", "alice-mail")
+    assert check.returncode == 0, check.stdout.decode()
+    assert json.loads(check.stdout)["accounts"][0]["smtp"]["status"] == "ok"
+    assert len(smtp_server.recorder.received) == 1
+    attempts = smtp_server.recorder.oauth2_attempts
+    assert [(m, line) for m, line, _ in attempts] == [(mechanism.upper(), "")] * 2
+    assert endpoint.requests[0]["grant_type"] == "client_credentials"
+    everything = proc.stdout + proc.stderr + check.stdout + check.stderr
+    assert token.encode() not in everything and b"smtp-client-secret-Lq40" not in everything
+
+
+def test_an_smtp_token_the_server_refuses_is_auth_failed_and_nothing_is_stored(
+    tmp_path: Path, smtp_server: SmtpServer, pop3: ThreadedPop3Server
+) -> None:
+    with token_endpoint() as endpoint:
+        endpoint.replies = [endpoint.token("a-token-the-server-does-not-know")]
+        smtp = _oauth2_smtp(endpoint)
+        config = write_config(tmp_path, _accounts(pop3, smtp_server, smtp=smtp))
+        proc = _send(config, _body(tmp_path))
+    assert proc.returncode == 77, proc.stderr.decode()
+    assert b"SMTP login rejected" in proc.stderr
+    assert b"a-token-the-server-does-not-know" not in proc.stderr + proc.stdout
     _assert_nothing_sent_or_stored(config, smtp_server)

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from mailingest import __version__, cli_accounts, cli_api, cli_review, commands, logs
+from mailingest import __version__, cli_accounts, cli_api, cli_auth, cli_review, commands, logs
 from mailingest.config import Config, load_config, render_config, resolve_config_path
 from mailingest.errors import (
     EX_DATAERR,
@@ -80,6 +80,7 @@ def _parser() -> argparse.ArgumentParser:
     _records_parser(sub)
     cli_accounts.add_parser(sub)
     cli_review.add_parser(sub)
+    cli_auth.add_parser(sub)
     cli_api.add_parser(sub)
     p = sub.add_parser("show", help="one message; --raw writes the exact stored bytes")
     p.add_argument("id", type=int, metavar="ID")
@@ -239,7 +240,7 @@ def _check(args: argparse.Namespace) -> int:
                     " / ".join(
                         e for e in (r["pop3"]["error"], r["smtp"] and r["smtp"]["error"]) if e
                     )
-                    or " ".join(r["pop3"]["capabilities"]),
+                    or _login_note(r["pop3"]) + " ".join(r["pop3"]["capabilities"]),
                 ]
                 for r in results
             ],
@@ -248,6 +249,14 @@ def _check(args: argparse.Namespace) -> int:
     statuses += [r["smtp"]["status"] for r in results if r["smtp"]]
     codes = [STATUS_EXIT.get(status, EX_DATAERR) for status in statuses]
     return worst_exit(codes)
+
+
+def _login_note(pop3: dict[str, Any]) -> str:
+    """How an OAuth2 account signed in, before its capabilities: "XOAUTH2, token refreshed: "."""
+    token = pop3.get("token")
+    if not token:
+        return ""
+    return f"{pop3['mechanism']}, token {'refreshed' if token['refreshed'] else 'cached'}: "
 
 
 def _config(args: argparse.Namespace) -> int:
@@ -409,6 +418,10 @@ def _audit(args: argparse.Namespace) -> int:
     return cli_review.audit(args, _load_all(args, secrets=False))
 
 
+def _auth(args: argparse.Namespace) -> int:
+    return cli_auth.run(args, lambda: _load(args))
+
+
 def _api(args: argparse.Namespace) -> int:
     return cli_api.run(args, lambda: _load(args, secrets=False))
 
@@ -429,6 +442,7 @@ _COMMANDS = {
     "release": _release,
     "explain": _explain,
     "audit": _audit,
+    "auth": _auth,
     "api": _api,
 }
 

@@ -15,12 +15,12 @@ from typing import Any, TypeVar
 
 import structlog
 
-from mailingest import crm, pause
+from mailingest import crm, pause, signin
 from mailingest.config import Account, Config
 from mailingest.errors import DataError, MailIngestError, PermissionDenied, UsageError
 from mailingest.fetch import FetchResult, fetch_account
 from mailingest.logs import mask_text
-from mailingest.model import AccountState, Record, Status, StoredMessage
+from mailingest.model import AccountState, Pop3Login, Record, Status, StoredMessage
 from mailingest.pop3 import Pop3Session
 from mailingest.progress import Progress
 from mailingest.sharing import may_see
@@ -129,32 +129,58 @@ async def _one_shot(
     return result
 
 
-def check_pop3(account: Account) -> dict[str, Any]:
+def check_pop3(account: Account, login: Pop3Login | None = None) -> dict[str, Any]:
     """Worker-thread side of `check`: connect, TLS, login, STAT; nothing changed."""
-    session = Pop3Session(account.pop3_login())
+    session = Pop3Session(login or account.pop3_login())
+    failed: dict[str, Any] = {"capabilities": [], "messages": None, "mechanism": None}
     try:
         session.connect()
         count, _ = session.stat()
         caps = session.capabilities.listing()
         session.quit()
     except MailIngestError as exc:
-        return {"status": exc.status, "error": str(exc), "capabilities": [], "messages": None}
+        return {"status": exc.status, "error": str(exc), **failed}
     except Exception as exc:  # a bug in one account's check must not hide the others'
         error = mask_text(f"account {account.name!r}: internal error: {type(exc).__name__}: {exc}")
-        return {"status": Status.ERROR, "error": error, "capabilities": [], "messages": None}
+        return {"status": Status.ERROR, "error": error, **failed}
     finally:
         session.close()
-    return {"status": Status.OK, "error": None, "capabilities": caps, "messages": count}
+    return {
+        "status": Status.OK,
+        "error": None,
+        "capabilities": caps,
+        "messages": count,
+        "mechanism": session.mechanism,
+    }
 
 
-async def _check_smtp(account: Account) -> dict[str, Any] | None:
+async def _check_pop3(account: Account, store: Store | None) -> dict[str, Any]:
+    """The POP3 check; an OAuth2 account's token request is reported apart from its login."""
+    if account.auth is None or store is None:
+        pop3 = await asyncio.to_thread(check_pop3, account)
+        return {**pop3, "token": None}
+    try:
+        login, refreshed = await signin.pop3_login(account, store)
+    except MailIngestError as exc:
+        token = {"status": exc.status, "error": mask_text(str(exc)), "refreshed": False}
+        failed: dict[str, Any] = {"capabilities": [], "messages": None, "mechanism": None}
+        return {"status": exc.status, "error": token["error"], **failed, "token": token}
+    pop3 = await asyncio.to_thread(check_pop3, account, login)
+    return {**pop3, "token": {"status": Status.OK, "error": None, "refreshed": bool(refreshed)}}
+
+
+async def _check_smtp(account: Account, store: Store | None) -> dict[str, Any] | None:
     """SMTP login apart from POP3: after a password change, which of the two is still wrong."""
     if account.smtp is None:
         return None
     from mailingest import smtp  # aiosmtplib only where SMTP is configured
 
     try:
-        await smtp.check_login(account.smtp, account.name)
+        token = None
+        if account.smtp.auth is not None:
+            assert store is not None  # check() opens it for OAuth2 accounts
+            token = await signin.smtp_token(account.smtp, account.name, store)
+        await smtp.check_login(account.smtp, account.name, token)
     except MailIngestError as exc:  # the server's reply is quoted: mask what it may echo
         return {"status": exc.status, "error": mask_text(str(exc))}
     return {"status": Status.OK, "error": None}
@@ -163,15 +189,25 @@ async def _check_smtp(account: Account) -> dict[str, Any] | None:
 async def check(config: Config, names: Sequence[str] | None) -> list[dict[str, Any]]:
     accounts = select_accounts(config, names)
     size_executor(config.daemon.max_concurrent)
-    return await bounded(
-        config.daemon.max_concurrent, [functools.partial(check_one, a) for a in accounts]
-    )
+
+    oauth2 = any(a.auth or (a.smtp and a.smtp.auth) for a in accounts)
+
+    async def run(store: Store | None) -> list[dict[str, Any]]:
+        jobs = [functools.partial(check_one, a, store) for a in accounts]
+        return await bounded(config.daemon.max_concurrent, jobs)
+
+    if not oauth2:  # a password check touches no store
+        return await run(None)
+    async with open_store(config) as store:  # OAuth2 refresh tokens live there
+        return await run(store)
 
 
-async def check_one(account: Account) -> dict[str, Any]:
-    """`check --json`'s entry for one account: POP3, then SMTP apart."""
-    pop3 = await asyncio.to_thread(check_pop3, account)
-    return {"account": account.name, "pop3": pop3, "smtp": await _check_smtp(account)}
+async def check_one(account: Account, store: Store | None) -> dict[str, Any]:
+    """`check --json`'s entry for one account: POP3, then SMTP apart (``store``: where
+    OAuth2 refresh tokens live; None will do for password accounts)."""
+    pop3 = await _check_pop3(account, store)
+    smtp = await _check_smtp(account, store)
+    return {"account": account.name, "pop3": pop3, "smtp": smtp}
 
 
 async def status(config: Config) -> list[dict[str, Any]]:

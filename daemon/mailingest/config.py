@@ -3,18 +3,23 @@
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import itertools
-import json
-import math
 import os
 import re
 import tomllib
-from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mailingest.config_auth import OAuth2Config, parse_auth
+from mailingest.config_values import UNIT_SECONDS
+from mailingest.config_values import Context as _Context
+from mailingest.config_values import Secret as Secret  # re-exported: the config's own type
+from mailingest.config_values import Table as _Table
+from mailingest.config_values import parse_duration as parse_duration
+from mailingest.config_values import secret as _secret
+from mailingest.config_values import toml_str as _toml_str
+from mailingest.config_values import type_name as _type_name
 from mailingest.envfile import EnvFileError, read_env_file
 from mailingest.errors import ConfigError
 from mailingest.model import Pop3Login
@@ -35,55 +40,19 @@ SECRET_KEY_MIN = 16
 _DAEMON_KEYS = (
     "poll_interval max_concurrent max_sessions_per_cycle log_format shutdown_timeout env_file"
 )
-_TRANSPORT_KEYS = "host port security username password allow_plaintext ca_file tls_verify timeout"
+_TRANSPORT_KEYS = (
+    "host port security username password auth allow_plaintext ca_file tls_verify timeout"
+)
 _SMTP_KEYS = (*_TRANSPORT_KEYS.split(), "daily_limit")
 _ACCOUNT_KEYS = (
     *_TRANSPORT_KEYS.split(),
     *"name owner leave_on_server delete_after_days sharing excluded_domains magnet_label".split(),
     *"from_address aliases primary poll_interval max_message_size smtp".split(),
 )
-_SECRET_KEYS = ("env", "file", "credential")
 
 _NAME_RE = re.compile(r"[A-Za-z0-9._@-]+")
 _ADDRESS_RE = re.compile(r"[^@\s]+@[^@\s]+")
 _LABEL_RE = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
-_NUMBER_RE = re.compile(r"\d+(?:\.\d+)?")
-_DURATION_RE = re.compile(r"(?:\d+(?:\.\d+)?[dhms])+")
-_DURATION_PART_RE = re.compile(r"(\d+(?:\.\d+)?)([dhms])")
-_UNIT_SECONDS = {"d": 86400, "h": 3600, "m": 60, "s": 1}
-
-
-@dataclass(frozen=True, slots=True)
-class Secret:
-    """A password and where it came from; repr and str never show the value."""
-
-    source: str  # "literal" | "env" | "file" | "credential" | "database"
-    ref: str  # "" for literal; else the variable name, file path or credential name
-    value: str = field(repr=False)
-    #: Reads the value at its first use (commands that log in nowhere never read it): a
-    #: ConfigError naming the key if that fails.
-    resolver: Callable[[], str] | None = field(default=None, repr=False, compare=False)
-
-    def reveal(self) -> str:
-        if self.resolver is not None:
-            object.__setattr__(self, "value", self.resolver())
-            object.__setattr__(self, "resolver", None)
-        return self.value
-
-    @property
-    def resolved(self) -> bool:
-        return self.resolver is None
-
-    def describe(self) -> str:
-        """TOML text that says where the secret comes from, never what it is."""
-        if self.source == "literal":
-            return '"***"'
-        return f"{{ {self.source} = {_toml_str(self.ref)} }}"
-
-    def __repr__(self) -> str:
-        return "'***'"
-
-    __str__ = __repr__
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,12 +61,13 @@ class SmtpSettings:
     port: int
     security: str
     username: str
-    password: Secret
+    password: Secret | None  # None: OAuth2 sign-in (auth)
     allow_plaintext: bool = False
     ca_file: Path | None = None
     tls_verify: bool = True
     daily_limit: int | None = None
     timeout: float = 60.0
+    auth: OAuth2Config | None = None  # None: the password
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,7 +78,7 @@ class Account:
     port: int
     security: str
     username: str
-    password: Secret
+    password: Secret | None  # None: OAuth2 sign-in (auth)
     allow_plaintext: bool = False
     leave_on_server: bool = True
     delete_after_days: int = 0
@@ -126,6 +96,16 @@ class Account:
     max_message_size: int = 0  # 0 = no limit
     timeout: float = 60.0
     smtp: SmtpSettings | None = None
+    auth: OAuth2Config | None = None  # None: the password
+
+    def login_bytes(self) -> bytes:
+        """Everything that makes a login: another server, user name, password or OAuth2
+        client is another attempt (the auth pause's key)."""
+        head = "\0".join((self.host, str(self.port), self.username)).encode("utf-8")
+        if self.auth is not None:
+            return head + b"\0oauth2\0" + self.auth.login_bytes()
+        assert self.password is not None
+        return head + b"\0" + self.password.reveal().encode("utf-8")
 
     @property
     def recent_mode(self) -> bool:
@@ -151,11 +131,17 @@ class Account:
             port=self.port,
             security=self.security,
             username=self.username,
-            password=self.password.reveal,
+            password=self.password.reveal if self.password is not None else _no_password,
             ca_file=self.ca_file,
             tls_verify=self.tls_verify,
             timeout=self.timeout,
+            sasl=self.auth.mechanism if self.auth is not None else None,
         )
+
+
+def _no_password() -> str:
+    """An OAuth2 account's login before its token is in: a bug, not a blank password."""
+    raise RuntimeError("an OAuth2 account's access token is fetched before its session starts")
 
 
 @dataclass(frozen=True, slots=True)
@@ -210,6 +196,8 @@ class Config:
         found = [self.storage.password, self.storage.secret_key]
         for account in self.accounts:
             found += [account.password, account.smtp.password if account.smtp else None]
+            for auth in (account.auth, account.smtp.auth if account.smtp else None):
+                found += auth.secrets() if auth is not None else []
         # One not read yet (a command that logs in nowhere) has nothing to mask.
         yield from (s.value for s in found if s is not None and s.resolved)
 
@@ -224,41 +212,6 @@ def resolve_config_path(cli_value: str | None, environ: Mapping[str, str] | None
     """-c/--config, else $MAILINGEST_CONFIG, else the system default."""
     env = os.environ if environ is None else environ
     return Path(cli_value or env.get("MAILINGEST_CONFIG") or DEFAULT_CONFIG_PATH)
-
-
-_SIZE_RE = re.compile(r"(\d+(?:\.\d+)?)\s*([kmg]i?b|b)?", re.IGNORECASE)
-_SIZE_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9}
-_SIZE_UNITS |= {"kib": 2**10, "mib": 2**20, "gib": 2**30}
-
-
-def parse_duration(value: str | int | float, *, key_path: str = "") -> float:
-    """Seconds from "90s", "5m", "2h", "1d", "1h30m" or a plain number of seconds (>= 0)."""
-    expected = 'expected a duration such as "90s", "5m", "1h30m" or a number of seconds'
-    if isinstance(value, bool) or not isinstance(value, int | float | str):
-        got = _type_name(value)
-        raise ConfigError(f"{expected}, got {got}", key_path=key_path or None)
-    text = value.strip() if isinstance(value, str) else ""
-    try:
-        if not isinstance(value, str):
-            seconds = float(value)
-        elif _NUMBER_RE.fullmatch(text):
-            seconds = float(text)
-        elif _DURATION_RE.fullmatch(text) and _units_in_order(text):
-            parts = _DURATION_PART_RE.findall(text)
-            seconds = sum(float(n) * _UNIT_SECONDS[unit] for n, unit in parts)
-        else:
-            seconds = math.nan
-    except OverflowError:
-        seconds = math.inf
-    if not (math.isfinite(seconds) and seconds >= 0):
-        raise ConfigError(f"{expected}, got {value!r}", key_path=key_path or None)
-    return seconds
-
-
-def _units_in_order(text: str) -> bool:
-    """Reject "5m1h" or "1m1m": each unit at most once, largest first."""
-    order = [list(_UNIT_SECONDS).index(unit) for _, unit in _DURATION_PART_RE.findall(text)]
-    return all(a < b for a, b in itertools.pairwise(order))
 
 
 def load_config(
@@ -296,7 +249,7 @@ def load_config(
         raise root.error("accounts", "expected an array of tables ([[accounts]])")
     accounts: list[Account] = []
     for index, raw in enumerate(raw_accounts):
-        accounts.append(_account(raw, index, ctx, accounts))
+        accounts.append(_account(raw, index, ctx, accounts, storage.secret_key))
     # Like fetchmail: a password others can read is a leaked password.
     if ctx.literals and mode & 0o077:
         raise ConfigError(
@@ -306,130 +259,6 @@ def load_config(
             file=file,
         )
     return Config(path, storage, daemon, tuple(accounts), _api(root.table("api"), ctx))
-
-
-class _Context:
-    """What resolution needs: the file (for errors), its directory, the environment."""
-
-    def __init__(self, file: str, base: Path, environ: Mapping[str, str]) -> None:
-        self.file = file
-        self.base = base
-        self.environ = environ
-        #: The ``[daemon] env_file``'s variables (read at load), before ``environ``.
-        self.env_file: Mapping[str, str] = {}
-        self.env_path: Path | None = None
-        self.env_error: ConfigError | None = None  # unreadable, raised where it is needed
-        self.literals: list[str] = []  # key paths of literal passwords, for the mode check
-        self.defer = False  # leave secrets marked lazy unread until used
-
-    def resolve(self, value: str) -> Path:
-        return Path(os.path.normpath(self.base / value))
-
-
-class _Table:
-    """One TOML table and its key path: typed getters whose errors name file and key."""
-
-    def __init__(self, data: Mapping[str, Any], file: str, prefix: str) -> None:
-        self.data = data
-        self.file = file
-        self.prefix = prefix
-
-    def path(self, key: str) -> str:
-        return f"{self.prefix}.{key}" if self.prefix else key
-
-    def error(self, key: str, message: str) -> ConfigError:
-        return ConfigError(message, file=self.file, key_path=self.path(key))
-
-    def check_keys(self, allowed: Collection[str]) -> None:
-        for key in self.data:
-            if key not in allowed:
-                close = difflib.get_close_matches(key, allowed, n=1)
-                hint = f"did you mean {close[0]}? " if close else ""
-                raise self.error(
-                    key, f"unknown key; {hint}allowed keys: {', '.join(sorted(allowed))}"
-                )
-
-    def _get(self, key: str, kind: type, what: str) -> Any:
-        value = self.data[key]
-        # bool is a subclass of int in Python, but `port = true` is not a port.
-        if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
-            raise self.error(key, f"expected {what}, got {_type_name(value)}")
-        return value
-
-    def missing(self, key: str) -> ConfigError:
-        return self.error(key, f"missing required key; add {key} = ...")
-
-    def string(self, key: str, default: str | None = None) -> str:
-        if key not in self.data:
-            if default is None:
-                raise self.missing(key)
-            return default
-        text: str = self._get(key, str, "a string")
-        if not text.strip():
-            raise self.error(key, "must not be empty")
-        return text
-
-    def optional_string(self, key: str) -> str | None:
-        """Absent or "" means not set."""
-        return self.string(key) if self.data.get(key, "") != "" else None
-
-    def choice(self, key: str, default: str, allowed: tuple[str, ...]) -> str:
-        value = self.string(key, default)
-        if value not in allowed:
-            raise self.error(key, f"expected one of {', '.join(allowed)}, got {value!r}")
-        return value
-
-    def boolean(self, key: str, default: bool) -> bool:
-        return bool(self._get(key, bool, "true or false")) if key in self.data else default
-
-    def integer(self, key: str, default: int, low: int, high: int | None = None) -> int:
-        rng = f"{low}\N{EN DASH}{high}" if high is not None else f">= {low}"
-        if key not in self.data:
-            return default
-        value: int = self._get(key, int, f"an integer {rng}")
-        if value < low or (high is not None and value > high):
-            raise self.error(key, f"expected an integer {rng}, got {value}")
-        return value
-
-    def duration(self, key: str, default: float) -> float:
-        if key not in self.data:
-            return default
-        try:
-            seconds = parse_duration(self.data[key], key_path=self.path(key))
-        except ConfigError as exc:
-            exc.file = self.file
-            raise
-        if seconds <= 0:
-            raise self.error(key, f"expected a duration greater than zero, got {self.data[key]!r}")
-        return seconds
-
-    def size(self, key: str) -> int:
-        """Bytes from 26214400, "25MB" (10**6), "25MiB" (2**20), "512kB", "1GiB"; 0 = none."""
-        if key not in self.data:
-            return 0
-        value = self.data[key]
-        found = _SIZE_RE.fullmatch(value.strip()) if isinstance(value, str) else None
-        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
-            return value
-        if found is None:
-            expected = 'expected a size such as "25MB", "10MiB" or a number of bytes'
-            raise self.error(key, f"{expected}, got {value!r}")
-        return int(float(found[1]) * _SIZE_UNITS[(found[2] or "b").lower()])
-
-    def table(self, key: str) -> _Table:
-        value = self.data.get(key, {})
-        if not isinstance(value, dict):
-            raise self.error(key, f"expected a table, got {_type_name(value)}")
-        return _Table(value, self.file, self.path(key))
-
-
-_TYPE_NAMES = {bool: "a boolean", int: "an integer", float: "a float", str: "a string"}
-_TYPE_NAMES |= {list: "an array", dict: "a table"}
-
-
-def _type_name(value: object) -> str:
-    """The TOML type of a value, never the value itself (it may be a secret)."""
-    return _TYPE_NAMES.get(type(value), "a date/time")
 
 
 def _storage(t: _Table, ctx: _Context) -> StorageSettings:
@@ -531,7 +360,13 @@ def _api(t: _Table, ctx: _Context) -> ApiSettings | None:
     return ApiSettings(host, int(port_text), cert, key)
 
 
-def _account(raw: object, index: int, ctx: _Context, earlier: list[Account]) -> Account:
+def _account(
+    raw: object,
+    index: int,
+    ctx: _Context,
+    earlier: list[Account],
+    seal_key: Secret | None = None,
+) -> Account:
     where = f"accounts[{index}]"
     if not isinstance(raw, dict):
         message = f"expected a table ([[accounts]]), got {_type_name(raw)}"
@@ -544,7 +379,7 @@ def _account(raw: object, index: int, ctx: _Context, earlier: list[Account]) -> 
     if any(a.name == name for a in earlier):
         raise t.error("name", "duplicate account name; names are unique (they key the ledger)")
     t.check_keys(_ACCOUNT_KEYS)
-    transport = _transport(t, ctx, _POP3_PORTS, "tls")
+    transport = _transport(t, ctx, _POP3_PORTS, "tls", "pop3", seal_key)
     leave_on_server = t.boolean("leave_on_server", True)
     if str(transport["username"]).startswith(RECENT_PREFIX) and not leave_on_server:
         raise t.error(
@@ -590,7 +425,7 @@ def _account(raw: object, index: int, ctx: _Context, earlier: list[Account]) -> 
         primary=primary,
         poll_interval=t.duration("poll_interval", 0) if "poll_interval" in t.data else None,
         max_message_size=t.size("max_message_size"),
-        smtp=_smtp(smtp_table, ctx) if "smtp" in t.data else None,
+        smtp=_smtp(smtp_table, ctx, seal_key) if "smtp" in t.data else None,
     )
 
 
@@ -610,13 +445,21 @@ def with_accounts(config: Config, more: Sequence[Account]) -> Config:
     return dataclasses.replace(config, accounts=(*config.accounts, *more))
 
 
-def _smtp(t: _Table, ctx: _Context) -> SmtpSettings:
+def _smtp(t: _Table, ctx: _Context, seal_key: Secret | None) -> SmtpSettings:
     t.check_keys(_SMTP_KEYS)
     daily_limit = t.integer("daily_limit", 0, 1) if "daily_limit" in t.data else None
-    return SmtpSettings(**_transport(t, ctx, _SMTP_PORTS, "starttls"), daily_limit=daily_limit)
+    transport = _transport(t, ctx, _SMTP_PORTS, "starttls", "smtp", seal_key)
+    return SmtpSettings(**transport, daily_limit=daily_limit)
 
 
-def _transport(t: _Table, ctx: _Context, ports: dict[str, int], security: str) -> dict[str, Any]:
+def _transport(
+    t: _Table,
+    ctx: _Context,
+    ports: dict[str, int],
+    security: str,
+    service: str,
+    seal_key: Secret | None,
+) -> dict[str, Any]:
     """The keys POP3 and SMTP share: where to connect, how, and as whom."""
     host = t.string("host")
     if any(c.isspace() for c in host):
@@ -634,6 +477,9 @@ def _transport(t: _Table, ctx: _Context, ports: dict[str, int], security: str) -
         raise t.error("username", "contains a line break or NUL; remove it")
     if username == RECENT_PREFIX:
         raise t.error("username", 'expected "recent:" followed by the address')
+    auth = parse_auth(t, ctx, service=service, username=username, seal_key=seal_key)
+    if auth is not None and "password" in t.data:
+        raise t.error("password", "not used with auth = { oauth2 = ... }; remove it")
     ca_text = t.optional_string("ca_file")
     ca_file = ctx.resolve(ca_text) if ca_text is not None else None
     if ca_file is not None and not ca_file.is_file():
@@ -643,7 +489,8 @@ def _transport(t: _Table, ctx: _Context, ports: dict[str, int], security: str) -
         "port": t.integer("port", ports[security], 1, 65535),
         "security": security,
         "username": username,
-        "password": _secret(t, "password", ctx, lazy=True),
+        "password": _secret(t, "password", ctx, lazy=True) if auth is None else None,
+        "auth": auth,
         "allow_plaintext": allow_plaintext,
         "ca_file": ca_file,
         "tls_verify": t.boolean("tls_verify", True),
@@ -694,97 +541,6 @@ def _plausible_domain(domain: str) -> bool:
     return len(labels) >= 2 and all(_LABEL_RE.fullmatch(label) for label in labels)
 
 
-def _secret(
-    t: _Table,
-    key: str,
-    ctx: _Context,
-    *,
-    lazy: bool = False,
-    check: Callable[[Secret], Secret] | None = None,
-) -> Secret:
-    """A literal string or exactly one of { env | file | credential }; errors never show it.
-
-    ``lazy``: where the context defers secrets, read it at first use instead of now."""
-    if key not in t.data:
-        raise t.error(key, f'missing required key; add {key} = {{ env = "VAR" }} (or file, ...)')
-    raw = t.data[key]
-    if isinstance(raw, Secret):  # an account kept in the database: already opened, or lazy
-        return _checked(t, key, raw) if raw.resolved else raw
-    if isinstance(raw, str):
-        ctx.literals.append(t.path(key))
-        secret = _checked(t, key, Secret("literal", "", raw))
-        return check(secret) if check else secret
-    if not isinstance(raw, dict):
-        got = _type_name(raw)
-        raise t.error(key, f'expected a string or {{ env = "VAR" }}, {{ file = ... }}, got {got}')
-    sub = _Table(raw, ctx.file, t.path(key))
-    sub.check_keys(_SECRET_KEYS)
-    if len(raw) != 1:
-        raise t.error(key, "expected exactly one of env, file, credential")
-    source = next(iter(raw))
-    ref = sub.string(source)
-
-    def read() -> Secret:
-        secret = _read_secret(t, key, ctx, source, ref)
-        return check(secret) if check else secret
-
-    if lazy and ctx.defer:
-        shown = str(ctx.resolve(ref)) if source == "file" else ref
-        return Secret(source, shown, "", resolver=lambda: read().value)
-    return read()
-
-
-def _read_secret(t: _Table, key: str, ctx: _Context, source: str, ref: str) -> Secret:
-    if source == "env":
-        if ctx.env_error is not None:
-            raise ctx.env_error
-        if ref in ctx.env_file:
-            return _checked(t, key, Secret("env", ref, ctx.env_file[ref]))
-        if ref in ctx.environ:
-            return _checked(t, key, Secret("env", ref, ctx.environ[ref]))
-        if ctx.env_path is not None:
-            raise t.error(
-                key, f"{ref} is neither in daemon.env_file ({ctx.env_path}) nor in the environment"
-            )
-        raise t.error(key, f"environment variable {ref} is not set; set it or use {{ file = ... }}")
-    if source == "file":
-        path = ctx.resolve(ref)
-    else:
-        directory = ctx.environ.get("CREDENTIALS_DIRECTORY")
-        if not directory:
-            raise t.error(key, f"credential {ref!r} needs $CREDENTIALS_DIRECTORY (LoadCredential=)")
-        if "/" in ref or ref in (".", ".."):
-            raise t.error(key, f"expected a credential name without '/', got {ref!r}")
-        path = Path(directory) / ref
-    try:
-        text = path.read_bytes().decode("utf-8")
-    except OSError as exc:
-        raise t.error(key, f"cannot read {source} {path}: {exc.strerror or exc}") from exc
-    except UnicodeDecodeError as exc:
-        raise t.error(key, f"{source} {path} is not valid UTF-8") from exc
-    # One trailing newline is how editors and `echo` end a file; it is not part of the password.
-    text = text.removesuffix("\n").removesuffix("\r") if text.endswith("\n") else text
-    return _checked(t, key, Secret(source, ref if source == "credential" else str(path), text))
-
-
-def _checked(t: _Table, key: str, secret: Secret) -> Secret:
-    if not secret.value:
-        raise t.error(key, f"the password ({secret.describe()}) is empty")
-    if "\r" in secret.value or "\n" in secret.value:
-        raise t.error(
-            key,
-            f"the password ({secret.describe()}) contains a line break; POP3 servers such as "
-            "Gmail answer +OK and then desynchronise; remove it",
-        )
-    if "\0" in secret.value:
-        raise t.error(key, f"the password ({secret.describe()}) contains a NUL byte; remove it")
-    try:
-        secret.value.encode("utf-8")
-    except UnicodeEncodeError:  # an environment variable holding bytes that are not UTF-8
-        raise t.error(key, f"the password ({secret.describe()}) is not valid UTF-8 text") from None
-    return secret
-
-
 def render_config(config: Config) -> str:
     """The effective config as TOML: defaults filled in, paths resolved, secrets described."""
     lines = [f"# effective configuration of {_toml_str(str(config.path))}", "", "[storage]"]
@@ -794,8 +550,12 @@ def render_config(config: Config) -> str:
         lines += ["", "[api]", *_render_fields(config.api)]
     for account in config.accounts:
         lines += ["", "[[accounts]]", *_render_fields(account)]
+        if account.auth is not None:
+            lines += ["", "[accounts.auth.oauth2]", *_render_fields(account.auth)]
         if account.smtp is not None:
             lines += ["", "[accounts.smtp]", *_render_fields(account.smtp)]
+            if account.smtp.auth is not None:
+                lines += ["", "[accounts.smtp.auth.oauth2]", *_render_fields(account.smtp.auth)]
     return "\n".join(lines) + "\n"
 
 
@@ -808,6 +568,12 @@ _UNSET = {
     "env_file": "{ env } secrets come from the process environment only",
     "tls_cert": "plain HTTP",
     "tls_key": "plain HTTP",
+    "auth": "the password",
+    "tenant": "none",
+    "client_secret": "a public client",
+    "refresh_token": "the one `mailingest auth login` stored",
+    "private_key": "none",
+    "subject": "none",
 }
 
 
@@ -815,8 +581,10 @@ def _render_fields(obj: Any) -> list[str]:
     lines = []
     for f in dataclasses.fields(obj):
         value = getattr(obj, f.name)
-        if f.name == "smtp":
-            continue
+        if f.name in ("smtp", "seal_key") or (f.name == "auth" and value is not None):
+            continue  # sections of their own; seal_key is storage.secret_key
+        if f.name == "password" and value is None:
+            continue  # OAuth2 sign-in: the auth.oauth2 table follows
         if value is None:
             lines.append(f"# {f.name}: not set ({_UNSET.get(f.name, 'default')})")
         else:
@@ -842,13 +610,8 @@ def _format_duration(seconds: float) -> str:
     if not seconds.is_integer():
         return repr(seconds)
     rest, parts = int(seconds), []
-    for unit, size in _UNIT_SECONDS.items():
+    for unit, size in UNIT_SECONDS.items():
         if rest >= size:
             parts.append(f"{rest // size}{unit}")
             rest %= size
     return _toml_str("".join(parts) or "0s")
-
-
-def _toml_str(text: str) -> str:
-    """A TOML basic string: JSON's escapes are valid TOML; DEL must be escaped too."""
-    return json.dumps(text, ensure_ascii=False).replace("\x7f", "\\u007f")

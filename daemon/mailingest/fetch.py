@@ -25,6 +25,7 @@ from typing import Any
 
 import structlog
 
+from mailingest import signin
 from mailingest.config import Account
 from mailingest.crm import account_policy
 from mailingest.errors import (
@@ -285,7 +286,8 @@ async def _one_session(
     account: Account, store: Store, spool_dir: Path, tally: Tally | None, result: _Session
 ) -> int:
     """One POP3 session; adds what it did to ``result`` as it goes and returns the new count."""
-    session = Pop3Session(account.pop3_login())
+    login, _ = await signin.pop3_login(account, store)  # OAuth2: a fresh token first
+    session = Pop3Session(login)
     new_before = result.new
     # Read before the login where the last listing held mail (under the lease, only this
     # cycle changes it): a mailbox with nothing new is then listed, cleaned and closed in

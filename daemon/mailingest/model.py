@@ -71,6 +71,9 @@ class Pop3Login:
     ca_file: Path | None = None
     tls_verify: bool = True
     timeout: float = 60.0
+    #: None: USER/PASS. Else OAuth2 sign-in (``password`` gives the access token) with
+    #: "xoauth2", "oauthbearer", or "auto" (chosen from CAPA SASL).
+    sasl: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -23,6 +23,9 @@ from mailingest.errors import AuthError, ProtocolError, TemporaryError
 
 PROVIDERS = ("microsoft", "google", "custom")
 GRANTS = ("refresh_token", "client_credentials", "jwt_bearer")
+#: SASL mechanisms in the order they are preferred when the server offers both: XOAUTH2 is
+#: what Google and Microsoft document for POP3 and SMTP.
+OAUTH2_MECHANISMS = ("XOAUTH2", "OAUTHBEARER")
 
 #: Token endpoints and scopes the presets fill in ({tenant}: Microsoft's directory).
 _PRESETS: dict[str, dict[str, Any]] = {
@@ -38,6 +41,7 @@ _PRESETS: dict[str, dict[str, Any]] = {
             ("smtp", "client_credentials"): ("https://outlook.office365.com/.default",),
         },
         "device_url": "https://login.microsoftonline.com/{tenant}/oauth2/v2.0/devicecode",
+        "auth_url": "https://login.microsoftonline.com/{tenant}/oauth2/v2.0/authorize",
     },
     "google": {
         "token_url": "https://oauth2.googleapis.com/token",
@@ -52,7 +56,13 @@ EARLY = 120.0
 
 
 def preset_token_url(provider: str, tenant: str) -> str | None:
-    url = _PRESETS.get(provider, {}).get("token_url")
+    return preset_url(provider, "token_url", tenant)
+
+
+def preset_url(provider: str, kind: str, tenant: str) -> str | None:
+    """The provider's ``token_url``, ``device_url`` (device-code sign-in) or ``auth_url``
+    (browser sign-in), if it has one."""
+    url = _PRESETS.get(provider, {}).get(kind)
     return str(url).format(tenant=tenant) if url else None
 
 
@@ -134,20 +144,41 @@ async def request_token(
     name: str, settings: OAuth2Settings, refresh_token: str | None = None
 ) -> Token:
     """One token request (RFC 6749 section 5); errors name the account, never a secret."""
+    form = _grant_form(settings, refresh_token)
+    status, body = await _post(name, settings.token_url, form, settings.timeout)
+    return _token_from(name, settings, status, body)
+
+
+async def _post(
+    name: str, url: str, form: dict[str, str], http_timeout: float
+) -> tuple[int, bytes]:
     import httpx
 
-    form = _grant_form(settings, refresh_token)
     try:
-        async with httpx.AsyncClient(timeout=settings.timeout) as client:
-            reply = await client.post(
-                settings.token_url, data=form, headers={"Accept": "application/json"}
-            )
+        async with httpx.AsyncClient(timeout=http_timeout) as client:
+            reply = await client.post(url, data=form, headers={"Accept": "application/json"})
     except httpx.HTTPError as exc:
-        raise TemporaryError(
-            f"token endpoint {settings.token_url} unreachable: {type(exc).__name__}",
-            account=name,
-        ) from None
-    return _token_from(name, settings, reply.status_code, reply.content)
+        raise TemporaryError(f"{url} unreachable: {type(exc).__name__}", account=name) from None
+    return reply.status_code, reply.content
+
+
+async def http_form(
+    name: str, url: str, form: dict[str, str], http_timeout: float
+) -> tuple[int, dict[str, Any]]:
+    """POST a form to an OAuth2 endpoint: its status and JSON object; down or 5xx/429 is
+    transient, an answer that is no JSON object a protocol error."""
+    import json
+
+    status, body = await _post(name, url, form, http_timeout)
+    if status >= 500 or status == 429:
+        raise TemporaryError(f"{url} answered HTTP {status}", account=name)
+    try:
+        data = json.loads(body)
+    except ValueError:
+        data = None
+    if not isinstance(data, dict):
+        raise ProtocolError(f"{url} answered HTTP {status} without JSON", account=name)
+    return status, data
 
 
 def _grant_form(settings: OAuth2Settings, refresh_token: str | None) -> dict[str, str]:
@@ -157,9 +188,11 @@ def _grant_form(settings: OAuth2Settings, refresh_token: str | None) -> dict[str
     if settings.client_secret is not None:
         form["client_secret"] = settings.client_secret()
     if settings.grant == "refresh_token":
-        assert settings.refresh_token is not None
         form["grant_type"] = "refresh_token"
-        form["refresh_token"] = refresh_token or settings.refresh_token()
+        if refresh_token is None:
+            assert settings.refresh_token is not None  # signin.py checks there is one
+            refresh_token = settings.refresh_token()
+        form["refresh_token"] = refresh_token
     elif settings.grant == "client_credentials":
         form["grant_type"] = "client_credentials"
     else:

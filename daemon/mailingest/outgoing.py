@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from mailingest import crm, smtp
+from mailingest import crm, signin, smtp
 from mailingest.commands import open_store
 from mailingest.config import Account, Config
 from mailingest.errors import ConfigError, DataError, PermissionDenied, TemporaryError, UsageError
@@ -135,8 +135,11 @@ async def _build_send_store(
         in_reply_to=in_reply_to,
         references=references,
     )
+    token = None
+    if account.smtp.auth is not None:  # OAuth2: a fresh access token before connecting
+        token = await signin.smtp_token(account.smtp, account.name, store)
     refused = await smtp.send(
-        account.smtp, account.name, smtp.from_address(account), [*to, *cc], data
+        account.smtp, account.name, smtp.from_address(account), [*to, *cc], data, token
     )
     headers = parse_headers(read_head(io.BytesIO(data)))
     item = NewMessage(

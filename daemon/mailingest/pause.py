@@ -36,16 +36,10 @@ def rejected(status: Status) -> bool:
     return status is Status.AUTH_FAILED
 
 
-def _login_bytes(account: Account) -> bytes:
-    """Everything that makes a login: another server or user name is another attempt."""
-    parts = (account.host, str(account.port), account.username, account.password.reveal())
-    return "\0".join(parts).encode("utf-8")
-
-
 def login_key(account: Account, *, salt: bytes | None = None) -> str:
     """``scrypt$<salt>$<hash>`` of the account's login (CPU-bound: call it in a thread)."""
     salt = secrets.token_bytes(16) if salt is None else salt
-    digest = hashlib.scrypt(_login_bytes(account), salt=salt, **_SCRYPT)
+    digest = hashlib.scrypt(account.login_bytes(), salt=salt, **_SCRYPT)
     return f"scrypt${salt.hex()}${digest.hex()}"
 
 

@@ -8,7 +8,10 @@ its socket closed, and nothing more (no DELE, no QUIT) is ever sent on it.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import contextlib
+import json
 import poplib
 import re
 import socket
@@ -31,6 +34,7 @@ from mailingest.errors import (
     UnavailableError,
 )
 from mailingest.model import Pop3Login
+from mailingest.oauth2 import OAUTH2_MECHANISMS, oauthbearer, xoauth2
 from mailingest.tls import client_context
 
 #: A status line (``+OK``/``-ERR``) longer than this is a protocol error (the contract's 64 KiB).
@@ -56,20 +60,23 @@ def response_code(reply: bytes) -> str | None:
     return match.group(1).decode("ascii").upper() if match else None
 
 
-def _reply_text(reply: bytes, secret: str = "") -> str:
-    """A reply quoted in an error: the password masked first (a server may echo the command
+def _reply_text(reply: bytes, secrets: Iterable[str] = ()) -> str:
+    """A reply quoted in an error: the secrets masked first (a server may echo the command
     it refuses, "-ERR unknown command PASS ..."), as errors reach stdout and the store, which
     the log redaction does not cover; then cut to 200 characters."""
     text = reply.decode("utf-8", "replace")
-    if secret:
-        text = text.replace(secret, "***")
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, "***")
     return text[:200].strip()
 
 
 class _BoundedLines(poplib.POP3):
     """poplib with our line rules: status lines up to 64 KiB, ``+OK`` required, EOF typed."""
 
-    secret = ""  # the password, masked in quoted replies; set before the login
+    #: The password, or the access token and the SASL response that carries it: masked in
+    #: quoted replies; set before the login.
+    secrets: tuple[str, ...] = ()
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         try:
@@ -99,6 +106,16 @@ class _BoundedLines(poplib.POP3):
         self.sock.sendall(line.encode("utf-8") + b"\r\n")
         return self._getresp()
 
+    def continuation(self, line: str) -> bytes:
+        """Send one SASL step; the reply is ``+OK`` (done) or a ``+`` challenge (go on)."""
+        self.sock.sendall(line.encode("ascii") + b"\r\n")
+        resp, _ = self._getline()
+        if resp.startswith(b"+OK") or resp == b"+" or resp.startswith(b"+ "):
+            return resp
+        if resp.startswith(b"-ERR"):
+            raise poplib.error_proto(resp)
+        raise ProtocolError(f"malformed reply {_reply_text(resp, self.secrets)!r}")
+
     def longresp(self) -> list[bytes]:
         """Status line, then the lines of a multi-line reply (dot-unstuffed, no line ends)."""
         self._getresp()
@@ -116,7 +133,7 @@ class _BoundedLines(poplib.POP3):
         if resp.startswith(b"-ERR"):
             raise poplib.error_proto(resp)
         # poplib accepts any "+..." (even "+ERR"); a reply that is neither is not success.
-        raise ProtocolError(f"malformed reply {_reply_text(resp, self.secret)!r}")
+        raise ProtocolError(f"malformed reply {_reply_text(resp, self.secrets)!r}")
 
 
 class _PlainPOP3(_BoundedLines):
@@ -168,6 +185,7 @@ class Pop3Session:
         self.login = login
         self.capabilities = Capabilities()
         self.broken = False
+        self.mechanism = "USER"  # how the login went: USER (USER/PASS), XOAUTH2, OAUTHBEARER
         self._pop: _BoundedLines | None = None
         self._closing = threading.Lock()  # a worker and close() may discard at once
 
@@ -230,7 +248,7 @@ class Pop3Session:
         """Type an ``-ERR`` reply by its response code and the phase it came in."""
         name = self.login.name
         code = response_code(reply)
-        text = _reply_text(reply, self.login.password())
+        text = _reply_text(reply, self._secrets())
         if code == "LOGIN-DELAY":
             self._discard()
             wait = self.capabilities.login_delay or DEFAULT_LOGIN_DELAY
@@ -279,7 +297,7 @@ class Pop3Session:
                 )
             else:
                 self._pop = _PlainPOP3(login.host, login.port, timeout=login.timeout)
-            self._pop.secret = login.password()
+            self._pop.secrets = (login.password(),)
             # Pipelined commands are small writes: Nagle would hold each until the previous
             # one is acknowledged, a round trip per RETR instead of a window of them.
             with contextlib.suppress(OSError):
@@ -321,8 +339,11 @@ class Pop3Session:
         # USER and PASS go lock-step: a pipelined PASS loses what follows it on Courier.
         with self._translate("login"):
             pop = self._conn()
-            pop.user(login.username)
-            pop.pass_(login.password())
+            if login.sasl is None:
+                pop.user(login.username)
+                pop.pass_(login.password())
+            else:
+                self._sasl(pop, self._mechanism())
         after = self._capa("capa")
         if after:
             self.capabilities.extra = after
@@ -331,13 +352,59 @@ class Pop3Session:
             with self._translate("utf8"), contextlib.suppress(poplib.error_proto):
                 self._conn().command("UTF8")
 
+    def _mechanism(self) -> str:
+        """The OAuth2 SASL mechanism: the configured one, else the first of ours in CAPA."""
+        wanted = self.login.sasl or "auto"
+        if wanted != "auto":
+            return wanted.upper()
+        offered = {name.upper() for name in self.capabilities.arg("SASL")}
+        for name in OAUTH2_MECHANISMS:
+            if name in offered:
+                return name
+        if offered:
+            raise AuthError(
+                f"the server offers SASL {' '.join(sorted(offered))}, neither XOAUTH2 nor "
+                "OAUTHBEARER: it does not take OAuth2 sign-in",
+                account=self.login.name,
+            )
+        # No SASL line (or no CAPA before login): XOAUTH2 is what Google and Microsoft document.
+        return "XOAUTH2"
+
+    def _sasl(self, pop: _BoundedLines, mechanism: str) -> None:
+        """RFC 5034 AUTH in two steps: the response goes on a line of its own after the
+        server's ``+``, never on the AUTH line (Microsoft refuses the one-line form; it
+        also keeps the AUTH line under RFC 5034's 255 octets)."""
+        login = self.login
+        token = login.password()
+        if mechanism == "XOAUTH2":
+            response = xoauth2(login.username, token)
+        else:
+            response = oauthbearer(login.username, token, login.host, login.port)
+        pop.secrets = (token, response)
+        self.mechanism = mechanism
+        if pop.continuation(f"AUTH {mechanism}").startswith(b"+OK"):
+            raise ProtocolError(f"server answered AUTH {mechanism} with +OK before any response")
+        reply = pop.continuation(response)
+        if reply.startswith(b"+OK"):
+            return
+        # A challenge after the response carries the error (RFC 7628 3.2.2); the client
+        # ends the exchange (a dummy response) and the server answers -ERR.
+        details = _sasl_error(reply)
+        with contextlib.suppress(poplib.error_proto, ProtocolError):
+            pop.continuation("AQ==" if mechanism == "OAUTHBEARER" else "")
+        raise AuthError(f"login rejected ({mechanism}): {details}", account=login.name)
+
+    def _secrets(self) -> tuple[str, ...]:
+        pop = self._pop
+        return pop.secrets if pop is not None and pop.secrets else (self.login.password(),)
+
     def stat(self) -> tuple[int, int]:
         with self._translate("stat"):
             # Not poplib's stat(): it raises IndexError/ValueError on a reply such as "+OK".
             reply = self._conn().command("STAT")
             parts = reply.split()
             if len(parts) < 3 or not parts[1].isdigit() or not parts[2].isdigit():
-                text = _reply_text(reply, self.login.password())
+                text = _reply_text(reply, self._secrets())
                 raise ProtocolError(f"malformed STAT reply {text!r}")
         return int(parts[1]), int(parts[2])
 
@@ -476,6 +543,18 @@ class Pop3Session:
     def close(self) -> None:
         """Abandon the session without QUIT (nothing DELEted is expunged)."""
         self._discard()
+
+
+def _sasl_error(reply: bytes) -> str:
+    """The error a server's SASL challenge carries (base64 JSON: status, schemes, scope)."""
+    raw = reply[1:].strip()
+    try:
+        data = json.loads(base64.b64decode(raw, validate=True))
+    except (ValueError, binascii.Error):
+        data = None
+    if isinstance(data, dict):
+        return ", ".join(f"{k}={v}" for k, v in data.items() if isinstance(v, str | int))[:200]
+    return "the server refused the token"
 
 
 def _parse_pair(line: bytes, account: str, what: str) -> tuple[int, str]:

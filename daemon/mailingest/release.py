@@ -14,6 +14,7 @@ from typing import Any
 
 import structlog
 
+from mailingest import signin
 from mailingest.config import Account
 from mailingest.errors import BusyError, DataError
 from mailingest.fetch import LEASE_TTL, retrieve_spooled, take_poll
@@ -49,7 +50,8 @@ async def release(account: Account, store: Store, message: int) -> Released:
         if not keys:
             raise DataError(f"message {message} is not quarantined", account=account.name)
         uidls = {(m[1] if (m := _SUSPECT_KEY.fullmatch(k)) else k): k for k in keys}
-        session = Pop3Session(account.pop3_login())
+        login, _ = await signin.pop3_login(account, store)
+        session = Pop3Session(login)
         try:
             return await _fetch(account, store, session, message, uidls)
         finally:

@@ -26,6 +26,7 @@ from mailingest.errors import (
     TLSError,
     UnavailableError,
 )
+from mailingest.oauth2 import OAUTH2_MECHANISMS, oauthbearer, xoauth2
 from mailingest.tls import client_context
 
 
@@ -68,7 +69,9 @@ def build_message(
 
 
 @contextlib.asynccontextmanager
-async def _session(settings: SmtpSettings, account: str) -> AsyncIterator[aiosmtplib.SMTP]:
+async def _session(
+    settings: SmtpSettings, account: str, token: str | None
+) -> AsyncIterator[aiosmtplib.SMTP]:
     """Connected, secured and logged in; typed errors; always closed."""
     client = aiosmtplib.SMTP(
         hostname=settings.host,
@@ -93,7 +96,11 @@ async def _session(settings: SmtpSettings, account: str) -> AsyncIterator[aiosmt
             with _translate(account, "starttls"):
                 await client.starttls(tls_context=_tls_context(settings))
         with _translate(account, "login"):
-            await _login_once(client, settings)
+            if settings.auth is not None:
+                assert token is not None, "an OAuth2 account's token is fetched first"
+                await _oauth2_login(client, settings, token)
+            else:
+                await _login_once(client, settings)
         yield client
         with contextlib.suppress(aiosmtplib.SMTPException, OSError):
             await client.quit()
@@ -114,12 +121,34 @@ async def _login_once(client: aiosmtplib.SMTP, settings: SmtpSettings) -> None:
         ("login", client.auth_login),
         ("cram-md5", client.auth_crammd5),
     ):
-        if name in offered:
+        if name in offered and settings.password is not None:
             await method(settings.username, settings.password.reveal())
             return
     raise aiosmtplib.SMTPException(
         f"the server offers no AUTH mechanism we use (offered: {', '.join(offered) or 'none'})"
     )
+
+
+async def _oauth2_login(client: aiosmtplib.SMTP, settings: SmtpSettings, token: str) -> None:
+    """AUTH XOAUTH2 or OAUTHBEARER in two steps, as for POP3: the response on a line of
+    its own after the server's 334, never on the AUTH line."""
+    assert settings.auth is not None
+    await client.ehlo()
+    offered = {name.upper() for name in client.supported_auth_methods}
+    mechanism = settings.auth.mechanism.upper()
+    if mechanism == "AUTO":
+        mechanism = next((m for m in OAUTH2_MECHANISMS if m in offered), "XOAUTH2")
+    if mechanism == "XOAUTH2":
+        response = xoauth2(settings.username, token)
+    else:
+        response = oauthbearer(settings.username, token, settings.host, settings.port)
+    reply = await client.execute_command(b"AUTH", mechanism.encode("ascii"))
+    if reply.code == 334:
+        reply = await client.execute_command(response.encode("ascii"))
+        if reply.code == 334:  # the error challenge: end the exchange, the server says 535
+            reply = await client.execute_command(b"AQ==" if mechanism == "OAUTHBEARER" else b"")
+    if reply.code != 235:
+        raise aiosmtplib.SMTPAuthenticationError(reply.code, f"{mechanism}: {reply.message}")
 
 
 @contextlib.contextmanager
@@ -182,20 +211,25 @@ def _tls_error(exc: ssl.SSLError, account: str, phase: str) -> TLSError:
 
 
 async def send(
-    settings: SmtpSettings, account: str, sender: str, recipients: Sequence[str], data: bytes
+    settings: SmtpSettings,
+    account: str,
+    sender: str,
+    recipients: Sequence[str],
+    data: bytes,
+    token: str | None = None,
 ) -> list[str]:
     """Send ``data`` as is; raises a typed error if nobody accepted it.
 
     Returns the refusals ("addr: code text") when only some recipients were refused: the
     message went out to the others, so it counts as sent.
     """
-    async with _session(settings, account) as client:
+    async with _session(settings, account, token) as client:
         with _translate(account, "send"):
             errors, _ = await client.sendmail(sender, list(recipients), data)
     return [f"{rcpt}: {resp.code} {resp.message}" for rcpt, resp in errors.items()]
 
 
-async def check_login(settings: SmtpSettings, account: str) -> None:
+async def check_login(settings: SmtpSettings, account: str, token: str | None = None) -> None:
     """Connect, secure, log in, quit: what `check` needs to tell a wrong SMTP password."""
-    async with _session(settings, account):
+    async with _session(settings, account, token):
         pass

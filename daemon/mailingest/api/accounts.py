@@ -128,8 +128,9 @@ async def add_account(request: web.Request) -> web.Response:
 
 async def check(request: web.Request) -> web.Response:
     """`check --json`'s entry for one account: log in, STAT, nothing changed."""
-    account = _account(host_of(request), request, manage=True)
-    return web.json_response(await commands.check_one(account))
+    host = host_of(request)
+    account = _account(host, request, manage=True)
+    return web.json_response(await commands.check_one(account, host.store))
 
 
 async def fetch_now(request: web.Request) -> web.Response:

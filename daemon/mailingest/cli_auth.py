@@ -1,0 +1,59 @@
+"""`mailingest auth login`: parse and print; the sign-in itself is in authlogin.py."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from mailingest import commands
+from mailingest.config import Config
+from mailingest.errors import EX_OK, UsageError
+
+
+def add_parser(sub: Any) -> None:
+    auth = sub.add_parser("auth", help="OAuth2: sign an account in once (stores its refresh token)")
+    asub = auth.add_subparsers(dest="auth_command", required=True, metavar="COMMAND")
+    p = asub.add_parser("login", help="device code (Microsoft) or browser sign-in (Google)")
+    p.add_argument("--account", required=True, metavar="NAME")
+    p.add_argument("--smtp", action="store_true", help="the account's SMTP sign-in, not POP3")
+    p.add_argument(
+        "--flow", choices=("device", "browser"), help="default: what the provider offers"
+    )
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+
+def run(args: argparse.Namespace, load: Callable[[], Config]) -> int:
+    from mailingest import authlogin
+
+    config = load()
+    [account] = commands.select_accounts(config, [args.account])
+    service = "smtp" if args.smtp else "pop3"
+    conf = account.smtp.auth if args.smtp and account.smtp else account.auth
+    if conf is None:
+        where = "[accounts.smtp] of " if args.smtp else ""
+        raise UsageError(f"{where}account {account.name!r} does not sign in with OAuth2 (auth)")
+
+    def say(text: str) -> None:
+        # On stderr with --json, so stdout stays one JSON document.
+        stream = sys.stderr if args.json else sys.stdout
+        stream.write(text + "\n")
+        stream.flush()
+
+    async def sign_in() -> authlogin.SignedIn:
+        async with commands.open_store(config) as store:
+            return await authlogin.login(account.name, service, conf, store, say, flow=args.flow)
+
+    done = asyncio.run(sign_in())
+    if args.json:
+        shape = {"account": done.account, "service": done.service, "flow": done.flow}
+        sys.stdout.write(json.dumps({**shape, "scopes": list(done.scopes)}) + "\n")
+    else:
+        sys.stdout.write(
+            f"account {done.account!r} signed in ({done.service}, {done.flow} flow); "
+            "refresh token stored sealed; the daemon uses it from its next poll\n"
+        )
+    return EX_OK

@@ -51,6 +51,7 @@ def test_tls_paths_resolve_against_the_config(tmp_path: Path) -> None:
         ('[api]\nlisten = "127.0.0.1:0"\n', "api.listen", 'expected "host:port"'),
         ('[api]\nlisten = "127.0.0.1:99999"\n', "api.listen", 'expected "host:port"'),
         ('[api]\nlisten = ":8025"\n', "api.listen", 'expected "host:port"'),
+        ('[api]\nlisten = "h:\u00b2"\n', "api.listen", 'expected "host:port"'),
         ("[api]\nlisten = 8025\n", "api.listen", "expected a string"),
         ('[api]\ntls_cert = "c.pem"\n', "api.listen", "missing required key"),
         ('[api]\nlisten = "h:1"\ntls_cert = "c.pem"\n', "api.tls_key", "needs both"),

@@ -3,6 +3,7 @@ real Dovecot, tokens made with the CLI. Every answer is checked against the CLI'
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 from collections.abc import Iterator
@@ -240,6 +241,8 @@ def test_path_traversal_in_ids_is_a_plain_404(world: ApiWorld, path: str) -> Non
         ({"limit": "0"}, "limit"),
         ({"limit": "501"}, "limit"),
         ({"limit": "ten"}, "limit"),
+        ({"limit": "\u00b2"}, "limit"),  # a digit to str.isdigit, not to int()
+        ({"cursor": base64.urlsafe_b64encode(b"[" * 5000).decode()}, "cursor"),
         ({"cursor": "not-a-cursor"}, "cursor"),
         ({"cursor": "WzEsMl0"}, "cursor"),  # [1,2]: well-formed, wrong types
         ({"quarantined": "yes"}, "quarantined"),

@@ -349,7 +349,8 @@ def _api(t: _Table, ctx: _Context) -> ApiSettings | None:
     listen = t.string("listen")
     host, colon, port_text = listen.rpartition(":")
     host = host.removeprefix("[").removesuffix("]")
-    if not colon or not host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
+    digits = port_text.isascii() and port_text.isdigit()
+    if not colon or not host or not digits or not 0 < int(port_text) < 65536:
         raise t.error("listen", f'expected "host:port" such as "127.0.0.1:8025", got {listen!r}')
     paths = {key: t.optional_string(key) for key in ("tls_cert", "tls_key")}
     given = [key for key, value in paths.items() if value is not None]

@@ -92,7 +92,7 @@ def query_int(request: web.Request, key: str, default: int, low: int, high: int)
     value = request.query.get(key)
     if value is None:
         return default
-    if not value.isdigit() or not low <= int(value) <= high:
+    if not (value.isascii() and value.isdigit()) or not low <= int(value) <= high:
         raise ApiError(422, f"expected an integer from {low} to {high}", field=key)
     return int(value)
 

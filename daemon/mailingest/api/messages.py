@@ -70,7 +70,7 @@ def decode_cursor(cursor: str) -> tuple[str, int]:
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
         key, message_id = json.loads(raw)
-    except (binascii.Error, ValueError, TypeError):
+    except (binascii.Error, ValueError, TypeError, RecursionError):
         raise ApiError(422, "not a cursor this API returned", field="cursor") from None
     if not isinstance(key, str) or not isinstance(message_id, int):
         raise ApiError(422, "not a cursor this API returned", field="cursor")

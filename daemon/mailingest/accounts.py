@@ -9,7 +9,8 @@ daemon picks a change up within seconds (it watches the store's accounts version
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping, Sequence
+import contextlib
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -185,8 +186,25 @@ def not_stored(name: str, config: Config) -> UsageError:
     return UsageError(f"no account {name!r} in the database; see `mailingest accounts list`")
 
 
+@contextlib.asynccontextmanager
+async def _opened(config: Config, store: Store | None) -> AsyncIterator[Store]:
+    """``store`` if given (the daemon's, for the API), else the config's, opened for this."""
+    if store is not None:
+        yield store
+        return
+    from mailingest import commands
+
+    async with commands.open_store(config) as opened:
+        yield opened
+
+
 async def add(
-    config: Config, table: dict[str, Any], passwords: NewPasswords, *, test: bool
+    config: Config,
+    table: dict[str, Any],
+    passwords: NewPasswords,
+    *,
+    test: bool,
+    store: Store | None = None,
 ) -> dict[str, Any]:
     """Validate, test (as `check` does) unless told not to, then store: nothing is stored
     for an account that fails its test. ``added`` says which."""
@@ -194,7 +212,7 @@ async def add(
 
     box = secret_box(config)
     name = str(table.get("name", ""))
-    async with commands.open_store(config) as store:
+    async with _opened(config, store) as store:
         _, current = await with_stored(store, config)
         if any(a.name == name for a in current.accounts):
             raise UsageError(f"account {name!r} exists already; see `mailingest accounts list`")
@@ -214,13 +232,12 @@ async def change(
     passwords: NewPasswords,
     *,
     client_secret: bool = False,
+    store: Store | None = None,
 ) -> dict[str, Any]:
     """Change a stored account's settings (``None`` removes a key) and passwords
     (``client_secret``: ``passwords.pop3`` is an OAuth2 account's client secret)."""
-    from mailingest import commands
-
     box = secret_box(config)
-    async with commands.open_store(config) as store:
+    async with _opened(config, store) as store:
         _, stored = await store.stored_accounts()
         row = next((r for r in stored if r.name == name), None)
         if row is None:

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from mailingest import __version__, cli_accounts, cli_auth, cli_review, commands, logs
+from mailingest import __version__, cli_accounts, cli_api, cli_auth, cli_review, commands, logs
 from mailingest.config import Config, load_config, render_config, resolve_config_path
 from mailingest.errors import (
     EX_DATAERR,
@@ -81,6 +81,7 @@ def _parser() -> argparse.ArgumentParser:
     cli_accounts.add_parser(sub)
     cli_review.add_parser(sub)
     cli_auth.add_parser(sub)
+    cli_api.add_parser(sub)
     p = sub.add_parser("show", help="one message; --raw writes the exact stored bytes")
     p.add_argument("id", type=int, metavar="ID")
     p.add_argument("--viewer", required=True, metavar="USER")
@@ -421,6 +422,10 @@ def _auth(args: argparse.Namespace) -> int:
     return cli_auth.run(args, lambda: _load_all(args))
 
 
+def _api(args: argparse.Namespace) -> int:
+    return cli_api.run(args, lambda: _load(args, secrets=False))
+
+
 _COMMANDS = {
     "run": _run,
     "fetch": _fetch,
@@ -438,6 +443,7 @@ _COMMANDS = {
     "explain": _explain,
     "audit": _audit,
     "auth": _auth,
+    "api": _api,
 }
 
 

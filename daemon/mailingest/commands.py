@@ -193,12 +193,7 @@ async def check(config: Config, names: Sequence[str] | None) -> list[dict[str, A
     oauth2 = any(a.auth or (a.smtp and a.smtp.auth) for a in accounts)
 
     async def run(store: Store | None) -> list[dict[str, Any]]:
-        async def one(account: Account) -> dict[str, Any]:
-            pop3 = await check_pop3_with(account, store)
-            smtp = await _check_smtp(account, store)
-            return {"account": account.name, "pop3": pop3, "smtp": smtp}
-
-        jobs = [functools.partial(one, a) for a in accounts]
+        jobs = [functools.partial(check_one, a, store) for a in accounts]
         return await bounded(config.daemon.max_concurrent, jobs)
 
     if not oauth2:  # a password check touches no store
@@ -207,30 +202,43 @@ async def check(config: Config, names: Sequence[str] | None) -> list[dict[str, A
         return await run(store)
 
 
+async def check_one(account: Account, store: Store | None) -> dict[str, Any]:
+    """`check --json`'s entry for one account: POP3, then SMTP apart (``store``: where
+    OAuth2 refresh tokens live; None will do for password accounts)."""
+    pop3 = await check_pop3_with(account, store)
+    smtp = await _check_smtp(account, store)
+    return {"account": account.name, "pop3": pop3, "smtp": smtp}
+
+
 async def status(config: Config) -> list[dict[str, Any]]:
     async with open_store(config) as store:
-        states = await store.account_states()
-        out = []
-        for account in config.accounts:
-            state = states.get(account.name)
-            stored = state.stored if state else await store.stored_count(account.name)
-            out.append(
-                {
-                    "account": account.name,
-                    "owner": account.owner,
-                    "last_poll": state.last_poll if state else None,
-                    "result": state.result if state else None,
-                    "error": state.error if state else None,
-                    "new": state.new if state else 0,
-                    "stored": stored,
-                    "paused": state.paused if state else False,
-                    "pause_reason": state.pause_reason if state else None,
-                    "next_poll": state.next_poll if state else None,
-                    "consecutive_failures": state.consecutive_failures if state else 0,
-                    "next_login": state.next_login if state else None,
-                }
-            )
-        return out
+        return await status_of(store, config)
+
+
+async def status_of(store: Store, config: Config) -> list[dict[str, Any]]:
+    """`status --json`'s accounts, from an open store (the API's GET /accounts too)."""
+    states = await store.account_states()
+    out = []
+    for account in config.accounts:
+        state = states.get(account.name)
+        stored = state.stored if state else await store.stored_count(account.name)
+        out.append(
+            {
+                "account": account.name,
+                "owner": account.owner,
+                "last_poll": state.last_poll if state else None,
+                "result": state.result if state else None,
+                "error": state.error if state else None,
+                "new": state.new if state else 0,
+                "stored": stored,
+                "paused": state.paused if state else False,
+                "pause_reason": state.pause_reason if state else None,
+                "next_poll": state.next_poll if state else None,
+                "consecutive_failures": state.consecutive_failures if state else 0,
+                "next_login": state.next_login if state else None,
+            }
+        )
+    return out
 
 
 async def messages(
@@ -310,6 +318,16 @@ async def records_share(
     Refused for an owner whose accounts are all public: the CRM hides the share checkbox
     there, and a flag stored now would change who sees their mail silently, on a later
     switch to custom mode. Clearing one is always allowed."""
+    check_share(config, owner, on)
+    async with open_store(config) as store:
+        who = actor or crm.current_actor()
+        if not await store.set_share(owner, record, on, crm.policies(config), actor=who):
+            raise UsageError(f"no record {record!r}; see `mailingest records list`")
+    return share_notes(config, owner)
+
+
+def check_share(config: Config, owner: str, on: bool) -> None:
+    """Refuse a share flag for an owner whose accounts are all public (see records_share)."""
     mine = [a for a in config.accounts if a.owner == owner]
     if on and mine and all(a.sharing == "public" for a in mine):
         names = ", ".join(repr(a.name) for a in mine)
@@ -317,10 +335,10 @@ async def records_share(
             f"{owner!r} shares every account with everyone (public: {names}); share flags "
             'apply only with sharing = "custom"; nothing changed'
         )
-    async with open_store(config) as store:
-        who = actor or crm.current_actor()
-        if not await store.set_share(owner, record, on, crm.policies(config), actor=who):
-            raise UsageError(f"no record {record!r}; see `mailingest records list`")
+
+
+def share_notes(config: Config, owner: str) -> list[str]:
+    """The owner's accounts where a share flag has no effect."""
     return [
         f"account {a.name!r} of {owner!r} is in {a.sharing} mode: the share flag has no "
         'effect there (it matters only with sharing = "custom")'

@@ -33,7 +33,7 @@ LOG_FORMATS = ("auto", "json", "console")
 _POP3_PORTS = {"tls": 995, "starttls": 110, "plain": 110}
 _SMTP_PORTS = {"tls": 465, "starttls": 587, "plain": 25}
 
-_TOP_KEYS = ("storage", "daemon", "accounts")
+_TOP_KEYS = ("storage", "daemon", "accounts", "api")
 _STORAGE_KEYS = ("database", "password", "secret_key")
 #: The shortest secret_key accepted (characters).
 SECRET_KEY_MIN = 16
@@ -173,11 +173,23 @@ class DaemonSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class ApiSettings:
+    """``[api]``: the daemon's HTTP API (off unless ``listen`` is set)."""
+
+    host: str
+    port: int
+    #: Both or neither: HTTPS with this certificate chain and key (PEM), read at start.
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     path: Path
     storage: StorageSettings
     daemon: DaemonSettings
     accounts: tuple[Account, ...]
+    api: ApiSettings | None = None
 
     def secrets(self) -> Iterator[str]:
         """Every secret value (POP3, SMTP, database), for the log redaction."""
@@ -246,7 +258,7 @@ def load_config(
             "{ file = ... } / { credential = ... }",
             file=file,
         )
-    return Config(path, storage, daemon, tuple(accounts))
+    return Config(path, storage, daemon, tuple(accounts), _api(root.table("api"), ctx))
 
 
 def _storage(t: _Table, ctx: _Context) -> StorageSettings:
@@ -327,6 +339,26 @@ def _daemon(t: _Table, ctx: _Context) -> DaemonSettings:
         shutdown_timeout=t.duration("shutdown_timeout", d.shutdown_timeout),
         env_file=env_file,
     )
+
+
+def _api(t: _Table, ctx: _Context) -> ApiSettings | None:
+    """``listen = "host:port"`` (``[::1]:8025`` for IPv6); no ``[api]`` table: no API."""
+    t.check_keys(("listen", "tls_cert", "tls_key"))
+    if not t.data:
+        return None
+    listen = t.string("listen")
+    host, colon, port_text = listen.rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")
+    digits = port_text.isascii() and port_text.isdigit()
+    if not colon or not host or not digits or not 0 < int(port_text) < 65536:
+        raise t.error("listen", f'expected "host:port" such as "127.0.0.1:8025", got {listen!r}')
+    paths = {key: t.optional_string(key) for key in ("tls_cert", "tls_key")}
+    given = [key for key, value in paths.items() if value is not None]
+    if len(given) == 1:
+        other = "tls_key" if given[0] == "tls_cert" else "tls_cert"
+        raise t.error(other, f"{given[0]} is set: HTTPS needs both tls_cert and tls_key")
+    cert, key = (ctx.resolve(v) if v else None for v in paths.values())
+    return ApiSettings(host, int(port_text), cert, key)
 
 
 def _account(
@@ -518,6 +550,8 @@ def render_config(config: Config) -> str:
     lines = [f"# effective configuration of {_toml_str(str(config.path))}", "", "[storage]"]
     lines += _render_fields(config.storage)
     lines += ["", "[daemon]", *_render_fields(config.daemon)]
+    if config.api is not None:
+        lines += ["", "[api]", *_render_fields(config.api)]
     for account in config.accounts:
         lines += ["", "[[accounts]]", *_render_fields(account)]
         if account.auth is not None:
@@ -536,6 +570,8 @@ _UNSET = {
     "from_address": "the identity",
     "poll_interval": "the [daemon] poll_interval",
     "env_file": "{ env } secrets come from the process environment only",
+    "tls_cert": "plain HTTP",
+    "tls_key": "plain HTTP",
     "auth": "the password",
     "tenant": "none",
     "client_secret": "a public client",

@@ -42,6 +42,8 @@ EVENTS: dict[str, str] = {
     "shutdown_forced": "timeout_s — work still blocked at the stop deadline; exiting anyway",
     "tls_verify_disabled": "account — certificate checks are off for this account",
     "demo_server_started": "port — the demo's loopback POP3 server is listening",
+    "api_started": "host, port, tls — `run` serves the HTTP API ([api])",
+    "api_request_failed": "method, path, error — an internal error answered 500; traceback",
 }
 
 #: Keys on every line (``account`` where one applies), added by the processors below.

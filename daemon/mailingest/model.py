@@ -10,7 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Protocol
 
 
 class Status(StrEnum):
@@ -318,10 +318,43 @@ class Claim:
         return not self.taken and self.holder is not None
 
 
+@dataclass(frozen=True, slots=True)
+class ApiToken:
+    """A bearer token of the HTTP API, as the store keeps it (its SHA-256, never itself)."""
+
+    id: int
+    user: str  # the CRM user it authenticates as
+    admin: bool  # may change any owner's sharing, delete records
+    act_for: bool  # may act as another user (X-Act-As): the CRM's service token
+    label: str
+    created_at: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "user": self.user,
+            "admin": self.admin,
+            "act_for": self.act_for,
+            "label": self.label,
+            "created_at": self.created_at,
+        }
+
+
+class StoreObserver(Protocol):
+    """Hears what the store does, for metrics (the daemon's metrics.Metrics)."""
+
+    def committed(self, seconds: float) -> None:
+        """A write transaction's COMMIT took ``seconds``."""
+
+    def lease_taken_over(self, account: str) -> None:
+        """The lease of a dead holder was taken over."""
+
+
 __all__ = [
     "POLL_STATUSES",
     "AccountPolicy",
     "AccountState",
+    "ApiToken",
     "AuditEntry",
     "Claim",
     "Facts",
@@ -332,6 +365,7 @@ __all__ = [
     "Record",
     "ShareFlag",
     "Status",
+    "StoreObserver",
     "StoreOutcome",
     "StoredAccount",
     "StoredMessage",

@@ -169,44 +169,68 @@ async def _build_send_store(
 async def send(
     config: Config, account_name: str, to: Sequence[str], cc: Sequence[str], subject: str, body: str
 ) -> Sent:
+    async with open_store(config) as store:
+        return await send_with(store, config, account_name, to, cc, subject, body)
+
+
+async def send_with(
+    store: Store,
+    config: Config,
+    account_name: str,
+    to: Sequence[str],
+    cc: Sequence[str],
+    subject: str,
+    body: str,
+) -> Sent:
+    """`send` on an open store (the daemon's, for the API)."""
     account = next((a for a in config.accounts if a.name == account_name), None)
     if account is None:
         raise UsageError(f"unknown account {account_name!r}")
     if not to:
         raise UsageError("at least one --to address is needed")
     _check_addresses([*to, *cc], "--to/--cc")
-    async with open_store(config) as store:
-        return await _send_and_store(store, account, to=to, cc=cc, subject=subject, body=body)
+    return await _send_and_store(store, account, to=to, cc=cc, subject=subject, body=body)
 
 
 async def reply(
     config: Config, message_id: int, viewer: str, body: str, *, reply_all: bool = False
 ) -> Sent:
     async with open_store(config) as store:
-        original = await store.message(message_id)
-        if original is None or not may_see(viewer, original.owner, original.visibility):
-            raise PermissionDenied(
-                f"message {message_id} does not exist or {viewer!r} may not see it"
-            )
-        account = sending_account(config, viewer)
-        head = b""
-        async for chunk in store.raw_chunks(message_id):
-            head = chunk
-            break
-        headers = parse_headers(read_head(io.BytesIO(head)))
-        to, cc = recipients(headers, own_addresses(config, viewer), reply_all=reply_all)
-        if not to:
-            raise DataError(f"message {message_id} has neither Reply-To nor From to reply to")
-        return await _send_and_store(
-            store,
-            account,
-            to=to,
-            cc=cc,
-            subject=reply_subject(headers.subject),
-            body=body,
-            in_reply_to=headers.message_id,
-            references=headers.references,
-        )
+        return await reply_with(store, config, message_id, viewer, body, reply_all=reply_all)
+
+
+async def reply_with(
+    store: Store,
+    config: Config,
+    message_id: int,
+    viewer: str,
+    body: str,
+    *,
+    reply_all: bool = False,
+) -> Sent:
+    """`reply` on an open store (the daemon's, for the API)."""
+    original = await store.message(message_id)
+    if original is None or not may_see(viewer, original.owner, original.visibility):
+        raise PermissionDenied(f"message {message_id} does not exist or {viewer!r} may not see it")
+    account = sending_account(config, viewer)
+    head = b""
+    async for chunk in store.raw_chunks(message_id):
+        head = chunk
+        break
+    headers = parse_headers(read_head(io.BytesIO(head)))
+    to, cc = recipients(headers, own_addresses(config, viewer), reply_all=reply_all)
+    if not to:
+        raise DataError(f"message {message_id} has neither Reply-To nor From to reply to")
+    return await _send_and_store(
+        store,
+        account,
+        to=to,
+        cc=cc,
+        subject=reply_subject(headers.subject),
+        body=body,
+        in_reply_to=headers.message_id,
+        references=headers.references,
+    )
 
 
 def own_addresses(config: Config, user: str) -> set[str]:

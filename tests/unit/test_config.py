@@ -86,7 +86,7 @@ SIX = '["a.example", "b.example", "c.example", "d.example", "e.example", "f.exam
 
 ERROR_CASES = [
     # unknown keys, everywhere
-    ("bogus = 1\n" + acct(), "bogus", "unknown key; allowed keys: accounts, daemon, storage"),
+    ("bogus = 1\n" + acct(), "bogus", "unknown key; allowed keys: accounts, api, daemon, storage"),
     ('[storage]\npath = "x"\n', "storage.path", "allowed keys: database"),
     # storage: a PostgreSQL URL never holds its password; only PostgreSQL takes one
     (

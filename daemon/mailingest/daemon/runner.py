@@ -407,6 +407,15 @@ class AccountRunner:
         await pause.resume(self.host.store, self.name, reason)
         self.host.status_changed()
 
+    def poll_now(self) -> bool:
+        """Poll at once, due or not (the API's "fetch now"); False while paused. A poll
+        under way is followed by another as soon as it ends."""
+        if self.paused or self.done:
+            return False
+        self.claimed_generation = -1  # the next claim is forced (see _claim)
+        self.wake()
+        return True
+
     async def update(self, account: Account) -> bool:
         """A reload brought ``account``; True if it differs. A changed account polls at once,
         except a paused one whose login is still the rejected one."""

@@ -27,6 +27,7 @@ from mailingest.daemon import process
 from mailingest.daemon.runner import AccountRunner, Fetch
 from mailingest.errors import EX_OK, MailIngestError, StoreError
 from mailingest.fetch import FetchResult, fetch_account
+from mailingest.metrics import Metrics
 from mailingest.model import AccountState, Status
 from mailingest.retry import Backoff
 from mailingest.store import Store
@@ -81,6 +82,11 @@ class Daemon:
         #: saved snapshot already matches, as a CLI command may have saved the new settings
         #: while this daemon still stored mail under the old ones.
         self.retag_forced: set[str] = set()
+        #: /metrics; the gauges read the runners when scraped.
+        self.metrics = Metrics()
+        self.metrics.watch(lambda: len(self._runners), self.paused_count)
+        #: The accounts are loaded and scheduled (the API's /readyz).
+        self.ready = False
 
     def __repr__(self) -> str:
         return (
@@ -117,6 +123,7 @@ class Daemon:
         loop.set_exception_handler(process.log_loop_error)  # keep even these lines JSON
         watchdog: asyncio.Task[None] | None = None
         watcher: asyncio.Task[None] | None = None
+        api = None
         if signals:  # before anything slow: a SIGTERM during start-up is a clean stop too
             loop.add_signal_handler(signal.SIGTERM, self.stop, "SIGTERM")
             loop.add_signal_handler(signal.SIGINT, self.stop, "SIGINT")
@@ -124,11 +131,17 @@ class Daemon:
         try:
             storage = self.config.storage
             self._store = await Store.open(storage.database, password=storage.reveal_password())
+            self._store.observer = self.metrics
             self.accounts_version, self.config = await accounts.with_stored(self.store, self.config)
             logs.register_secrets(self.config.secrets())
             await self.sync_settings()  # settings changed while stopped: re-tag before polling
             states = await self.store.account_states(counts=False)
             await self._start(list(self.config.accounts), states)
+            self.ready = True
+            if self.config.api is not None:
+                from mailingest.api.app import serve  # the web stack only where it serves
+
+                api = await serve(self, self.config.api)
             log.info("daemon_started", accounts=len(self._runners), paused=self.paused_count())
             self.notifier.ready(self.summary())
             period = watchdog_period()
@@ -138,6 +151,8 @@ class Daemon:
             await self.stopping.wait()
         finally:
             self.stop("error")  # no-op after a signal; after an exception, still drain
+            if api is not None:  # first: its requests use the store
+                await api.close()
             self.notifier.stopping()
             abandoned = await self._drain()
             side = [task for task in (watchdog, watcher) if task is not None]
@@ -179,6 +194,19 @@ class Daemon:
             self._reload_again = True
             return
         self._reloads = asyncio.create_task(self._reload_loop(), name="reload")
+
+    async def accounts_changed(self) -> None:
+        """The API changed the accounts kept in the database: apply that now (re-tag,
+        add, remove) rather than at the next look, and return once it is applied."""
+        self.reload(file=False)
+        if self._reloads is not None:
+            await asyncio.shield(self._reloads)
+
+    def poll_now(self, account: str) -> bool | None:
+        """Poll ``account`` at once (the API's "fetch now"): None if unknown, False if
+        paused."""
+        runner = self._runners.get(account)
+        return runner.poll_now() if runner is not None else None
 
     async def _reload_loop(self) -> None:
         while True:
@@ -234,6 +262,7 @@ class Daemon:
             for key, before, after in (
                 ("storage.database", old.storage.database, new.storage.database),
                 ("daemon.log_format", old.daemon.log_format, new.daemon.log_format),
+                ("api", old.api, new.api),
             )
             if before != after
         ]
@@ -374,6 +403,7 @@ class Daemon:
 
     def note_result(self, account: str, result: FetchResult) -> None:
         """Remember the last error for STATUS=; forget it once that account polls fine."""
+        self.metrics.poll_finished(result)
         if result.status is not Status.OK:
             self.last_error = (account, result.error or result.status)
         elif self.last_error is not None and self.last_error[0] == account:

@@ -18,6 +18,7 @@ from typing import IO
 from mailingest.model import (
     AccountPolicy,
     AccountState,
+    ApiToken,
     AuditEntry,
     Claim,
     LedgerEntry,
@@ -27,10 +28,21 @@ from mailingest.model import (
     Status,
     StoredAccount,
     StoredMessage,
+    StoreObserver,
     StoreOutcome,
     UnmatchedSender,
 )
-from mailingest.store import _audit, accounts, ingest, read, records, state, tokens
+from mailingest.store import (
+    _audit,
+    accounts,
+    api_tokens,
+    health,
+    ingest,
+    read,
+    records,
+    state,
+    tokens,
+)
 from mailingest.store._db import CHUNK, Database
 from mailingest.store._postgres import is_postgres_url, redacted
 from mailingest.store._sqlite import BUSY_TIMEOUT_MS, SqliteDatabase
@@ -63,6 +75,15 @@ class Store:
     def spool_dir(self) -> Path:
         """Where a fetch spools messages before they are stored."""
         return self._db.spool_dir
+
+    @property
+    def observer(self) -> StoreObserver | None:
+        return self._db.observer
+
+    @observer.setter
+    def observer(self, observer: StoreObserver | None) -> None:
+        """Hears commit durations and lease takeovers (the daemon's metrics)."""
+        self._db.observer = observer
 
     def exclusive(self, name: str) -> contextlib.AbstractAsyncContextManager[None]:
         """Held by one process at a time (e.g. one sender per account); dropped if it dies."""
@@ -118,6 +139,11 @@ class Store:
     ) -> bool:
         return await records.set_share(self._db, owner, record, on, policies, actor)
 
+    async def delete_record(
+        self, record: str, policies: dict[str, AccountPolicy], *, actor: str = "mailingest"
+    ) -> bool:
+        return await records.delete_record(self._db, record, policies, actor)
+
     async def retag_changed(
         self,
         snapshots: dict[str, str],
@@ -155,9 +181,12 @@ class Store:
         force: bool = False,
         stale: str | None = None,
     ) -> Claim:
-        return await state.take_poll(
+        claim = await state.take_poll(
             self._db, account, holder, ttl, due=due, force=force, stale=stale
         )
+        if stale is not None and claim.taken and self._db.observer is not None:
+            self._db.observer.lease_taken_over(account)
+        return claim
 
     async def renew_lease(self, account: str, holder: str, ttl: float) -> None:
         await state.renew_lease(self._db, account, holder, ttl)
@@ -237,6 +266,30 @@ class Store:
     ) -> None:
         await tokens.save_rotated_token(self._db, account, service, origin, sealed)
 
+    # -- HTTP API tokens, health --------------------------------------------------------------
+
+    async def add_api_token(
+        self, user: str, token_hash: str, *, admin: bool, act_for: bool, label: str = ""
+    ) -> ApiToken:
+        return await api_tokens.add_api_token(
+            self._db, user, token_hash, admin=admin, act_for=act_for, label=label
+        )
+
+    async def api_token(self, token_hash: str) -> ApiToken | None:
+        return await api_tokens.api_token(self._db, token_hash)
+
+    async def api_tokens(self) -> list[ApiToken]:
+        return await api_tokens.api_tokens(self._db)
+
+    async def revoke_api_token(self, token_id: int) -> bool:
+        return await api_tokens.revoke_api_token(self._db, token_id)
+
+    async def check_reachable(self) -> None:
+        await health.check_reachable(self._db)
+
+    async def check_writable(self) -> None:
+        await health.check_writable(self._db)
+
     # -- reading -------------------------------------------------------------------------------
 
     async def messages(
@@ -248,6 +301,7 @@ class Store:
         record: str | None = None,
         limit: int | None = None,
         quarantined: bool = False,
+        before: tuple[str, int] | None = None,
     ) -> list[StoredMessage]:
         return await read.messages(
             self._db,
@@ -257,6 +311,7 @@ class Store:
             record=record,
             limit=limit,
             quarantined=quarantined,
+            before=before,
         )
 
     async def unmatched(self, owner: str) -> list[UnmatchedSender]:

@@ -10,13 +10,14 @@ from __future__ import annotations
 import abc
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
 from mailingest.errors import StoreError
-from mailingest.model import Facts
+from mailingest.model import Facts, StoreObserver
 
 #: Raw messages are stored in rows of this many bytes: memory stays bounded at any size.
 CHUNK = 1024 * 1024
@@ -49,6 +50,8 @@ class Database(abc.ABC):
 
     def __init__(self) -> None:
         self._lock = asyncio.Lock()
+        #: Hears each COMMIT's duration (the daemon's metrics), if set.
+        self.observer: StoreObserver | None = None
 
     # -- what a backend provides -------------------------------------------------------------
 
@@ -126,7 +129,10 @@ class Database(abc.ABC):
                     with contextlib.suppress(*self._driver_errors()):
                         await self.execute("ROLLBACK")
                     raise
+                started = time.perf_counter()
                 await self.execute("COMMIT")
+                if self.observer is not None:
+                    self.observer.committed(time.perf_counter() - started)
 
     @contextlib.asynccontextmanager
     async def read(self, what: str) -> AsyncIterator[None]:

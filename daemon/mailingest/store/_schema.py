@@ -35,6 +35,19 @@ _OAUTH_TOKENS = """
     );
     """
 
+#: API bearer tokens (`mailingest api token create`): only their SHA-256 is kept.
+_API_TOKENS = """
+    CREATE TABLE api_tokens (
+        id {pk},
+        user_name TEXT NOT NULL,
+        token_hash TEXT NOT NULL UNIQUE,
+        admin INTEGER NOT NULL DEFAULT 0,
+        act_for INTEGER NOT NULL DEFAULT 0,
+        label TEXT NOT NULL DEFAULT '',
+        created_at TEXT NOT NULL
+    );
+    """
+
 SQLITE_MIGRATIONS: tuple[str, ...] = (
     # 1: messages, raw chunks, UIDL ledger, account state
     """
@@ -164,6 +177,8 @@ SQLITE_MIGRATIONS: tuple[str, ...] = (
     # 7: OAuth2 refresh tokens a provider rotated, sealed with [storage] secret_key;
     # ``origin`` fingerprints the configured token they descend from
     _OAUTH_TOKENS,
+    # 8: bearer tokens of the HTTP API, hashed
+    _API_TOKENS.format(pk="INTEGER PRIMARY KEY"),
 )
 
 #: The same tables for PostgreSQL. Its history starts at the schema SQLite reached with
@@ -290,4 +305,6 @@ POSTGRES_MIGRATIONS: tuple[str, ...] = (
     _SIZE_POLICY_AND_AUDIT.format(pk="BIGSERIAL PRIMARY KEY"),
     # 5: as SQLite's migration 7
     _OAUTH_TOKENS,
+    # 6: as SQLite's migration 8
+    _API_TOKENS.format(pk="BIGSERIAL PRIMARY KEY"),
 )

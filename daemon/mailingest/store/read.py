@@ -15,6 +15,9 @@ _COLUMNS = (
     " m.quarantine_reason, m.origin"
 )
 
+#: The order of ``messages`` (newest first), with m.id as the tie-break.
+_KEY = "coalesce(m.date, m.received_at)"
+
 
 async def messages(
     db: Database,
@@ -25,9 +28,11 @@ async def messages(
     record: str | None = None,
     limit: int | None = None,
     quarantined: bool = False,
+    before: tuple[str, int] | None = None,
 ) -> list[StoredMessage]:
     """What ``viewer`` may see, newest first: their own mail and mail shared with all
-    (``quarantined``: only mail over its account's size limit, whose header alone is kept)."""
+    (``quarantined``: only mail over its account's size limit, whose header alone is kept;
+    ``before``: only what sorts after the message with this (sort key, id), a page's end)."""
     sql = f"SELECT {_COLUMNS} FROM messages m WHERE (m.owner = ? OR m.visibility = 'shared')"
     args: list[Any] = [viewer]
     if record is not None:
@@ -48,7 +53,10 @@ async def messages(
     if label is not None:
         sql += " AND EXISTS (SELECT 1 FROM message_labels l WHERE l.message = m.id AND l.label = ?)"
         args.append(label)
-    sql += " ORDER BY coalesce(m.date, m.received_at) DESC, m.id DESC"
+    if before is not None:
+        sql += f" AND ({_KEY} < ? OR ({_KEY} = ? AND m.id < ?))"
+        args += [before[0], before[0], before[1]]
+    sql += f" ORDER BY {_KEY} DESC, m.id DESC"
     if limit:
         sql += f" LIMIT {int(limit)}"
     async with db.read("reading messages"):

@@ -109,6 +109,53 @@ async def set_share(
     return True
 
 
+async def delete_record(
+    db: Database, record: str, policies: dict[str, AccountPolicy], actor: str
+) -> bool:
+    """Forget a record, its addresses, links and share flags; its mail re-tagged (and
+    unlabelled where linked to nothing now) in the same transaction. Each share flag it
+    drops goes to the audit log as an ``unshare``."""
+    async with db.write("deleting a record"):
+        if await db.fetchone("SELECT 1 FROM records WHERE id = ?", (record,)) is None:
+            return False
+        linked = [
+            int(r[0])
+            for r in await db.fetchall(
+                "SELECT message FROM message_records WHERE record = ?", (record,)
+            )
+        ]
+        owners = [
+            str(r[0])
+            for r in await db.fetchall("SELECT owner FROM shares WHERE record = ?", (record,))
+        ]
+        await db.execute("DELETE FROM shares WHERE record = ?", (record,))
+        await db.execute("DELETE FROM message_records WHERE record = ?", (record,))
+        await db.execute("DELETE FROM records WHERE id = ?", (record,))
+        for label in {p.magnet_label for p in policies.values() if p.magnet_label}:
+            for part in parts(linked):
+                marks = ",".join("?" * len(part))
+                await db.execute(
+                    f"DELETE FROM message_labels WHERE label = ? AND message IN ({marks})"
+                    " AND NOT EXISTS (SELECT 1 FROM message_records r"
+                    " WHERE r.message = message_labels.message)",
+                    (label, *part),
+                )
+        for owner in owners:
+            retagged = 0
+            for part in parts(linked):
+                marks = ",".join("?" * len(part))
+                where = f"m.owner = ? AND m.id IN ({marks})"
+                retagged += await _retag(db, where, [owner, *part], policies)
+            detail = {"record_deleted": True}
+            await audit.add(
+                db, actor, "unshare", owner=owner, record=record, detail=detail, retagged=retagged
+            )
+        for part in parts(linked):
+            marks = ",".join("?" * len(part))
+            await _retag(db, f"m.id IN ({marks})", part, policies)
+    return True
+
+
 async def retag_changed(
     db: Database,
     snapshots: dict[str, str],

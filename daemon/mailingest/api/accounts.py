@@ -1,0 +1,147 @@
+"""Accounts: an owner's sharing settings (read, change), add with a test login, check now,
+fetch now. GET /accounts (every account's status) is in ops.py.
+
+Changing an account, checking or polling it needs its owner's token (or one acting for
+them) or an admin's. Only accounts kept in the database change here (409 for the config
+file's: edit the file); the daemon applies a change before the answer, re-tag included.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp import web
+
+from mailingest import accounts, commands
+from mailingest.api.errors import ApiError, json_object, known_keys, text
+from mailingest.api.host import ApiHost, caller_of, host_of
+from mailingest.config import Account
+from mailingest.errors import DataError, UsageError
+from mailingest.model import Status
+
+#: What PATCH changes: the owner's sharing settings of one account (null removes a key).
+SETTINGS = ("sharing", "excluded_domains", "magnet_label", "from_address", "aliases", "primary")
+#: What POST takes: the ``[[accounts]]`` keys a user may set (no files, no SMTP yet).
+ADD_KEYS = (
+    *"name owner host port security username password allow_plaintext leave_on_server".split(),
+    *"delete_after_days poll_interval timeout max_message_size test".split(),
+    *SETTINGS,
+)
+_TYPES: dict[str, tuple[type, ...]] = {
+    "sharing": (str,),
+    "excluded_domains": (list,),
+    "magnet_label": (str,),
+    "from_address": (str,),
+    "aliases": (list,),
+    "primary": (bool,),
+}
+
+
+def _account(host: ApiHost, request: web.Request, *, manage: bool) -> Account:
+    name = request.match_info["name"]
+    account = next((a for a in host.config.accounts if a.name == name), None)
+    if account is None:
+        raise ApiError(404, f"no account {name!r}")
+    if manage and not caller_of(request).may_manage(account.owner):
+        raise ApiError(403, f"only {account.owner!r} (or an admin) manages {name!r}")
+    return account
+
+
+async def get_settings(request: web.Request) -> web.Response:
+    host = host_of(request)
+    account = _account(host, request, manage=False)
+    from_file = any(a.name == account.name for a in host.file_config.accounts)
+    return web.json_response(
+        {
+            "account": account.name,
+            "owner": account.owner,
+            "source": "config" if from_file else "database",
+            "sharing": account.sharing,
+            "excluded_domains": list(account.excluded_domains),
+            "magnet_label": account.magnet_label,
+            "from_address": account.from_address,
+            "aliases": list(account.aliases),
+            "primary": account.primary,
+        }
+    )
+
+
+async def patch_settings(request: web.Request) -> web.Response:
+    """`accounts set` for the sharing settings: `{"account", "changed": [...]}`."""
+    host = host_of(request)
+    account = _account(host, request, manage=True)
+    data = await json_object(request)
+    known_keys(data, SETTINGS)
+    if not data:
+        raise ApiError(422, f"nothing to change; keys: {', '.join(SETTINGS)}", field="body")
+    changes: dict[str, Any] = {}
+    for key, value in data.items():
+        if value is not None and not isinstance(value, _TYPES[key]):
+            raise ApiError(422, f"expected {_TYPES[key][0].__name__} or null", field=key)
+        changes[key] = None if value is False else value  # primary: false removes it
+    try:
+        result = await accounts.change(
+            host.file_config, account.name, changes, accounts.NewPasswords(), store=host.store
+        )
+    except UsageError as exc:  # an account of the config file
+        raise ApiError(409, str(exc)) from None
+    except DataError as exc:
+        raise ApiError(422, str(exc), field=_named(exc, changes)) from None
+    await host.accounts_changed()
+    return web.json_response(result)
+
+
+async def add_account(request: web.Request) -> web.Response:
+    """ "Add account, test account, create": `accounts add`; nothing stored if the test
+    login fails (422 naming `password` for a rejected login, else `host`)."""
+    host = host_of(request)
+    data = await json_object(request)
+    known_keys(data, ADD_KEYS)
+    table = {k: v for k, v in data.items() if k not in ("password", "test")}
+    owner = text(data, "owner")
+    text(data, "name")
+    password = text(data, "password")
+    test = data.get("test", True)
+    if not isinstance(test, bool):
+        raise ApiError(422, "expected true or false", field="test")
+    if not caller_of(request).may_manage(owner):
+        raise ApiError(403, f"only {owner!r} (or an admin) adds {owner!r}'s accounts")
+    try:
+        result = await accounts.add(
+            host.file_config,
+            table,
+            accounts.NewPasswords(pop3=password),
+            test=test,
+            store=host.store,
+        )
+    except UsageError as exc:  # the name is taken
+        raise ApiError(409, str(exc)) from None
+    except DataError as exc:
+        raise ApiError(422, str(exc), field=_named(exc, table)) from None
+    if not result["added"]:
+        pop3 = result["pop3"]
+        field = "password" if pop3["status"] == Status.AUTH_FAILED else "host"
+        raise ApiError(422, f"the test login failed: {pop3['error']}", field=field)
+    await host.accounts_changed()
+    return web.json_response(result)
+
+
+async def check(request: web.Request) -> web.Response:
+    """`check --json`'s entry for one account: log in, STAT, nothing changed."""
+    host = host_of(request)
+    account = _account(host, request, manage=True)
+    return web.json_response(await commands.check_one(account, host.store))
+
+
+async def fetch_now(request: web.Request) -> web.Response:
+    """Poll the account at once; 202: requested (GET /accounts shows the result)."""
+    host = host_of(request)
+    account = _account(host, request, manage=True)
+    if not host.poll_now(account.name):
+        raise ApiError(409, f"account {account.name!r} is paused: its password was rejected")
+    return web.json_response({"account": account.name, "poll": "requested"}, status=202)
+
+
+def _named(exc: Exception, keys: dict[str, Any]) -> str | None:
+    """The key a validation error is about, when the message names one of ``keys``."""
+    return next((k for k in keys if f"{k}:" in str(exc) or f".{k}" in str(exc)), None)

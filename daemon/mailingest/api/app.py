@@ -1,0 +1,140 @@
+"""The aiohttp application: routes, the error and token middlewares, and serving it on the
+daemon's event loop (``serve``), plain or over TLS."""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections.abc import Awaitable, Callable
+
+import structlog
+from aiohttp import web
+
+from mailingest.api import accounts, messages, ops, records, sending
+from mailingest.api.auth import authenticate
+from mailingest.api.errors import ApiError, error_response
+from mailingest.api.host import CALLER, HOST, ApiHost, host_of
+from mailingest.config import ApiSettings
+from mailingest.errors import ConfigError, MailIngestError, StoreError
+
+log = structlog.get_logger("mailingest.api")
+
+#: Request bodies above this are refused (413) before they are read whole.
+MAX_BODY = 1024 * 1024
+#: Requests in flight at the stop get this long to finish (seconds).
+SHUTDOWN_TIMEOUT = 2.0
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+#: (method, path, handler, needs a token). openapi.py describes exactly these.
+ROUTES: tuple[tuple[str, str, Handler, bool], ...] = (
+    ("GET", "/healthz", ops.healthz, False),
+    ("GET", "/readyz", ops.readyz, False),
+    ("GET", "/metrics", ops.metrics, False),
+    ("GET", "/openapi.json", ops.openapi_json, False),
+    ("GET", "/messages", messages.list_messages, True),
+    ("GET", "/messages/{id:[0-9]{1,19}}", messages.get_message, True),
+    ("GET", "/messages/{id:[0-9]{1,19}}/raw", messages.get_raw, True),
+    ("POST", "/messages", sending.send, True),
+    ("POST", "/messages/{id:[0-9]{1,19}}/reply", sending.reply, True),
+    ("GET", "/records", records.list_records, True),
+    ("PUT", "/records/{id}", records.put_record, True),
+    ("DELETE", "/records/{id}", records.delete_record, True),
+    ("PUT", "/records/{id}/emails", records.put_emails, True),
+    ("PUT", "/records/{id}/shares/{owner}", records.share, True),
+    ("DELETE", "/records/{id}/shares/{owner}", records.share, True),
+    ("GET", "/accounts", ops.accounts, True),
+    ("POST", "/accounts", accounts.add_account, True),
+    ("GET", "/accounts/{name}", accounts.get_settings, True),
+    ("PATCH", "/accounts/{name}", accounts.patch_settings, True),
+    ("POST", "/accounts/{name}/check", accounts.check, True),
+    ("POST", "/accounts/{name}/fetch", accounts.fetch_now, True),
+)
+_PUBLIC = {handler for _, _, handler, token in ROUTES if not token}
+
+
+@web.middleware
+async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every failure becomes the JSON error shape; a bug is logged, never shown."""
+    try:
+        response = await handler(request)
+    except ApiError as exc:
+        response = exc.response()
+    except web.HTTPException as exc:  # no such route (404), method (405), body too large (413)
+        if exc.status < 400:
+            raise
+        response = error_response(exc.status, exc.reason)
+    except StoreError as exc:
+        response = error_response(503, f"the store is unavailable: {exc}")
+    except MailIngestError as exc:
+        response = error_response(422, str(exc))
+    except (asyncio.CancelledError, ConnectionResetError):
+        raise
+    except Exception as exc:
+        log.exception(
+            "api_request_failed", method=request.method, path=request.path, error=repr(exc)
+        )
+        response = error_response(500, "internal error; the daemon's log has the details")
+    host_of(request).metrics.requests.labels(code=str(response.status)).inc()
+    return response
+
+
+@web.middleware
+async def _token(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Routes that need a token get the caller in ``request["caller"]``."""
+    if request.match_info.http_exception is None and handler not in _PUBLIC:
+        request[CALLER] = await authenticate(request, host_of(request).store)
+    return await handler(request)
+
+
+def build_app(host: ApiHost) -> web.Application:
+    app = web.Application(middlewares=[_errors, _token], client_max_size=MAX_BODY)
+    app[HOST] = host
+    app[messages.DECODING] = asyncio.Semaphore(messages.DECODE_AT_ONCE)
+    for method, path, handler, _ in ROUTES:
+        app.router.add_route(method, path, handler)
+    return app
+
+
+class ApiServer:
+    """The API listening; ``close`` stops it (requests in flight get SHUTDOWN_TIMEOUT)."""
+
+    def __init__(self, runner: web.AppRunner) -> None:
+        self._runner = runner
+
+    async def close(self) -> None:
+        await self._runner.cleanup()
+
+
+async def serve(host: ApiHost, settings: ApiSettings) -> ApiServer:
+    """Listen on ``[api] listen``; a port taken or a TLS file unusable is a ConfigError."""
+    context = _tls(settings)
+    runner = web.AppRunner(
+        build_app(host), access_log=None, handle_signals=False, shutdown_timeout=SHUTDOWN_TIMEOUT
+    )
+    await runner.setup()
+    site = web.TCPSite(runner, settings.host, settings.port, ssl_context=context)
+    try:
+        await site.start()
+    except OSError as exc:
+        await runner.cleanup()
+        where = f"{settings.host}:{settings.port}"
+        raise ConfigError(
+            f"cannot listen on {where}: {exc.strerror or exc}", key_path="api.listen"
+        ) from exc
+    log.info("api_started", host=settings.host, port=settings.port, tls=context is not None)
+    return ApiServer(runner)
+
+
+def _tls(settings: ApiSettings) -> ssl.SSLContext | None:
+    if settings.tls_cert is None or settings.tls_key is None:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(settings.tls_cert, settings.tls_key)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(
+            f"cannot load {settings.tls_cert} / {settings.tls_key}: {exc}", key_path="api.tls_cert"
+        ) from exc
+    return context

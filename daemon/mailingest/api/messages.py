@@ -1,0 +1,125 @@
+"""GET /messages, /messages/{id} and /messages/{id}/raw: what the caller may see.
+
+A message the caller may not see is answered exactly as one that does not exist (404), as
+`show` does: no probing for ids.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import json
+
+import structlog
+from aiohttp import web
+
+from mailingest.api import bodies
+from mailingest.api.errors import ApiError, query_bool, query_int
+from mailingest.api.host import caller_of, host_of
+from mailingest.errors import MailIngestError
+from mailingest.model import StoredMessage
+from mailingest.sharing import may_see
+
+log = structlog.get_logger("mailingest.api")
+
+#: Messages decoded at once (each is read whole, up to bodies.MAX_DECODED): memory bound.
+DECODING = web.AppKey("decoding", asyncio.Semaphore)
+DECODE_AT_ONCE = 4
+PAGE_DEFAULT = 50
+PAGE_MAX = 500
+_FILTERS = ("record", "account", "label", "quarantined", "limit", "cursor")
+
+
+async def list_messages(request: web.Request) -> web.Response:
+    host, caller = host_of(request), caller_of(request)
+    for key in request.query:
+        if key not in _FILTERS:
+            raise ApiError(422, f"unknown parameter; allowed: {', '.join(_FILTERS)}", field=key)
+    account = request.query.get("account")
+    if account is not None and account not in {a.name for a in host.config.accounts}:
+        raise ApiError(422, f"no account {account!r}", field="account")
+    limit = query_int(request, "limit", PAGE_DEFAULT, 1, PAGE_MAX)
+    cursor = request.query.get("cursor")
+    found = await host.store.messages(
+        caller.user,
+        account=account,
+        label=request.query.get("label"),
+        record=request.query.get("record"),
+        limit=limit + 1,
+        quarantined=query_bool(request, "quarantined"),
+        before=decode_cursor(cursor) if cursor else None,
+    )
+    page = found[:limit]
+    more = len(found) > limit
+    return web.json_response(
+        {
+            "messages": [m.to_json() for m in page],
+            "next_cursor": encode_cursor(page[-1]) if more else None,
+        }
+    )
+
+
+def encode_cursor(last: StoredMessage) -> str:
+    """Opaque to the caller: where the page ended, in the listing's order."""
+    key = json.dumps([last.date or last.received_at, last.id]).encode()
+    return base64.urlsafe_b64encode(key).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> tuple[str, int]:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        key, message_id = json.loads(raw)
+    except (binascii.Error, ValueError, TypeError, RecursionError):
+        raise ApiError(422, "not a cursor this API returned", field="cursor") from None
+    if not isinstance(key, str) or not isinstance(message_id, int):
+        raise ApiError(422, "not a cursor this API returned", field="cursor")
+    return key, message_id
+
+
+async def _visible(request: web.Request) -> StoredMessage:
+    host, caller = host_of(request), caller_of(request)
+    message_id = int(request.match_info["id"])
+    message = await host.store.message(message_id) if message_id < 2**63 else None
+    if message is None or not may_see(caller.user, message.owner, message.visibility):
+        raise ApiError(404, f"message {message_id} does not exist or you may not see it")
+    return message
+
+
+async def get_message(request: web.Request) -> web.Response:
+    """The `show` fields, with the body decoded: text and HTML parts, attachments."""
+    message = await _visible(request)
+    body: dict[str, object] = {"parts": [], "attachments": [], "body_omitted": None}
+    if message.size > bodies.MAX_DECODED:
+        body["body_omitted"] = f"larger than {bodies.MAX_DECODED} bytes: read /raw"
+    else:
+        async with request.app[DECODING]:
+            chunks = [c async for c in host_of(request).store.raw_chunks(message.id)]
+            body |= await asyncio.to_thread(bodies.decode, b"".join(chunks))
+    return web.json_response({**message.to_json(), **body})
+
+
+async def get_raw(request: web.Request) -> web.StreamResponse:
+    """The exact stored bytes, streamed a chunk at a time (memory stays bounded)."""
+    message = await _visible(request)
+    chunks = host_of(request).store.raw_chunks(message.id)
+    first = await anext(chunks, b"")  # a store error now is still a JSON answer
+    response = web.StreamResponse(
+        headers={
+            "Content-Type": "message/rfc822",
+            "Content-Length": str(message.size),
+            "X-Content-Type-Options": "nosniff",
+        }
+    )
+    await response.prepare(request)
+    await response.write(first)
+    try:
+        async for chunk in chunks:
+            await response.write(chunk)
+    except MailIngestError as exc:  # too late for a status: cut the response short
+        log.error("api_request_failed", method=request.method, path=request.path, error=str(exc))
+        if request.transport is not None:
+            request.transport.close()
+        return response
+    await response.write_eof()
+    return response

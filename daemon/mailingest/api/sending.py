@@ -1,0 +1,102 @@
+"""POST /messages (send) and POST /messages/{id}/reply: mail from the CRM over SMTP, with
+the CLI's rules (outgoing.py): daily limit first, stored exactly as sent, tagged crm_sent.
+
+A user sends from their own accounts (an admin from any); a reply goes out from the
+caller's primary account to a message the caller may see."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp import web
+
+from mailingest import outgoing
+from mailingest.api.errors import ApiError, json_object, known_keys, strings, text
+from mailingest.api.host import caller_of, host_of
+from mailingest.errors import (
+    ConfigError,
+    DataError,
+    MailIngestError,
+    PermissionDenied,
+    StoreError,
+    TemporaryError,
+    UsageError,
+)
+from mailingest.matching import normalize
+from mailingest.outgoing import Sent
+
+
+async def send(request: web.Request) -> web.Response:
+    caller, host = caller_of(request), host_of(request)
+    data = await json_object(request)
+    known_keys(data, ("account", "to", "cc", "subject", "body"))
+    name = text(data, "account")
+    account = next((a for a in host.config.accounts if a.name == name), None)
+    if account is None:
+        raise ApiError(422, f"no account {name!r}", field="account")
+    if not caller.may_manage(account.owner):
+        raise ApiError(403, f"only {account.owner!r} (or an admin) sends from {name!r}")
+    to = strings(data, "to")
+    if not to:
+        raise ApiError(422, "at least one recipient is needed", field="to")
+    cc = strings(data, "cc") if "cc" in data else []
+    for key, addresses in (("to", to), ("cc", cc)):
+        bad = [a for a in addresses if normalize(a) is None]
+        if bad:
+            raise ApiError(422, f"not an address: {', '.join(map(repr, bad))}", field=key)
+    subject, body = text(data, "subject", ""), text(data, "body", "")
+    return await _sent(
+        request,
+        outgoing.send_with(host.store, host.config, name, to, cc, subject, body),
+        field="to",
+    )
+
+
+async def reply(request: web.Request) -> web.Response:
+    caller, host = caller_of(request), host_of(request)
+    data = await json_object(request)
+    known_keys(data, ("body", "all"))
+    reply_all = data.get("all", False)
+    if not isinstance(reply_all, bool):
+        raise ApiError(422, "expected true or false", field="all")
+    message_id = int(request.match_info["id"])
+    return await _sent(
+        request,
+        outgoing.reply_with(
+            host.store,
+            host.config,
+            message_id,
+            caller.user,
+            text(data, "body", ""),
+            reply_all=reply_all,
+        ),
+        field="account",
+    )
+
+
+async def _sent(request: web.Request, sending: Any, *, field: str) -> web.Response:
+    """Await the send; count it; its errors as the API's: a refusal of the message (5xx)
+    is 422 like the CLI's 65, an SMTP server unreachable or failing 502 (69), one that
+    answers "try later" (4xx) or the daily limit 503 (75)."""
+    sends = host_of(request).metrics.sends
+    try:
+        sent: Sent = await sending
+    except PermissionDenied as exc:
+        raise ApiError(404, str(exc)) from None
+    except UsageError as exc:
+        sends.labels(result="failed").inc()
+        raise ApiError(422, str(exc), field=field) from None
+    except DataError as exc:  # the SMTP server refused the message (5xx), as the CLI's 65
+        sends.labels(result="failed").inc()
+        raise ApiError(422, str(exc)) from None
+    except ConfigError as exc:
+        sends.labels(result="failed").inc()
+        raise ApiError(422, f"this account cannot send: {exc}", field="account") from None
+    except (TemporaryError, StoreError) as exc:
+        sends.labels(result="failed").inc()
+        raise ApiError(503, str(exc)) from None
+    except MailIngestError as exc:
+        sends.labels(result="failed").inc()
+        raise ApiError(502, f"the SMTP server: {exc}") from None
+    sends.labels(result="ok").inc()
+    return web.json_response(sent.to_json())

@@ -1,0 +1,127 @@
+"""Accounts through the API: add with a test login, an owner's sharing settings (read,
+change: re-tagged before the answer), check now, fetch now. `mailingest run` and Dovecot."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from api_support import ApiWorld, mail
+from daemon_support import WAIT
+from dovecot import Dovecot, Mailbox
+
+
+def _table(mailbox: Mailbox, name: str, owner: str, **more: Any) -> dict[str, Any]:
+    server = mailbox.dovecot
+    return {
+        "name": name,
+        "owner": owner,
+        "host": server.host,
+        "port": server.port,
+        "security": "plain",
+        "allow_plaintext": True,
+        "username": mailbox.user,
+        "password": mailbox.password,
+        "timeout": "20s",
+        **more,
+    }
+
+
+def _until(check: Any, what: str) -> None:
+    deadline = time.monotonic() + WAIT
+    while not check():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.2)
+
+
+def test_accounts_through_the_api(tmp_path: Path, dovecot: Dovecot) -> None:
+    storage = {"database": "mail.db", "secret_key": "a-test-key-of-32-characters-long"}
+    world = ApiWorld(tmp_path, dovecot, storage=storage)
+    world.import_records()
+    world.make_tokens()
+    carol_box = dovecot.new_mailbox()
+    carol_box.deliver(mail(1, "Ann <ann@cust.example>"))
+    with world.running():
+        table = _table(carol_box, "carol-mail", "carol", sharing="custom")
+        assert world.send("POST", "bob", "/accounts", json=table).status_code == 403
+        wrong = world.send("POST", "carol", "/accounts", json={**table, "password": "nope"})
+        assert (wrong.status_code, wrong.json()["field"]) == (422, "password"), wrong.text
+        assert world.get("carol", "/accounts/carol-mail").status_code == 404  # nothing stored
+        added = world.send("POST", "carol", "/accounts", json=table)
+        assert added.status_code == 200, added.text
+        body = added.json()
+        assert (body["account"], body["added"], body["pop3"]["status"]) == (
+            "carol-mail",
+            True,
+            "ok",
+        )
+        assert body["pop3"]["messages"] == 1
+        assert world.send("POST", "carol", "/accounts", json=table).status_code == 409
+        bad = world.send("POST", "carol", "/accounts", json={**table, "name": "c2", "port": "x"})
+        assert (bad.status_code, bad.json()["field"]) == (422, "port"), bad.text
+        names = [a["account"] for a in world.get("carol", "/accounts").json()["accounts"]]
+        assert "carol-mail" in names  # applied before the answer
+        _until(lambda: len(world.all_messages("carol")) == 1, "carol's mail to be fetched")
+
+        settings = world.get("bob", "/accounts/carol-mail").json()
+        assert settings == {
+            "account": "carol-mail",
+            "owner": "carol",
+            "source": "database",
+            "sharing": "custom",
+            "excluded_domains": [],
+            "magnet_label": None,
+            "from_address": None,
+            "aliases": [],
+            "primary": False,
+        }
+        assert world.get("bob", "/accounts/alice-mail").json()["source"] == "config"
+        assert world.all_messages("bob") == []
+        public = {"sharing": "public"}
+        assert world.send("PATCH", "bob", "/accounts/carol-mail", json=public).status_code == 403
+        changed = world.send("PATCH", "carol", "/accounts/carol-mail", json=public)
+        assert changed.json() == {"account": "carol-mail", "changed": ["sharing"]}
+        [seen] = world.all_messages("bob")  # re-tagged before the answer
+        assert (seen["owner"], seen["visibility"], seen["reason"]) == ("carol", "shared", "public")
+        for patch, field in (
+            ({"sharing": "open"}, "sharing"),
+            ({"primary": "yes"}, "primary"),
+            ({"excluded_domains": "x.example"}, "excluded_domains"),
+            ({"owner": "bob"}, "owner"),
+            ({}, "body"),
+        ):
+            response = world.send("PATCH", "carol", "/accounts/carol-mail", json=patch)
+            assert (response.status_code, response.json()["field"]) == (422, field), patch
+        labelled = {"magnet_label": "crm", "primary": True}
+        assert world.send("PATCH", "admin", "/accounts/carol-mail", json=labelled).json() == {
+            "account": "carol-mail",
+            "changed": ["magnet_label", "primary"],
+        }
+        assert world.all_messages("carol")[0]["labels"] == ["crm"]
+        file_account = world.send("PATCH", "alice", "/accounts/alice-mail", json=public)
+        assert file_account.status_code == 409 and "config file" in file_account.json()["message"]
+
+        checked = world.send("POST", "alice", "/accounts/alice-mail/check")
+        assert checked.json()["pop3"]["status"] == "ok" and checked.json()["smtp"] is None
+        assert world.send("POST", "bob", "/accounts/alice-mail/check").status_code == 403
+        assert world.send("POST", "alice", "/accounts/nope/check").status_code == 404
+
+        def alices() -> list[Any]:
+            return [m for m in world.all_messages("alice") if m["owner"] == "alice"]
+
+        assert alices() == []
+        world.alice.deliver(mail(2, "ben@other.example"))  # the next regular poll: in an hour
+        now = world.send("POST", "alice", "/accounts/alice-mail/fetch")
+        assert now.status_code == 202
+        assert now.json() == {"account": "alice-mail", "poll": "requested"}
+        _until(lambda: len(alices()) == 1, "fetch now to store alice's mail")
+        assert world.send("POST", "bob", "/accounts/alice-mail/fetch").status_code == 403
+
+        untested = {**_table(dovecot.new_mailbox(), "paused-mail", "carol"), "password": "no"}
+        stored = world.send("POST", "carol", "/accounts", json={**untested, "test": False})
+        assert stored.json()["pop3"] is None
+        _until(
+            lambda: world.send("POST", "carol", "/accounts/paused-mail/fetch").status_code == 409,
+            "the rejected login to pause the account",
+        )

@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from mailingest import __version__, cli_accounts, cli_api, cli_auth, cli_review, commands, logs
-from mailingest.config import Config, load_config, render_config, resolve_config_path
+from mailingest.config import Config, load_config, resolve_config_path
+from mailingest.config_render import render_config
 from mailingest.errors import (
     EX_DATAERR,
     EX_OK,

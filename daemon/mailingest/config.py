@@ -6,26 +6,28 @@ import dataclasses
 import os
 import re
 import tomllib
-from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from mailingest.config_auth import OAuth2Config, parse_auth
-from mailingest.config_values import UNIT_SECONDS
+from mailingest.config_auth import parse_auth
 from mailingest.config_values import Context as _Context
 from mailingest.config_values import Secret as Secret  # re-exported: the config's own type
 from mailingest.config_values import Table as _Table
 from mailingest.config_values import parse_duration as parse_duration
 from mailingest.config_values import secret as _secret
-from mailingest.config_values import toml_str as _toml_str
 from mailingest.config_values import type_name as _type_name
 from mailingest.envfile import EnvFileError, read_env_file
 from mailingest.errors import ConfigError
-from mailingest.model import Pop3Login
+from mailingest.settings import RECENT_PREFIX as RECENT_PREFIX
+from mailingest.settings import Account as Account
+from mailingest.settings import ApiSettings as ApiSettings
+from mailingest.settings import Config as Config
+from mailingest.settings import DaemonSettings as DaemonSettings
+from mailingest.settings import SmtpSettings as SmtpSettings
+from mailingest.settings import StorageSettings as StorageSettings
 
 DEFAULT_CONFIG_PATH = Path("/etc/mailingest/mailingest.toml")
-RECENT_PREFIX = "recent:"
 MAX_EXCLUDED_DOMAINS = 5
 SECURITY_MODES = ("tls", "starttls", "plain")
 SHARING_MODES = ("private", "custom", "public")
@@ -53,159 +55,6 @@ _ACCOUNT_KEYS = (
 _NAME_RE = re.compile(r"[A-Za-z0-9._@-]+")
 _ADDRESS_RE = re.compile(r"[^@\s]+@[^@\s]+")
 _LABEL_RE = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
-
-
-@dataclass(frozen=True, slots=True)
-class SmtpSettings:
-    host: str
-    port: int
-    security: str
-    username: str
-    password: Secret | None  # None: OAuth2 sign-in (auth)
-    allow_plaintext: bool = False
-    ca_file: Path | None = None
-    tls_verify: bool = True
-    daily_limit: int | None = None
-    timeout: float = 60.0
-    auth: OAuth2Config | None = None  # None: the password
-
-
-@dataclass(frozen=True, slots=True)
-class Account:
-    name: str
-    owner: str
-    host: str
-    port: int
-    security: str
-    username: str
-    password: Secret | None  # None: OAuth2 sign-in (auth)
-    allow_plaintext: bool = False
-    leave_on_server: bool = True
-    delete_after_days: int = 0
-    sharing: str = "private"
-    excluded_domains: tuple[str, ...] = ()
-    magnet_label: str | None = None
-    from_address: str | None = None
-    #: More addresses the owner sends as (mail From one of them is the owner's own).
-    aliases: tuple[str, ...] = ()
-    primary: bool = False
-    ca_file: Path | None = None
-    tls_verify: bool = True
-    poll_interval: float | None = None  # seconds; None = the daemon's poll_interval
-    #: Bytes; a message listed larger is quarantined (header stored, kept on the server).
-    max_message_size: int = 0  # 0 = no limit
-    timeout: float = 60.0
-    smtp: SmtpSettings | None = None
-    auth: OAuth2Config | None = None  # None: the password
-
-    def login_bytes(self) -> bytes:
-        """Everything that makes a login: another server, user name, password or OAuth2
-        client is another attempt (the auth pause's key)."""
-        head = "\0".join((self.host, str(self.port), self.username)).encode("utf-8")
-        if self.auth is not None:
-            return head + b"\0oauth2\0" + self.auth.login_bytes()
-        assert self.password is not None
-        return head + b"\0" + self.password.reveal().encode("utf-8")
-
-    @property
-    def recent_mode(self) -> bool:
-        return self.username.startswith(RECENT_PREFIX)
-
-    @property
-    def identity(self) -> str:
-        """The mailbox address: recent mode logs in as "recent:x" but the mailbox is x."""
-        return self.username.removeprefix(RECENT_PREFIX).lower()
-
-    @property
-    def addresses(self) -> tuple[str, ...]:
-        """Every address the owner sends as: the identity, ``from_address``, ``aliases``."""
-        extra = (self.from_address,) if self.from_address else ()
-        return (self.identity, *extra, *self.aliases)
-
-    def pop3_login(self) -> Pop3Login:
-        """The values a POP3 session needs (pop3.py never sees the config); the password
-        stays unread until the session asks for it."""
-        return Pop3Login(
-            name=self.name,
-            host=self.host,
-            port=self.port,
-            security=self.security,
-            username=self.username,
-            password=self.password.reveal if self.password is not None else _no_password,
-            ca_file=self.ca_file,
-            tls_verify=self.tls_verify,
-            timeout=self.timeout,
-            sasl=self.auth.mechanism if self.auth is not None else None,
-        )
-
-
-def _no_password() -> str:
-    """An OAuth2 account's login before its token is in: a bug, not a blank password."""
-    raise RuntimeError("an OAuth2 account's access token is fetched before its session starts")
-
-
-@dataclass(frozen=True, slots=True)
-class StorageSettings:
-    #: A SQLite file, or a ``postgresql://user@host[:port]/db`` URL (never with a password).
-    database: Path | str
-    password: Secret | None = None  # PostgreSQL only
-    #: Encrypts the passwords of accounts kept in the database (`mailingest accounts`).
-    secret_key: Secret | None = None
-
-    @property
-    def postgres(self) -> bool:
-        return isinstance(self.database, str)
-
-    def reveal_password(self) -> str | None:
-        return self.password.reveal() if self.password is not None else None
-
-
-@dataclass(frozen=True, slots=True)
-class DaemonSettings:
-    poll_interval: float = 300.0
-    max_concurrent: int = 16
-    max_sessions_per_cycle: int = 10
-    log_format: str = "auto"
-    shutdown_timeout: float = 10.0
-    #: NAME=value lines that { env = "NAME" } secrets read before the process environment;
-    #: unlike the environment, re-read on every load (SIGHUP).
-    env_file: Path | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class ApiSettings:
-    """``[api]``: the daemon's HTTP API (off unless ``listen`` is set)."""
-
-    host: str
-    port: int
-    #: Both or neither: HTTPS with this certificate chain and key (PEM), read at start.
-    tls_cert: Path | None = None
-    tls_key: Path | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class Config:
-    path: Path
-    storage: StorageSettings
-    daemon: DaemonSettings
-    accounts: tuple[Account, ...]
-    api: ApiSettings | None = None
-
-    def secrets(self) -> Iterator[str]:
-        """Every secret value (POP3, SMTP, database), for the log redaction."""
-        found = [self.storage.password, self.storage.secret_key]
-        for account in self.accounts:
-            found += [account.password, account.smtp.password if account.smtp else None]
-            for auth in (account.auth, account.smtp.auth if account.smtp else None):
-                found += auth.secrets() if auth is not None else []
-        # One not read yet (a command that logs in nowhere) has nothing to mask.
-        yield from (s.value for s in found if s is not None and s.resolved)
-
-    def account(self, name: str) -> Account:
-        for account in self.accounts:
-            if account.name == name:
-                return account
-        raise KeyError(name)
 
 
 def resolve_config_path(cli_value: str | None, environ: Mapping[str, str] | None = None) -> Path:
@@ -543,79 +392,3 @@ def _plausible_domain(domain: str) -> bool:
         return False
     labels = ascii_domain.split(".")
     return len(labels) >= 2 and all(_LABEL_RE.fullmatch(label) for label in labels)
-
-
-def render_config(config: Config) -> str:
-    """The effective config as TOML: defaults filled in, paths resolved, secrets described."""
-    lines = [f"# effective configuration of {_toml_str(str(config.path))}", "", "[storage]"]
-    lines += _render_fields(config.storage)
-    lines += ["", "[daemon]", *_render_fields(config.daemon)]
-    if config.api is not None:
-        lines += ["", "[api]", *_render_fields(config.api)]
-    for account in config.accounts:
-        lines += ["", "[[accounts]]", *_render_fields(account)]
-        if account.auth is not None:
-            lines += ["", "[accounts.auth.oauth2]", *_render_fields(account.auth)]
-        if account.smtp is not None:
-            lines += ["", "[accounts.smtp]", *_render_fields(account.smtp)]
-            if account.smtp.auth is not None:
-                lines += ["", "[accounts.smtp.auth.oauth2]", *_render_fields(account.smtp.auth)]
-    return "\n".join(lines) + "\n"
-
-
-_UNSET = {
-    "ca_file": "the system CA store",
-    "daily_limit": "no limit",
-    "magnet_label": "no label",
-    "from_address": "the identity",
-    "poll_interval": "the [daemon] poll_interval",
-    "env_file": "{ env } secrets come from the process environment only",
-    "tls_cert": "plain HTTP",
-    "tls_key": "plain HTTP",
-    "auth": "the password",
-    "tenant": "none",
-    "client_secret": "a public client",
-    "refresh_token": "the one `mailingest auth login` stored",
-    "private_key": "none",
-    "subject": "none",
-}
-
-
-def _render_fields(obj: Any) -> list[str]:
-    lines = []
-    for f in dataclasses.fields(obj):
-        value = getattr(obj, f.name)
-        if f.name in ("smtp", "seal_key") or (f.name == "auth" and value is not None):
-            continue  # sections of their own; seal_key is storage.secret_key
-        if f.name == "password" and value is None:
-            continue  # OAuth2 sign-in: the auth.oauth2 table follows
-        if value is None:
-            lines.append(f"# {f.name}: not set ({_UNSET.get(f.name, 'default')})")
-        else:
-            lines.append(f"{f.name} = {_toml_value(value)}")
-    return lines
-
-
-def _toml_value(value: object) -> str:
-    if isinstance(value, Secret):
-        return value.describe()
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float):  # every float in the config is a duration
-        return _format_duration(value)
-    if isinstance(value, tuple):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    return _toml_str(str(value))
-
-
-def _format_duration(seconds: float) -> str:
-    if not seconds.is_integer():
-        return repr(seconds)
-    rest, parts = int(seconds), []
-    for unit, size in UNIT_SECONDS.items():
-        if rest >= size:
-            parts.append(f"{rest // size}{unit}")
-            rest %= size
-    return _toml_str("".join(parts) or "0s")

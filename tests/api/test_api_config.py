@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from mailingest.config import ApiSettings, load_config, render_config
+from mailingest.config import ApiSettings, load_config
+from mailingest.config_render import render_config
 from mailingest.errors import ConfigError
 from support import run_cli
 

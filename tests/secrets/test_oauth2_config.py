@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from mailingest.config import Config, load_config, render_config
+from mailingest.config import Config, load_config
+from mailingest.config_render import render_config
 from mailingest.errors import ConfigError
 
 SECRET = "client-secret-Rk18"

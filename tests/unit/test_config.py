@@ -21,10 +21,10 @@ from mailingest.config import (
     StorageSettings,
     load_config,
     parse_duration,
-    render_config,
     resolve_config_path,
 )
 from mailingest.config_auth import OAuth2Config
+from mailingest.config_render import render_config
 from mailingest.errors import ConfigError
 from support import ROOT
 

@@ -266,3 +266,39 @@ async def test_a_rotated_oauth2_token_is_kept_per_origin(store: Store) -> None:
     assert await store.rotated_token("acct", "pop3", "o1") == "sealed-2"
     assert await store.rotated_token("acct", "smtp", "o1") == "sealed-s"
     assert await store.rotated_token("acct", "pop3", "o2") is None  # signed in again since
+
+
+async def test_a_records_messages_come_newest_first_page_by_page_however_they_were_linked(
+    store: Store,
+) -> None:
+    """A record's listing reads its links in their stored order (the sort key): it must be
+    the order of the whole listing, for mail linked when stored and mail linked later by
+    an address change, with and without a Date."""
+    await store.import_records([Record("L1", "lead", "L", ("lead@x.example",))], {})
+    dates = ["2026-01-03T00:00:00+00:00", None, "2026-01-01T00:00:00+00:00", None]
+    dates += ["2026-01-03T00:00:00+00:00", "2026-01-02T00:00:00+00:00"]
+    senders = ["lead@x.example", "other@y.example"] * 3
+    batch = [
+        dataclasses.replace(
+            item(f"u{n}", f"m{n}".encode()),
+            headers=Headers(subject=f"u{n}", date=date),
+            senders=(sender,),
+            link=(sender,),
+        )
+        for n, (date, sender) in enumerate(zip(dates, senders, strict=True))
+    ]
+    await store.add_batch("acct", "alice", batch, POLICY)
+    # The other half is linked by an address change, after it was stored.
+    await store.set_record_emails("L1", ["lead@x.example", "other@y.example"], {})
+    everything = await store.messages("alice")
+    listed = await store.messages("alice", record="L1")
+    assert [m.id for m in listed] == [m.id for m in everything] and len(listed) == 6
+    pages: list[int] = []
+    before = None
+    while True:
+        page = await store.messages("alice", record="L1", limit=2, before=before)
+        pages += [m.id for m in page]
+        if len(page) < 2:
+            break
+        before = (page[-1].date or page[-1].received_at, page[-1].id)
+    assert pages == [m.id for m in listed]

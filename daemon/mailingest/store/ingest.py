@@ -125,7 +125,7 @@ async def _insert(
     }
     rows: list[tuple[Any, ...]] = []
     addresses: list[tuple[int, str, str]] = []
-    links: list[tuple[int, str]] = []
+    links: list[tuple[int, str, str]] = []  # message, record, its listing key
     labels: list[tuple[int, str]] = []
     for item, message_id in fresh:
         records = sorted({r for a in item.link for r in records_of.get(a, ())})
@@ -164,7 +164,8 @@ async def _insert(
         )
         roles = (("from", item.senders), ("to", item.recipients_to), ("cc", item.recipients_cc))
         addresses.extend(_unique((message_id, role, a) for role, found in roles for a in found))
-        links.extend((message_id, r) for r in records)
+        key = item.headers.date if item.headers.date is not None else received
+        links.extend((message_id, r, key) for r in records)
         if records and policy.magnet_label and item.direction == "in":  # customer mail
             labels.append((message_id, policy.magnet_label))
     await db.executemany(
@@ -177,7 +178,9 @@ async def _insert(
     await db.executemany(
         "INSERT INTO message_addresses (message, role, address) VALUES (?,?,?)", addresses
     )
-    await db.executemany("INSERT INTO message_records (message, record) VALUES (?,?)", links)
+    await db.executemany(
+        "INSERT INTO message_records (message, record, sort_key) VALUES (?,?,?)", links
+    )
     await db.executemany("INSERT INTO message_labels (message, label) VALUES (?,?)", labels)
 
 

@@ -35,6 +35,7 @@ async def messages(
     ``before``: only what sorts after the message with this (sort key, id), a page's end)."""
     sql = f"SELECT {_COLUMNS} FROM messages m WHERE (m.owner = ? OR m.visibility = 'shared')"
     args: list[Any] = [viewer]
+    key, order = _KEY, f"{_KEY} DESC, m.id DESC"
     if record is not None:
         # Start from the record's few links. Left to itself SQLite starts from the owner
         # and visibility indexes and visits every shared message; CROSS JOIN fixes the
@@ -45,6 +46,7 @@ async def messages(
             " AND (m.owner = ? OR m.visibility = 'shared')"
         )
         args = [record, viewer]
+        key, order = "r.sort_key", "r.sort_key DESC, r.message DESC"  # the index's order
     if account is not None:
         sql += " AND m.account = ?"
         args.append(account)
@@ -54,9 +56,9 @@ async def messages(
         sql += " AND EXISTS (SELECT 1 FROM message_labels l WHERE l.message = m.id AND l.label = ?)"
         args.append(label)
     if before is not None:
-        sql += f" AND ({_KEY} < ? OR ({_KEY} = ? AND m.id < ?))"
+        sql += f" AND ({key} < ? OR ({key} = ? AND m.id < ?))"
         args += [before[0], before[0], before[1]]
-    sql += f" ORDER BY {_KEY} DESC, m.id DESC"
+    sql += f" ORDER BY {order}"
     if limit:
         sql += f" LIMIT {int(limit)}"
     async with db.read("reading messages"):

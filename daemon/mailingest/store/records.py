@@ -255,8 +255,8 @@ async def _replace_emails(
     marks = ",".join("?" * len(emails))
     # Incoming mail links on its sender, the owner's outgoing mail on its recipients.
     await db.execute(
-        "INSERT INTO message_records (message, record)"
-        " SELECT DISTINCT a.message, ? FROM message_addresses a"
+        "INSERT INTO message_records (message, record, sort_key)"
+        " SELECT DISTINCT a.message, ?, coalesce(m.date, m.received_at) FROM message_addresses a"
         " JOIN messages m ON m.id = a.message"
         f" WHERE a.address IN ({marks}) AND ((a.role = 'from' AND m.direction = 'in')"
         " OR (a.role != 'from' AND m.direction = 'out'))"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import resource
 import sqlite3
 import subprocess
 import sys
@@ -77,7 +78,14 @@ def test_metrics_after_a_fetch_match_what_was_stored(tmp_path: Path, dovecot: Do
         assert any(f == name or f.startswith(name + "_") for f in families), name
 
 
+#: Requests in flight at once while the fetch runs (the issue's figure).
+CONCURRENT = 1000
+
+
 def test_many_concurrent_requests_while_fetches_run(tmp_path: Path, dovecot: Dovecot) -> None:
+    # 1,000 connections at once: this (client) side needs the files; the daemon raises its own.
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 8192)), hard))
     world = ApiWorld(tmp_path, dovecot, poll="1s")
     world.import_records()
     world.make_tokens()
@@ -98,7 +106,7 @@ def test_many_concurrent_requests_while_fetches_run(tmp_path: Path, dovecot: Dov
 
 
 async def _load(world: ApiWorld, raws: list[bytes]) -> tuple[list[int], int]:
-    """Rounds of 100 concurrent requests (reads, share toggles, bad input), back to back,
+    """Rounds of 1,000 concurrent requests (reads, share toggles, bad input), back to back,
     from before the mail arrives until all of it is stored; meanwhile a sampler counts the
     moments a fetch had stored part of it (it commits in batches of 200)."""
     statuses: list[int] = []
@@ -113,14 +121,14 @@ async def _load(world: ApiWorld, raws: list[bytes]) -> tuple[list[int], int]:
 
     sampler = asyncio.create_task(sample())
     delivered = asyncio.create_task(asyncio.to_thread(world.alice.deliver_many, raws))
-    limits = httpx.Limits(max_connections=50)
+    limits = httpx.Limits(max_connections=CONCURRENT)
     async with httpx.AsyncClient(base_url=world.url, timeout=WAIT, limits=limits) as client:
         deadline = time.monotonic() + 4 * WAIT
         while _count(world.config) < len(raws):
             assert time.monotonic() < deadline, "the mail was never all stored"
             listing = await _get(client, world, "alice", "/messages")
             ids = [m["id"] for m in listing.json()["messages"]]
-            jobs = [_one(client, world, i, ids) for i in range(100)]
+            jobs = [_one(client, world, i, ids) for i in range(CONCURRENT)]
             statuses += [r.status_code for r in await asyncio.gather(*jobs)]
         await delivered
     done.set()

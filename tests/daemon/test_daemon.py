@@ -364,3 +364,26 @@ async def test_mail_a_poll_stores_under_old_sharing_settings_is_retagged_when_it
                 seen = await daemon.store.messages("bob")
     assert events(logs, "mail_retagged")[-1]["accounts"] == ["a"]
     assert [(m.visibility, m.reason) for m in seen] == [("shared", "public")] * len(messages)
+
+
+def test_the_daemon_raises_its_open_file_limit_to_the_hard_limit() -> None:
+    """systemd starts services with a soft limit of 1,024 open files; hundreds of sessions
+    and API clients need more."""
+    import resource
+    import subprocess
+    import sys
+
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    code = (
+        "import resource; from mailingest.daemon import process; process.raise_fd_limit(); "
+        "print(resource.getrlimit(resource.RLIMIT_NOFILE)[0])"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        check=True,
+        timeout=60,
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard)),
+    )
+    expected = min(hard, 65536) if hard != resource.RLIM_INFINITY else 65536
+    assert int(done.stdout) == max(256, expected)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import resource
 import sys
 import threading
 import time
@@ -38,6 +39,18 @@ WORKER_PREFIX = "mailingest-worker"
 FINISH_SHARE = 0.6
 UNWIND_SHARE = 0.8
 EXIT_SHARE = 0.95
+#: The most open files the daemon asks for (within the hard limit).
+FD_LIMIT = 65536
+
+
+def raise_fd_limit() -> None:
+    """Up to the hard limit of open files (systemd gives services a soft 1,024): hundreds of
+    POP3 sessions, the store and the API's clients each hold descriptors, and the event
+    loop (epoll) and socket timeouts (poll) have no 1,024 ceiling of their own."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = hard if hard != resource.RLIM_INFINITY else max(soft, FD_LIMIT)
+    with contextlib.suppress(ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(wanted, FD_LIMIT)), hard))
 
 
 def worker_pool(concurrency: int) -> ThreadPoolExecutor:

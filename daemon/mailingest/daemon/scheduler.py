@@ -446,4 +446,5 @@ class Daemon:
 
 
 def run_daemon(config: Config, *, config_path: Path | None = None) -> int:
+    process.raise_fd_limit()
     return Daemon(config, config_path).run()

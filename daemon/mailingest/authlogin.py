@@ -68,9 +68,12 @@ async def login(
     store: Store,
     say: Say,
     *,
+    identity: str,
     flow: str | None = None,
     http_timeout: float = 30.0,
 ) -> SignedIn:
+    """Sign ``name``'s ``service`` (pop3, smtp) in; ``identity``: the mailbox, whose token
+    this is (see OAuth2Config.origin)."""
     chosen = flow_for(conf, flow)
     if chosen == "device":
         token = await _device(name, conf, say, http_timeout)
@@ -84,9 +87,12 @@ async def login(
         )
     assert conf.seal_key is not None  # the refresh_token grant requires it
     sealed = SecretBox(conf.seal_key.reveal()).seal(token.refresh_token)
-    await store.save_rotated_token(name, service, conf.origin(), sealed)
-    await pause.resume(store, name, pause.SIGNED_IN)
-    signin.forget(name)
+    await store.save_rotated_token(name, service, conf.origin(identity), sealed)
+    # The POP3 sign-in ends an auth pause (a running daemon sees it within an interval);
+    # an SMTP one does not: the pause is about the mailbox.
+    if service == "pop3" and await store.pause_key(name) is not None:
+        await pause.resume(store, name, pause.SIGNED_IN)
+    signin.forget(name, service)
     return SignedIn(name, service, chosen, conf.scopes)
 
 
@@ -99,8 +105,8 @@ async def _device(name: str, conf: OAuth2Config, say: Say, http_timeout: float) 
         raise AuthError(f"device sign-in refused: {data.get('error') or status}", account=name)
     where = data.get("verification_uri_complete") or data.get("verification_uri")
     say(f"To sign in {name!r}, open {where} and enter the code {user_code}")
-    interval = max(1.0, float(data.get("interval", 5)))
-    deadline = time.monotonic() + float(data.get("expires_in", 900))
+    interval = max(1.0, _number(data.get("interval"), 5.0))
+    deadline = time.monotonic() + min(_number(data.get("expires_in"), 900.0), 3600.0)
     poll = {"grant_type": _DEVICE_GRANT, "device_code": code, "client_id": conf.client_id}
     if conf.client_secret is not None:
         poll["client_secret"] = conf.client_secret.reveal()
@@ -195,6 +201,15 @@ async def _redirect(
         writer.close()
     if found and not arrived.done():
         arrived.set_result(answer)
+
+
+def _number(value: Any, default: float) -> float:
+    """A provider's number of seconds; its default when absent or not a number."""
+    try:
+        found = float(value)
+    except (TypeError, ValueError):
+        return default
+    return found if found == found and 0 < found < float("inf") else default
 
 
 def _token(name: str, status: int, data: dict[str, Any]) -> Token:

@@ -79,9 +79,11 @@ def _oauth2_options(p: argparse.ArgumentParser) -> None:
 
 def _oauth2_table(args: argparse.Namespace) -> dict[str, Any] | None:
     if args.oauth2 is None:
-        for key in ("grant", "client_id", "tenant", "token_url", "scope", "mechanism"):
+        for key in ("grant", "client_id", "tenant", "token_url", "device_url", "auth_url"):
             if getattr(args, key):
                 raise UsageError(f"--{key.replace('_', '-')} needs --oauth2 PROVIDER")
+        if args.scope or args.mechanism:
+            raise UsageError("--scope and --mechanism need --oauth2 PROVIDER")
         return None
     if args.password_stdin or args.password_env:
         raise UsageError("an OAuth2 account has no password; see --client-secret-env")

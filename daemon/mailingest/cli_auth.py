@@ -32,7 +32,10 @@ def run(args: argparse.Namespace, load: Callable[[], Config]) -> int:
     config = load()
     [account] = commands.select_accounts(config, [args.account])
     service = "smtp" if args.smtp else "pop3"
+    if args.smtp and account.smtp is None:
+        raise UsageError(f"account {account.name!r} has no [accounts.smtp]")
     conf = account.smtp.auth if args.smtp and account.smtp else account.auth
+    identity = account.smtp.username.lower() if args.smtp and account.smtp else account.identity
     if conf is None:
         where = "[accounts.smtp] of " if args.smtp else ""
         raise UsageError(f"{where}account {account.name!r} does not sign in with OAuth2 (auth)")
@@ -45,7 +48,9 @@ def run(args: argparse.Namespace, load: Callable[[], Config]) -> int:
 
     async def sign_in() -> authlogin.SignedIn:
         async with commands.open_store(config) as store:
-            return await authlogin.login(account.name, service, conf, store, say, flow=args.flow)
+            return await authlogin.login(
+                account.name, service, conf, store, say, identity=identity, flow=args.flow
+            )
 
     done = asyncio.run(sign_in())
     if args.json:

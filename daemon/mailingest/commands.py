@@ -118,7 +118,13 @@ async def _one_shot(
                 account=account.name,
                 status=Status.AUTH_FAILED,
                 error=f"account {account.name!r}: paused since the server rejected this "
-                "login; no login attempted. Put the new password in the config.",
+                "login; no login attempted. "
+                + (
+                    f"Sign in again (mailingest auth login --account {account.name}) or "
+                    "change its auth settings."
+                    if account.auth is not None
+                    else "Put the new password in the config."
+                ),
             )
     result = await fetch_account(account, store, max_sessions=max_sessions, progress=progress)
     if pause.rejected(result.status):

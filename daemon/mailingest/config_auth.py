@@ -4,9 +4,12 @@ or ``{ oauth2 = { ... } }``, OAuth2 sign-in with the provider's presets filled i
 from __future__ import annotations
 
 import hashlib
+import ipaddress
+import urllib.parse
 from dataclasses import dataclass
 
 from mailingest.config_values import Context, Secret, Table, secret, type_name
+from mailingest.model import RECENT_PREFIX
 from mailingest.oauth2 import (
     GRANTS,
     PROVIDERS,
@@ -60,16 +63,18 @@ class OAuth2Config:
             timeout=timeout,
         )
 
-    def origin(self) -> str:
-        """Fingerprint of the configured refresh token: a token the provider rotated is
-        kept under it, and a newly configured token (the user signed in again) voids it."""
-        if self.refresh_token is None:
-            return ""
-        return hashlib.sha256(self.refresh_token.reveal().encode("utf-8")).hexdigest()[:16]
+    def origin(self, identity: str) -> str:
+        """Fingerprint of whose token this is: the mailbox, the client and the configured
+        refresh token. A refresh token is stored under it (rotated, or from `auth login`),
+        so another mailbox, client or configured token never uses it."""
+        configured = self.refresh_token.reveal() if self.refresh_token is not None else ""
+        parts = (identity, self.client_id, self.token_url, self.tenant or "", configured)
+        return hashlib.sha256("\0".join(parts).encode("utf-8")).hexdigest()[:16]
 
     def login_bytes(self) -> bytes:
         """What makes this sign-in another attempt than a rejected one (the pause key)."""
         parts = [self.provider, self.grant, self.client_id, self.token_url, *self.scopes]
+        parts += [self.tenant or "", self.subject or "", self.mechanism]
         for value in (self.client_secret, self.refresh_token, self.private_key):
             parts.append(value.reveal() if value is not None else "")
         return "\0".join(parts).encode("utf-8")
@@ -124,7 +129,8 @@ def parse_auth(
         raise o.error("private_key", f"not used by the {grant} grant; remove it")
     subject = o.optional_string("subject")
     if grant == "jwt_bearer" and subject is None:
-        subject = username  # domain-wide delegation acts for the mailbox itself
+        # Domain-wide delegation acts for the mailbox itself (not "recent:" + it).
+        subject = username.removeprefix(RECENT_PREFIX)
     return OAuth2Config(
         provider=provider,
         grant=grant,
@@ -147,9 +153,22 @@ def _url(o: Table, key: str, preset: str | None, needed: bool = True) -> str | N
     if key not in o.data and (preset is not None or not needed):
         return preset
     url = o.string(key)
-    if not url.startswith(("https://", "http://127.", "http://[::1]", "http://localhost")):
+    parts = urllib.parse.urlsplit(url)
+    if not parts.hostname or not (parts.scheme == "https" or _loopback(parts)):
         raise o.error(key, f"expected an https:// URL, got {url!r}")
     return url
+
+
+def _loopback(parts: urllib.parse.SplitResult) -> bool:
+    """Plain http only to this machine (a test's or a local proxy's endpoint)."""
+    if parts.scheme != "http" or parts.hostname is None:
+        return False
+    if parts.hostname == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(parts.hostname).is_loopback
+    except ValueError:
+        return False
 
 
 def _tenant(o: Table, provider: str, grant: str) -> str | None:

@@ -59,7 +59,9 @@ def event_keys(name: str) -> tuple[str, ...]:
 _SECRET_KEYS = {"password", "pass", "secret", "auth", "authorization", "token"}
 #: A POP3/SMTP credential command written out (protocol debug, an echoed error reply);
 #: upper case only, as clients send them, so that prose such as "pass" stays readable.
-_AUTH_LINE = re.compile(r"\b(PASS|AUTH(?:\s+(?:PLAIN|LOGIN|XOAUTH2|CRAM-MD5))?|APOP)\s+\S+")
+_AUTH_LINE = re.compile(
+    r"\b(PASS|AUTH(?:\s+(?:PLAIN|LOGIN|XOAUTH2|OAUTHBEARER|CRAM-MD5))?|APOP)\s+\S+"
+)
 _secrets: set[str] = set()
 
 

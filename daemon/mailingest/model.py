@@ -39,6 +39,9 @@ class Status(StrEnum):
 
 
 #: What a poll can end in (fetch maps any other error status to ERROR).
+#: Gmail's recent mode: the login is "recent:" plus the address (the mailbox identity).
+RECENT_PREFIX = "recent:"
+
 POLL_STATUSES = frozenset(
     {
         Status.OK,

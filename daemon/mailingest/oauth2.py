@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import math
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from mailingest.errors import AuthError, ProtocolError, TemporaryError
+from mailingest.errors import AuthError, ConfigError, ProtocolError, TemporaryError
 
 PROVIDERS = ("microsoft", "google", "custom")
 GRANTS = ("refresh_token", "client_credentials", "jwt_bearer")
@@ -101,16 +102,29 @@ class Token:
 
 #: Called with a rotated refresh token: it must be stored durably before the next use.
 Rotated = Callable[[str], Awaitable[None]]
+#: Reads the newest stored refresh token (another process, or `auth login`, may have put a
+#: newer one there since): asked before every refresh.
+Stored = Callable[[], Awaitable[str | None]]
+#: The longest an access token is trusted, whatever ``expires_in`` says.
+MAX_LIFETIME = 24 * 3600.0
 
 
 class TokenSource:
     """Access tokens for one account: cached, refreshed before they expire, one request
     at a time (concurrent callers wait for the same answer)."""
 
-    def __init__(self, name: str, settings: OAuth2Settings, *, rotated: Rotated | None = None):
+    def __init__(
+        self,
+        name: str,
+        settings: OAuth2Settings,
+        *,
+        rotated: Rotated | None = None,
+        stored: Stored | None = None,
+    ) -> None:
         self.name = name
         self.settings = settings
         self._rotated = rotated
+        self._stored = stored
         self._refresh_token: str | None = None  # the latest, once one was rotated
         self._token: Token | None = None
         self._lock = asyncio.Lock()
@@ -120,17 +134,27 @@ class TokenSource:
         """A refresh token stored after an earlier rotation: newer than the configured one."""
         self._refresh_token = token
 
+    def forget(self) -> None:
+        """Drop the cached access token (the server refused it, or a sign-in replaced it)."""
+        self._token = None
+
     async def access_token(self) -> str:
         async with self._lock:
             if self._token is not None and self._token.fresh():
                 self.refreshed = False
                 return self._token.access_token
+            if self._stored is not None:
+                newest = await self._stored()
+                if newest is not None:
+                    self._refresh_token = newest
             token = await request_token(self.name, self.settings, self._refresh_token)
+            self._token = token
             if token.refresh_token and token.refresh_token != self._current_refresh():
+                # Kept here first: the provider may have revoked the previous one already,
+                # so a failed save must not lose it for this process.
+                self._refresh_token = token.refresh_token
                 if self._rotated is not None:
                     await self._rotated(token.refresh_token)  # durable before it is relied on
-                self._refresh_token = token.refresh_token
-            self._token = token
             self.refreshed = True
             return token.access_token
 
@@ -144,7 +168,13 @@ async def request_token(
     name: str, settings: OAuth2Settings, refresh_token: str | None = None
 ) -> Token:
     """One token request (RFC 6749 section 5); errors name the account, never a secret."""
-    form = _grant_form(settings, refresh_token)
+    try:
+        form = _grant_form(settings, refresh_token)
+    except ValueError as exc:  # PyJWT's and cryptography's errors for a key that is no key
+        raise ConfigError(
+            f"account {name!r}: private_key is not a PEM private key for RS256 ({exc})",
+            key_path="auth.oauth2.private_key",
+        ) from None
     status, body = await _post(name, settings.token_url, form, settings.timeout)
     return _token_from(name, settings, status, body)
 
@@ -215,7 +245,10 @@ def _assertion(settings: OAuth2Settings) -> str:
     }
     if settings.subject:
         claims["sub"] = settings.subject
-    return jwt.encode(claims, settings.private_key(), algorithm="RS256")
+    try:
+        return jwt.encode(claims, settings.private_key(), algorithm="RS256")
+    except (jwt.PyJWTError, TypeError) as exc:  # never the key's text in the message
+        raise ValueError(type(exc).__name__) from None
 
 
 #: RFC 6749 error codes that mean the grant itself is no good: retrying cannot help.
@@ -255,6 +288,9 @@ def _token_from(name: str, settings: OAuth2Settings, status: int, body: bytes) -
         lifetime = float(data.get("expires_in", 3600))
     except (TypeError, ValueError):
         lifetime = 3600.0
+    if not math.isfinite(lifetime) or lifetime <= 0:
+        lifetime = 3600.0
+    lifetime = min(lifetime, MAX_LIFETIME)
     rotated = data.get("refresh_token")
     return Token(access, time.time() + lifetime, rotated if isinstance(rotated, str) else None)
 

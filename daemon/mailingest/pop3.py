@@ -390,8 +390,14 @@ class Pop3Session:
         # A challenge after the response carries the error (RFC 7628 3.2.2); the client
         # ends the exchange (a dummy response) and the server answers -ERR.
         details = _sasl_error(reply)
-        with contextlib.suppress(poplib.error_proto, ProtocolError):
+        try:
             pop.continuation("AQ==" if mechanism == "OAUTHBEARER" else "")
+        except poplib.error_proto as exc:
+            final = exc.args[0] if exc.args and isinstance(exc.args[0], bytes) else b""
+            if response_code(final) in _TRANSIENT_CODES:  # busy, not a verdict on the token
+                raise self._from_err_reply("login", final) from None
+        except ProtocolError:
+            pass
         raise AuthError(f"login rejected ({mechanism}): {details}", account=login.name)
 
     def _secrets(self) -> tuple[str, ...]:

@@ -9,9 +9,8 @@ from pathlib import Path
 
 from mailingest.config_auth import OAuth2Config
 from mailingest.config_values import Secret
+from mailingest.model import RECENT_PREFIX as RECENT_PREFIX
 from mailingest.model import Pop3Login
-
-RECENT_PREFIX = "recent:"
 
 
 @dataclass(frozen=True, slots=True)

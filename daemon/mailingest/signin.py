@@ -8,6 +8,7 @@ provider rotates in, saved before it is relied on, so a restart never loses it.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 
 from mailingest.config import Account, SmtpSettings
@@ -18,48 +19,65 @@ from mailingest.model import Pop3Login
 from mailingest.oauth2 import TokenSource
 from mailingest.store import Store
 
-_SOURCES: dict[tuple[str, str], tuple[OAuth2Config, TokenSource]] = {}
+#: (account, service) -> (its settings, the event loop, the source): a new loop (a test, a
+#: second asyncio.run) or other settings (a reload) bring a new source.
+_SOURCES: dict[tuple[str, str], tuple[OAuth2Config, object, TokenSource]] = {}
 
 
 async def access_token(
-    name: str, service: str, conf: OAuth2Config, http_timeout: float, store: Store
+    name: str,
+    service: str,
+    conf: OAuth2Config,
+    http_timeout: float,
+    store: Store,
+    username: str,
 ) -> tuple[str, bool]:
     """A valid access token and whether it was just requested (else: cached)."""
+    loop = asyncio.get_running_loop()
     held = _SOURCES.get((name, service))
-    if held is None or held[0] is not conf:  # a reloaded config brings its own source
-        source = await _source(name, service, conf, http_timeout, store)
-        _SOURCES[(name, service)] = (conf, source)
-    else:
-        source = held[1]
+    if held is not None and held[0] == conf and held[1] is loop:
+        source = held[2]
+    else:  # made and kept before any await: concurrent callers share it (and its lock)
+        source = _source(name, service, conf, http_timeout, store, username)
+        _SOURCES[(name, service)] = (conf, loop, source)
     token = await source.access_token()
     return token, source.refreshed
 
 
-async def _source(
-    name: str, service: str, conf: OAuth2Config, http_timeout: float, store: Store
+def _source(
+    name: str,
+    service: str,
+    conf: OAuth2Config,
+    http_timeout: float,
+    store: Store,
+    username: str,
 ) -> TokenSource:
     if conf.grant != "refresh_token":
         return TokenSource(name, conf.settings(http_timeout))
     assert conf.seal_key is not None  # the config requires it with this grant
     box = SecretBox(conf.seal_key.reveal())
-    origin = conf.origin()
+    origin = conf.origin(username)
     what = f"account {name!r} ({service} refresh token)"
 
     async def rotated(token: str) -> None:
         await store.save_rotated_token(name, service, origin, box.seal(token))
 
-    source = TokenSource(name, conf.settings(http_timeout), rotated=rotated)
-    sealed = await store.rotated_token(name, service, origin)
-    if sealed is not None:
-        source.use_refresh_token(box.open(sealed, what))
-    elif conf.refresh_token is None:
-        raise AuthError(
-            f"no {service} refresh token yet: sign in once with "
-            f"`mailingest auth login --account {name}` (or set refresh_token; an account "
-            "being added: `accounts add ... --no-test` first)",
-            account=name,
-        )
-    return source
+    async def stored() -> str | None:
+        """The newest refresh token in the store: a sign-in or another process's rotation
+        since this source was made is used, never an older one."""
+        sealed = await store.rotated_token(name, service, origin)
+        if sealed is not None:
+            return box.open(sealed, what)
+        if conf.refresh_token is None:
+            raise AuthError(
+                f"no {service} refresh token yet: sign in once with "
+                f"`mailingest auth login --account {name}` (or set refresh_token; an account "
+                "being added: `accounts add ... --no-test` first)",
+                account=name,
+            )
+        return None
+
+    return TokenSource(name, conf.settings(http_timeout), rotated=rotated, stored=stored)
 
 
 async def pop3_login(account: Account, store: Store) -> tuple[Pop3Login, bool | None]:
@@ -69,18 +87,22 @@ async def pop3_login(account: Account, store: Store) -> tuple[Pop3Login, bool | 
     if account.auth is None:
         return login, None
     token, refreshed = await access_token(
-        account.name, "pop3", account.auth, account.timeout, store
+        account.name, "pop3", account.auth, account.timeout, store, account.identity
     )
     return dataclasses.replace(login, password=lambda: token), refreshed
 
 
 async def smtp_token(settings: SmtpSettings, name: str, store: Store) -> str:
     assert settings.auth is not None
-    token, _ = await access_token(name, "smtp", settings.auth, settings.timeout, store)
+    identity = settings.username.lower()
+    token, _ = await access_token(name, "smtp", settings.auth, settings.timeout, store, identity)
     return token
 
 
-def forget(name: str) -> None:
-    """Drop the account's cached tokens (after `auth login` stored a new refresh token)."""
-    for service in ("pop3", "smtp"):
-        _SOURCES.pop((name, service), None)
+def forget(name: str, service: str | None = None) -> None:
+    """Drop the account's cached access tokens (the server refused one, the account paused,
+    or a sign-in put a new refresh token in the store)."""
+    for each in (service,) if service else ("pop3", "smtp"):
+        held = _SOURCES.get((name, each))
+        if held is not None:
+            held[2].forget()

@@ -148,7 +148,8 @@ async def _oauth2_login(client: aiosmtplib.SMTP, settings: SmtpSettings, token: 
         if reply.code == 334:  # the error challenge: end the exchange, the server says 535
             reply = await client.execute_command(b"AQ==" if mechanism == "OAUTHBEARER" else b"")
     if reply.code != 235:
-        raise aiosmtplib.SMTPAuthenticationError(reply.code, f"{mechanism}: {reply.message}")
+        said = reply.message.replace(response, "***").replace(token, "***")  # if echoed
+        raise aiosmtplib.SMTPAuthenticationError(reply.code, f"{mechanism}: {said}")
 
 
 @contextlib.contextmanager

@@ -152,3 +152,34 @@ def test_auth_must_be_password_or_an_oauth2_table(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match='expected "password" or'):
         load(tmp_path, text)
     assert load(tmp_path, text.replace('"kerberos"', '"password"'))
+
+
+def test_a_service_account_acts_for_the_mailbox_not_its_recent_login(tmp_path: Path) -> None:
+    (tmp_path / "sa.pem").write_text(PEM)
+    oauth2 = 'provider = "google"\nclient_id = "sa@p.example"\nprivate_key = { file = "sa.pem" }\n'
+    text = config_text(oauth2, seal=False).replace(
+        'username = "alice@contoso.example"', 'username = "recent:alice@contoso.example"'
+    )
+    auth = load(tmp_path, text).accounts[0].auth
+    assert auth is not None and auth.subject == "alice@contoso.example"
+
+
+@pytest.mark.parametrize(
+    "url", ["http://127.evil.example/token", "http://localhost.evil.example/t", "ftp://x/t"]
+)
+def test_plain_http_only_to_this_machine(tmp_path: Path, url: str) -> None:
+    oauth2 = f'provider = "custom"\nclient_id = "x"\nscopes = ["s"]\ntoken_url = "{url}"\n'
+    with pytest.raises(ConfigError, match="expected an https:// URL"):
+        load(tmp_path, config_text(oauth2 + 'refresh_token = { env = "RT" }'))
+
+
+@pytest.mark.parametrize("change", ['subject = "bob@contoso.example"', 'mechanism = "xoauth2"'])
+def test_another_subject_or_mechanism_is_another_login_for_the_pause(
+    tmp_path: Path, change: str
+) -> None:
+    """A pause ends when the OAuth2 settings change: these count too."""
+    (tmp_path / "sa.pem").write_text(PEM)
+    oauth2 = 'provider = "google"\nclient_id = "sa@p.example"\nprivate_key = { file = "sa.pem" }\n'
+    before = load(tmp_path, config_text(oauth2, seal=False)).accounts[0]
+    after = load(tmp_path, config_text(oauth2 + change, seal=False)).accounts[0]
+    assert before.login_bytes() != after.login_bytes()

@@ -19,6 +19,7 @@ from oauth2_support import (
     REFRESH,
     SEAL,
     access_jwt,
+    device_reply,
     failed_token_logins,
     logins,
     oauth_config,
@@ -246,3 +247,36 @@ def _daemon_table(settings: dict[str, str]) -> str:
 
 def _stored(tmp_path: Path) -> int:
     return int(run_sql(tmp_path / "mail.db", "SELECT count(*) FROM messages")[0][0])
+
+
+def test_a_daemon_paused_on_a_refused_grant_resumes_with_the_token_auth_login_stores(
+    tmp_path: Path, mailbox: Mailbox
+) -> None:
+    """The refused refresh token is never sent again: after `auth login`, the running
+    daemon reads the new one from the store within an interval, without a reload."""
+    mailbox.deliver(b"Subject: waiting\r\n\r\nbody\r\n")
+    signed_in = "signed-in-refresh-Hc47-never-printed"
+    with token_endpoint(Reply(400, {"error": "invalid_grant"})) as endpoint:
+        config = oauth_config(tmp_path, mailbox, endpoint, device_url=endpoint.url)
+        text = config.read_text()
+        settings = {"poll_interval": "1s", "log_format": "json"}
+        config.write_text(text.replace("[storage]", _daemon_table(settings) + "[storage]"))
+        with DaemonProcess(config) as daemon:
+            daemon.wait_event("account_paused", account="m365")
+            endpoint.replies = [
+                device_reply(),
+                endpoint.token(access_jwt(mailbox.user), refresh_token=signed_in),
+                endpoint.token(access_jwt(mailbox.user)),
+            ]
+            done = run_cli(config, "auth", "login", "--account", "m365")
+            assert done.returncode == 0, done.stderr.decode()
+            daemon.wait_event("account_resumed", account="m365", reason="pause_lifted")
+            wait_until(lambda: _stored(tmp_path) == 1, "the mail stored")
+            assert daemon.stop()[0] == 0
+            assert len(daemon.events("account_paused")) == 1
+            log_text = daemon.text()
+    grants = [
+        r["refresh_token"] for r in endpoint.requests if r.get("grant_type") == "refresh_token"
+    ]
+    assert grants == [REFRESH, signed_in]  # the refused one once, then the new one
+    assert signed_in not in log_text and REFRESH not in log_text

@@ -147,3 +147,13 @@ def test_auth_login_for_an_account_without_a_sign_in_is_a_usage_error(
         proc = run_cli(config, "auth", "login", "--account", "m365")
     assert proc.returncode == 64
     assert b"needs no sign-in" in proc.stderr
+
+
+def test_auth_login_smtp_for_an_account_without_smtp_is_a_usage_error(
+    tmp_path: Path, mailbox: Mailbox
+) -> None:
+    with token_endpoint() as endpoint:
+        config = oauth_config(tmp_path, mailbox, endpoint, device_url=endpoint.url)
+        proc = run_cli(config, "auth", "login", "--account", "m365", "--smtp")
+    assert proc.returncode == 64 and b"no [accounts.smtp]" in proc.stderr
+    assert endpoint.requests == []

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import socket
+import time
 from typing import Any
 
 import jwt
@@ -179,3 +180,38 @@ def test_presets_and_sasl_client_responses() -> None:
     assert base64.b64decode(oauthbearer("a,=b@x", "T", "pop.x", 995)) == (
         b"n,a=a=2C=3Db@x,\x01host=pop.x\x01port=995\x01auth=Bearer T\x01\x01"
     )
+
+
+async def test_a_newer_stored_refresh_token_is_used_before_each_refresh() -> None:
+    """Another process (or `auth login`) may have stored a newer one since this source was
+    made: it is read before every refresh, and a rotation is kept even if storing it fails."""
+    with token_endpoint() as endpoint:
+        endpoint.replies = [
+            endpoint.token("at-1", expires_in=1),
+            endpoint.token("at-2", expires_in=1, refresh_token="rt-4"),
+            endpoint.token("at-3", expires_in=1),
+        ]
+        newest = ["rt-2"]
+
+        async def stored() -> str | None:
+            return newest[0]
+
+        async def rotated(token: str) -> None:
+            raise RuntimeError("the store is down")
+
+        source = TokenSource("a", _settings(endpoint), rotated=rotated, stored=stored)
+        assert await source.access_token() == "at-1"
+        newest[0] = "rt-3"  # a sign-in elsewhere
+        with pytest.raises(RuntimeError):
+            await source.access_token()  # the rotated rt-4 could not be stored...
+        newest[0] = None  # type: ignore[call-overload]
+        assert await source.access_token() == "at-3"  # ...but is kept and used
+    assert [r["refresh_token"] for r in endpoint.requests] == ["rt-2", "rt-3", "rt-4"]
+
+
+@pytest.mark.parametrize("lifetime", [b"Infinity", b"NaN", b"-5", b'"soon"', b"9e99"])
+async def test_an_odd_expires_in_is_trusted_for_an_hour_at_most(lifetime: bytes) -> None:
+    body = b'{"access_token": "at", "expires_in": ' + lifetime + b"}"
+    with token_endpoint(Reply(200, body)) as endpoint:
+        token = await request_token("a", _settings(endpoint))
+    assert 0 < token.expires_at - time.time() <= 24 * 3600

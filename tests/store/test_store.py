@@ -268,6 +268,15 @@ async def test_a_rotated_oauth2_token_is_kept_per_origin(store: Store) -> None:
     assert await store.rotated_token("acct", "pop3", "o2") is None  # signed in again since
 
 
+async def test_removing_a_stored_account_forgets_its_refresh_tokens(store: Store) -> None:
+    """An account added later under the same name is someone else's."""
+    row = StoredAccount("acct", "alice", {"host": "h.example"}, "sealed-password")
+    assert await store.add_account(row)
+    await store.save_rotated_token("acct", "pop3", "o1", "sealed-1")
+    assert await store.remove_account("acct")
+    assert await store.rotated_token("acct", "pop3", "o1") is None
+
+
 async def test_a_records_messages_come_newest_first_page_by_page_however_they_were_linked(
     store: Store,
 ) -> None:

@@ -15,7 +15,7 @@ from typing import Any, Protocol
 
 import structlog
 
-from mailingest import pause
+from mailingest import pause, signin
 from mailingest.config import Account, DaemonSettings
 from mailingest.errors import StoreError
 from mailingest.fetch import FetchResult, log_poll_failed
@@ -368,6 +368,7 @@ class AccountRunner:
         """The server rejected the login: no more attempts until other credentials come
         (see pause.py). The key is kept here too: the pause holds even if the store fails."""
         key = self.pause_key = await pause.key_of(rejected)
+        signin.forget(self.name)  # a cached access token the server refused is not reused
         self.pause_recorded = await pause.record(self.host.store, self.name, key)
         self.host.status_changed()
         # A reload during that poll may already have brought the fix.

@@ -69,10 +69,12 @@ async def update_account(db: Database, account: StoredAccount) -> bool:
 
 
 async def remove_account(db: Database, name: str) -> bool:
-    """Forget a stored account (its stored mail stays); False if there is none."""
+    """Forget a stored account (its stored mail stays) and its OAuth2 refresh tokens (an
+    account added later under the name is someone else's); False if there is none."""
     async with db.write(f"removing account {name!r}"):
         removed = await db.execute("DELETE FROM accounts WHERE name = ?", (name,))
         if removed:
+            await db.execute("DELETE FROM oauth_tokens WHERE account = ?", (name,))
             await _bump(db)
     return removed == 1
 

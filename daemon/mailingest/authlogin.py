@@ -21,13 +21,30 @@ from dataclasses import dataclass
 from typing import Any
 
 from mailingest import pause, signin
+from mailingest.config import Account
 from mailingest.config_auth import OAuth2Config
 from mailingest.crypto import SecretBox
-from mailingest.errors import AuthError, TemporaryError, UsageError
+from mailingest.errors import (
+    AuthError,
+    MailIngestError,
+    ProtocolError,
+    TemporaryError,
+    TLSError,
+    UnavailableError,
+    UsageError,
+)
+from mailingest.model import Status
 from mailingest.oauth2 import Token, http_form
 from mailingest.store import Store
 
 _DEVICE_GRANT = "urn:ietf:params:oauth:grant-type:device_code"
+#: A failed check's status as the error `auth login` exits with (its text names the account).
+_BY_STATUS: dict[Status, type[MailIngestError]] = {
+    Status.AUTH_FAILED: AuthError,
+    Status.TLS_FAILED: TLSError,
+    Status.UNAVAILABLE: UnavailableError,
+    Status.TEMP_FAILED: TemporaryError,
+}
 #: How long the browser flow waits for the redirect (the user signs in meanwhile).
 BROWSER_WAIT = 300.0
 
@@ -45,10 +62,6 @@ class SignedIn:
 def flow_for(conf: OAuth2Config, wanted: str | None) -> str:
     """``device`` or ``browser``: the one asked for, else what the provider offers."""
     offered = [f for f, url in (("device", conf.device_url), ("browser", conf.auth_url)) if url]
-    if conf.grant != "refresh_token":
-        raise UsageError(
-            f"the {conf.grant} grant needs no sign-in: the daemon requests its tokens itself"
-        )
     if wanted is not None:
         if wanted not in offered:
             raise UsageError(
@@ -94,6 +107,24 @@ async def login(
         await pause.resume(store, name, pause.SIGNED_IN)
     signin.forget(name, service)
     return SignedIn(name, service, chosen, conf.scopes)
+
+
+async def confirm(account: Account, service: str, conf: OAuth2Config, store: Store) -> SignedIn:
+    """A grant without a user step (client credentials, JWT bearer) has nobody to sign in:
+    a token and a login that work end a pause that a fix outside the config (a mailbox
+    permission granted, an app registered) would otherwise never end. Else the check's
+    error, typed (77 for a refused grant or login)."""
+    from mailingest import commands
+
+    signin.forget(account.name, service)  # a fresh token, not one cached before the fix
+    result = (await commands.check_one(account, store))[service]
+    if result is None or result["status"] != Status.OK:
+        status = result["status"] if result else Status.ERROR
+        error = result["error"] if result else "nothing to check"
+        raise _BY_STATUS.get(Status(status), ProtocolError)(str(error))
+    if service == "pop3" and await store.pause_key(account.name) is not None:
+        await pause.resume(store, account.name, pause.SIGNED_IN)
+    return SignedIn(account.name, service, conf.grant, conf.scopes)
 
 
 async def _device(name: str, conf: OAuth2Config, say: Say, http_timeout: float) -> Token:

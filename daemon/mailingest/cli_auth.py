@@ -17,7 +17,10 @@ from mailingest.errors import EX_OK, UsageError
 def add_parser(sub: Any) -> None:
     auth = sub.add_parser("auth", help="OAuth2: sign an account in once (stores its refresh token)")
     asub = auth.add_subparsers(dest="auth_command", required=True, metavar="COMMAND")
-    p = asub.add_parser("login", help="device code (Microsoft) or browser sign-in (Google)")
+    p = asub.add_parser(
+        "login",
+        help="device code (Microsoft) or browser sign-in (Google); app-only grants: test it",
+    )
     p.add_argument("--account", required=True, metavar="NAME")
     p.add_argument("--smtp", action="store_true", help="the account's SMTP sign-in, not POP3")
     p.add_argument(
@@ -48,6 +51,8 @@ def run(args: argparse.Namespace, load: Callable[[], Config]) -> int:
 
     async def sign_in() -> authlogin.SignedIn:
         async with commands.open_store(config) as store:
+            if conf.grant != "refresh_token":  # no user step: a token and a login prove it
+                return await authlogin.confirm(account, service, conf, store)
             return await authlogin.login(
                 account.name, service, conf, store, say, identity=identity, flow=args.flow
             )
@@ -56,9 +61,14 @@ def run(args: argparse.Namespace, load: Callable[[], Config]) -> int:
     if args.json:
         shape = {"account": done.account, "service": done.service, "flow": done.flow}
         sys.stdout.write(json.dumps({**shape, "scopes": list(done.scopes)}) + "\n")
-    else:
+    elif done.flow in ("device", "browser"):
         sys.stdout.write(
             f"account {done.account!r} signed in ({done.service}, {done.flow} flow); "
             "refresh token stored sealed; the daemon uses it from its next poll\n"
+        )
+    else:
+        sys.stdout.write(
+            f"account {done.account!r} signs in ({done.service}, {done.flow} grant): a token "
+            "was granted and the login accepted; a pause on it has ended\n"
         )
     return EX_OK

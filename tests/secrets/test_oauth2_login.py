@@ -137,16 +137,31 @@ def test_a_browser_answer_with_another_state_is_refused(tmp_path: Path, mailbox:
     assert endpoint.requests == []  # no code was exchanged
 
 
-def test_auth_login_for_an_account_without_a_sign_in_is_a_usage_error(
+def test_auth_login_of_an_app_only_account_tests_it_and_ends_its_pause(
     tmp_path: Path, mailbox: Mailbox
 ) -> None:
+    """Client credentials have no user step: the fix for a rejected login is elsewhere (a
+    mailbox permission granted). `auth login` then proves it with a token and a login, and
+    only then ends the pause."""
+    mailbox.deliver(b"Subject: app\r\n\r\nbody\r\n")
     with token_endpoint() as endpoint:
+        refused = Reply(401, {"error": "unauthorized_client"})
+        endpoint.replies = [refused]
         config = oauth_config(
             tmp_path, mailbox, endpoint, grant="client_credentials", refresh_token=None
         )
+        assert fetch_json(config)[0] == 77  # paused
         proc = run_cli(config, "auth", "login", "--account", "m365")
-    assert proc.returncode == 64
-    assert b"needs no sign-in" in proc.stderr
+        assert proc.returncode == 77 and b"unauthorized_client" in proc.stderr
+        assert fetch_json(config)[0] == 77  # still paused: nothing asked
+        endpoint.replies = [endpoint.token(access_jwt(mailbox.user))]  # the admin fixed it
+        proc = run_cli(config, "auth", "login", "--account", "m365", "--json")
+        assert proc.returncode == 0, proc.stderr.decode()
+        assert json.loads(proc.stdout)["flow"] == "client_credentials"
+        code, out = fetch_json(config)
+        assert code == 0 and out["accounts"][0]["new"] == 1, out
+    assert len(endpoint.requests) == 4  # fetch, failed login test, login test, fetch
+    assert logins(mailbox) == ["XOAUTH2", "XOAUTH2"]
 
 
 def test_auth_login_smtp_for_an_account_without_smtp_is_a_usage_error(

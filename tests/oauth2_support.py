@@ -68,3 +68,13 @@ def device_reply(interval: int = 1) -> Reply:
         "interval": interval,
     }
     return Reply(200, body)
+
+
+def sign_in_replies(endpoint: TokenEndpoint, user: str, refresh: str) -> list[Reply]:
+    """What the endpoint answers `auth login` (device code, then the tokens with
+    ``refresh``) and the poll after it (a token for ``user``)."""
+    return [
+        device_reply(),
+        endpoint.token(access_jwt(user), refresh_token=refresh),
+        endpoint.token(access_jwt(user)),
+    ]

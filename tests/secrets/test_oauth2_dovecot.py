@@ -19,10 +19,10 @@ from oauth2_support import (
     REFRESH,
     SEAL,
     access_jwt,
-    device_reply,
     failed_token_logins,
     logins,
     oauth_config,
+    sign_in_replies,
 )
 from support import fetch_json, run_cli, run_sql
 from token_endpoint import Reply, token_endpoint
@@ -263,11 +263,7 @@ def test_a_daemon_paused_on_a_refused_grant_resumes_with_the_token_auth_login_st
         config.write_text(text.replace("[storage]", _daemon_table(settings) + "[storage]"))
         with DaemonProcess(config) as daemon:
             daemon.wait_event("account_paused", account="m365")
-            endpoint.replies = [
-                device_reply(),
-                endpoint.token(access_jwt(mailbox.user), refresh_token=signed_in),
-                endpoint.token(access_jwt(mailbox.user)),
-            ]
+            endpoint.replies = sign_in_replies(endpoint, mailbox.user, signed_in)
             done = run_cli(config, "auth", "login", "--account", "m365")
             assert done.returncode == 0, done.stderr.decode()
             daemon.wait_event("account_resumed", account="m365", reason="pause_lifted")

@@ -13,7 +13,7 @@ from test_accounts import database_dump, setup, stored_rows
 
 from daemon_support import DaemonProcess, wait_until
 from dovecot import Mailbox
-from oauth2_support import access_jwt, device_reply, logins
+from oauth2_support import access_jwt, logins, sign_in_replies
 from support import StoreAt, fetch_json, run_cli
 from token_endpoint import Reply, TokenEndpoint, token_endpoint
 
@@ -81,11 +81,7 @@ def test_a_user_account_signs_in_with_auth_login_and_a_running_daemon_polls_it(
         assert code == 0 and result["added"] is True
         with DaemonProcess(config) as daemon:
             daemon.wait_event("account_paused", account="m365")
-            endpoint.replies = [
-                device_reply(),
-                endpoint.token(access_jwt(mailbox.user), refresh_token=LOGIN_REFRESH),
-                endpoint.token(access_jwt(mailbox.user)),
-            ]
+            endpoint.replies = sign_in_replies(endpoint, mailbox.user, LOGIN_REFRESH)
             done = run_cli(config, "auth", "login", "--account", "m365")
             assert done.returncode == 0, done.stderr.decode()
             wait_until(lambda: mailbox.count() == 0 or bool(logins(mailbox)), "the poll")

@@ -127,11 +127,12 @@ async def _one_shot(
                 ),
             )
     result = await fetch_account(account, store, max_sessions=max_sessions, progress=progress)
+    # Logged as the daemon logs them: a timer-driven `fetch` is watched by its log too.
     if pause.rejected(result.status):
         key = await pause.key_of(account)
-        await pause.record(store, account.name, key, announce=False)
+        await pause.record(store, account.name, key)
     elif result.status is Status.OK and state is not None and state.paused:
-        await pause.resume(store, account.name, announce=False)
+        await pause.resume(store, account.name)
     return result
 
 

@@ -259,10 +259,14 @@ def test_repeated_fetches_never_retry_a_rejected_password(
         storage=store_at.storage(),
         accounts=[dovecot_account(mailbox, password="wrong-Pw-271828")],
     )
+    logged = []
     for _ in range(3):
-        code, out = fetch_json(config)
+        proc = run_cli(config, "--log-format", "json", "fetch", "--json")
+        code, out = proc.returncode, json.loads(proc.stdout)
         assert code == 77 and out["accounts"][0]["status"] == "auth_failed"
+        logged += [json.loads(line)["event"] for line in proc.stderr.decode().splitlines()]
     assert "no login attempted" in out["accounts"][0]["error"]
+    assert logged.count("account_paused") == 1  # as the daemon: once per pause
     assert mailbox.dovecot.password_mismatches(mailbox.user) - before == 1
     [state] = json.loads(run_cli(config, "status", "--json").stdout)["accounts"]
     assert state["paused"] is True and state["pause_reason"] == "auth_failed"
@@ -270,7 +274,12 @@ def test_repeated_fetches_never_retry_a_rejected_password(
     config = write_config(
         tmp_path, storage=store_at.storage(), accounts=[dovecot_account(mailbox)]
     )  # the password is fixed
-    code, out = fetch_json(config)
+    proc = run_cli(config, "--log-format", "json", "fetch", "--json")
+    code, out = proc.returncode, json.loads(proc.stdout)
     assert code == 0 and out["accounts"][0]["new"] == 1
+    events = [json.loads(line) for line in proc.stderr.decode().splitlines()]
+    assert [e["reason"] for e in events if e["event"] == "account_resumed"] == [
+        "credentials_changed"
+    ]
     [state] = json.loads(run_cli(config, "status", "--json").stdout)["accounts"]
     assert state["paused"] is False

@@ -249,6 +249,17 @@ def test_path_traversal_in_ids_is_a_plain_404(world: ApiWorld, path: str) -> Non
         ({"quarantined": "yes"}, "quarantined"),
         ({"account": "nobody-mail"}, "account"),
         ({"viewer": "bob"}, "viewer"),
+        (
+            {
+                "cursor": base64.urlsafe_b64encode(
+                    b'["z", 1000000000000000000000000000000]'
+                ).decode()
+            },
+            "cursor",
+        ),
+        ({"cursor": base64.urlsafe_b64encode(b'["z", true]').decode()}, "cursor"),
+        ({"label": "a\x00b"}, "label"),  # PostgreSQL refuses a NUL: bad input, not a store down
+        ({"record": "L1\x00"}, "record"),
     ],
 )
 def test_422_names_the_bad_query_value(world: ApiWorld, params: dict[str, str], field: str) -> None:
@@ -269,6 +280,8 @@ def test_422_names_the_bad_query_value(world: ApiWorld, params: dict[str, str], 
         (b'{"kind": "lead", "name": 5, "emails": ["a@b.example"]}', "name"),
         (b"\xff\xfe", "body"),
         (b"[" * 100_000, "body"),
+        (b'{"kind": "lead", "name": "\\ud800", "emails": ["a@b.example"]}', "body"),
+        (b'{"kind": "lead", "name": "a\\u0000b", "emails": ["a@b.example"]}', "body"),
     ],
 )
 def test_422_names_the_bad_body_field(world: ApiWorld, body: bytes, field: str) -> None:

@@ -60,6 +60,17 @@ def test_send_and_reply_through_the_api(
         assert (bad.status_code, bad.json()["field"]) == (422, "to")
         none = world.send("POST", "alice", "/messages", json={**body, "to": []})
         assert (none.status_code, none.json()["field"]) == (422, "to")
+        # One address per entry: the header and the envelope must name the same people;
+        # no header line may be smuggled in; neither is a 500.
+        for to in ("a@b.example, ann@cust.example", "a@b.example\r\nBcc: e@v.example"):
+            two = world.send("POST", "alice", "/messages", json={**body, "to": [to]})
+            assert (two.status_code, two.json()["field"]) == (422, "to"), two.text
+        crlf = world.send(
+            "POST", "alice", "/messages", json={**body, "subject": "x\r\nBcc: e@v.ex"}
+        )
+        assert (crlf.status_code, crlf.json()["field"]) == (422, "subject")
+        huge = world.send("POST", "alice", f"/messages/{2**64}/reply", json={"body": "x"})
+        assert huge.status_code == 404
         unknown = world.send("POST", "alice", "/messages", json={**body, "account": "x"})
         assert (unknown.status_code, unknown.json()["field"]) == (422, "account")
         # carol may see the shared sent mail but owns no account to reply from

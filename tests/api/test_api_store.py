@@ -114,3 +114,13 @@ async def test_health_checks_and_the_observer(store: Store) -> None:
     assert not (await store.take_poll("acct", "me", 60)).taken
     assert (await store.take_poll("acct", "me", 60, stale="dead-holder")).taken
     assert taken == ["acct"]
+
+
+def test_a_body_nested_beyond_reason_is_omitted_not_a_crash() -> None:
+    """Any sender can nest multiparts a thousand deep: the parts are omitted, with why."""
+    from mailingest.api import bodies
+    from support import TESTS
+
+    raw = (TESTS / "corpus" / "08-nested-1000-deep.eml").read_bytes()
+    decoded = bodies.decode(raw)
+    assert decoded["parts"] == [] and decoded["body_omitted"] == "nested too deep to decode"

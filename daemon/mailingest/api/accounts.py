@@ -8,6 +8,7 @@ file's: edit the file); the daemon applies a change before the answer, re-tag in
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from aiohttp import web
@@ -15,11 +16,17 @@ from aiohttp import web
 from mailingest import accounts, commands
 from mailingest.api.errors import ApiError, json_object, known_keys, text
 from mailingest.api.host import ApiHost, caller_of, host_of
-from mailingest.config import Account
-from mailingest.errors import DataError, UsageError
+from mailingest.config import Account, parse_duration
+from mailingest.errors import ConfigError, DataError, UsageError
 from mailingest.model import Status
 
 #: What PATCH changes: the owner's sharing settings of one account (null removes a key).
+#: Test logins (add, check now) that requests may run at once, and the longest timeout one
+#: may ask for: each holds one of the worker threads the polls use.
+TEST_LOGINS = web.AppKey("test_logins", asyncio.Semaphore)
+TEST_LOGINS_AT_ONCE = 2
+TEST_TIMEOUT = 60.0
+
 SETTINGS = ("sharing", "excluded_domains", "magnet_label", "from_address", "aliases", "primary")
 #: What POST takes: the ``[[accounts]]`` keys a user may set (no files, no SMTP yet).
 ADD_KEYS = (
@@ -106,14 +113,16 @@ async def add_account(request: web.Request) -> web.Response:
         raise ApiError(422, "expected true or false", field="test")
     if not caller_of(request).may_manage(owner):
         raise ApiError(403, f"only {owner!r} (or an admin) adds {owner!r}'s accounts")
+    _bounded_timeout(table)
     try:
-        result = await accounts.add(
-            host.file_config,
-            table,
-            accounts.NewPasswords(pop3=password),
-            test=test,
-            store=host.store,
-        )
+        async with request.app[TEST_LOGINS]:
+            result = await accounts.add(
+                host.file_config,
+                table,
+                accounts.NewPasswords(pop3=password),
+                test=test,
+                store=host.store,
+            )
     except UsageError as exc:  # the name is taken
         raise ApiError(409, str(exc)) from None
     except DataError as exc:
@@ -130,7 +139,8 @@ async def check(request: web.Request) -> web.Response:
     """`check --json`'s entry for one account: log in, STAT, nothing changed."""
     host = host_of(request)
     account = _account(host, request, manage=True)
-    return web.json_response(await commands.check_one(account, host.store))
+    async with request.app[TEST_LOGINS]:
+        return web.json_response(await commands.check_one(account, host.store))
 
 
 async def fetch_now(request: web.Request) -> web.Response:
@@ -140,6 +150,20 @@ async def fetch_now(request: web.Request) -> web.Response:
     if not host.poll_now(account.name):
         raise ApiError(409, f"account {account.name!r} is paused: its password was rejected")
     return web.json_response({"account": account.name, "poll": "requested"}, status=202)
+
+
+def _bounded_timeout(table: dict[str, Any]) -> None:
+    """A test login started by a request holds a worker thread the polls need: at most
+    TEST_TIMEOUT each (a silent server), and TEST_LOGINS_AT_ONCE at a time."""
+    raw = table.get("timeout")
+    if raw is None:  # the default, 60 s
+        return
+    try:
+        seconds = parse_duration(raw, key_path="timeout")
+    except ConfigError as exc:
+        raise ApiError(422, str(exc), field="timeout") from None
+    if seconds > TEST_TIMEOUT:
+        raise ApiError(422, f"at most {TEST_TIMEOUT:.0f} seconds", field="timeout")
 
 
 def _named(exc: Exception, keys: dict[str, Any]) -> str | None:

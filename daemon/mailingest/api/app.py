@@ -81,7 +81,11 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
 
 @web.middleware
 async def _token(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Routes that need a token get the caller in ``request["caller"]``."""
+    """Routes that need a token get the caller in ``request["caller"]``. A NUL in the path
+    or a query value is bad input (PostgreSQL would refuse it as the store being down)."""
+    for key, value in [("path", request.path), *request.query.items()]:
+        if "\x00" in value or "\x00" in key:
+            raise ApiError(422, "a NUL byte", field=key)
     if request.match_info.http_exception is None and handler not in _PUBLIC:
         request[CALLER] = await authenticate(request, host_of(request).store)
     return await handler(request)
@@ -91,6 +95,7 @@ def build_app(host: ApiHost) -> web.Application:
     app = web.Application(middlewares=[_errors, _token], client_max_size=MAX_BODY)
     app[HOST] = host
     app[messages.DECODING] = asyncio.Semaphore(messages.DECODE_AT_ONCE)
+    app[accounts.TEST_LOGINS] = asyncio.Semaphore(accounts.TEST_LOGINS_AT_ONCE)
     for method, path, handler, _ in ROUTES:
         app.router.add_route(method, path, handler)
     return app

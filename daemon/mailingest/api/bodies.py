@@ -17,10 +17,13 @@ MAX_DECODED = 32 * 1024 * 1024
 
 def decode(raw: bytes) -> dict[str, Any]:
     """``{"parts": [{"type", "text"}], "attachments": [{"filename", "type", "size"}]}``."""
-    message = BytesParser(policy=policy.default).parsebytes(raw)
     parts: list[dict[str, Any]] = []
     attachments: list[dict[str, Any]] = []
-    _walk(message, parts, attachments)
+    try:
+        message = BytesParser(policy=policy.default).parsebytes(raw)
+        _walk(message, parts, attachments)
+    except RecursionError:  # multiparts nested beyond reason: any sender can make one
+        return {"parts": [], "attachments": [], "body_omitted": "nested too deep to decode"}
     return {"parts": parts, "attachments": attachments}
 
 

@@ -62,7 +62,28 @@ async def json_object(request: web.Request) -> dict[str, Any]:
         raise ApiError(422, "the body nests too deep", field="body") from None
     if not isinstance(data, dict):
         raise ApiError(422, "expected a JSON object as the body", field="body")
+    if not _storable(data):
+        raise ApiError(
+            422, "a string holds a NUL or a lone surrogate (not storable text)", field="body"
+        )
     return data
+
+
+def _storable(value: Any) -> bool:
+    """Every string encodes as UTF-8 and holds no NUL (PostgreSQL refuses both)."""
+    if isinstance(value, str):
+        if "\x00" in value:
+            return False
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return False
+        return True
+    if isinstance(value, dict):
+        return all(_storable(k) and _storable(v) for k, v in value.items())
+    if isinstance(value, list):
+        return all(_storable(v) for v in value)
+    return True
 
 
 def known_keys(data: dict[str, Any], allowed: tuple[str, ...], where: str = "") -> None:

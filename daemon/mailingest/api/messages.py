@@ -72,7 +72,13 @@ def decode_cursor(cursor: str) -> tuple[str, int]:
         key, message_id = json.loads(raw)
     except (binascii.Error, ValueError, TypeError, RecursionError):
         raise ApiError(422, "not a cursor this API returned", field="cursor") from None
-    if not isinstance(key, str) or not isinstance(message_id, int):
+    if (
+        not isinstance(key, str)
+        or "\x00" in key
+        or isinstance(message_id, bool)
+        or not isinstance(message_id, int)
+        or not 0 <= message_id < 2**63
+    ):
         raise ApiError(422, "not a cursor this API returned", field="cursor")
     return key, message_id
 
@@ -104,11 +110,13 @@ async def get_raw(request: web.Request) -> web.StreamResponse:
     message = await _visible(request)
     chunks = host_of(request).store.raw_chunks(message.id)
     first = await anext(chunks, b"")  # a store error now is still a JSON answer
+    # No Content-Length: a quarantined message's size is the server's listed one, but only
+    # its header is stored; chunked, the answer ends where the stored bytes end.
     response = web.StreamResponse(
         headers={
             "Content-Type": "message/rfc822",
-            "Content-Length": str(message.size),
             "X-Content-Type-Options": "nosniff",
+            "Cache-Control": "no-store",
         }
     )
     await response.prepare(request)

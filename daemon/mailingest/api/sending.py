@@ -6,6 +6,7 @@ caller's primary account to a message the caller may see."""
 
 from __future__ import annotations
 
+import email.utils
 from typing import Any
 
 from aiohttp import web
@@ -22,6 +23,7 @@ from mailingest.errors import (
     TemporaryError,
     UsageError,
 )
+from mailingest.logs import mask_text
 from mailingest.matching import normalize
 from mailingest.outgoing import Sent
 
@@ -41,15 +43,26 @@ async def send(request: web.Request) -> web.Response:
         raise ApiError(422, "at least one recipient is needed", field="to")
     cc = strings(data, "cc") if "cc" in data else []
     for key, addresses in (("to", to), ("cc", cc)):
-        bad = [a for a in addresses if normalize(a) is None]
+        bad = [a for a in addresses if not _one_address(a)]
         if bad:
-            raise ApiError(422, f"not an address: {', '.join(map(repr, bad))}", field=key)
+            raise ApiError(422, f"not one address each: {', '.join(map(repr, bad))}", field=key)
     subject, body = text(data, "subject", ""), text(data, "body", "")
+    if any(c in subject for c in "\r\n\x00"):
+        raise ApiError(422, "a line break or NUL in the subject", field="subject")
     return await _sent(
         request,
         outgoing.send_with(host.store, host.config, name, to, cc, subject, body),
         field="to",
     )
+
+
+def _one_address(entry: str) -> bool:
+    """One address (with or without a display name): the header and the envelope then name
+    the same recipients; no line break or control character."""
+    if any(ord(c) < 32 or c in "\x7f\u2028\u2029" for c in entry):
+        return False
+    found = email.utils.getaddresses([entry])
+    return len(found) == 1 and normalize(entry) is not None
 
 
 async def reply(request: web.Request) -> web.Response:
@@ -60,6 +73,8 @@ async def reply(request: web.Request) -> web.Response:
     if not isinstance(reply_all, bool):
         raise ApiError(422, "expected true or false", field="all")
     message_id = int(request.match_info["id"])
+    if message_id >= 2**63:
+        raise ApiError(404, f"message {message_id} does not exist or you may not see it")
     return await _sent(
         request,
         outgoing.reply_with(
@@ -85,18 +100,18 @@ async def _sent(request: web.Request, sending: Any, *, field: str) -> web.Respon
         raise ApiError(404, str(exc)) from None
     except UsageError as exc:
         sends.labels(result="failed").inc()
-        raise ApiError(422, str(exc), field=field) from None
+        raise ApiError(422, mask_text(str(exc)), field=field) from None
     except DataError as exc:  # the SMTP server refused the message (5xx), as the CLI's 65
         sends.labels(result="failed").inc()
-        raise ApiError(422, str(exc)) from None
+        raise ApiError(422, mask_text(str(exc))) from None
     except ConfigError as exc:
         sends.labels(result="failed").inc()
         raise ApiError(422, f"this account cannot send: {exc}", field="account") from None
     except (TemporaryError, StoreError) as exc:
         sends.labels(result="failed").inc()
-        raise ApiError(503, str(exc)) from None
-    except MailIngestError as exc:
+        raise ApiError(503, mask_text(str(exc))) from None
+    except MailIngestError as exc:  # its server's words quoted: masked as `check` does
         sends.labels(result="failed").inc()
-        raise ApiError(502, f"the SMTP server: {exc}") from None
+        raise ApiError(502, mask_text(f"the SMTP server: {exc}")) from None
     sends.labels(result="ok").inc()
     return web.json_response(sent.to_json())

@@ -147,8 +147,12 @@ async def fetch_now(request: web.Request) -> web.Response:
     """Poll the account at once; 202: requested (GET /accounts shows the result)."""
     host = host_of(request)
     account = _account(host, request, manage=True)
-    if not host.poll_now(account.name):
-        raise ApiError(409, f"account {account.name!r} is paused: its password was rejected")
+    started = host.poll_now(account.name)
+    if started is None:  # added a moment ago: its runner is not scheduled yet
+        raise ApiError(409, f"account {account.name!r} is not scheduled yet; try again")
+    if not started:
+        fix = "sign in again (auth login)" if account.auth is not None else "change its password"
+        raise ApiError(409, f"account {account.name!r} is paused: its login was rejected; {fix}")
     return web.json_response({"account": account.name, "poll": "requested"}, status=202)
 
 

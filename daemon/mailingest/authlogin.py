@@ -101,10 +101,7 @@ async def login(
     assert conf.seal_key is not None  # the refresh_token grant requires it
     sealed = SecretBox(conf.seal_key.reveal()).seal(token.refresh_token)
     await store.save_rotated_token(name, service, conf.origin(identity), sealed)
-    # The POP3 sign-in ends an auth pause (a running daemon sees it within an interval);
-    # an SMTP one does not: the pause is about the mailbox.
-    if service == "pop3" and await store.pause_key(name) is not None:
-        await pause.resume(store, name, pause.SIGNED_IN)
+    await _end_pause(store, name, service)
     signin.forget(name, service)
     return SignedIn(name, service, chosen, conf.scopes)
 
@@ -122,9 +119,15 @@ async def confirm(account: Account, service: str, conf: OAuth2Config, store: Sto
         status = result["status"] if result else Status.ERROR
         error = result["error"] if result else "nothing to check"
         raise _BY_STATUS.get(Status(status), ProtocolError)(str(error))
-    if service == "pop3" and await store.pause_key(account.name) is not None:
-        await pause.resume(store, account.name, pause.SIGNED_IN)
+    await _end_pause(store, account.name, service)
     return SignedIn(account.name, service, conf.grant, conf.scopes)
+
+
+async def _end_pause(store: Store, name: str, service: str) -> None:
+    """A POP3 sign-in ends the account's auth pause (a running daemon sees it within an
+    interval); an SMTP one does not: the pause is about the mailbox."""
+    if service == "pop3" and await store.pause_key(name) is not None:
+        await pause.resume(store, name, pause.SIGNED_IN)
 
 
 async def _device(name: str, conf: OAuth2Config, say: Say, http_timeout: float) -> Token:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -261,10 +262,9 @@ def test_repeated_fetches_never_retry_a_rejected_password(
     )
     logged = []
     for _ in range(3):
-        proc = run_cli(config, "--log-format", "json", "fetch", "--json")
-        code, out = proc.returncode, json.loads(proc.stdout)
+        code, out, events = _fetch_logged(config)
         assert code == 77 and out["accounts"][0]["status"] == "auth_failed"
-        logged += [json.loads(line)["event"] for line in proc.stderr.decode().splitlines()]
+        logged += [e["event"] for e in events]
     assert "no login attempted" in out["accounts"][0]["error"]
     assert logged.count("account_paused") == 1  # as the daemon: once per pause
     assert mailbox.dovecot.password_mismatches(mailbox.user) - before == 1
@@ -274,12 +274,17 @@ def test_repeated_fetches_never_retry_a_rejected_password(
     config = write_config(
         tmp_path, storage=store_at.storage(), accounts=[dovecot_account(mailbox)]
     )  # the password is fixed
-    proc = run_cli(config, "--log-format", "json", "fetch", "--json")
-    code, out = proc.returncode, json.loads(proc.stdout)
+    code, out, events = _fetch_logged(config)
     assert code == 0 and out["accounts"][0]["new"] == 1
-    events = [json.loads(line) for line in proc.stderr.decode().splitlines()]
     assert [e["reason"] for e in events if e["event"] == "account_resumed"] == [
         "credentials_changed"
     ]
     [state] = json.loads(run_cli(config, "status", "--json").stdout)["accounts"]
     assert state["paused"] is False
+
+
+def _fetch_logged(config: Path) -> tuple[int, dict[str, Any], list[dict[str, Any]]]:
+    """`fetch --json` with JSON logs: exit code, the result, the logged events."""
+    proc = run_cli(config, "--log-format", "json", "fetch", "--json")
+    events = [json.loads(line) for line in proc.stderr.decode().splitlines()]
+    return proc.returncode, json.loads(proc.stdout), events

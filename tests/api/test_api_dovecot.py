@@ -290,6 +290,17 @@ def test_422_names_the_bad_body_field(world: ApiWorld, body: bytes, field: str) 
     assert "L9" not in {r["id"] for r in world.get("admin", "/records").json()["records"]}
 
 
+def test_who_asks_is_answered_before_what_is_asked(world: ApiWorld) -> None:
+    """GET /messages reads its token with its page, yet a bad token or X-Act-As still wins
+    over a bad query value, as on every route."""
+    bad = {"limit": "0"}
+    _error(world.get(None, "/messages", params=bad), 401)
+    _error(world.get(None, "/messages", params=bad, headers={"Authorization": "Bearer no"}), 401)
+    _error(world.get("alice", "/messages", params=bad, headers={"X-Act-As": "bob"}), 403)
+    _error(world.get("crm", "/messages", params=bad, headers={"X-Act-As": "a b"}), 422, "X-Act-As")
+    _error(world.get("crm", "/messages", params=bad, headers={"X-Act-As": "bob"}), 422, "limit")
+
+
 def test_oversized_bodies_and_bad_act_as_names(world: ApiWorld) -> None:
     huge = b'{"kind": "lead", "emails": ["' + b"a" * (2 * 1024 * 1024) + b'"]}'
     _error(world.send("PUT", "admin", "/records/L9", content=huge), 413)

@@ -1,14 +1,18 @@
 """The store's part of the HTTP API, on both backends: hashed tokens, record deletion with
-its re-tag and audit, cursor pages of a viewer's mail, the health checks, the observer."""
+its re-tag and audit, cursor pages of a viewer's mail, a page read with its token on a read
+connection of its own, the health checks, the observer."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import hashlib
 import io
 
-from mailingest.model import AccountPolicy, Headers, NewMessage, Record
+from mailingest.errors import StoreError
+from mailingest.model import AccountPolicy, ApiToken, Headers, NewMessage, Record
 from mailingest.store import Store
+from support import StoreAt
 
 CUSTOM = AccountPolicy(
     tagger=lambda f: (
@@ -92,6 +96,63 @@ async def test_pages_follow_the_listing_order_without_gaps_or_repeats(store: Sto
         last = page[-1]
         before = (last.date or last.received_at, last.id)
     assert pages == whole and len(whole) == 5
+
+
+async def test_a_page_is_read_with_its_token_in_one_snapshot(store: Store) -> None:
+    """``messages_for``: the token and the page of the viewer named for it. An unknown or
+    revoked token, or one whose viewer is refused, reads no mail."""
+    await store.add_batch("acct", "alice", [item("u1"), item("u2")], CUSTOM)
+    digest = hashlib.sha256(b"tok").hexdigest()
+    made = await store.add_api_token("alice", digest, admin=False, act_for=False)
+    asked: list[ApiToken] = []
+
+    def as_its_user(token: ApiToken) -> str:
+        asked.append(token)
+        return token.user
+
+    token, page = await store.messages_for(digest, as_its_user, limit=1)
+    assert token == made and asked == [made]
+    assert page == await store.messages("alice", limit=1) and len(page) == 1
+    assert await store.messages_for(digest, lambda token: None) == (made, [])
+    unknown = hashlib.sha256(b"other").hexdigest()
+    assert await store.messages_for(unknown, as_its_user) == (None, [])
+    assert await store.revoke_api_token(made.id)
+    assert await store.messages_for(digest, as_its_user) == (None, [])
+    assert asked == [made]
+
+
+async def test_reads_neither_wait_for_a_write_under_way_nor_see_it(store: Store) -> None:
+    """Snapshot reads have connections of their own: a write transaction of the same
+    process holds no read up, and shows only once committed."""
+    await store.add_batch("acct", "alice", [item("u1")], CUSTOM)
+    async with store._db.write("a test's write"):
+        await store._db.execute("UPDATE messages SET subject = 'half done'")
+        during = await asyncio.wait_for(store.messages("alice"), 60)
+    assert [m.subject for m in during] == ["u1"]
+    assert [m.subject for m in await store.messages("alice")] == ["half done"]
+
+
+async def test_a_broken_read_connection_is_replaced(postgres_at: StoreAt) -> None:
+    """A server restart or a dropped session breaks the read connections: at most the next
+    read fails (503 in the API), the one after gets a new connection."""
+    store = await postgres_at.open()
+    try:
+        await store.add_batch("acct", "alice", [item("u1")], CUSTOM)
+        assert len(await store.messages("alice")) == 1
+        postgres_at.query(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+            " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        )
+        failed = 0
+        while True:
+            try:
+                assert len(await store.messages("alice")) == 1
+                break
+            except StoreError:
+                failed += 1
+                assert failed == 1
+    finally:
+        await store.close()
 
 
 async def test_health_checks_and_the_observer(store: Store) -> None:

@@ -51,6 +51,8 @@ ROUTES: tuple[tuple[str, str, Handler, bool], ...] = (
     ("POST", "/accounts/{name}/fetch", accounts.fetch_now, True),
 )
 _PUBLIC = {handler for _, _, handler, token in ROUTES if not token}
+#: Token routes whose handler looks the token up itself, in the same read as its answer.
+_OWN_TOKEN = {messages.list_messages}
 
 
 @web.middleware
@@ -81,12 +83,14 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
 
 @web.middleware
 async def _token(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Routes that need a token get the caller in ``request["caller"]``. A NUL in the path
-    or a query value is bad input (PostgreSQL would refuse it as the store being down)."""
+    """Routes that need a token get the caller in ``request["caller"]`` (those in
+    ``_OWN_TOKEN`` set it themselves). A NUL in the path or a query value is bad input
+    (PostgreSQL would refuse it as the store being down)."""
     for key, value in [("path", request.path), *request.query.items()]:
         if "\x00" in value or "\x00" in key:
             raise ApiError(422, "a NUL byte", field=key)
-    if request.match_info.http_exception is None and handler not in _PUBLIC:
+    mine = handler in _PUBLIC or handler in _OWN_TOKEN
+    if request.match_info.http_exception is None and not mine:
         request[CALLER] = await authenticate(request, host_of(request).store)
     return await handler(request)
 

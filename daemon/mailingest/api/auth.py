@@ -4,6 +4,7 @@ sharing. The store keeps each token's SHA-256 only."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from aiohttp import web
@@ -43,14 +44,23 @@ class Caller:
 
 
 async def authenticate(request: web.Request, store: Store) -> Caller:
+    hashed = bearer(request)
+    return caller_for(await store.api_token(hashed), request.headers.get(ACT_AS))
+
+
+def bearer(request: web.Request) -> str:
+    """The SHA-256 of the request's bearer token (401 without one)."""
     scheme, _, token = request.headers.get("Authorization", "").partition(" ")
     token = token.strip()
     if scheme.lower() != "bearer" or not token:
         raise ApiError(401, "send Authorization: Bearer TOKEN (`mailingest api token create`)")
-    found = await store.api_token(token_hash(token))
+    return token_hash(token)
+
+
+def caller_for(found: ApiToken | None, act_as: str | None) -> Caller:
+    """Who asks, from the stored token (None: unknown or revoked) and ``X-Act-As``."""
     if found is None:
         raise ApiError(401, "unknown or revoked token")
-    act_as = request.headers.get(ACT_AS)
     if act_as is None:
         return Caller(found.user, found)
     if not found.act_for:
@@ -58,3 +68,16 @@ async def authenticate(request: web.Request, store: Store) -> Caller:
     if not USER_RE.fullmatch(act_as):
         raise ApiError(422, "not a user name", field=ACT_AS)
     return Caller(act_as, found)
+
+
+def viewer_of(act_as: str | None) -> Callable[[ApiToken], str | None]:
+    """Whose view a stored token gets (None: the request fails, read nothing), for a read
+    that looks the token up itself (``Store.messages_for``); ``caller_for`` then says why."""
+
+    def viewer(found: ApiToken) -> str | None:
+        try:
+            return caller_for(found, act_as).user
+        except ApiError:
+            return None
+
+    return viewer

@@ -2,15 +2,23 @@
 
 ``Store`` is the port the rest of mailingest uses; its parts (``ingest``, ``records``,
 ``state``, ``read``) hold the SQL by concern and never import each other. Every public method
-runs in one ``read`` or ``write`` block of the backend, which maps driver errors to
-``StoreError`` in one place.
+runs in one ``read``, ``write`` or ``snapshot`` block of the backend, which maps driver errors
+to ``StoreError`` in one place; a method that needs two parts in one snapshot composes them
+here.
 """
 
 from __future__ import annotations
 
 import contextlib
 import tempfile
-from collections.abc import AsyncGenerator, AsyncIterator, Collection, Iterable, Sequence
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterator,
+    Callable,
+    Collection,
+    Iterable,
+    Sequence,
+)
 from datetime import datetime
 from pathlib import Path
 from typing import IO
@@ -43,7 +51,7 @@ from mailingest.store import (
     state,
     tokens,
 )
-from mailingest.store._db import CHUNK, Database
+from mailingest.store._db import CHUNK, Database, Reader
 from mailingest.store._postgres import is_postgres_url, redacted
 from mailingest.store._sqlite import BUSY_TIMEOUT_MS, SqliteDatabase
 
@@ -303,16 +311,35 @@ class Store:
         quarantined: bool = False,
         before: tuple[str, int] | None = None,
     ) -> list[StoredMessage]:
-        return await read.messages(
-            self._db,
-            viewer,
-            account=account,
-            label=label,
-            record=record,
-            limit=limit,
-            quarantined=quarantined,
-            before=before,
-        )
+        listing = read.Listing(account, label, record, limit, quarantined, before)
+        return await read.messages(self._db, viewer, listing)
+
+    async def messages_for(
+        self,
+        token_hash: str,
+        viewer_of: Callable[[ApiToken], str | None],
+        *,
+        account: str | None = None,
+        label: str | None = None,
+        record: str | None = None,
+        limit: int | None = None,
+        quarantined: bool = False,
+        before: tuple[str, int] | None = None,
+    ) -> tuple[ApiToken | None, list[StoredMessage]]:
+        """The API token whose SHA-256 is ``token_hash`` and ``messages`` as the viewer
+        ``viewer_of`` names for it, in one read (the API's hot path: one trip to the
+        database). No token, or no viewer (the token may not ask this), reads no messages.
+        ``viewer_of`` runs in a reader thread: it must only decide."""
+        listing = read.Listing(account, label, record, limit, quarantined, before)
+
+        def token_and_page(reader: Reader) -> tuple[ApiToken | None, list[StoredMessage]]:
+            token = api_tokens.lookup(reader, token_hash=token_hash)
+            viewer = viewer_of(token) if token is not None else None
+            if viewer is None:
+                return token, []
+            return token, read.page(reader, viewer=viewer, listing=listing)
+
+        return await self._db.snapshot("reading messages", token_and_page)
 
     async def unmatched(self, owner: str) -> list[UnmatchedSender]:
         return await read.unmatched(self._db, owner)

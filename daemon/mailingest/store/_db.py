@@ -11,7 +11,7 @@ import abc
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Iterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
@@ -29,11 +29,25 @@ Row = tuple[Any, ...]
 _T = TypeVar("_T")
 
 
+class Reader(abc.ABC):
+    """The statements of one ``Database.snapshot``: run at once in a reader thread, all in
+    one read transaction."""
+
+    @abc.abstractmethod
+    def fetchall(self, sql: str, args: Sequence[Any] = ()) -> list[Row]: ...
+
+    def fetchone(self, sql: str, args: Sequence[Any] = ()) -> Row | None:
+        rows = self.fetchall(sql, args)
+        return rows[0] if rows else None
+
+
 class Database(abc.ABC):
-    """One connection shared by the account tasks of one process.
+    """One connection shared by the account tasks of one process, and a few read-only ones.
 
     Statements of one transaction must not interleave with another task's, and reads must
     not see a half-done batch: ``read`` and ``write`` hold a lock for their whole block.
+    ``snapshot`` reads on a connection of its own instead (no lock, no queueing behind a
+    write), in one trip to a reader thread.
     """
 
     #: SQL that lists one message's recipients (to and cc) as one space-separated string.
@@ -78,6 +92,13 @@ class Database(abc.ABC):
     def exclusive(self, name: str) -> contextlib.AbstractAsyncContextManager[None]:
         """Held by one process at a time, across machines where the backend can; dropped
         when the holder dies."""
+
+    @abc.abstractmethod
+    async def snapshot(self, what: str, read: Callable[[Reader], _T]) -> _T:
+        """``read`` run whole in one of a few reader threads, on a read-only connection, in
+        one read transaction (one committed state): one trip from the event loop however
+        many statements it runs, and none of them waits for a write of this process. Errors
+        are mapped as in ``read``. For the API's hot reads (a page is one trip, not five)."""
 
     @abc.abstractmethod
     async def close(self) -> None: ...

@@ -5,7 +5,9 @@ runs ``executemany`` in pipeline mode (one round trip for a batch's rows) and bi
 plain placeholders, so the store's shared SQL needs only ``?`` turned into ``%s``.
 Raw messages are rows of 1 MiB chunks as on SQLite, inserted one at a time so memory stays
 bounded whatever the size. A write is ``synchronous_commit`` as the server has it (on by
-default: a COMMIT is durable when it returns).
+default: a COMMIT is durable when it returns). Snapshot reads (the API's) run on a few
+connections of their own, psycopg's synchronous ones in worker threads: a read's statements
+go one after another in its thread, and the event loop hands it over once.
 """
 
 from __future__ import annotations
@@ -14,12 +16,20 @@ import asyncio
 import contextlib
 import functools
 import hashlib
-from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Iterator, Sequence
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterator,
+    Callable,
+    Iterable,
+    Iterator,
+    Sequence,
+)
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from mailingest.errors import ConfigError, StoreError
-from mailingest.store._db import Database, Row
+from mailingest.store._db import Database, Reader, Row
+from mailingest.store._readers import ReaderPool
 from mailingest.store._schema import POSTGRES_MIGRATIONS
 
 if TYPE_CHECKING:
@@ -31,6 +41,9 @@ CONNECT_TIMEOUT = 10
 LOCK_TIMEOUT_MS = 10_000
 #: Bytes of raw message chunks sent in one pipelined batch.
 CHUNK_BATCH = 4 * 1024 * 1024
+#: A snapshot: one committed state for all its statements, and nothing written.
+_SNAPSHOT = "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY"
+_T = TypeVar("_T")
 
 
 def is_postgres_url(database: object) -> bool:
@@ -78,6 +91,7 @@ class PostgresDatabase(Database):
         self._password = password
         self.spool_dir = spool_dir
         self._conn: psycopg.AsyncConnection[Any] | None = None
+        self._readers: ReaderPool[psycopg.Connection[Any]] = ReaderPool(self._connect_reader, _idle)
 
     def __repr__(self) -> str:
         return f"<PostgreSQL {redacted(self.url)}>"
@@ -93,17 +107,40 @@ class PostgresDatabase(Database):
             raise
         return opened
 
-    async def _connect(self) -> psycopg.AsyncConnection[Any]:
-        driver = _driver()
+    def _connect_args(self) -> dict[str, Any]:
         kwargs: dict[str, Any] = {"autocommit": True, "connect_timeout": CONNECT_TIMEOUT}
         if self._password is not None:
             kwargs["password"] = self._password
+        return kwargs
+
+    def _cannot_connect(self, exc: BaseException) -> StoreError:
+        return StoreError(f"cannot connect to {redacted(self.url)}: {_first_line(exc)}")
+
+    async def _connect(self) -> psycopg.AsyncConnection[Any]:
+        driver = _driver()
         try:
             conn: psycopg.AsyncConnection[Any] = await driver.AsyncConnection.connect(
-                self.url, **kwargs
+                self.url, **self._connect_args()
             )
         except driver.Error as exc:
-            raise StoreError(f"cannot connect to {redacted(self.url)}: {_first_line(exc)}") from exc
+            raise self._cannot_connect(exc) from exc
+        return conn
+
+    def _connect_reader(self) -> psycopg.Connection[Any]:
+        """A connection for snapshots (in a reader thread): waits for a lock as long as the
+        shared connection does."""
+        driver = _driver()
+        try:
+            conn: psycopg.Connection[Any] = driver.Connection.connect(
+                self.url, **self._connect_args()
+            )
+        except driver.Error as exc:
+            raise self._cannot_connect(exc) from exc
+        try:
+            conn.execute(f"SET lock_timeout = {LOCK_TIMEOUT_MS}")
+        except BaseException:
+            conn.close()
+            raise
         return conn
 
     async def _connection(self) -> psycopg.AsyncConnection[Any]:
@@ -216,17 +253,51 @@ class PostgresDatabase(Database):
             with contextlib.suppress(Exception):
                 await conn.close()
 
+    async def snapshot(self, what: str, read: Callable[[Reader], _T]) -> _T:
+        def run(conn: psycopg.Connection[Any]) -> _T:
+            conn.execute(_SNAPSHOT)
+            try:
+                result = read(_PostgresReader(conn))
+            except BaseException:
+                with contextlib.suppress(_driver().Error):
+                    conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+            return result
+
+        with self.mapped(what):
+            return await self._readers.run(run)
+
     async def close(self) -> None:
+        with contextlib.suppress(Exception):
+            await self._readers.close()
         if self._conn is not None:
             with contextlib.suppress(Exception):
                 await self._conn.close()
             self._conn = None
 
     async def _begin(self, write: bool) -> None:
-        await self.execute("BEGIN" if write else "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+        await self.execute("BEGIN" if write else _SNAPSHOT)
 
     def _driver_errors(self) -> tuple[type[BaseException], ...]:
         return (_driver().Error,)
+
+
+class _PostgresReader(Reader):
+    def __init__(self, conn: psycopg.Connection[Any]) -> None:
+        self._conn = conn
+
+    def fetchall(self, sql: str, args: Sequence[Any] = ()) -> list[Row]:
+        return self._conn.execute(_placeholders(sql), tuple(args)).fetchall()
+
+
+def _idle(conn: psycopg.Connection[Any]) -> bool:
+    """Usable for the next snapshot: open, not broken, in no transaction."""
+    from psycopg import pq
+
+    if conn.closed or conn.broken:
+        return False
+    return conn.info.transaction_status == pq.TransactionStatus.IDLE
 
 
 def _first_line(exc: BaseException) -> str:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
+
 from mailingest.model import ApiToken
-from mailingest.store._db import Database, Row, now_iso
+from mailingest.store._db import Database, Reader, Row, now_iso
 
 _COLUMNS = "id, user_name, admin, act_for, label, created_at"
 
@@ -26,10 +28,14 @@ async def add_api_token(
 
 async def api_token(db: Database, token_hash: str) -> ApiToken | None:
     """The token whose SHA-256 is ``token_hash``, if it exists (not revoked)."""
-    async with db.statement("reading an API token", write=False):
-        row = await db.fetchone(
-            f"SELECT {_COLUMNS} FROM api_tokens WHERE token_hash = ?", (token_hash,)
-        )
+    return await db.snapshot(
+        "reading an API token", functools.partial(lookup, token_hash=token_hash)
+    )
+
+
+def lookup(reader: Reader, *, token_hash: str) -> ApiToken | None:
+    """``api_token`` inside a snapshot (another read of the same request may share it)."""
+    row = reader.fetchone(f"SELECT {_COLUMNS} FROM api_tokens WHERE token_hash = ?", (token_hash,))
     return _token(row) if row is not None else None
 
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from mailingest.model import StoredMessage, UnmatchedSender
-from mailingest.store._db import Database, Row, parts
+from mailingest.store._db import Database, Reader, Row, parts
 
 _COLUMNS = (
     "m.id, m.account, m.owner, m.direction, m.from_addr, m.to_addrs, m.cc_addrs, m.subject,"
@@ -19,24 +21,34 @@ _COLUMNS = (
 _KEY = "coalesce(m.date, m.received_at)"
 
 
-async def messages(
-    db: Database,
-    viewer: str,
-    *,
-    account: str | None = None,
-    label: str | None = None,
-    record: str | None = None,
-    limit: int | None = None,
-    quarantined: bool = False,
-    before: tuple[str, int] | None = None,
-) -> list[StoredMessage]:
-    """What ``viewer`` may see, newest first: their own mail and mail shared with all
-    (``quarantined``: only mail over its account's size limit, whose header alone is kept;
-    ``before``: only what sorts after the message with this (sort key, id), a page's end)."""
+@dataclass(frozen=True, slots=True)
+class Listing:
+    """Which of a viewer's messages, newest first (``quarantined``: only mail over its
+    account's size limit, whose header alone is kept; ``before``: only what sorts after the
+    message with this (sort key, id), a page's end)."""
+
+    account: str | None = None
+    label: str | None = None
+    record: str | None = None
+    limit: int | None = None
+    quarantined: bool = False
+    before: tuple[str, int] | None = None
+
+
+async def messages(db: Database, viewer: str, listing: Listing) -> list[StoredMessage]:
+    """What ``viewer`` may see: their own mail and mail shared with all."""
+    return await db.snapshot(
+        "reading messages", functools.partial(page, viewer=viewer, listing=listing)
+    )
+
+
+def page(reader: Reader, *, viewer: str, listing: Listing) -> list[StoredMessage]:
+    """``messages`` inside a snapshot: the listing, then its labels and records, in one
+    read transaction."""
     sql = f"SELECT {_COLUMNS} FROM messages m WHERE (m.owner = ? OR m.visibility = 'shared')"
     args: list[Any] = [viewer]
     key, order = _KEY, f"{_KEY} DESC, m.id DESC"
-    if record is not None:
+    if listing.record is not None:
         # Start from the record's few links. Left to itself SQLite starts from the owner
         # and visibility indexes and visits every shared message; CROSS JOIN fixes the
         # loop order.
@@ -45,24 +57,23 @@ async def messages(
             " WHERE r.record = ? AND m.id = r.message"
             " AND (m.owner = ? OR m.visibility = 'shared')"
         )
-        args = [record, viewer]
+        args = [listing.record, viewer]
         key, order = "r.sort_key", "r.sort_key DESC, r.message DESC"  # the index's order
-    if account is not None:
+    if listing.account is not None:
         sql += " AND m.account = ?"
-        args.append(account)
-    if quarantined:
+        args.append(listing.account)
+    if listing.quarantined:
         sql += " AND m.quarantined = 1"
-    if label is not None:
+    if listing.label is not None:
         sql += " AND EXISTS (SELECT 1 FROM message_labels l WHERE l.message = m.id AND l.label = ?)"
-        args.append(label)
-    if before is not None:
+        args.append(listing.label)
+    if listing.before is not None:
         sql += f" AND ({key} < ? OR ({key} = ? AND m.id < ?))"
-        args += [before[0], before[0], before[1]]
+        args += [listing.before[0], listing.before[0], listing.before[1]]
     sql += f" ORDER BY {order}"
-    if limit:
-        sql += f" LIMIT {int(limit)}"
-    async with db.read("reading messages"):
-        return await _complete(db, await db.fetchall(sql, args))
+    if listing.limit:
+        sql += f" LIMIT {int(listing.limit)}"
+    return _complete(reader, reader.fetchall(sql, args))
 
 
 async def unmatched(db: Database, owner: str) -> list[UnmatchedSender]:
@@ -80,9 +91,11 @@ async def unmatched(db: Database, owner: str) -> list[UnmatchedSender]:
 
 
 async def message(db: Database, message_id: int) -> StoredMessage | None:
-    async with db.read("reading a message"):
-        rows = await db.fetchall(f"SELECT {_COLUMNS} FROM messages m WHERE m.id = ?", (message_id,))
-        found = await _complete(db, rows)
+    def one(reader: Reader) -> list[StoredMessage]:
+        sql = f"SELECT {_COLUMNS} FROM messages m WHERE m.id = ?"
+        return _complete(reader, reader.fetchall(sql, (message_id,)))
+
+    found = await db.snapshot("reading a message", one)
     return found[0] if found else None
 
 
@@ -90,23 +103,26 @@ async def raw_chunks(db: Database, message_id: int) -> AsyncIterator[bytes]:
     """The stored bytes of one message, a chunk at a time."""
     seq = 0
     while True:
-        async with db.read("reading a raw message"):
-            row = await db.fetchone(
-                "SELECT data FROM message_chunks WHERE message = ? AND seq = ?", (message_id, seq)
-            )
+        row = await db.snapshot(
+            "reading a raw message",
+            functools.partial(
+                Reader.fetchone,
+                sql="SELECT data FROM message_chunks WHERE message = ? AND seq = ?",
+                args=(message_id, seq),
+            ),
+        )
         if row is None:
             return
         yield bytes(row[0])
         seq += 1
 
 
-async def _complete(db: Database, rows: Sequence[Row]) -> list[StoredMessage]:
-    """The labels and records of these messages, in one query (a page is one round trip
-    fewer: the API's listing is mostly round trips)."""
+def _complete(reader: Reader, rows: Sequence[Row]) -> list[StoredMessage]:
+    """The labels and records of these messages, in one query."""
     found: dict[str, dict[int, list[str]]] = {"l": {}, "r": {}}
     for part in parts([int(r[0]) for r in rows]):
         marks = ",".join("?" * len(part))
-        for kind, message_id, value in await db.fetchall(
+        for kind, message_id, value in reader.fetchall(
             f"SELECT 'l', message, label FROM message_labels WHERE message IN ({marks})"
             f" UNION ALL SELECT 'r', message, record FROM message_records"
             f" WHERE message IN ({marks})",

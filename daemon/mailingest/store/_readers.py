@@ -19,10 +19,6 @@ from typing import Generic, Protocol, TypeVar
 
 from mailingest.errors import StoreError
 
-#: Reads at once: the API's concurrency on a 2-core machine needs no more, and each is a
-#: server connection on PostgreSQL.
-READERS = 4
-
 
 class Closable(Protocol):
     def close(self) -> None: ...
@@ -42,13 +38,14 @@ class ReaderPool(Generic[_C]):
         connect: Callable[[], _C],
         usable: Callable[[_C], bool],
         *,
-        size: int = READERS,
+        size: int,
     ) -> None:
         self._connect = connect
         self._usable = usable
         self._idle: list[_C] = []
         self._lock = threading.Lock()
         self._closed = False
+        self._started = False  # a read was ever submitted (so a thread may exist)
         self._executor = ThreadPoolExecutor(max_workers=size, thread_name_prefix="mailingest-read")
 
     async def run(self, read: Callable[[_C], _T]) -> _T:
@@ -56,6 +53,7 @@ class ReaderPool(Generic[_C]):
         started, it never runs; after, the thread finishes it and keeps the connection."""
         if self._closed:
             raise StoreError("the store is closed")
+        self._started = True
         return await asyncio.get_running_loop().run_in_executor(self._executor, self._call, read)
 
     def _call(self, read: Callable[[_C], _T]) -> _T:
@@ -75,7 +73,10 @@ class ReaderPool(Generic[_C]):
     async def close(self) -> None:
         """Waits for the reads under way, then closes every connection."""
         self._closed = True
-        await asyncio.to_thread(self._shutdown)
+        if self._started:
+            await asyncio.to_thread(self._shutdown)
+        else:
+            self._executor.shutdown()  # no thread, no connection: nothing to wait for
 
     def _shutdown(self) -> None:
         self._executor.shutdown(wait=True, cancel_futures=True)

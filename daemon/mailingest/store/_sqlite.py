@@ -34,6 +34,10 @@ BUSY_TIMEOUT_MS = 10_000
 #: costs about half the CPU. Only the read-only connections map; a disk error under a
 #: mapped read is a crash (SIGBUS) rather than a StoreError, which loses nothing committed.
 READ_MMAP_BYTES = 1024 * 1024 * 1024
+#: Snapshot reads at once. SQLite runs without the GIL, the rows it returns need it: a third
+#: thread on a 2-core machine gained no throughput in bench/api_bench.py and lengthened the
+#: tail, one alone queued every read behind the slowest.
+READERS = 2
 _T = TypeVar("_T")
 
 
@@ -56,7 +60,7 @@ class SqliteDatabase(Database):
         self._db = db
         self.path = path
         self.spool_dir = path.parent
-        self._readers = ReaderPool(self._connect_reader, _out_of_transaction)
+        self._readers = ReaderPool(self._connect_reader, _out_of_transaction, size=READERS)
 
     def __repr__(self) -> str:
         return f"<SQLite {self.path}>"

@@ -12,8 +12,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import structlog
-
 from mailingest import __version__, cli_accounts, cli_api, cli_auth, cli_review, commands, logs
 from mailingest.config import Config, load_config, resolve_config_path
 from mailingest.config_render import render_config
@@ -177,7 +175,7 @@ def _load(args: argparse.Namespace, *, secrets: bool = True) -> Config:
     logs.configure(fmt, level=10 if args.verbose else 20)
     for account in config.accounts:
         if not account.tls_verify:
-            structlog.get_logger().warning("tls_verify_disabled", account=account.name)
+            logs.get_logger("mailingest.cli").warning("tls_verify_disabled", account=account.name)
     return config
 
 

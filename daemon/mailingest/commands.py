@@ -13,13 +13,11 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
-import structlog
-
 from mailingest import crm, pause, signin
 from mailingest.config import Account, Config
 from mailingest.errors import DataError, MailIngestError, PermissionDenied, UsageError
 from mailingest.fetch import FetchResult, fetch_account
-from mailingest.logs import mask_text
+from mailingest.logs import get_logger, mask_text
 from mailingest.model import AccountState, Pop3Login, Record, Status, StoredMessage
 from mailingest.pop3 import Pop3Session
 from mailingest.progress import Progress
@@ -27,7 +25,7 @@ from mailingest.sharing import may_see
 from mailingest.store import Store
 
 T = TypeVar("T")
-log = structlog.get_logger("mailingest.commands")
+log = get_logger("mailingest.commands")
 
 
 def select_accounts(config: Config, names: Sequence[str] | None) -> list[Account]:

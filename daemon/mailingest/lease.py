@@ -14,13 +14,12 @@ import uuid
 from datetime import datetime
 from pathlib import Path
 
-import structlog
-
 from mailingest.errors import StoreError
+from mailingest.logs import get_logger
 from mailingest.model import Claim
 from mailingest.store import Store
 
-log = structlog.get_logger("mailingest.fetch")  # the events of a fetch, as before the split
+log = get_logger("mailingest.fetch")  # the events of a fetch, as before the split
 
 #: An account's lease outlives its holder by at most this long; renewed every third of it.
 LEASE_TTL = 60.0

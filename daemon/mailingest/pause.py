@@ -14,14 +14,13 @@ import hashlib
 import hmac
 import secrets
 
-import structlog
-
 from mailingest.config import Account
 from mailingest.errors import StoreError
+from mailingest.logs import get_logger
 from mailingest.model import Status
 from mailingest.store import Store
 
-log = structlog.get_logger("mailingest.pause")
+log = get_logger("mailingest.pause")
 
 #: Why an account is paused (``pause_reason`` in ``status``, ``reason`` of ``account_paused``).
 REASON = Status.AUTH_FAILED.value

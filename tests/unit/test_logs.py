@@ -9,7 +9,6 @@ import re
 from collections.abc import Iterator
 
 import pytest
-import structlog
 
 from mailingest import logs
 from support import ROOT
@@ -87,13 +86,13 @@ def captured() -> Iterator[io.StringIO]:
     logs.register_secrets([SECRET])
     logs.configure("json", level=10, stream=stream)
     yield stream
-    structlog.reset_defaults()
+    logs.reset()
 
 
 def test_json_lines_carry_timestamp_level_event_and_mask_every_secret(
     captured: io.StringIO,
 ) -> None:
-    log = structlog.get_logger("test")
+    log = logs.get_logger("test")
     log.info("poll_failed", account="a", error_kind="auth_failed", error=f"said {SECRET}")
     log.warning("config_rejected", error={"nested": [SECRET, {"password": "x"}]})
     log.debug("poll_started", account="a", line=f"PASS {SECRET}", auth="AUTH PLAIN AGFAYg==")
@@ -124,9 +123,9 @@ def test_console_output_masks_secrets_too() -> None:
     logs.register_secrets([SECRET])
     logs.configure("console", stream=stream)
     try:
-        structlog.get_logger("test").warning("account_paused", account="a", reason=SECRET)
+        logs.get_logger("test").warning("account_paused", account="a", reason=SECRET)
     finally:
-        structlog.reset_defaults()
+        logs.reset()
     assert "account_paused" in stream.getvalue()
     assert SECRET not in stream.getvalue() and "***" in stream.getvalue()
 

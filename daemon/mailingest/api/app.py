@@ -7,7 +7,6 @@ import asyncio
 import ssl
 from collections.abc import Awaitable, Callable
 
-import structlog
 from aiohttp import web
 
 from mailingest.api import accounts, messages, ops, records, sending
@@ -16,8 +15,9 @@ from mailingest.api.errors import ApiError, error_response
 from mailingest.api.host import CALLER, HOST, ApiHost, host_of
 from mailingest.config import ApiSettings
 from mailingest.errors import ConfigError, MailIngestError, StoreError
+from mailingest.logs import get_logger
 
-log = structlog.get_logger("mailingest.api")
+log = get_logger("mailingest.api")
 
 #: Request bodies above this are refused (413) before they are read whole.
 MAX_BODY = 1024 * 1024

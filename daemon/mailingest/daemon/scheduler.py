@@ -19,8 +19,6 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-import structlog
-
 from mailingest import accounts, crm, logs
 from mailingest.config import Account, Config, DaemonSettings, load_config
 from mailingest.daemon import process
@@ -33,7 +31,7 @@ from mailingest.retry import Backoff
 from mailingest.store import Store
 from mailingest.systemd import Notifier, watchdog_period
 
-log = structlog.get_logger("mailingest.daemon")
+log = logs.get_logger("mailingest.daemon")
 
 #: STATUS= is sent at most this often (seconds).
 STATUS_EVERY = 1.0

@@ -180,7 +180,7 @@ def _structlog() -> ModuleType:
 
 
 class Logger:
-    """``log.info("event", key=value)``, as structlog's filtering bound logger is called."""
+    """Called as structlog's filtering bound logger is: the event name, then its keys."""
 
     __slots__ = ("name",)
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import csv
 import functools
 import getpass
 import io
@@ -104,6 +103,8 @@ def parse_emails(text: str) -> tuple[tuple[str, ...], list[str]]:
 
 def parse_records_csv(text: str, source: str) -> list[Record]:
     """Validate a whole CSV first: any bad row rejects the import, naming every bad line."""
+    import csv  # `records import` only
+
     reader = csv.reader(io.StringIO(text))
     header = next(reader, None)
     if header is None or [h.strip().lower() for h in header] != CSV_HEADER:

@@ -10,7 +10,6 @@ import functools
 import itertools
 import os
 import socket
-import uuid
 from datetime import datetime
 from pathlib import Path
 
@@ -72,7 +71,8 @@ class Renewer:
 
 
 #: A lease holder is unique: host, process, this process's token and a serial number.
-_TOKEN = uuid.uuid4().hex[:6]
+#: (Six random hex digits as uuid4 gave; uuid itself imports platform, a cost at each start.)
+_TOKEN = os.urandom(3).hex()
 _SERIAL = itertools.count(1)
 
 #: Lease holders of the cycles running in this process. A lease in this process's name that

@@ -8,7 +8,6 @@ Nothing here raises on bad input: an address that cannot be read matches nothing
 
 from __future__ import annotations
 
-import email.utils
 import re
 import unicodedata
 from collections.abc import Iterable
@@ -73,6 +72,8 @@ def normalize(address: str | None) -> str | None:
 
 def _normalize_parsed(address: str) -> str | None:
     """normalize() through the email package's address parser: any text at all."""
+    import email.utils  # here: most addresses take the fast path, and start-up is shorter
+
     try:
         _, addr = email.utils.parseaddr(address)
     except Exception:  # parseaddr is tolerant; guard the odd crash anyway

@@ -34,7 +34,7 @@ from mailingest.errors import (
     UnavailableError,
 )
 from mailingest.model import Pop3Login
-from mailingest.oauth2 import OAUTH2_MECHANISMS, oauthbearer, xoauth2
+from mailingest.sasl import OAUTH2_MECHANISMS, oauthbearer, xoauth2
 from mailingest.tls import client_context
 
 #: A status line (``+OK``/``-ERR``) longer than this is a protocol error (the contract's 64 KiB).

@@ -5,6 +5,8 @@ command's parser cost each run of any one of them some 6 ms."""
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 from collections.abc import Callable, Sequence
 from typing import Any, cast
 
@@ -12,6 +14,41 @@ from mailingest import __version__
 
 #: Adds a command's arguments (and its actions' parsers) to its parser.
 Build = Callable[[argparse.ArgumentParser], None]
+
+
+def _columns() -> int:
+    """``shutil.get_terminal_size().columns``, as argparse's formatter asks it, without
+    importing shutil (and bz2 and lzma with it): every ``add_argument`` makes a formatter."""
+    try:
+        columns = int(os.environ["COLUMNS"])
+    except (KeyError, ValueError):
+        columns = 0
+    if columns > 0:
+        return columns
+    try:
+        return os.get_terminal_size(sys.__stdout__.fileno()).columns or 80  # type: ignore[union-attr]
+    except (AttributeError, ValueError, OSError):
+        return 80
+
+
+class _Formatter(argparse.HelpFormatter):
+    def __init__(
+        self,
+        prog: str,
+        indent_increment: int = 2,
+        max_help_position: int = 24,
+        width: int | None = None,
+    ) -> None:
+        width = _columns() - 2 if width is None else width
+        super().__init__(prog, indent_increment, max_help_position, width)
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose help is formatted by ``_Formatter`` (its subcommands' too)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", _Formatter)
+        super().__init__(*args, **kwargs)
 
 
 class _Commands(argparse._SubParsersAction):  # type: ignore[type-arg]
@@ -43,7 +80,7 @@ class _Commands(argparse._SubParsersAction):  # type: ignore[type-arg]
 
 
 def parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="mailingest",
         description="POP3 mail ingestion for a CRM: durable, byte-exact, shared per CRM rules.",
     )
@@ -60,9 +97,12 @@ def parser() -> argparse.ArgumentParser:
         help="log format on stderr (default: the config's, else auto)",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logs")
+    # prog given: argparse would format the usage to find it, importing shutil (bz2, lzma).
     sub = cast(
         _Commands,
-        parser.add_subparsers(dest="command", required=True, metavar="COMMAND", action=_Commands),
+        parser.add_subparsers(
+            dest="command", required=True, metavar="COMMAND", action=_Commands, prog=parser.prog
+        ),
     )
     sub.command("run", "the daemon (systemd Type=notify)")
     sub.command("fetch", "one cycle for each (selected) account, then exit", _accounts_json)

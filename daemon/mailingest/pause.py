@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
-import secrets
+import os
 
 from mailingest.config import Account
 from mailingest.errors import StoreError
@@ -42,7 +42,7 @@ def rejected(status: Status) -> bool:
 
 def login_key(account: Account, *, salt: bytes | None = None) -> str:
     """``scrypt$<salt>$<hash>`` of the account's login (CPU-bound: call it in a thread)."""
-    salt = secrets.token_bytes(16) if salt is None else salt
+    salt = os.urandom(16) if salt is None else salt  # secrets.token_bytes, minus random
     digest = hashlib.scrypt(account.login_bytes(), salt=salt, **_SCRYPT)
     return f"scrypt${salt.hex()}${digest.hex()}"
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -28,6 +27,8 @@ class Spool:
     """One message on its way to the store: hashed and counted while it streams in."""
 
     def __init__(self, directory: Path) -> None:
+        import tempfile  # with shutil, bz2 and lzma: not before the first message
+
         self.file = tempfile.SpooledTemporaryFile(max_size=SPOOL_MEMORY, dir=str(directory))
         self.hash = hashlib.sha256()
         self.size = 0

@@ -9,7 +9,6 @@ runs in one ``read`` or ``write`` block of the backend, which maps driver errors
 from __future__ import annotations
 
 import contextlib
-import tempfile
 from collections.abc import AsyncGenerator, AsyncIterator, Collection, Iterable, Sequence
 from datetime import datetime
 from pathlib import Path
@@ -61,6 +60,8 @@ class Store:
         """Open (and create or migrate) the store: a SQLite file, or a ``postgresql://`` URL
         (``password`` for it, if not given another way). Raises StoreError naming the cause."""
         if is_postgres_url(database):
+            import tempfile
+
             from mailingest.store._postgres import PostgresDatabase
 
             spool = Path(tempfile.gettempdir())

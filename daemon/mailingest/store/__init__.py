@@ -42,7 +42,8 @@ from mailingest.store import (
     state,
     tokens,
 )
-from mailingest.store._db import CHUNK, Database, is_postgres_url, redacted
+from mailingest.store._db import CHUNK, Database
+from mailingest.store._postgres import is_postgres_url, redacted
 from mailingest.store._sqlite import BUSY_TIMEOUT_MS, SqliteDatabase
 
 

@@ -217,18 +217,3 @@ def linked_to(count: int) -> str:
     """SQL: the message is linked to one of ``count`` records (given as parameters)."""
     marks = ",".join("?" * count)
     return f"m.id IN (SELECT message FROM message_records WHERE record IN ({marks}))"
-
-
-def is_postgres_url(database: object) -> bool:
-    """A PostgreSQL URL (else a SQLite path): here, so that SQLite never imports _postgres."""
-    return isinstance(database, str) and database.startswith(("postgresql://", "postgres://"))
-
-
-def redacted(url: str) -> str:
-    """The URL without any password in it (for messages and logs)."""
-    head, sep, rest = url.partition("://")
-    userinfo, at, host = rest.rpartition("@")
-    if not at:
-        return url
-    user = userinfo.partition(":")[0]
-    return f"{head}{sep}{user}@{host}"

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mailingest.errors import ConfigError, StoreError
-from mailingest.store._db import Database, Row, redacted
+from mailingest.store._db import Database, Row
 from mailingest.store._schema import POSTGRES_MIGRATIONS
 
 if TYPE_CHECKING:
@@ -31,6 +31,20 @@ CONNECT_TIMEOUT = 10
 LOCK_TIMEOUT_MS = 10_000
 #: Bytes of raw message chunks sent in one pipelined batch.
 CHUNK_BATCH = 4 * 1024 * 1024
+
+
+def is_postgres_url(database: object) -> bool:
+    return isinstance(database, str) and database.startswith(("postgresql://", "postgres://"))
+
+
+def redacted(url: str) -> str:
+    """The URL without any password in it (for messages and logs)."""
+    head, sep, rest = url.partition("://")
+    userinfo, at, host = rest.rpartition("@")
+    if not at:
+        return url
+    user = userinfo.partition(":")[0]
+    return f"{head}{sep}{user}@{host}"
 
 
 @functools.cache

@@ -95,7 +95,7 @@ def _fetch(args: argparse.Namespace) -> int:
     live = None
     if sys.stderr.isatty() and not args.json:
         # One line per account on a terminal; rich is imported only once one is drawn.
-        from mailingest.progress import LiveProgress
+        from mailingest.live import LiveProgress
 
         live = LiveProgress(sys.stderr)
     try:

@@ -6,11 +6,14 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from mailingest.config_auth import OAuth2Config
 from mailingest.config_values import Secret
 from mailingest.model import RECENT_PREFIX as RECENT_PREFIX
 from mailingest.model import Pop3Login
+
+if TYPE_CHECKING:
+    from mailingest.config_auth import OAuth2Config
 
 
 @dataclass(frozen=True, slots=True)

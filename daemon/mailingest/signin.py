@@ -13,13 +13,13 @@ import dataclasses
 from typing import TYPE_CHECKING
 
 from mailingest.config import Account, SmtpSettings
-from mailingest.config_auth import OAuth2Config
 from mailingest.crypto import SecretBox
 from mailingest.errors import AuthError
 from mailingest.model import Pop3Login
 from mailingest.store import Store
 
 if TYPE_CHECKING:
+    from mailingest.config_auth import OAuth2Config
     from mailingest.oauth2 import TokenSource
 
 #: (account, service) -> (its settings, the event loop, the source): a new loop (a test, a

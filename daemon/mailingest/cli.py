@@ -91,7 +91,7 @@ def _emit_json(data: Any) -> None:
 
 
 def _fetch(args: argparse.Namespace) -> int:
-    config = _load_all(args)
+    config = _load(args)  # the database's accounts are added by commands.fetch (stored)
     live = None
     if sys.stderr.isatty() and not args.json:
         # One line per account on a terminal; rich is imported only once one is drawn.
@@ -99,7 +99,7 @@ def _fetch(args: argparse.Namespace) -> int:
 
         live = LiveProgress(sys.stderr)
     try:
-        results = asyncio.run(commands.fetch(config, args.account, progress=live))
+        results = asyncio.run(commands.fetch(config, args.account, progress=live, stored=True))
     finally:
         if live is not None:
             live.close()

@@ -131,6 +131,8 @@ def _skipped(name: str, error: str) -> None:
 
 @dataclass(frozen=True)
 class NewPasswords:
+    """The passwords `accounts add` or `set` was given (None: none, or unchanged)."""
+
     pop3: str | None = None
     smtp: str | None = None
 

@@ -18,6 +18,8 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True, slots=True)
 class SmtpSettings:
+    """An account's ``[accounts.smtp]``: where and how `send` and `reply` submit mail."""
+
     host: str
     port: int
     security: str
@@ -33,6 +35,8 @@ class SmtpSettings:
 
 @dataclass(frozen=True, slots=True)
 class Account:
+    """One ``[[accounts]]`` table, or an account kept in the database, validated."""
+
     name: str
     owner: str
     host: str
@@ -107,6 +111,8 @@ def _no_password() -> str:
 
 @dataclass(frozen=True, slots=True)
 class StorageSettings:
+    """``[storage]``: where the store is, and the secrets that open it."""
+
     #: A SQLite file, or a ``postgresql://user@host[:port]/db`` URL (never with a password).
     database: Path | str
     password: Secret | None = None  # PostgreSQL only
@@ -123,6 +129,8 @@ class StorageSettings:
 
 @dataclass(frozen=True, slots=True)
 class DaemonSettings:
+    """``[daemon]``: schedule, concurrency and logs of `run` (and `fetch`'s limits)."""
+
     poll_interval: float = 300.0
     max_concurrent: int = 16
     max_sessions_per_cycle: int = 10
@@ -146,6 +154,8 @@ class ApiSettings:
 
 @dataclass(frozen=True, slots=True)
 class Config:
+    """The whole configuration: the file's, and the database's accounts once added."""
+
     path: Path
     storage: StorageSettings
     daemon: DaemonSettings

@@ -1,6 +1,9 @@
-"""The command line's grammar. A command's arguments are added only once it is chosen:
-argparse looks up its message catalog for every parser it makes, and building every
-command's parser cost each run of any one of them some 6 ms."""
+"""The command line's grammar. A command's parser is made only once the command is chosen:
+argparse asks gettext (which searches the file system for a message catalog) for the
+titles and help of every parser it makes, and making all of them cost every run of any one
+command some 6 ms; the top-level help and the check of the command's name need only the
+names and their help texts.
+"""
 
 from __future__ import annotations
 
@@ -52,18 +55,19 @@ class _Parser(argparse.ArgumentParser):
 
 
 class _Commands(argparse._SubParsersAction):  # type: ignore[type-arg]
-    """Subcommands whose parsers get their arguments when chosen (parsed or asked for
-    help); the top-level help lists only names and help texts, which are there from the
-    start."""
+    """Subcommands whose parsers are made, and given their arguments, when chosen (to be
+    parsed or to show their help). Until then a command is its name and help text, which
+    is what argparse's choice check and the top-level help read."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._builds: dict[str, Build] = {}
+        self._builds: dict[str, Build | None] = {}
 
     def command(self, name: str, help: str, build: Build | None = None) -> None:
-        self.add_parser(name, help=help)
-        if build is not None:
-            self._builds[name] = build
+        """As ``add_parser(name, help=help)``, the parser itself made by ``__call__``."""
+        self._choices_actions.append(self._ChoicesPseudoAction(name, (), help))
+        self._name_parser_map[name] = None
+        self._builds[name] = build
 
     def __call__(
         self,
@@ -73,9 +77,13 @@ class _Commands(argparse._SubParsersAction):  # type: ignore[type-arg]
         option_string: str | None = None,
     ) -> None:
         assert isinstance(values, list)
-        build = self._builds.pop(values[0], None)
-        if build is not None:
-            build(self._name_parser_map[values[0]])
+        name = values[0]
+        if name in self._builds:
+            chosen = self._parser_class(prog=f"{self._prog_prefix} {name}")
+            build = self._builds.pop(name)
+            if build is not None:
+                build(chosen)
+            self._name_parser_map[name] = chosen
         super().__call__(parser, namespace, values, option_string)
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import getpass
 import io
 import json
 import os
@@ -79,9 +78,15 @@ async def sync_settings(
 
 
 def current_actor() -> str:
-    """Who is changing things, for the audit log: the login behind sudo, else this user."""
+    """Who is changing things, for the audit log: the login behind sudo, else this user as
+    getpass.getuser finds it (read here: getpass imports termios, at every command's start)."""
+    for name in ("SUDO_USER", "LOGNAME", "USER", "LNAME", "USERNAME"):
+        if user := os.environ.get(name):
+            return user
     with contextlib.suppress(KeyError, OSError):
-        return os.environ.get("SUDO_USER") or getpass.getuser()
+        import pwd
+
+        return pwd.getpwuid(os.getuid()).pw_name
     return f"uid {os.getuid()}"
 
 

@@ -184,7 +184,7 @@ class Store:
         claim = await state.take_poll(
             self._db, account, holder, ttl, due=due, force=force, stale=stale
         )
-        if stale is not None and claim.taken and self._db.observer is not None:
+        if claim.took_over and self._db.observer is not None:
             self._db.observer.lease_taken_over(account)
         return claim
 

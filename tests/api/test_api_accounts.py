@@ -45,6 +45,7 @@ def test_accounts_through_the_api(tmp_path: Path, dovecot: Dovecot) -> None:
     with world.running():
         table = _table(carol_box, "carol-mail", "carol", sharing="custom")
         assert world.send("POST", "bob", "/accounts", json=table).status_code == 403
+        assert world.get("carol", "/accounts").json() == {"accounts": []}  # she owns none yet
         wrong = world.send("POST", "carol", "/accounts", json={**table, "password": "nope"})
         assert (wrong.status_code, wrong.json()["field"]) == (422, "password"), wrong.text
         assert world.get("carol", "/accounts/carol-mail").status_code == 404  # nothing stored
@@ -61,10 +62,22 @@ def test_accounts_through_the_api(tmp_path: Path, dovecot: Dovecot) -> None:
         bad = world.send("POST", "carol", "/accounts", json={**table, "name": "c2", "port": "x"})
         assert (bad.status_code, bad.json()["field"]) == (422, "port"), bad.text
         names = [a["account"] for a in world.get("carol", "/accounts").json()["accounts"]]
-        assert "carol-mail" in names  # applied before the answer
+        assert names == ["carol-mail"]  # applied before the answer; only hers
         _until(lambda: len(world.all_messages("carol")) == 1, "carol's mail to be fetched")
 
-        settings = world.get("bob", "/accounts/carol-mail").json()
+        # Another user's account is answered as absent, whatever the route: no names leak.
+        for method, path in (
+            ("GET", "/accounts/carol-mail"),
+            ("PATCH", "/accounts/carol-mail"),
+            ("POST", "/accounts/carol-mail/check"),
+            ("POST", "/accounts/carol-mail/fetch"),
+        ):
+            other = world.send(method, "bob", path, json={"sharing": "public"})
+            assert other.status_code == 404, (method, path, other.text)
+            assert other.json()["message"] == "no account 'carol-mail'"  # as for an unknown one
+        as_carol = world.get("crm", "/accounts/carol-mail", headers={"X-Act-As": "carol"})
+        assert as_carol.status_code == 200
+        settings = world.get("admin", "/accounts/carol-mail").json()
         assert settings == {
             "account": "carol-mail",
             "owner": "carol",
@@ -76,10 +89,9 @@ def test_accounts_through_the_api(tmp_path: Path, dovecot: Dovecot) -> None:
             "aliases": [],
             "primary": False,
         }
-        assert world.get("bob", "/accounts/alice-mail").json()["source"] == "config"
+        assert world.get("alice", "/accounts/alice-mail").json()["source"] == "config"
         assert world.all_messages("bob") == []
         public = {"sharing": "public"}
-        assert world.send("PATCH", "bob", "/accounts/carol-mail", json=public).status_code == 403
         changed = world.send("PATCH", "carol", "/accounts/carol-mail", json=public)
         assert changed.json() == {"account": "carol-mail", "changed": ["sharing"]}
         [seen] = world.all_messages("bob")  # re-tagged before the answer
@@ -104,7 +116,7 @@ def test_accounts_through_the_api(tmp_path: Path, dovecot: Dovecot) -> None:
 
         checked = world.send("POST", "alice", "/accounts/alice-mail/check")
         assert checked.json()["pop3"]["status"] == "ok" and checked.json()["smtp"] is None
-        assert world.send("POST", "bob", "/accounts/alice-mail/check").status_code == 403
+        assert world.send("POST", "bob", "/accounts/alice-mail/check").status_code == 404
         assert world.send("POST", "alice", "/accounts/nope/check").status_code == 404
 
         def alices() -> list[Any]:
@@ -116,7 +128,7 @@ def test_accounts_through_the_api(tmp_path: Path, dovecot: Dovecot) -> None:
         assert now.status_code == 202
         assert now.json() == {"account": "alice-mail", "poll": "requested"}
         _until(lambda: len(alices()) == 1, "fetch now to store alice's mail")
-        assert world.send("POST", "bob", "/accounts/alice-mail/fetch").status_code == 403
+        assert world.send("POST", "bob", "/accounts/alice-mail/fetch").status_code == 404
 
         untested = {**_table(dovecot.new_mailbox(), "paused-mail", "carol"), "password": "no"}
         stored = world.send("POST", "carol", "/accounts", json={**untested, "test": False})

@@ -158,11 +158,18 @@ def test_records_upsert_readdress_and_delete(world: ApiWorld) -> None:
     assert world.send("DELETE", "admin", "/records/LX").status_code == 404
 
 
-def test_accounts_status_is_the_cli_status(world: ApiWorld) -> None:
-    response = world.get("carol", "/accounts")
-    assert response.status_code == 200
+def test_accounts_status_is_the_cli_status_of_the_callers_accounts(world: ApiWorld) -> None:
     cli = json.loads(world.cli("status", "--json"))
-    assert response.json() == cli
+    response = world.get("admin", "/accounts")
+    assert response.status_code == 200
+    assert response.json() == cli  # an admin sees every account
+    for who, headers in (("alice", {}), ("bob", {}), ("crm", {"X-Act-As": "bob"})):
+        owner = headers.get("X-Act-As", who)
+        mine = {"accounts": [a for a in cli["accounts"] if a["owner"] == owner]}
+        assert len(mine["accounts"]) == 1
+        assert world.get(who, "/accounts", headers=headers).json() == mine
+    assert world.get("carol", "/accounts").json() == {"accounts": []}
+    assert world.get("crm", "/accounts").json() == {"accounts": []}  # its own user owns none
 
 
 def _error(response: Any, status: int, field: str | None = None) -> dict[str, Any]:

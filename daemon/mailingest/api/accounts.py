@@ -1,9 +1,10 @@
 """Accounts: an owner's sharing settings (read, change), add with a test login, check now,
 fetch now. GET /accounts (every account's status) is in ops.py.
 
-Changing an account, checking or polling it needs its owner's token (or one acting for
-them) or an admin's. Only accounts kept in the database change here (409 for the config
-file's: edit the file); the daemon applies a change before the answer, re-tag included.
+A non-admin caller sees only the accounts it owns (its token's user, or the user it acts
+for): another owner's account is 404, as an unknown name, so names do not leak. Only
+accounts kept in the database change here (409 for the config file's: edit the file); the
+daemon applies a change before the answer, re-tag included.
 """
 
 from __future__ import annotations
@@ -44,19 +45,20 @@ _TYPES: dict[str, tuple[type, ...]] = {
 }
 
 
-def _account(host: ApiHost, request: web.Request, *, manage: bool) -> Account:
+def _account(host: ApiHost, request: web.Request) -> Account:
+    """The named account, if the caller may see it (else 404, as for an unknown name)."""
     name = request.match_info["name"]
-    account = next((a for a in host.config.accounts if a.name == name), None)
+    caller = caller_of(request)
+    found = (a for a in host.config.accounts if a.name == name and caller.may_manage(a.owner))
+    account = next(found, None)
     if account is None:
         raise ApiError(404, f"no account {name!r}")
-    if manage and not caller_of(request).may_manage(account.owner):
-        raise ApiError(403, f"only {account.owner!r} (or an admin) manages {name!r}")
     return account
 
 
 async def get_settings(request: web.Request) -> web.Response:
     host = host_of(request)
-    account = _account(host, request, manage=False)
+    account = _account(host, request)
     from_file = any(a.name == account.name for a in host.file_config.accounts)
     return web.json_response(
         {
@@ -76,7 +78,7 @@ async def get_settings(request: web.Request) -> web.Response:
 async def patch_settings(request: web.Request) -> web.Response:
     """`accounts set` for the sharing settings: `{"account", "changed": [...]}`."""
     host = host_of(request)
-    account = _account(host, request, manage=True)
+    account = _account(host, request)
     data = await json_object(request)
     known_keys(data, SETTINGS)
     if not data:
@@ -138,7 +140,7 @@ async def add_account(request: web.Request) -> web.Response:
 async def check(request: web.Request) -> web.Response:
     """`check --json`'s entry for one account: log in, STAT, nothing changed."""
     host = host_of(request)
-    account = _account(host, request, manage=True)
+    account = _account(host, request)
     async with request.app[TEST_LOGINS]:
         return web.json_response(await commands.check_one(account, host.store))
 
@@ -146,7 +148,7 @@ async def check(request: web.Request) -> web.Response:
 async def fetch_now(request: web.Request) -> web.Response:
     """Poll the account at once; 202: requested (GET /accounts shows the result)."""
     host = host_of(request)
-    account = _account(host, request, manage=True)
+    account = _account(host, request)
     started = host.poll_now(account.name)
     if started is None:  # added a moment ago: its runner is not scheduled yet
         raise ApiError(409, f"account {account.name!r} is not scheduled yet; try again")

@@ -30,7 +30,8 @@ _OBJECT = {"type": "object"}
 ACCOUNT_PATHS: dict[str, Any] = {
     "/accounts": {
         "get": op(
-            "Every account: last poll, result, stored, paused, next poll (as `status --json`)",
+            "The caller's accounts (an admin's: every account): last poll, result, stored,"
+            " paused, next poll (as `status --json`)",
             json(
                 {"type": "object", "properties": {"accounts": {"type": "array", "items": _OBJECT}}}
             ),
@@ -70,7 +71,8 @@ ACCOUNT_PATHS: dict[str, Any] = {
     },
     "/accounts/{name}": {
         "get": op(
-            "One account's sharing settings, and where it is defined (config or database)",
+            "One account's sharing settings, and where it is defined (config or database);"
+            " another owner's account is 404 to a non-admin",
             json(
                 {
                     "type": "object",

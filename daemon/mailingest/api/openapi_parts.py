@@ -113,7 +113,7 @@ def errors(*codes: int) -> dict[str, Any]:
     meaning = {
         401: "no token, or an unknown or revoked one",
         403: "the token may not do this",
-        404: "no such id, or mail the caller may not see",
+        404: "no such id, or mail or an account the caller may not see",
         409: "an account of the config file (edit the file), a name taken, a paused account",
         413: "body over 1 MiB",
         422: "bad input; `field` names it",

@@ -7,7 +7,7 @@ from aiohttp import web
 
 from mailingest import commands
 from mailingest.api import openapi
-from mailingest.api.host import host_of
+from mailingest.api.host import caller_of, host_of
 from mailingest.errors import StoreError
 
 
@@ -45,6 +45,8 @@ async def openapi_json(request: web.Request) -> web.Response:
 
 
 async def accounts(request: web.Request) -> web.Response:
-    """`status --json`: every account the daemon polls, its last poll, pause, next poll."""
-    host = host_of(request)
-    return web.json_response({"accounts": await commands.status_of(host.store, host.config)})
+    """`status --json` of the accounts the caller owns (an admin: every account the daemon
+    polls): last poll, pause, next poll."""
+    host, caller = host_of(request), caller_of(request)
+    found = await commands.status_of(host.store, host.config)
+    return web.json_response({"accounts": [a for a in found if caller.may_manage(a["owner"])]})

@@ -10,6 +10,10 @@ from typing import Any
 from api_support import ApiWorld, mail
 from daemon_support import WAIT
 from dovecot import Dovecot, Mailbox
+from pop3d import Faults, Pop3dThreaded
+from pop3d import Mailbox as ScriptedMailbox
+
+STORAGE = {"database": "mail.db", "secret_key": "a-test-key-of-32-characters-long"}
 
 
 def _table(mailbox: Mailbox, name: str, owner: str, **more: Any) -> dict[str, Any]:
@@ -36,8 +40,7 @@ def _until(check: Any, what: str) -> None:
 
 
 def test_accounts_through_the_api(tmp_path: Path, dovecot: Dovecot) -> None:
-    storage = {"database": "mail.db", "secret_key": "a-test-key-of-32-characters-long"}
-    world = ApiWorld(tmp_path, dovecot, storage=storage)
+    world = ApiWorld(tmp_path, dovecot, storage=STORAGE)
     world.import_records()
     world.make_tokens()
     carol_box = dovecot.new_mailbox()
@@ -131,9 +134,59 @@ def test_accounts_through_the_api(tmp_path: Path, dovecot: Dovecot) -> None:
         assert world.send("POST", "bob", "/accounts/alice-mail/fetch").status_code == 404
 
         untested = {**_table(dovecot.new_mailbox(), "paused-mail", "carol"), "password": "no"}
-        stored = world.send("POST", "carol", "/accounts", json={**untested, "test": False})
+        stored = world.send("POST", "admin", "/accounts", json={**untested, "test": False})
         assert stored.json()["pop3"] is None
         _until(
             lambda: world.send("POST", "carol", "/accounts/paused-mail/fetch").status_code == 409,
             "the rejected login to pause the account",
         )
+
+
+def test_a_test_login_quotes_no_server_words_to_a_non_admin(
+    tmp_path: Path, dovecot: Dovecot, pop3d_threaded: Pop3dThreaded
+) -> None:
+    """Any user may point a test login at any host: what that host says is no business of
+    theirs (an internal service's banner), only the documented status and a fixed cause.
+    An admin gets the server's words, as `check` prints them; the log has them too."""
+    world = ApiWorld(tmp_path, dovecot, storage=STORAGE)
+    world.make_tokens()
+    banner = "-ERR db.internal.example ready, build 7f3a-secret"
+    server = pop3d_threaded([ScriptedMailbox("carol", "pw", [])], Faults(greeting=banner))
+    table = {
+        "name": "carol-x",
+        "owner": "carol",
+        "host": "127.0.0.1",
+        "port": server.port,
+        "security": "plain",
+        "allow_plaintext": True,
+        "username": "carol",
+        "password": "pw",
+        "timeout": "10s",
+    }
+    with world.running() as daemon:
+        failed = world.send("POST", "carol", "/accounts", json=table)
+        assert (failed.status_code, failed.json()["field"]) == (422, "host"), failed.text
+        assert failed.json()["message"] == (
+            "the test login failed (error): the server did not answer as a POP3 server"
+        )
+        assert "secret" not in failed.text
+        acting = world.send("POST", "crm", "/accounts", json=table, headers={"X-Act-As": "carol"})
+        assert acting.json() == failed.json()
+        admin = world.send("POST", "admin", "/accounts", json=table)
+        assert (admin.status_code, admin.json()["field"]) == (422, "host")
+        assert "build 7f3a-secret" in admin.json()["message"]
+        logged = daemon.events("api_test_login_failed", account="carol-x")
+        assert len(logged) == 3 and all("7f3a-secret" in e["error"] for e in logged)
+        assert logged[0]["status"] == "error"
+
+        rejected = {**_table(dovecot.new_mailbox(), "carol-y", "carol"), "password": "no"}
+        wrong = world.send("POST", "carol", "/accounts", json=rejected)
+        assert (wrong.status_code, wrong.json()["field"]) == (422, "password")
+        assert wrong.json()["message"] == (
+            "the test login failed (auth_failed): the server rejected the login"
+        )
+        # Untested, a non-admin could make the daemon poll any host and read the errors
+        # in GET /accounts: only an admin skips the test.
+        untested = world.send("POST", "carol", "/accounts", json={**table, "test": False})
+        assert untested.status_code == 403, untested.text
+        assert world.get("carol", "/accounts").json() == {"accounts": []}

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import structlog
 from aiohttp import web
 
 from mailingest import accounts, commands
@@ -20,6 +21,8 @@ from mailingest.api.host import ApiHost, caller_of, host_of
 from mailingest.config import Account, parse_duration
 from mailingest.errors import ConfigError, DataError, UsageError
 from mailingest.model import Status
+
+log = structlog.get_logger("mailingest.api")
 
 #: What PATCH changes: the owner's sharing settings of one account (null removes a key).
 #: Test logins (add, check now) that requests may run at once, and the longest timeout one
@@ -42,6 +45,17 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "from_address": (str,),
     "aliases": (list,),
     "primary": (bool,),
+}
+
+
+#: What a failed test login tells a non-admin: its status and one of these, never the
+#: server's own words (any user may point a test at any host and port).
+_CAUSES = {
+    Status.AUTH_FAILED: "the server rejected the login",
+    Status.TLS_FAILED: "TLS failed (a handshake failure or a rejected certificate)",
+    Status.UNAVAILABLE: "the server could not be reached (no such host, or connection refused)",
+    Status.TEMP_FAILED: "the server timed out, dropped the connection or was busy",
+    Status.ERROR: "the server did not answer as a POP3 server",
 }
 
 
@@ -102,8 +116,12 @@ async def patch_settings(request: web.Request) -> web.Response:
 
 async def add_account(request: web.Request) -> web.Response:
     """ "Add account, test account, create": `accounts add`; nothing stored if the test
-    login fails (422 naming `password` for a rejected login, else `host`)."""
-    host = host_of(request)
+    login fails (422 naming `password` for a rejected login, else `host`).
+
+    A non-admin adds accounts of its own user only, always tested, and learns of a failed
+    test only its status and a fixed cause: the server's words go to the log (an admin
+    gets them too, as `check` prints them)."""
+    host, caller = host_of(request), caller_of(request)
     data = await json_object(request)
     known_keys(data, ADD_KEYS)
     table = {k: v for k, v in data.items() if k not in ("password", "test")}
@@ -113,8 +131,10 @@ async def add_account(request: web.Request) -> web.Response:
     test = data.get("test", True)
     if not isinstance(test, bool):
         raise ApiError(422, "expected true or false", field="test")
-    if not caller_of(request).may_manage(owner):
+    if not caller.may_manage(owner):
         raise ApiError(403, f"only {owner!r} (or an admin) adds {owner!r}'s accounts")
+    if not test and not caller.admin:
+        raise ApiError(403, "only an admin adds an account without its test login")
     _bounded_timeout(table)
     try:
         async with request.app[TEST_LOGINS]:
@@ -131,8 +151,13 @@ async def add_account(request: web.Request) -> web.Response:
         raise ApiError(422, str(exc), field=_named(exc, table)) from None
     if not result["added"]:
         pop3 = result["pop3"]
-        field = "password" if pop3["status"] == Status.AUTH_FAILED else "host"
-        raise ApiError(422, f"the test login failed: {pop3['error']}", field=field)
+        status = Status(pop3["status"])
+        log.info(
+            "api_test_login_failed", account=result["account"], status=status, error=pop3["error"]
+        )
+        cause = pop3["error"] if caller.admin else _CAUSES.get(status, "the login failed")
+        field = "password" if status == Status.AUTH_FAILED else "host"
+        raise ApiError(422, f"the test login failed ({status}): {cause}", field=field)
     await host.accounts_changed()
     return web.json_response(result)
 

@@ -9,7 +9,7 @@ import getpass
 import io
 import json
 import os
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 
 from mailingest.config import Account, Config
 from mailingest.errors import DataError
@@ -60,6 +60,7 @@ async def sync_settings(
     *,
     force: Collection[str] = (),
     actor: str | None = None,
+    actors: Mapping[str, str] | None = None,
 ) -> list[str]:
     """Re-tag (and re-label) the stored mail of accounts whose sharing settings differ from
     the persisted snapshot, all in one transaction; the accounts it re-tagged.
@@ -67,6 +68,7 @@ async def sync_settings(
     Every start goes through here: each CLI command, the daemon's start and its reloads.
     ``accounts`` limits it to those names (default: every configured account); ``force``
     re-tags those even where the snapshot already matches (see Store.retag_changed).
+    The audit log names ``actors[name]`` for a change of that account, else ``actor``.
     """
     chosen = [a for a in config.accounts if accounts is None or a.name in accounts]
     if not chosen:
@@ -76,6 +78,7 @@ async def sync_settings(
         policies(config),
         force,
         actor=actor or current_actor(),
+        actors=actors,
     )
 
 

@@ -3,6 +3,7 @@ change: re-tagged before the answer), check now, fetch now. `mailingest run` and
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -99,6 +100,15 @@ def test_accounts_through_the_api(tmp_path: Path, dovecot: Dovecot) -> None:
         assert changed.json() == {"account": "carol-mail", "changed": ["sharing"]}
         [seen] = world.all_messages("bob")  # re-tagged before the answer
         assert (seen["owner"], seen["visibility"], seen["reason"]) == ("carol", "shared", "public")
+        excluded = {"excluded_domains": ["other.example"]}
+        as_carol = {"X-Act-As": "carol"}
+        by_crm = world.send("PATCH", "crm", "/accounts/carol-mail", json=excluded, headers=as_carol)
+        assert by_crm.status_code == 200, by_crm.text
+        audit = json.loads(world.cli("audit", "--account", "carol-mail", "--json"))
+        assert [(e["actor"], e["action"], sorted(e["detail"])) for e in audit] == [
+            ("api:crm-service for carol", "sharing_changed", ["excluded_domains"]),
+            ("api:carol", "sharing_changed", ["sharing"]),  # who asked, not "daemon"
+        ]
         for patch, field in (
             ({"sharing": "open"}, "sharing"),
             ({"primary": "yes"}, "primary"),

@@ -153,6 +153,11 @@ def test_records_upsert_readdress_and_delete(world: ApiWorld) -> None:
     assert world.send("DELETE", "crm", "/records/LX").status_code == 403
     gone = world.send("DELETE", "admin", "/records/LX")
     assert gone.json() == {"record": "LX", "deleted": True}
+    [unshared, shared] = json.loads(world.cli("audit", "--record", "LX", "--json"))
+    assert [(e["actor"], e["action"]) for e in (unshared, shared)] == [
+        ("api:root", "unshare"),  # the admin token's user, not the daemon
+        ("api:alice", "share"),
+    ]
     assert world.all_messages("carol") == []  # its share flag went with it
     assert world.all_messages("alice", {"record": "LX"}) == []
     assert world.send("DELETE", "admin", "/records/LX").status_code == 404

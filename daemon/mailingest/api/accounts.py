@@ -102,15 +102,16 @@ async def patch_settings(request: web.Request) -> web.Response:
         if value is not None and not isinstance(value, _TYPES[key]):
             raise ApiError(422, f"expected {_TYPES[key][0].__name__} or null", field=key)
         changes[key] = None if value is False else value  # primary: false removes it
-    try:
-        result = await accounts.change(
-            host.file_config, account.name, changes, accounts.NewPasswords(), store=host.store
-        )
-    except UsageError as exc:  # an account of the config file
-        raise ApiError(409, str(exc)) from None
-    except DataError as exc:
-        raise ApiError(422, str(exc), field=_named(exc, changes)) from None
-    await host.accounts_changed()
+    with host.changing(account.name, caller_of(request).actor):
+        try:
+            result = await accounts.change(
+                host.file_config, account.name, changes, accounts.NewPasswords(), store=host.store
+            )
+        except UsageError as exc:  # an account of the config file
+            raise ApiError(409, str(exc)) from None
+        except DataError as exc:
+            raise ApiError(422, str(exc), field=_named(exc, changes)) from None
+        await host.accounts_changed()
     return web.json_response(result)
 
 

@@ -27,7 +27,8 @@ from mailingest.api.openapi_parts import (
 _PATHS: dict[str, Any] = {
     "/healthz": {
         "get": op(
-            "The process answers and the store is reachable",
+            "The process answers and the store is reachable (503: `store` is `unreachable`;"
+            " the error is logged, not answered)",
             json({"type": "object"}),
             "503",
             security=OPEN,
@@ -35,7 +36,8 @@ _PATHS: dict[str, Any] = {
     },
     "/readyz": {
         "get": op(
-            "Accounts loaded and the store takes writes",
+            "Accounts loaded and the store takes writes (503: `accounts` is `loading` or"
+            " `store` is `not_writable`); the write is tried at most every 5 s",
             json({"type": "object"}),
             "503",
             security=OPEN,

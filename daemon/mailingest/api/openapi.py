@@ -11,6 +11,7 @@ from mailingest.api.openapi_parts import (
     ID,
     NSTR,
     OPEN,
+    RECORD_ID,
     SCHEMAS,
     SHARE,
     STR,
@@ -19,7 +20,6 @@ from mailingest.api.openapi_parts import (
     errors,
     json,
     op,
-    path,
     query,
     ref,
 )
@@ -147,7 +147,7 @@ _PATHS: dict[str, Any] = {
             " (admin or service token)",
             json({"type": "object", "properties": {"record": ref("Record")}}),
             "401 403 413 422 503",
-            parameters=[path("id")],
+            parameters=[RECORD_ID],
             requestBody=body(
                 {
                     "type": "object",
@@ -164,8 +164,8 @@ _PATHS: dict[str, Any] = {
         "delete": op(
             "Forget a record: links and share flags go, its mail re-tags (admin token)",
             json({"type": "object", "properties": {"record": STR, "deleted": {"type": "boolean"}}}),
-            "401 403 404 503",
-            parameters=[path("id")],
+            "401 403 404 422 503",
+            parameters=[RECORD_ID],
         ),
     },
     "/records/{id}/emails": {
@@ -173,7 +173,7 @@ _PATHS: dict[str, Any] = {
             "Change a record's addresses; links stay, mail from the new ones links now",
             json({"type": "object", "properties": {"record": STR, "emails": STRS}}),
             "401 403 404 413 422 503",
-            parameters=[path("id")],
+            parameters=[RECORD_ID],
             requestBody=body(
                 {
                     "type": "object",

@@ -23,6 +23,7 @@ from mailingest.api.openapi_parts import (
     query,
     ref,
 )
+from mailingest.api.sending import MAX_RECIPIENTS
 
 _PATHS: dict[str, Any] = {
     "/healthz": {
@@ -87,8 +88,12 @@ _PATHS: dict[str, Any] = {
                     "additionalProperties": False,
                     "properties": {
                         "account": STR,
-                        "to": STRS,
-                        "cc": STRS,
+                        "to": {**STRS, "minItems": 1, "maxItems": MAX_RECIPIENTS},
+                        "cc": {
+                            **STRS,
+                            "maxItems": MAX_RECIPIENTS,
+                            "description": f"to and cc: at most {MAX_RECIPIENTS} in all",
+                        },
                         "subject": STR,
                         "body": STR,
                     },
@@ -98,7 +103,8 @@ _PATHS: dict[str, Any] = {
     },
     "/messages/{id}/reply": {
         "post": op(
-            "Reply from the caller's primary account (`reply`); `all` copies the others",
+            "Reply from the caller's primary account (`reply`); `all` copies the others"
+            f" (at most {MAX_RECIPIENTS} recipients in all, else 422)",
             json(ref("Sent")),
             "401 403 404 413 422 502 503",
             parameters=[ID],

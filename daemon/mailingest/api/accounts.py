@@ -1,5 +1,5 @@
 """Accounts: an owner's sharing settings (read, change), add with a test login, check now,
-fetch now. GET /accounts (every account's status) is in ops.py.
+fetch now. GET /accounts (the status of the caller's accounts) is in ops.py.
 
 A non-admin caller sees only the accounts it owns (its token's user, or the user it acts
 for): another owner's account is 404, as an unknown name, so names do not leak. Only

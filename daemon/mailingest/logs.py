@@ -44,6 +44,8 @@ EVENTS: dict[str, str] = {
     "demo_server_started": "port — the demo's loopback POP3 server is listening",
     "api_started": "host, port, tls — `run` serves the HTTP API ([api])",
     "api_request_failed": "method, path, error — an internal error answered 500; traceback",
+    "api_test_login_failed": "account, status, error — POST /accounts: its test login failed",
+    "api_store_check_failed": "check, error — /healthz or /readyz found the store failing",
 }
 
 #: Keys on every line (``account`` where one applies), added by the processors below.

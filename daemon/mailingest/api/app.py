@@ -96,6 +96,7 @@ def build_app(host: ApiHost) -> web.Application:
     app[HOST] = host
     app[messages.DECODING] = asyncio.Semaphore(messages.DECODE_AT_ONCE)
     app[accounts.TEST_LOGINS] = asyncio.Semaphore(accounts.TEST_LOGINS_AT_ONCE)
+    app[ops.WRITE_PROBE] = ops.WriteProbe()
     for method, path, handler, _ in ROUTES:
         app.router.add_route(method, path, handler)
     return app

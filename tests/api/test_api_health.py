@@ -51,10 +51,14 @@ def test_a_lost_store_is_a_fixed_cause_and_its_detail_is_logged(
         answers[path] = world.get(None, path)
         return answers[path].status_code == 503
 
+    world.token("alice", "alice")
     with world.running() as daemon:
         with refused(postgres, database):
             wait_until(lambda: failing("/healthz"), "/healthz to see the store gone")
             wait_until(lambda: failing("/readyz"), "/readyz to see the store gone")
+            answers["/messages"] = world.get("alice", "/messages")
+        assert answers["/messages"].status_code == 503
+        assert answers["/messages"].json()["error"] == "unavailable"
         assert answers["/healthz"].json() == {"status": "failing", "store": "unreachable"}
         assert answers["/readyz"].json() == {
             "status": "not_ready",
@@ -66,6 +70,8 @@ def test_a_lost_store_is_a_fixed_cause_and_its_detail_is_logged(
         logged = daemon.events("api_store_check_failed")
         assert {e["check"] for e in logged} == {"reachable", "writable"}
         assert all(e["error"] for e in logged)
+        (request,) = daemon.events("api_store_unavailable")
+        assert request["path"] == "/messages" and database in request["error"]
         wait_until(lambda: not failing("/healthz"), "/healthz to see the store back")
 
 

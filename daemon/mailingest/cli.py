@@ -10,7 +10,7 @@ import sys
 import traceback
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from mailingest import commands, logs
 from mailingest.cli_parser import parser
@@ -362,6 +362,20 @@ _COMMANDS = {
     "auth": _auth,
     "api": _api,
 }
+
+
+def entry() -> NoReturn:
+    """The ``mailingest`` command: ``main``, then exit without the interpreter's teardown,
+    which frees every object and module one by one (about 40 ms after a fetch, a fifth of
+    an empty mailbox's whole run). Nothing is left to it: the store is closed, the
+    worker threads are joined and the two streams are flushed here."""
+    code = main()
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except BrokenPipeError:
+        pass
+    os._exit(code)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -7,7 +7,8 @@ import functools
 import io
 import json
 import os
-from collections.abc import Collection
+import unicodedata
+from collections.abc import Collection, Mapping
 
 from mailingest.config import Account, Config
 from mailingest.errors import DataError
@@ -17,6 +18,8 @@ from mailingest.sharing import Policy, decide
 from mailingest.store import Store
 
 KINDS = ("lead", "contact")
+#: The longest record id the API takes (characters): room for any CRM's keys, not more.
+MAX_RECORD_ID = 200
 CSV_HEADER = ["id", "kind", "email", "name"]
 
 
@@ -58,6 +61,7 @@ async def sync_settings(
     *,
     force: Collection[str] = (),
     actor: str | None = None,
+    actors: Mapping[str, str] | None = None,
 ) -> list[str]:
     """Re-tag (and re-label) the stored mail of accounts whose sharing settings differ from
     the persisted snapshot, all in one transaction; the accounts it re-tagged.
@@ -65,6 +69,7 @@ async def sync_settings(
     Every start goes through here: each CLI command, the daemon's start and its reloads.
     ``accounts`` limits it to those names (default: every configured account); ``force``
     re-tags those even where the snapshot already matches (see Store.retag_changed).
+    The audit log names ``actors[name]`` for a change of that account, else ``actor``.
     """
     chosen = [a for a in config.accounts if accounts is None or a.name in accounts]
     if not chosen:
@@ -74,6 +79,7 @@ async def sync_settings(
         policies(config),
         force,
         actor=actor or current_actor(),
+        actors=actors,
     )
 
 
@@ -104,6 +110,19 @@ def parse_emails(text: str) -> tuple[tuple[str, ...], list[str]]:
         else:
             good.setdefault(norm)
     return tuple(good), bad
+
+
+def record_id_problem(record_id: str) -> str | None:
+    """Why ``record_id`` is no record id the API takes (None: it is one): blank, over
+    MAX_RECORD_ID characters, or holding a control character or line break (a log line,
+    a CSV export or a terminal would show it as something else)."""
+    if not record_id.strip():
+        return "an empty record id"
+    if len(record_id) > MAX_RECORD_ID:
+        return f"a record id of {len(record_id)} characters; at most {MAX_RECORD_ID}"
+    if any(unicodedata.category(c) in ("Cc", "Zl", "Zp") for c in record_id):
+        return "a control character or line break in the record id"
+    return None
 
 
 def parse_records_csv(text: str, source: str) -> list[Record]:

@@ -53,6 +53,9 @@ EVENTS: dict[str, str] = {
     "demo_server_started": "port — the demo's loopback POP3 server is listening",
     "api_started": "host, port, tls — `run` serves the HTTP API ([api])",
     "api_request_failed": "method, path, error — an internal error answered 500; traceback",
+    "api_test_login_failed": "account, status, error — POST /accounts: its test login failed",
+    "api_store_check_failed": "check, error — /healthz or /readyz found the store failing",
+    "api_store_unavailable": "method, path, error — a request failed in the store: 503",
 }
 
 #: Keys on every line (``account`` where one applies), added by the processors below.
@@ -71,20 +74,69 @@ _SECRET_KEYS = {"password", "pass", "secret", "auth", "authorization", "token"}
 _AUTH_LINE = re.compile(
     r"\b(PASS|AUTH(?:\s+(?:PLAIN|LOGIN|XOAUTH2|OAUTHBEARER|CRAM-MD5))?|APOP)\s+\S+"
 )
-_secrets: set[str] = set()
+_PREFIX = 3  # the shortest secret remembered, so every form has these first characters
+
+
+class _Secrets:
+    """The secrets to mask and every form a renderer may write them in (as is, JSON-escaped,
+    repr-escaped), indexed by their first characters: a line is masked in one pass over its
+    positions, however many accounts (each with its own password) the daemon holds. The
+    index is replaced whole, never changed, so a thread that masks sees one or the other."""
+
+    def __init__(self) -> None:
+        self.values: frozenset[str] = frozenset()
+        self._index: dict[str, tuple[str, ...]] = {}
+
+    def add(self, values: Iterable[str]) -> None:
+        fresh = {v for v in values if len(v) >= _PREFIX} - self.values
+        if not fresh:
+            return
+        grouped = {k: set(v) for k, v in self._index.items()}
+        for secret in fresh:
+            for form in _rendered_forms(secret):
+                grouped.setdefault(form[:_PREFIX], set()).add(form)
+        self._index = {k: tuple(sorted(v, key=len, reverse=True)) for k, v in grouped.items()}
+        self.values = self.values | fresh
+
+    def mask(self, text: str) -> str:
+        """``text`` with every stretch that is (part of overlapping) secrets as ``***``."""
+        index = self._index
+        if not index or len(text) < _PREFIX:
+            return text
+        spans: list[tuple[int, int]] = []
+        for i in range(len(text) - _PREFIX + 1):
+            forms = index.get(text[i : i + _PREFIX])
+            if forms is None:
+                continue
+            for form in forms:  # longest first
+                if text.startswith(form, i):
+                    end = i + len(form)
+                    if spans and i <= spans[-1][1]:
+                        spans[-1] = (spans[-1][0], max(end, spans[-1][1]))
+                    else:
+                        spans.append((i, end))
+                    break
+        if not spans:
+            return text
+        out, last = [], 0
+        for start, end in spans:
+            out += [text[last:start], "***"]
+            last = end
+        out.append(text[last:])
+        return "".join(out)
+
+
+_secrets = _Secrets()
 
 
 def register_secrets(values: Iterable[str]) -> None:
     """Remember secret values so that any log line containing one is masked."""
-    _secrets.update(v for v in values if len(v) >= 3)
+    _secrets.add(values)
 
 
 def mask_text(text: str) -> str:
     """``text`` with registered secrets and credential commands replaced by ``***``."""
-    # Longest first: a secret that contains another must be masked whole.
-    for secret in sorted(_secrets, key=len, reverse=True):
-        if secret in text:
-            text = text.replace(secret, "***")
+    text = _secrets.mask(text)
     return _AUTH_LINE.sub(lambda m: m.group(0).split()[0] + " ***", text)
 
 
@@ -121,12 +173,7 @@ class _MaskRendered:
         self.renderer = renderer
 
     def __call__(self, method: str, event: MutableMapping[str, Any]) -> str:
-        line = str(self.renderer(method, event))
-        for secret in sorted(_secrets, key=len, reverse=True):
-            for form in _rendered_forms(secret):
-                if form and form in line:
-                    line = line.replace(form, "***")
-        return line
+        return _secrets.mask(str(self.renderer(method, event)))
 
 
 class _CurrentStderr:

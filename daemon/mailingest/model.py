@@ -325,6 +325,7 @@ class Claim:
     next_poll: str | None = None  # not due: when it is due next (ISO 8601 UTC), if known
     paused: bool = False  # not taken: the account is paused (by whichever process)
     pause_key: str | None = None
+    took_over: bool = False  # taken from another holder: one that died, or whose lease expired
 
     @property
     def busy(self) -> bool:

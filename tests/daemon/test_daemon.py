@@ -344,7 +344,8 @@ async def test_mail_a_poll_stores_under_old_sharing_settings_is_retagged_when_it
     tmp_path: Path,
 ) -> None:
     """A reload to `public` while a poll retrieves under `private`: that poll tags what it
-    stores the old way, so its account is re-tagged once it ends, not left half-applied."""
+    stores the old way, so its account is re-tagged once it ends, not left half-applied.
+    The change came through the API: the put-off re-tag is still audited as its caller's."""
     messages = [make_message(i) for i in range(1, 4)]
     faults = Faults(per_session=lambda n: Faults(delay={"RETR 3": 3.0}) if n == 0 else Faults())
     server = Pop3TestServer([Mailbox("u", PASSWORD, list(messages))], faults)
@@ -356,12 +357,16 @@ async def test_mail_a_poll_stores_under_old_sharing_settings_is_retagged_when_it
         with capture() as logs:
             async with running(daemon):
                 await until(lambda: server.commands_seen("RETR 3") > 0, "the slow retrieval")
-                config_file(tmp_path, [account(server.port, "a", sharing="public")])
-                daemon.reload()
+                with daemon.changing("a", "api:alice"):  # the request ends before the poll
+                    config_file(tmp_path, [account(server.port, "a", sharing="public")])
+                    daemon.reload()
+                    await until(lambda: "a" in daemon.retag_pending, "the re-tag put off")
                 await until(lambda: bool(events(logs, "poll_completed", "a")), "the poll's end")
                 await until(lambda: not daemon.retag_pending, "the re-tag after the poll")
                 seen = await daemon.store.messages("bob")
+                [change] = await daemon.store.audit(account="a")
     assert events(logs, "mail_retagged")[-1]["accounts"] == ["a"]
+    assert (change.action, change.actor) == ("sharing_changed", "api:alice")
     assert [(m.visibility, m.reason) for m in seen] == [("shared", "public")] * len(messages)
 
 

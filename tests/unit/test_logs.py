@@ -9,6 +9,8 @@ import re
 from collections.abc import Iterator
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from mailingest import logs
 from support import ROOT
@@ -134,3 +136,39 @@ def test_mask_text_keeps_prose_readable() -> None:
     assert logs.mask_text("please pass the salt") == "please pass the salt"
     assert logs.mask_text("-ERR [AUTH] rejected") == "-ERR [AUTH] rejected"
     assert logs.mask_text("sent PASS hunter2 then") == "sent PASS *** then"
+
+
+_SECRET_TEXT = st.text(st.characters(blacklist_characters="*"), min_size=3, max_size=12)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    secrets=st.lists(_SECRET_TEXT, min_size=1, max_size=6),
+    pieces=st.lists(st.one_of(st.text(max_size=8), st.integers(0, 5)), max_size=12),
+)
+def test_no_form_of_any_secret_survives_the_mask(secrets: list[str], pieces: list[object]) -> None:
+    """Secrets that overlap or contain one another, in any of the forms a renderer writes
+    (as is, JSON- or repr-escaped), are masked whole wherever they appear."""
+    masker = logs._Secrets()
+    masker.add(secrets)
+    forms = {f for s in secrets for f in logs._rendered_forms(s)}
+    ordered = sorted(forms)
+    text = "".join(p if isinstance(p, str) else ordered[p % len(ordered)] for p in pieces)
+    masked = masker.mask(text)
+    assert not [f for f in forms if f in masked], (text, masked)
+    if not any(f in text for f in forms):
+        assert masked == text
+
+
+def test_thousands_of_secrets_are_masked_one_by_one() -> None:
+    """A daemon with a password per account: each is masked, others' lines are untouched."""
+    masker = logs._Secrets()
+    passwords = [f"pw-{n:05d}-{n * 7919 % 10007:05d}" for n in range(5000)]
+    masker.add(passwords)
+    masker.add(passwords[:10])  # registered again on a reload: nothing changes
+    for pw in passwords[::499]:
+        line = json.dumps({"event": "poll_failed", "error": f"-ERR bad {pw} for x"})
+        assert pw not in masker.mask(line) and "***" in masker.mask(line)
+    assert masker.mask('{"event": "poll_completed", "new": 0}') == (
+        '{"event": "poll_completed", "new": 0}'
+    )

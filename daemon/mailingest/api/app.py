@@ -65,7 +65,11 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
             raise
         response = error_response(exc.status, exc.reason)
     except StoreError as exc:
-        response = error_response(503, f"the store is unavailable: {exc}")
+        # Its text names the database and its host: for the log, not for every token holder.
+        log.warning(
+            "api_store_unavailable", method=request.method, path=request.path, error=str(exc)
+        )
+        response = error_response(503, "the store is unavailable; the daemon's log has the details")
     except MailIngestError as exc:
         response = error_response(422, str(exc))
     except (asyncio.CancelledError, ConnectionResetError):
@@ -96,6 +100,7 @@ def build_app(host: ApiHost) -> web.Application:
     app[HOST] = host
     app[messages.DECODING] = asyncio.Semaphore(messages.DECODE_AT_ONCE)
     app[accounts.TEST_LOGINS] = asyncio.Semaphore(accounts.TEST_LOGINS_AT_ONCE)
+    app[ops.WRITE_PROBE] = ops.WriteProbe()
     for method, path, handler, _ in ROUTES:
         app.router.add_route(method, path, handler)
     return app

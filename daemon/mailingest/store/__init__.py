@@ -9,7 +9,14 @@ runs in one ``read`` or ``write`` block of the backend, which maps driver errors
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncGenerator, AsyncIterator, Collection, Iterable, Sequence
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterator,
+    Collection,
+    Iterable,
+    Mapping,
+    Sequence,
+)
 from datetime import datetime
 from pathlib import Path
 from typing import IO
@@ -152,8 +159,11 @@ class Store:
         force: Collection[str] = (),
         *,
         actor: str = "mailingest",
+        actors: Mapping[str, str] | None = None,
     ) -> list[str]:
-        return await records.retag_changed(self._db, snapshots, policies, force, actor)
+        return await records.retag_changed(
+            self._db, snapshots, policies, force, actor, actors or {}
+        )
 
     async def audit(
         self,
@@ -185,7 +195,7 @@ class Store:
         claim = await state.take_poll(
             self._db, account, holder, ttl, due=due, force=force, stale=stale
         )
-        if stale is not None and claim.taken and self._db.observer is not None:
+        if claim.took_over and self._db.observer is not None:
             self._db.observer.lease_taken_over(account)
         return claim
 

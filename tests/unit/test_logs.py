@@ -73,6 +73,17 @@ def test_every_event_the_code_logs_is_catalogued_with_its_exact_keys() -> None:
         assert keys == set(logs.event_keys(event)), (event, keys, logs.event_keys(event))
 
 
+def test_only_logs_py_uses_structlog() -> None:
+    """Loggers come from logs.get_logger: a structlog logger would miss the configured JSON
+    lines (logs.py writes them) and bring structlog's import back to every start."""
+    users = [
+        path.relative_to(PACKAGE).as_posix()
+        for path in sorted(PACKAGE.rglob("*.py"))
+        if path.name != "logs.py" and "structlog" in path.read_text(encoding="utf-8")
+    ]
+    assert users == []
+
+
 def test_docs_logging_md_documents_the_catalog_keys_and_levels() -> None:
     doc = documented()
     assert set(doc) == set(logs.EVENTS), set(doc) ^ set(logs.EVENTS)

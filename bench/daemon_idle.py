@@ -39,6 +39,13 @@ from pop3d import Mailbox, ThreadedPop3Server  # noqa: E402
 from support import write_config  # noqa: E402 (after the path set-up above)
 
 PASSWORD = "Bench-Pass-1"
+
+
+def password(i: int) -> str:
+    """Each account its own password, as in real use (the log mask then holds thousands)."""
+    return f"{PASSWORD}-{i}"
+
+
 TICKS = os.sysconf("SC_CLK_TCK")
 
 
@@ -52,7 +59,7 @@ def _accounts(port: int, count: int, interval: str) -> list[dict[str, Any]]:
             "security": "plain",
             "allow_plaintext": True,
             "username": f"u{i}",
-            "password": PASSWORD,
+            "password": password(i),
             "poll_interval": interval,
             "timeout": "30s",
         }
@@ -73,7 +80,7 @@ def _status_kb(pid: int, key: str) -> int:
 
 
 def idle(accounts: int, seconds: float, workdir: Path) -> dict[str, Any]:
-    boxes = [Mailbox(f"u{i}", PASSWORD, []) for i in range(accounts)]
+    boxes = [Mailbox(f"u{i}", password(i), []) for i in range(accounts)]
     with ThreadedPop3Server(boxes, max_clients=256) as server:
         config = write_config(
             workdir,
@@ -118,7 +125,7 @@ def idle(accounts: int, seconds: float, workdir: Path) -> dict[str, Any]:
 
 
 async def _due(count: int, seconds: float, workdir: Path) -> dict[str, Any]:
-    boxes = [Mailbox(f"u{i}", PASSWORD, []) for i in range(count)]
+    boxes = [Mailbox(f"u{i}", password(i), []) for i in range(count)]
     with ThreadedPop3Server(boxes, max_clients=count + 16) as server:
         config = write_config(
             workdir,

@@ -30,7 +30,7 @@ from typing import Any
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH.parent / "tests"))
 
-from daemon_idle import PASSWORD, _accounts, _cpu_seconds, _status_kb  # noqa: E402
+from daemon_idle import _accounts, _cpu_seconds, _status_kb, password  # noqa: E402
 
 from pop3d import Mailbox, ThreadedPop3Server  # noqa: E402
 from postgres import private_postgres  # noqa: E402
@@ -73,7 +73,7 @@ def _wait(check: Any, what: str, timeout: float) -> None:
 
 
 def run(accounts: int, interval: float, intervals: int, work: Path) -> dict[str, Any]:
-    boxes = [Mailbox(f"u{i}", PASSWORD, []) for i in range(accounts)]
+    boxes = [Mailbox(f"u{i}", password(i), []) for i in range(accounts)]
     with private_postgres(durable=True) as pg, ThreadedPop3Server(boxes, max_clients=256) as pop:
         secret = work / "db-password"
         secret.write_text(pg.password + "\n")

@@ -536,6 +536,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     tools = {k: catalog[k] for k in wanted if k in catalog}
     if not Mailingest().available():
         raise SystemExit("mailingest is not importable by this Python: pip install -e . first")
+    Mailingest.compile()
     if os.geteuid() != 0:
         raise SystemExit("the bench runs a private Dovecot as root (like the test suite)")
     info = machine()

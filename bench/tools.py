@@ -107,6 +107,16 @@ class Mailingest(Tool):
         probe = [sys.executable, "-c", "import mailingest"]
         return subprocess.run(probe, capture_output=True, check=False).returncode == 0
 
+    @staticmethod
+    def compile() -> None:
+        """Byte-compile the package, so that a run starts as an installed one does (pip
+        compiles what it installs). An editable checkout under PYTHONDONTWRITEBYTECODE
+        would compile every module from source at every start: some 50 ms of a fetch."""
+        probe = "import mailingest, pathlib; print(pathlib.Path(mailingest.__file__).parent)"
+        found = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+        package = found.stdout.strip()
+        subprocess.run([sys.executable, "-m", "compileall", "-q", package], check=True)
+
     def version(self) -> str:
         probe = [sys.executable, "-m", "mailingest", "--version"]
         done = subprocess.run(probe, capture_output=True, text=True, check=False)

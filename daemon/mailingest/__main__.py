@@ -1,5 +1,5 @@
 """Run the CLI as ``python -m mailingest``."""
 
-from mailingest.cli import main
+from mailingest.cli import entry
 
-raise SystemExit(main())
+entry()

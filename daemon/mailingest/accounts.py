@@ -14,15 +14,14 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import structlog
-
 from mailingest.config import Account, Config, Secret, stored_account, with_accounts
 from mailingest.crypto import SecretBox
 from mailingest.errors import ConfigError, DataError, UsageError
+from mailingest.logs import get_logger
 from mailingest.model import Status, StoredAccount
 from mailingest.store import Store
 
-log = structlog.get_logger("mailingest.accounts")
+log = get_logger("mailingest.accounts")
 
 #: Keys of an account table that the database row keeps apart from the settings.
 _APART = ("name", "owner", "password")
@@ -132,6 +131,8 @@ def _skipped(name: str, error: str) -> None:
 
 @dataclass(frozen=True)
 class NewPasswords:
+    """The passwords `accounts add` or `set` was given (None: none, or unchanged)."""
+
     pop3: str | None = None
     smtp: str | None = None
 

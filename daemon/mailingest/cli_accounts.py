@@ -16,67 +16,6 @@ from mailingest.errors import EX_OK, STATUS_EXIT, DataError, UsageError
 from mailingest.output import print_table
 
 
-def add_parser(sub: Any) -> None:
-    parser = sub.add_parser("accounts", help="accounts kept in the database: add, test, set, ...")
-    asub = parser.add_subparsers(dest="accounts_command", required=True, metavar="ACTION")
-    p = asub.add_parser("add", help="test the account as `check` does, then store it")
-    p.add_argument("name", metavar="NAME")
-    p.add_argument("--owner", required=True, metavar="USER", help="the CRM user")
-    p.add_argument("--host", required=True)
-    p.add_argument("--username", required=True, metavar="LOGIN")
-    _password_options(p)
-    _oauth2_options(p)
-    p.add_argument("--port", type=int)
-    p.add_argument("--security", choices=["tls", "starttls", "plain"])
-    p.add_argument("--allow-plaintext", action="store_true", help="needed with --security plain")
-    p.add_argument("--delete", action="store_true", help="delete from the server once stored")
-    _settings_options(p)
-    p.add_argument("--no-test", action="store_true", help="store without logging in first")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
-    p = asub.add_parser("test", help="connect, TLS, login, STAT (as `check --account NAME`)")
-    p.add_argument("name", metavar="NAME")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
-    p = asub.add_parser("set", help="change a stored account's settings or password")
-    p.add_argument("name", metavar="NAME")
-    _password_options(p)
-    p.add_argument("--host")
-    p.add_argument("--port", type=int)
-    p.add_argument("--username", metavar="LOGIN")
-    _settings_options(p)
-    p.add_argument("--no-excluded-domains", action="store_true", help="clear the list")
-    p.add_argument("--no-aliases", action="store_true", help="clear the list")
-    p.add_argument("--no-primary", action="store_true", help="no longer the owner's primary")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
-    p = asub.add_parser("remove", help="forget a stored account; its stored mail stays")
-    p.add_argument("name", metavar="NAME")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
-    p = asub.add_parser("list", help="every account, from the config file and the database")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
-
-
-def _password_options(p: argparse.ArgumentParser) -> None:
-    group = p.add_mutually_exclusive_group()
-    group.add_argument("--password-stdin", action="store_true", help="read it from stdin")
-    group.add_argument("--password-env", metavar="VAR", help="read it from this variable")
-    group.add_argument(
-        "--client-secret-stdin", action="store_true", help="OAuth2: the client secret, from stdin"
-    )
-    group.add_argument("--client-secret-env", metavar="VAR", help="OAuth2: the client secret")
-
-
-def _oauth2_options(p: argparse.ArgumentParser) -> None:
-    """OAuth2 sign-in instead of a password: the keys of auth = { oauth2 = ... }."""
-    p.add_argument("--oauth2", choices=["microsoft", "google", "custom"], metavar="PROVIDER")
-    p.add_argument("--grant", choices=["refresh_token", "client_credentials", "jwt_bearer"])
-    p.add_argument("--client-id", metavar="ID")
-    p.add_argument("--tenant", metavar="DIRECTORY", help="Microsoft")
-    p.add_argument("--token-url", metavar="URL")
-    p.add_argument("--device-url", metavar="URL", help="for `auth login` (device code)")
-    p.add_argument("--auth-url", metavar="URL", help="for `auth login` (browser)")
-    p.add_argument("--scope", action="append", metavar="SCOPE")
-    p.add_argument("--mechanism", choices=["auto", "xoauth2", "oauthbearer"])
-
-
 def _oauth2_table(args: argparse.Namespace) -> dict[str, Any] | None:
     if args.oauth2 is None:
         for key in ("grant", "client_id", "tenant", "token_url", "device_url", "auth_url"):
@@ -96,19 +35,6 @@ def _oauth2_table(args: argparse.Namespace) -> dict[str, Any] | None:
     if args.mechanism is not None:
         table["mechanism"] = args.mechanism
     return table
-
-
-def _settings_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--sharing", choices=["private", "custom", "public"])
-    p.add_argument("--excluded-domain", action="append", metavar="DOMAIN", help="public mode")
-    p.add_argument("--magnet-label", metavar="LABEL", help='"" removes it')
-    p.add_argument("--from-address", metavar="ADDR", help='"" removes it')
-    p.add_argument("--alias", action="append", metavar="ADDR", help="another From of the owner")
-    p.add_argument("--primary", action="store_true", help="the owner's account for replies")
-    p.add_argument("--delete-after-days", type=int, metavar="N")
-    p.add_argument("--poll-interval", metavar="DURATION", help="e.g. 5m")
-    p.add_argument("--timeout", metavar="DURATION", help="e.g. 60s")
-    p.add_argument("--max-message-size", metavar="SIZE", help='e.g. 25MB; "0" for no limit')
 
 
 def run(args: argparse.Namespace, load: Callable[[], Config]) -> int:

@@ -16,30 +16,6 @@ from mailingest.errors import EX_OK, DataError, UsageError
 from mailingest.output import print_table
 
 
-def add_parser(sub: Any) -> None:
-    api = sub.add_parser("api", help="the HTTP API served by `run` ([api] in the config)")
-    asub = api.add_subparsers(dest="api_command", required=True, metavar="ACTION")
-    token = asub.add_parser("token", help="bearer tokens: create, list, revoke")
-    tsub = token.add_subparsers(dest="token_command", required=True, metavar="ACTION")
-    p = tsub.add_parser("create", help="a new token for a CRM user, printed once")
-    p.add_argument("--user", required=True, metavar="NAME", help="who the token is")
-    p.add_argument(
-        "--admin", action="store_true", help="may change any owner's sharing, delete records"
-    )
-    p.add_argument(
-        "--act-for",
-        action="store_true",
-        help="may act as any user with the X-Act-As header (the CRM's service token)",
-    )
-    p.add_argument("--label", default="", help="what it is for, shown by `list`")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
-    p = tsub.add_parser("list", help="the tokens (never the tokens themselves)")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
-    p = tsub.add_parser("revoke", help="a token stops working at once")
-    p.add_argument("id", type=int, metavar="ID")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
-
-
 def run(args: argparse.Namespace, load: Callable[[], Config]) -> int:
     action = args.token_command
     if action == "create" and not USER_RE.fullmatch(args.user):

@@ -7,26 +7,10 @@ import asyncio
 import json
 import sys
 from collections.abc import Callable
-from typing import Any
 
 from mailingest import commands
 from mailingest.config import Config
 from mailingest.errors import EX_OK, UsageError
-
-
-def add_parser(sub: Any) -> None:
-    auth = sub.add_parser("auth", help="OAuth2: sign an account in once (stores its refresh token)")
-    asub = auth.add_subparsers(dest="auth_command", required=True, metavar="COMMAND")
-    p = asub.add_parser(
-        "login",
-        help="device code (Microsoft) or browser sign-in (Google); app-only grants: test it",
-    )
-    p.add_argument("--account", required=True, metavar="NAME")
-    p.add_argument("--smtp", action="store_true", help="the account's SMTP sign-in, not POP3")
-    p.add_argument(
-        "--flow", choices=("device", "browser"), help="default: what the provider offers"
-    )
-    p.add_argument("--json", action="store_true", help="machine-readable output")
 
 
 def run(args: argparse.Namespace, load: Callable[[], Config]) -> int:

@@ -16,22 +16,6 @@ from mailingest.model import AuditEntry
 from mailingest.output import human_bytes, print_table
 
 
-def add_parser(sub: Any) -> None:
-    p = sub.add_parser("release", help="fetch a quarantined (oversized) message in full")
-    p.add_argument("id", type=int, metavar="ID")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
-    p = sub.add_parser("explain", help="why a viewer may see a message: the rule that decided")
-    p.add_argument("id", type=int, metavar="ID")
-    p.add_argument("--viewer", required=True, metavar="USER")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
-    p = sub.add_parser("audit", help="changes of sharing modes, excluded domains, share flags")
-    p.add_argument("--owner", metavar="USER")
-    p.add_argument("--account", metavar="NAME")
-    p.add_argument("--record", metavar="ID")
-    p.add_argument("--limit", type=int, metavar="N", help="the N newest entries")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
-
-
 def release(args: argparse.Namespace, load: Callable[[], Config]) -> int:
     from mailingest.release import release as fetch_whole
 

@@ -13,13 +13,12 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
-import structlog
-
 from mailingest import crm, pause, signin
+from mailingest.accounts import with_stored
 from mailingest.config import Account, Config
 from mailingest.errors import DataError, MailIngestError, PermissionDenied, UsageError
 from mailingest.fetch import FetchResult, fetch_account
-from mailingest.logs import mask_text
+from mailingest.logs import get_logger, mask_text, register_secrets
 from mailingest.model import AccountState, Pop3Login, Record, Status, StoredMessage
 from mailingest.pop3 import Pop3Session
 from mailingest.progress import Progress
@@ -27,7 +26,7 @@ from mailingest.sharing import may_see
 from mailingest.store import Store
 
 T = TypeVar("T")
-log = structlog.get_logger("mailingest.commands")
+log = get_logger("mailingest.commands")
 
 
 def select_accounts(config: Config, names: Sequence[str] | None) -> list[Account]:
@@ -74,12 +73,25 @@ async def bounded(limit: int, jobs: Sequence[Callable[[], Awaitable[T]]]) -> lis
 
 
 async def fetch(
-    config: Config, names: Sequence[str] | None, *, progress: Progress | None = None
+    config: Config,
+    names: Sequence[str] | None,
+    *,
+    progress: Progress | None = None,
+    stored: bool = False,
 ) -> list[FetchResult]:
-    accounts = select_accounts(config, names)
+    """One cycle for each selected account. ``stored``: the database's accounts too, read
+    from the same opening of the store (the CLI's: a second opening cost a one-shot fetch
+    a few milliseconds of its start)."""
     limit = config.daemon.max_concurrent
     size_executor(limit)
-    async with open_store(config) as store:
+    storage = config.storage
+    store = await Store.open(storage.database, password=storage.reveal_password())
+    try:
+        if stored:
+            config = (await with_stored(store, config))[1]
+            register_secrets(config.secrets())
+        accounts = select_accounts(config, names)
+        await crm.sync_settings(store, config)
         states = await store.account_states(counts=False)
         return await bounded(
             limit,
@@ -95,6 +107,8 @@ async def fetch(
                 for a in accounts
             ],
         )
+    finally:
+        await store.close()
 
 
 async def _one_shot(

@@ -10,7 +10,6 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from mailingest.config_auth import parse_auth
 from mailingest.config_values import Context as _Context
 from mailingest.config_values import Secret as Secret  # re-exported: the config's own type
 from mailingest.config_values import Table as _Table
@@ -330,7 +329,11 @@ def _transport(
         raise t.error("username", "contains a line break or NUL; remove it")
     if username == RECENT_PREFIX:
         raise t.error("username", 'expected "recent:" followed by the address')
-    auth = parse_auth(t, ctx, service=service, username=username, seal_key=seal_key)
+    auth = None
+    if "auth" in t.data:  # config_auth.py (a dataclass, URL checks) only where it is used
+        from mailingest.config_auth import parse_auth
+
+        auth = parse_auth(t, ctx, service=service, username=username, seal_key=seal_key)
     if auth is not None and "password" in t.data:
         raise t.error("password", "not used with auth = { oauth2 = ... }; remove it")
     ca_text = t.optional_string("ca_file")

@@ -7,16 +7,13 @@ import hashlib
 import ipaddress
 import urllib.parse
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from mailingest.config_values import Context, Secret, Table, secret, type_name
 from mailingest.model import RECENT_PREFIX
-from mailingest.oauth2 import (
-    GRANTS,
-    PROVIDERS,
-    OAuth2Settings,
-    preset_scopes,
-    preset_url,
-)
+
+if TYPE_CHECKING:
+    from mailingest.oauth2 import OAuth2Settings
 
 MECHANISMS = ("auto", "xoauth2", "oauthbearer")
 _OAUTH2_KEYS = (
@@ -50,6 +47,8 @@ class OAuth2Config:
     seal_key: Secret | None = None
 
     def settings(self, timeout: float) -> OAuth2Settings:
+        from mailingest.oauth2 import OAuth2Settings
+
         return OAuth2Settings(
             provider=self.provider,
             grant=self.grant,
@@ -93,6 +92,9 @@ def parse_auth(
     if not isinstance(raw, dict) or list(raw) != ["oauth2"]:
         got = repr(raw) if isinstance(raw, str) else type_name(raw)
         raise t.error("auth", f'expected "password" or {{ oauth2 = {{ ... }} }}, got {got}')
+    # oauth2.py only where an account signs in with it.
+    from mailingest.oauth2 import GRANTS, PROVIDERS, preset_url
+
     o = t.table("auth").table("oauth2")
     o.check_keys(_OAUTH2_KEYS)
     provider = o.string("provider")
@@ -188,6 +190,8 @@ def _tenant(o: Table, provider: str, grant: str) -> str | None:
 
 def _scopes(o: Table, provider: str, service: str, grant: str) -> tuple[str, ...]:
     if "scopes" not in o.data:
+        from mailingest.oauth2 import preset_scopes
+
         found = preset_scopes(provider, service, grant)
         if not found:
             raise o.missing("scopes")

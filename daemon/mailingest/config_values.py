@@ -4,7 +4,6 @@ their own (config.py, config_auth.py) without importing each other."""
 
 from __future__ import annotations
 
-import difflib
 import itertools
 import json
 import math
@@ -132,6 +131,8 @@ class Table:
     def check_keys(self, allowed: Collection[str]) -> None:
         for key in self.data:
             if key not in allowed:
+                import difflib  # a bad key only
+
                 close = difflib.get_close_matches(key, allowed, n=1)
                 hint = f"did you mean {close[0]}? " if close else ""
                 raise self.error(

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import contextlib
-import csv
 import functools
-import getpass
 import io
 import json
 import os
-from collections.abc import Collection
+import unicodedata
+from collections.abc import Collection, Mapping
 
 from mailingest.config import Account, Config
 from mailingest.errors import DataError
@@ -19,6 +18,8 @@ from mailingest.sharing import Policy, decide
 from mailingest.store import Store
 
 KINDS = ("lead", "contact")
+#: The longest record id the API takes (characters): room for any CRM's keys, not more.
+MAX_RECORD_ID = 200
 CSV_HEADER = ["id", "kind", "email", "name"]
 
 
@@ -60,6 +61,7 @@ async def sync_settings(
     *,
     force: Collection[str] = (),
     actor: str | None = None,
+    actors: Mapping[str, str] | None = None,
 ) -> list[str]:
     """Re-tag (and re-label) the stored mail of accounts whose sharing settings differ from
     the persisted snapshot, all in one transaction; the accounts it re-tagged.
@@ -67,6 +69,7 @@ async def sync_settings(
     Every start goes through here: each CLI command, the daemon's start and its reloads.
     ``accounts`` limits it to those names (default: every configured account); ``force``
     re-tags those even where the snapshot already matches (see Store.retag_changed).
+    The audit log names ``actors[name]`` for a change of that account, else ``actor``.
     """
     chosen = [a for a in config.accounts if accounts is None or a.name in accounts]
     if not chosen:
@@ -76,13 +79,20 @@ async def sync_settings(
         policies(config),
         force,
         actor=actor or current_actor(),
+        actors=actors,
     )
 
 
 def current_actor() -> str:
-    """Who is changing things, for the audit log: the login behind sudo, else this user."""
+    """Who is changing things, for the audit log: the login behind sudo, else this user as
+    getpass.getuser finds it (read here: getpass imports termios, at every command's start)."""
+    for name in ("SUDO_USER", "LOGNAME", "USER", "LNAME", "USERNAME"):
+        if user := os.environ.get(name):
+            return user
     with contextlib.suppress(KeyError, OSError):
-        return os.environ.get("SUDO_USER") or getpass.getuser()
+        import pwd
+
+        return pwd.getpwuid(os.getuid()).pw_name
     return f"uid {os.getuid()}"
 
 
@@ -102,8 +112,23 @@ def parse_emails(text: str) -> tuple[tuple[str, ...], list[str]]:
     return tuple(good), bad
 
 
+def record_id_problem(record_id: str) -> str | None:
+    """Why ``record_id`` is no record id the API takes (None: it is one): blank, over
+    MAX_RECORD_ID characters, or holding a control character or line break (a log line,
+    a CSV export or a terminal would show it as something else)."""
+    if not record_id.strip():
+        return "an empty record id"
+    if len(record_id) > MAX_RECORD_ID:
+        return f"a record id of {len(record_id)} characters; at most {MAX_RECORD_ID}"
+    if any(unicodedata.category(c) in ("Cc", "Zl", "Zp") for c in record_id):
+        return "a control character or line break in the record id"
+    return None
+
+
 def parse_records_csv(text: str, source: str) -> list[Record]:
     """Validate a whole CSV first: any bad row rejects the import, naming every bad line."""
+    import csv  # `records import` only
+
     reader = csv.reader(io.StringIO(text))
     header = next(reader, None)
     if header is None or [h.strip().lower() for h in header] != CSV_HEADER:

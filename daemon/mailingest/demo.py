@@ -11,16 +11,15 @@ import tempfile
 from pathlib import Path
 from typing import TextIO
 
-import structlog
-
 from mailingest import commands
 from mailingest.config import load_config
 from mailingest.errors import EX_OK, STATUS_EXIT, worst_exit
+from mailingest.logs import get_logger
 from mailingest.output import human_bytes, print_table
 from mailingest.popserver import LoopbackPop3Server
 from mailingest.samples import sample_mailboxes, sample_records_csv
 
-log = structlog.get_logger("mailingest.demo")
+log = get_logger("mailingest.demo")
 
 _ACCOUNTS = (
     # (account name, CRM owner, login name, password, extra settings)

@@ -16,8 +16,6 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import structlog
-
 from mailingest import lease, signin
 from mailingest.config import Account
 from mailingest.crm import account_policy
@@ -28,14 +26,14 @@ from mailingest.errors import (
     StoreError,
     TemporaryError,
 )
-from mailingest.logs import mask_text
+from mailingest.logs import get_logger, mask_text
 from mailingest.model import POLL_STATUSES, AccountPolicy, Claim, LedgerEntry, NewMessage, Status
 from mailingest.pop3 import Pop3Session
 from mailingest.progress import Progress, Tally
 from mailingest.retrieval import Retrieved, Spool, batches, retrieve_prepared
 from mailingest.store import Store
 
-log = structlog.get_logger("mailingest.fetch")
+log = get_logger("mailingest.fetch")
 
 
 @dataclass

@@ -10,17 +10,15 @@ import functools
 import itertools
 import os
 import socket
-import uuid
 from datetime import datetime
 from pathlib import Path
 
-import structlog
-
 from mailingest.errors import StoreError
+from mailingest.logs import get_logger
 from mailingest.model import Claim
 from mailingest.store import Store
 
-log = structlog.get_logger("mailingest.fetch")  # the events of a fetch, as before the split
+log = get_logger("mailingest.fetch")  # the events of a fetch, as before the split
 
 #: An account's lease outlives its holder by at most this long; renewed every third of it.
 LEASE_TTL = 60.0
@@ -73,7 +71,8 @@ class Renewer:
 
 
 #: A lease holder is unique: host, process, this process's token and a serial number.
-_TOKEN = uuid.uuid4().hex[:6]
+#: (Six random hex digits as uuid4 gave; uuid itself imports platform, a cost at each start.)
+_TOKEN = os.urandom(3).hex()
 _SERIAL = itertools.count(1)
 
 #: Lease holders of the cycles running in this process. A lease in this process's name that

@@ -1,19 +1,28 @@
-"""structlog set-up, the event catalog, and the redaction that keeps secrets out of logs.
+"""Logging: the event catalog, the loggers, one JSON or console line per event, and the
+redaction that keeps secrets out of logs.
 
 The catalog (``EVENTS``) is what monitoring is built on; docs/logging.md documents it and
 tests check both against every logger call in the package.
+
+The lines are those structlog's ``JSONRenderer`` and ``ConsoleRenderer`` write after
+``merge_contextvars``, ``add_log_level``, ``TimeStamper(fmt="iso", utc=True)`` and
+``format_exc_info``. The JSON line is built here: importing structlog (and what it pulls in)
+costs a one-shot command a sixth of its run. structlog renders the console lines (a terminal,
+where start-up does not matter) and takes events while nothing is configured.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
-import logging
 import re
 import sys
-from collections.abc import Iterable, MutableMapping
+import threading
+from collections.abc import Iterable, Iterator, MutableMapping
+from contextvars import ContextVar
+from datetime import UTC, datetime
+from types import ModuleType, TracebackType
 from typing import Any, TextIO
-
-import structlog
 
 #: Every event name the code logs: "keys — meaning". A test checks the code against it.
 EVENTS: dict[str, str] = {
@@ -44,6 +53,9 @@ EVENTS: dict[str, str] = {
     "demo_server_started": "port — the demo's loopback POP3 server is listening",
     "api_started": "host, port, tls — `run` serves the HTTP API ([api])",
     "api_request_failed": "method, path, error — an internal error answered 500; traceback",
+    "api_test_login_failed": "account, status, error — POST /accounts: its test login failed",
+    "api_store_check_failed": "check, error — /healthz or /readyz found the store failing",
+    "api_store_unavailable": "method, path, error — a request failed in the store: 503",
 }
 
 #: Keys on every line (``account`` where one applies), added by the processors below.
@@ -62,20 +74,69 @@ _SECRET_KEYS = {"password", "pass", "secret", "auth", "authorization", "token"}
 _AUTH_LINE = re.compile(
     r"\b(PASS|AUTH(?:\s+(?:PLAIN|LOGIN|XOAUTH2|OAUTHBEARER|CRAM-MD5))?|APOP)\s+\S+"
 )
-_secrets: set[str] = set()
+_PREFIX = 3  # the shortest secret remembered, so every form has these first characters
+
+
+class _Secrets:
+    """The secrets to mask and every form a renderer may write them in (as is, JSON-escaped,
+    repr-escaped), indexed by their first characters: a line is masked in one pass over its
+    positions, however many accounts (each with its own password) the daemon holds. The
+    index is replaced whole, never changed, so a thread that masks sees one or the other."""
+
+    def __init__(self) -> None:
+        self.values: frozenset[str] = frozenset()
+        self._index: dict[str, tuple[str, ...]] = {}
+
+    def add(self, values: Iterable[str]) -> None:
+        fresh = {v for v in values if len(v) >= _PREFIX} - self.values
+        if not fresh:
+            return
+        grouped = {k: set(v) for k, v in self._index.items()}
+        for secret in fresh:
+            for form in _rendered_forms(secret):
+                grouped.setdefault(form[:_PREFIX], set()).add(form)
+        self._index = {k: tuple(sorted(v, key=len, reverse=True)) for k, v in grouped.items()}
+        self.values = self.values | fresh
+
+    def mask(self, text: str) -> str:
+        """``text`` with every stretch that is (part of overlapping) secrets as ``***``."""
+        index = self._index
+        if not index or len(text) < _PREFIX:
+            return text
+        spans: list[tuple[int, int]] = []
+        for i in range(len(text) - _PREFIX + 1):
+            forms = index.get(text[i : i + _PREFIX])
+            if forms is None:
+                continue
+            for form in forms:  # longest first
+                if text.startswith(form, i):
+                    end = i + len(form)
+                    if spans and i <= spans[-1][1]:
+                        spans[-1] = (spans[-1][0], max(end, spans[-1][1]))
+                    else:
+                        spans.append((i, end))
+                    break
+        if not spans:
+            return text
+        out, last = [], 0
+        for start, end in spans:
+            out += [text[last:start], "***"]
+            last = end
+        out.append(text[last:])
+        return "".join(out)
+
+
+_secrets = _Secrets()
 
 
 def register_secrets(values: Iterable[str]) -> None:
     """Remember secret values so that any log line containing one is masked."""
-    _secrets.update(v for v in values if len(v) >= 3)
+    _secrets.add(values)
 
 
 def mask_text(text: str) -> str:
     """``text`` with registered secrets and credential commands replaced by ``***``."""
-    # Longest first: a secret that contains another must be masked whole.
-    for secret in sorted(_secrets, key=len, reverse=True):
-        if secret in text:
-            text = text.replace(secret, "***")
+    text = _secrets.mask(text)
     return _AUTH_LINE.sub(lambda m: m.group(0).split()[0] + " ***", text)
 
 
@@ -91,7 +152,7 @@ def _masked(value: Any) -> Any:
     return value
 
 
-def redact(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+def redact(event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
     """Drop secret-named keys and mask registered secret values anywhere in the event."""
     for key in list(event):
         event[key] = "***" if key.lower() in _SECRET_KEYS else _masked(event[key])
@@ -111,13 +172,8 @@ class _MaskRendered:
     def __init__(self, renderer: Any) -> None:
         self.renderer = renderer
 
-    def __call__(self, logger: Any, name: str, event: MutableMapping[str, Any]) -> str:
-        line = str(self.renderer(logger, name, event))
-        for secret in sorted(_secrets, key=len, reverse=True):
-            for form in _rendered_forms(secret):
-                if form and form in line:
-                    line = line.replace(form, "***")
-        return line
+    def __call__(self, method: str, event: MutableMapping[str, Any]) -> str:
+        return _secrets.mask(str(self.renderer(method, event)))
 
 
 class _CurrentStderr:
@@ -135,29 +191,170 @@ class _CurrentStderr:
         return sys.stderr.isatty()
 
 
-def configure(
-    fmt: str = "auto", *, level: int = logging.INFO, stream: TextIO | None = None
-) -> None:
-    """JSON lines when not on a TTY (or asked), readable console output otherwise."""
+_LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40, "critical": 50}
+
+
+class _Sink:
+    """Where configured events go: the least level, the renderer and the stream."""
+
+    def __init__(self, level: int, render: _MaskRendered, out: Any) -> None:
+        self.level = level
+        self.render = render
+        self.out = out
+        self.lock = threading.Lock()
+
+
+_sink: _Sink | None = None
+_captures: list[list[dict[str, Any]]] = []
+#: Keys bound to every event of the current context (``bound``), after the event's own.
+_bound: ContextVar[dict[str, Any] | None] = ContextVar("mailingest_log_context", default=None)
+
+
+def _structlog() -> ModuleType:
+    """structlog, imported while rich looks absent. structlog imports rich (console and
+    traceback, some 40 ms) whenever it is installed, only to format tracebacks, which the
+    chain here formats itself (before the secret mask). rich is for `fetch`'s live
+    progress alone and is imported there; nothing else must pay for it."""
+    if "structlog" not in sys.modules and "rich" not in sys.modules:
+        sys.modules["rich"] = None  # type: ignore[assignment]  # `import rich` raises ImportError
+        try:
+            import structlog
+        finally:
+            del sys.modules["rich"]
+    import structlog
+
+    return structlog
+
+
+class Logger:
+    """Called as structlog's filtering bound logger is: the event name, then its keys."""
+
+    __slots__ = ("name",)
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def debug(self, event: str, **kw: Any) -> None:
+        _emit(self.name, "debug", event, kw)
+
+    def info(self, event: str, **kw: Any) -> None:
+        _emit(self.name, "info", event, kw)
+
+    def warning(self, event: str, **kw: Any) -> None:
+        _emit(self.name, "warning", event, kw)
+
+    def error(self, event: str, **kw: Any) -> None:
+        _emit(self.name, "error", event, kw)
+
+    def exception(self, event: str, **kw: Any) -> None:
+        """An error with the traceback of the exception being handled."""
+        kw.setdefault("exc_info", True)
+        _emit(self.name, "error", event, kw)
+
+
+def get_logger(name: str) -> Logger:
+    return Logger(name)
+
+
+@contextlib.contextmanager
+def bound(**kw: Any) -> Iterator[None]:
+    """Add these keys to every event logged in this context (unless the event has them)."""
+    token = _bound.set({**(_bound.get() or {}), **kw})
+    try:
+        yield
+    finally:
+        _bound.reset(token)
+
+
+@contextlib.contextmanager
+def capture() -> Iterator[list[dict[str, Any]]]:
+    """Collect the events logged meanwhile instead of writing them, as structlog's
+    ``capture_logs`` does: the keys, ``event`` and ``log_level``; nothing bound or added."""
+    entries: list[dict[str, Any]] = []
+    _captures.append(entries)
+    try:
+        yield entries
+    finally:
+        _captures.remove(entries)
+
+
+def _emit(name: str, method: str, event: str, kw: dict[str, Any]) -> None:
+    if _captures:
+        _captures[-1].append({**kw, "event": event, "log_level": method})
+        return
+    sink = _sink
+    if sink is None:
+        getattr(_structlog().get_logger(name), method)(event, **kw)
+        return
+    if _LEVELS[method] < sink.level:
+        return
+    event_dict = dict(kw)
+    event_dict["event"] = event
+    for key, value in (_bound.get() or {}).items():
+        event_dict.setdefault(key, value)
+    event_dict["level"] = method
+    event_dict["timestamp"] = datetime.now(tz=UTC).isoformat().replace("+00:00", "Z")
+    # Tracebacks become text before redaction, so a secret in one is masked too.
+    exc_info = _exc_info(event_dict.pop("exc_info", None))
+    if exc_info is not None:
+        event_dict["exception"] = _format_exception(exc_info)
+    line = sink.render(method, redact(event_dict))
+    with sink.lock:
+        print(line, file=sink.out, flush=True)
+
+
+_ExcInfo = tuple[type[BaseException], BaseException, Any]
+
+
+def _exc_info(value: Any) -> _ExcInfo | None:
+    """An ``exc_info`` key's value as a triple: an exception, a triple, or true for the
+    exception being handled."""
+    if isinstance(value, BaseException):
+        return (value.__class__, value, value.__traceback__)
+    if isinstance(value, tuple) and len(value) == 3:
+        kind, exc, tb = value
+        if (
+            isinstance(kind, type)
+            and issubclass(kind, BaseException)
+            and isinstance(exc, BaseException)
+            and (tb is None or isinstance(tb, TracebackType))
+        ):
+            return (kind, exc, tb)
+    if value:
+        found = sys.exc_info()
+        return None if found[0] is None else found
+    return None
+
+
+def _format_exception(exc_info: _ExcInfo) -> str:
+    import io
+    import traceback
+
+    out = io.StringIO()
+    traceback.print_exception(exc_info[0], exc_info[1], exc_info[2], None, out)
+    return out.getvalue().removesuffix("\n")
+
+
+def _json_line(_: str, event: dict[str, Any]) -> str:
+    return json.dumps(event, default=repr)
+
+
+def configure(fmt: str = "auto", *, level: int = 20, stream: TextIO | None = None) -> None:
+    """JSON lines when not on a TTY (or asked), readable console output otherwise; events
+    below ``level`` (10 debug, 20 info, 30 warning) are dropped."""
+    global _sink
     out: Any = stream or _CurrentStderr()
     use_json = fmt == "json" or (fmt == "auto" and not out.isatty())
     renderer: Any
     if use_json:
-        renderer = structlog.processors.JSONRenderer()
+        renderer = _json_line
     else:
-        renderer = structlog.dev.ConsoleRenderer(colors=out.isatty())
-    processors: list[Any] = [
-        structlog.contextvars.merge_contextvars,
-        structlog.processors.add_log_level,
-        structlog.processors.TimeStamper(fmt="iso", utc=True),
-        # Tracebacks become text before redaction, so a secret in one is masked too.
-        structlog.processors.format_exc_info,
-        redact,
-        _MaskRendered(renderer),
-    ]
-    structlog.configure(
-        processors=processors,
-        wrapper_class=structlog.make_filtering_bound_logger(level),
-        logger_factory=structlog.PrintLoggerFactory(out),
-        cache_logger_on_first_use=False,
-    )
+        console = _structlog().dev.ConsoleRenderer(colors=out.isatty())
+        renderer = lambda method, event: console(None, method, event)  # noqa: E731
+    _sink = _Sink(level, _MaskRendered(renderer), out)
+
+
+def reset() -> None:
+    """Undo ``configure``: events go to structlog's defaults again (tests, library use)."""
+    global _sink
+    _sink = None

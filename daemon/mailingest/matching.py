@@ -8,7 +8,7 @@ Nothing here raises on bad input: an address that cannot be read matches nothing
 
 from __future__ import annotations
 
-import email.utils
+import functools
 import re
 import unicodedata
 from collections.abc import Iterable
@@ -55,14 +55,19 @@ def _ascii_domain(domain: str) -> str | None:
 #: more than everything else a fetch does per message. Anything else takes the full path.
 _ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
 _ADDR = rf"({_ATOM}(?:\.{_ATOM})*)@([A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*)"
-_SIMPLE_RE = re.compile(rf"[ \t]*(?:{_ADDR}|(?:[A-Za-z0-9]+[ \t]+)*<{_ADDR}>)[ \t]*")
+
+
+@functools.cache
+def _simple_re() -> re.Pattern[str]:
+    """Compiled at the first address (over a millisecond): a fetch of no mail needs none."""
+    return re.compile(rf"[ \t]*(?:{_ADDR}|(?:[A-Za-z0-9]+[ \t]+)*<{_ADDR}>)[ \t]*")
 
 
 def normalize(address: str | None) -> str | None:
     """``local@domain`` in canonical form, or None when the text holds no usable address."""
     if not address:
         return None
-    simple = _SIMPLE_RE.fullmatch(address)
+    simple = _simple_re().fullmatch(address)
     if simple is not None:
         local, domain = simple.group(1, 2) if simple.group(1) else simple.group(3, 4)
         # A dot-atom local part and an ASCII domain: what the full path below gives.
@@ -73,6 +78,8 @@ def normalize(address: str | None) -> str | None:
 
 def _normalize_parsed(address: str) -> str | None:
     """normalize() through the email package's address parser: any text at all."""
+    import email.utils  # here: most addresses take the fast path, and start-up is shorter
+
     try:
         _, addr = email.utils.parseaddr(address)
     except Exception:  # parseaddr is tolerant; guard the odd crash anyway

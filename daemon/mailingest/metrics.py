@@ -63,7 +63,7 @@ class Metrics:
         )
         self.takeovers = Counter(
             "mailingest_lease_takeovers",
-            "Account leases taken over from a holder that died",
+            "Account leases taken over from a holder that died or let its lease expire",
             registry=r,
         )
         self.commit_seconds = Histogram(

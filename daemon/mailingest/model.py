@@ -144,6 +144,8 @@ class NewMessage:
 
 @dataclass(frozen=True, slots=True)
 class Record:
+    """A CRM lead or contact: mail from or to one of its addresses links to it."""
+
     id: str
     kind: str
     name: str
@@ -155,6 +157,9 @@ class Record:
 
 @dataclass(frozen=True, slots=True)
 class LedgerEntry:
+    """A UIDL in the account's ledger: the message it is (None: not stored), when it was
+    first listed, whether it was deleted from the server."""
+
     message: int | None
     first_seen: str
     deleted: bool
@@ -163,6 +168,9 @@ class LedgerEntry:
 
 @dataclass(frozen=True, slots=True)
 class StoreOutcome:
+    """What storing one retrieved message came to: its message, and whether that content
+    was stored already (a renumbered UIDL)."""
+
     uidl: str
     message: int | None
     duplicate: bool  # same content already stored for this account (renumbered UIDL)
@@ -170,6 +178,9 @@ class StoreOutcome:
 
 @dataclass(frozen=True, slots=True)
 class StoredMessage:
+    """A stored message as a viewer sees it listed (no raw bytes): its index fields, who
+    may see it and why."""
+
     id: int
     account: str
     owner: str
@@ -314,6 +325,7 @@ class Claim:
     next_poll: str | None = None  # not due: when it is due next (ISO 8601 UTC), if known
     paused: bool = False  # not taken: the account is paused (by whichever process)
     pause_key: str | None = None
+    took_over: bool = False  # taken from another holder: one that died, or whose lease expired
 
     @property
     def busy(self) -> bool:

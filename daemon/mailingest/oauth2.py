@@ -1,4 +1,4 @@
-"""OAuth2 access tokens for POP3 and SMTP sign-in (XOAUTH2 / OAUTHBEARER).
+"""OAuth2 access tokens for POP3 and SMTP sign-in (XOAUTH2 / OAUTHBEARER: sasl.py).
 
 Three grants a daemon can use unattended: a refresh token (a user signed in once), client
 credentials (Microsoft 365 app-only access) and a JWT bearer assertion (a Google Workspace
@@ -13,7 +13,6 @@ Both are imported only by accounts that use OAuth2.
 from __future__ import annotations
 
 import asyncio
-import base64
 import math
 import time
 from collections.abc import Awaitable, Callable
@@ -24,9 +23,6 @@ from mailingest.errors import AuthError, ConfigError, ProtocolError, TemporaryEr
 
 PROVIDERS = ("microsoft", "google", "custom")
 GRANTS = ("refresh_token", "client_credentials", "jwt_bearer")
-#: SASL mechanisms in the order they are preferred when the server offers both: XOAUTH2 is
-#: what Google and Microsoft document for POP3 and SMTP.
-OAUTH2_MECHANISMS = ("XOAUTH2", "OAUTHBEARER")
 
 #: Token endpoints and scopes the presets fill in ({tenant}: Microsoft's directory).
 _PRESETS: dict[str, dict[str, Any]] = {
@@ -293,16 +289,3 @@ def _token_from(name: str, settings: OAuth2Settings, status: int, body: bytes) -
     lifetime = min(lifetime, MAX_LIFETIME)
     rotated = data.get("refresh_token")
     return Token(access, time.time() + lifetime, rotated if isinstance(rotated, str) else None)
-
-
-def xoauth2(user: str, token: str) -> str:
-    """The XOAUTH2 client response (Google's and Microsoft's format), base64."""
-    raw = f"user={user}\x01auth=Bearer {token}\x01\x01"
-    return base64.b64encode(raw.encode("utf-8")).decode("ascii")
-
-
-def oauthbearer(user: str, token: str, host: str, port: int) -> str:
-    """The OAUTHBEARER client response (RFC 7628 section 3.1), base64."""
-    name = user.replace("=", "=3D").replace(",", "=2C")
-    raw = f"n,a={name},\x01host={host}\x01port={port}\x01auth=Bearer {token}\x01\x01"
-    return base64.b64encode(raw.encode("utf-8")).decode("ascii")

@@ -47,6 +47,10 @@ class Sent:
         }
 
 
+class TooManyRecipients(UsageError):
+    """A reply would go to more recipients than the caller allows (the API's limit)."""
+
+
 def reply_subject(subject: str | None) -> str:
     """``Re: subject``, without stacking a second ``Re:`` on one already there."""
     subject = (subject or "").strip()
@@ -207,8 +211,10 @@ async def reply_with(
     body: str,
     *,
     reply_all: bool = False,
+    max_recipients: int | None = None,
 ) -> Sent:
-    """`reply` on an open store (the daemon's, for the API)."""
+    """`reply` on an open store (the daemon's, for the API, which passes its limit of
+    recipients: the original's headers may name any number)."""
     original = await store.message(message_id)
     if original is None or not may_see(viewer, original.owner, original.visibility):
         raise PermissionDenied(f"message {message_id} does not exist or {viewer!r} may not see it")
@@ -221,6 +227,10 @@ async def reply_with(
     to, cc = recipients(headers, own_addresses(config, viewer), reply_all=reply_all)
     if not to:
         raise DataError(f"message {message_id} has neither Reply-To nor From to reply to")
+    if max_recipients is not None and len(to) + len(cc) > max_recipients:
+        raise TooManyRecipients(
+            f"the reply would go to {len(to) + len(cc)} recipients; at most {max_recipients}"
+        )
     return await _send_and_store(
         store,
         account,

@@ -6,16 +6,19 @@ The raw message is always stored as received; what this module derives is only a
 
 from __future__ import annotations
 
-import email.header
-import email.parser
-import email.policy
-import email.utils
+import functools
 import re
 from collections.abc import Iterable
 from datetime import UTC
-from typing import IO
+from typing import IO, TYPE_CHECKING
 
 from mailingest.model import Headers
+
+if TYPE_CHECKING:
+    import email.parser
+
+# The email package (some 10 ms to import) is imported at the first message parsed: a
+# fetch that finds no new mail never needs it.
 
 #: Header blocks longer than this are cut: the index needs the first few headers only.
 MAX_HEAD = 1024 * 1024
@@ -57,6 +60,8 @@ def _clean(text: str) -> str:
 
 def decode_text(value: str) -> str:
     """RFC 2047 decoding that tolerates garbage: unknown charsets and bad encodings."""
+    import email.header
+
     value = _clean(value)
     try:
         parts = email.header.decode_header(value)
@@ -76,6 +81,8 @@ def decode_text(value: str) -> str:
 
 
 def _addresses(values: Iterable[str]) -> tuple[str, ...]:
+    import email.utils
+
     try:
         pairs = email.utils.getaddresses([_clean(v) for v in values])
     except Exception:
@@ -86,6 +93,8 @@ def _addresses(values: Iterable[str]) -> tuple[str, ...]:
 def _date(value: str | None) -> str | None:
     if not value:
         return None
+    import email.utils
+
     try:
         parsed = email.utils.parsedate_to_datetime(_clean(value))
     except (TypeError, ValueError, IndexError, OverflowError):
@@ -98,25 +107,29 @@ def _date(value: str | None) -> str | None:
         return None
 
 
-class _RawValues(email.policy.Compat32):
-    """compat32 that hands header values back as parsed, 8-bit bytes surrogate-escaped.
+@functools.cache
+def _parser() -> email.parser.BytesHeaderParser:
+    """A header parser whose policy is compat32 handing header values back as parsed, 8-bit
+    bytes surrogate-escaped.
 
     compat32 wraps such a value in a ``Header`` whose ``str()`` turns every 8-bit byte into
     U+FFFD, so raw UTF-8 headers (RFC 6532 mail, or Courier after ``UTF8``) lost their text
     and their addresses; ``_clean`` decodes the escaped bytes as UTF-8 instead.
     """
+    import email.parser
+    import email.policy
 
-    def header_fetch_parse(self, name: str, value: str) -> str:
-        return value
+    class RawValues(email.policy.Compat32):
+        def header_fetch_parse(self, name: str, value: str) -> str:
+            return value
 
-
-_POLICY = _RawValues()
+    return email.parser.BytesHeaderParser(policy=RawValues())
 
 
 def parse_headers(head: bytes) -> Headers:
     """Index fields of a header block; broken headers give empty fields, never an exception."""
     try:
-        msg = email.parser.BytesHeaderParser(policy=_POLICY).parsebytes(head)
+        msg = _parser().parsebytes(head)
         get_all = msg.get_all
         first = msg.get
     except Exception:

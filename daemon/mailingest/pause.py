@@ -12,16 +12,15 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
-import secrets
-
-import structlog
+import os
 
 from mailingest.config import Account
 from mailingest.errors import StoreError
+from mailingest.logs import get_logger
 from mailingest.model import Status
 from mailingest.store import Store
 
-log = structlog.get_logger("mailingest.pause")
+log = get_logger("mailingest.pause")
 
 #: Why an account is paused (``pause_reason`` in ``status``, ``reason`` of ``account_paused``).
 REASON = Status.AUTH_FAILED.value
@@ -43,7 +42,7 @@ def rejected(status: Status) -> bool:
 
 def login_key(account: Account, *, salt: bytes | None = None) -> str:
     """``scrypt$<salt>$<hash>`` of the account's login (CPU-bound: call it in a thread)."""
-    salt = secrets.token_bytes(16) if salt is None else salt
+    salt = os.urandom(16) if salt is None else salt  # secrets.token_bytes, minus random
     digest = hashlib.scrypt(account.login_bytes(), salt=salt, **_SCRYPT)
     return f"scrypt${salt.hex()}${digest.hex()}"
 

@@ -34,7 +34,7 @@ from mailingest.errors import (
     UnavailableError,
 )
 from mailingest.model import Pop3Login
-from mailingest.oauth2 import OAUTH2_MECHANISMS, oauthbearer, xoauth2
+from mailingest.sasl import OAUTH2_MECHANISMS, oauthbearer, xoauth2
 from mailingest.tls import client_context
 
 #: A status line (``+OK``/``-ERR``) longer than this is a protocol error (the contract's 64 KiB).
@@ -43,6 +43,9 @@ MAX_STATUS_LINE = 64 * 1024
 READ_CHUNK = 64 * 1024
 #: RETR commands kept in flight when the server advertises PIPELINING.
 PIPELINE_WINDOW = 64
+#: DELE commands sent in one write when it does: a reply is one short line, so a window's
+#: replies (~10 KiB) fit the socket buffers while the commands are still being written.
+DELE_WINDOW = 256
 
 _CODE = re.compile(rb"^-ERR\s*\[([A-Za-z0-9/-]+)\]")
 _TRANSIENT_CODES = {"SYS/TEMP", "IN-USE", "LOGIN-DELAY"}
@@ -187,6 +190,9 @@ class Pop3Session:
         self.broken = False
         self.mechanism = "USER"  # how the login went: USER (USER/PASS), XOAUTH2, OAUTHBEARER
         self._pop: _BoundedLines | None = None
+        #: The CAPA after the login is still to be read: it goes out with the first
+        #: commands after the login where the server pipelines (a round trip less).
+        self._capa_due = False
         self._closing = threading.Lock()  # a worker and close() may discard at once
 
     def __repr__(self) -> str:
@@ -310,14 +316,9 @@ class Pop3Session:
 
     def _capa(self, phase: str) -> dict[str, list[str]] | None:
         with self._translate(phase):
-            try:
-                raw = self._conn().capa()
-            except poplib.error_proto:
-                return None  # popa3d and others: no CAPA; carry on with the basics.
-            except (UnicodeDecodeError, IndexError) as exc:
-                # poplib's CAPA parser fails on a non-ASCII or empty line: the server's fault.
-                raise ProtocolError(f"malformed CAPA reply: {exc}") from exc
-        return {k.upper(): v for k, v in raw.items()}
+            pop = self._conn()
+            pop.sock.sendall(b"CAPA\r\n")
+            return _capa_lines(pop)
 
     def _starttls(self) -> None:
         login = self.login
@@ -344,7 +345,20 @@ class Pop3Session:
                 pop.pass_(login.password())
             else:
                 self._sasl(pop, self._mechanism())
-        after = self._capa("capa")
+        if self.capabilities.has("PIPELINING") and not self.capabilities.has("UTF8"):
+            # UTF8 goes right after the login, as before; without it nothing waits for CAPA.
+            self._capa_due = True
+            return
+        self._after_login(self._capa("capa"))
+
+    def _settle(self) -> None:
+        """Read the CAPA after the login (RFC 2449: it may differ, e.g. a per-user
+        LOGIN-DELAY) unless done, then switch to UTF-8 where offered."""
+        if self._capa_due:
+            self._capa_due = False
+            self._after_login(self._capa("capa"))
+
+    def _after_login(self, after: dict[str, list[str]] | None) -> None:
         if after:
             self.capabilities.extra = after
         if self.capabilities.has("UTF8"):
@@ -405,6 +419,7 @@ class Pop3Session:
         return pop.secrets if pop is not None and pop.secrets else (self.login.password(),)
 
     def stat(self) -> tuple[int, int]:
+        self._settle()
         with self._translate("stat"):
             # Not poplib's stat(): it raises IndexError/ValueError on a reply such as "+OK".
             reply = self._conn().command("STAT")
@@ -416,26 +431,33 @@ class Pop3Session:
 
     def uidl(self) -> list[tuple[int, str]]:
         """The (message number, unique id) listing; a malformed line is a protocol error."""
+        self._settle()
         with self._translate("uidl"):
             _, lines, _ = self._conn().uidl()
         return [_parse_pair(line, self.login.name, "UIDL") for line in lines]
 
     def sizes(self) -> dict[int, int]:
+        self._settle()
         with self._translate("list"):
             _, lines, _ = self._conn().list()
         return self._sizes(lines)
 
     def listing(self) -> tuple[list[tuple[int, str]], dict[int, int]]:
-        """UIDL and LIST: in one write where the server pipelines (a round trip less)."""
+        """UIDL and LIST: in one write where the server pipelines (a round trip less), with
+        the CAPA after the login in front of them if it is still due."""
         pipelined = self.capabilities.has("PIPELINING")
+        capa_due, self._capa_due = self._capa_due, False
+        after = None
         try:
             if not pipelined:
                 uidls = self.uidl()
             else:
                 with self._translate("uidl"):
                     pop = self._conn()
-                    pop.sock.sendall(b"UIDL\r\nLIST\r\n")
+                    pop.sock.sendall((b"CAPA\r\n" if capa_due else b"") + b"UIDL\r\nLIST\r\n")
                     try:
+                        if capa_due:
+                            after = _capa_lines(pop)
                         lines = pop.longresp()
                     except poplib.error_proto:
                         self._discard()  # LIST's reply is on its way: out of step for good
@@ -450,6 +472,8 @@ class Pop3Session:
             return uidls, self.sizes()
         with self._translate("list"):
             lines = self._conn().longresp()
+        if capa_due:
+            self._after_login(after)
         return uidls, self._sizes(lines)
 
     def _sizes(self, lines: list[bytes]) -> dict[int, int]:
@@ -473,6 +497,7 @@ class Pop3Session:
         one such message must not hold back every message after it, cycle after cycle.
         ``header_only``: TOP n 0 instead of RETR (the header and the blank line after it).
         """
+        self._settle()
         pending = list(nums)
         window = PIPELINE_WINDOW if self.capabilities.has("PIPELINING") else 1
         done = False
@@ -519,8 +544,9 @@ class Pop3Session:
 
     def delete(self, nums: Iterable[int]) -> None:
         """DELE each message; the server expunges them only at QUIT."""
+        self._settle()
         todo = list(nums)
-        window = PIPELINE_WINDOW if self.capabilities.has("PIPELINING") else 1
+        window = DELE_WINDOW if self.capabilities.has("PIPELINING") else 1
         with self._translate("dele"):
             pop = self._conn()
             try:
@@ -549,6 +575,24 @@ class Pop3Session:
     def close(self) -> None:
         """Abandon the session without QUIT (nothing DELEted is expunged)."""
         self._discard()
+
+
+def _capa_lines(pop: _BoundedLines) -> dict[str, list[str]] | None:
+    """The reply to CAPA by name (upper-cased) and arguments; ``None`` for ``-ERR``
+    (popa3d and others have no CAPA: the basics then), a one-line reply that leaves any
+    pipelined replies after it in step."""
+    try:
+        lines = pop.longresp()
+    except poplib.error_proto:
+        return None
+    names: dict[str, list[str]] = {}
+    for line in lines:
+        try:
+            name, *args = line.decode("ascii").split()
+        except (UnicodeDecodeError, ValueError) as exc:  # non-ASCII, or an empty line
+            raise ProtocolError(f"malformed CAPA reply: {exc}") from exc
+        names[name.upper()] = args
+    return names
 
 
 def _sasl_error(reply: bytes) -> str:

@@ -12,17 +12,16 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-import structlog
-
 from mailingest import signin
 from mailingest.config import Account
 from mailingest.errors import BusyError, DataError
 from mailingest.lease import take_poll
+from mailingest.logs import get_logger
 from mailingest.pop3 import Pop3Session
 from mailingest.retrieval import retrieve_spooled
 from mailingest.store import Store
 
-log = structlog.get_logger("mailingest.release")
+log = get_logger("mailingest.release")
 
 #: A ledger key of a UIDL the server listed twice: the UIDL, "/", the content's SHA-256.
 _SUSPECT_KEY = re.compile(r"(.+)/[0-9a-f]{64}")

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -28,6 +27,8 @@ class Spool:
     """One message on its way to the store: hashed and counted while it streams in."""
 
     def __init__(self, directory: Path) -> None:
+        import tempfile  # with shutil, bz2 and lzma: not before the first message
+
         self.file = tempfile.SpooledTemporaryFile(max_size=SPOOL_MEMORY, dir=str(directory))
         self.hash = hashlib.sha256()
         self.size = 0
@@ -75,11 +76,13 @@ def retrieve_spooled(
     suspect: set[str],
     header_only: bool = False,
     arrived: Callable[[int], None] | None = None,
+    each: Callable[[int, str, Spool], None] | None = None,
 ) -> tuple[list[tuple[int, str, Spool]], MailIngestError | None]:
     """Worker-thread side: RETR a batch into spool files (pipelined when offered).
 
     Returns (number, ledger key, spool) per message received whole; ``arrived`` hears the
-    size of each as it comes (live progress: Tally.hook). The key is the UIDL,
+    size of each as it comes (live progress: Tally.hook); ``each`` gets every message as it
+    completes, while the next ones are on the wire. The key is the UIDL,
     or, for a UIDL the listing holds more than once, the UIDL plus the content hash: such
     an id does not tell the messages apart, their content does. On a failure the messages
     received so far are returned with the error, so they are committed before it ends the
@@ -103,6 +106,8 @@ def retrieve_spooled(
             done.append((num, key, spool))
             if arrived is not None:
                 arrived(spool.size)
+            if each is not None:
+                each(num, key, spool)
     except MailIngestError as exc:
         error = exc
     except BaseException:
@@ -133,47 +138,42 @@ def retrieve_prepared(
     """Worker-thread side: RETR a batch, then parse what came whole (see retrieve_spooled).
 
     ``held``: the batch is over the size limit; listed sizes by number. Only the headers
-    are fetched (TOP), to be stored quarantined."""
+    are fetched (TOP), to be stored quarantined. Each message is parsed as soon as it is in,
+    while the replies after it are still arriving, so the parsing overlaps the network."""
+    items: list[NewMessage] = []
+
+    def each(num: int, key: str, spool: Spool) -> None:
+        items.append(prepare(account, num, key, spool, held))
+
     retrieved, failure = retrieve_spooled(
-        session, batch, spool_dir, suspect, held is not None, arrived
+        session, batch, spool_dir, suspect, held is not None, arrived, each
     )
-    try:
-        items = prepare(account, retrieved, held)
-    except BaseException:
-        for _, _, spool in retrieved:
-            spool.discard()
-        raise
     return retrieved, items, failure
 
 
 def prepare(
-    account: Account, retrieved: list[tuple[int, str, Spool]], held: dict[int, int] | None
-) -> list[NewMessage]:
+    account: Account, num: int, uidl: str, spool: Spool, held: dict[int, int] | None
+) -> NewMessage:
     """Worker-thread side: parse headers, decide direction and the addresses that link."""
-    items: list[NewMessage] = []
-    for num, uidl, spool in retrieved:
-        spool.file.seek(0)
-        headers = parse_headers(read_head(spool.file))
-        direction = direction_of(headers, account.addresses)
-        listed = held.get(num, spool.size) if held is not None else spool.size
-        reason = (
-            f"{listed} bytes over max_message_size {account.max_message_size}"
-            if held is not None
-            else None
-        )
-        items.append(
-            NewMessage(
-                uidl=uidl,
-                spool=spool.file,
-                size=listed,
-                quarantine=reason,
-                sha256=spool.hash.hexdigest(),
-                headers=headers,
-                direction=direction,
-                senders=normalize_all(headers.from_addrs),
-                recipients_to=normalize_all(headers.to),
-                recipients_cc=normalize_all(headers.cc),
-                link=link_addresses(headers, direction),
-            )
-        )
-    return items
+    spool.file.seek(0)
+    headers = parse_headers(read_head(spool.file))
+    direction = direction_of(headers, account.addresses)
+    listed = held.get(num, spool.size) if held is not None else spool.size
+    reason = (
+        f"{listed} bytes over max_message_size {account.max_message_size}"
+        if held is not None
+        else None
+    )
+    return NewMessage(
+        uidl=uidl,
+        spool=spool.file,
+        size=listed,
+        quarantine=reason,
+        sha256=spool.hash.hexdigest(),
+        headers=headers,
+        direction=direction,
+        senders=normalize_all(headers.from_addrs),
+        recipients_to=normalize_all(headers.to),
+        recipients_cc=normalize_all(headers.cc),
+        link=link_addresses(headers, direction),
+    )

@@ -6,15 +6,20 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from mailingest.config_auth import OAuth2Config
 from mailingest.config_values import Secret
 from mailingest.model import RECENT_PREFIX as RECENT_PREFIX
 from mailingest.model import Pop3Login
 
+if TYPE_CHECKING:
+    from mailingest.config_auth import OAuth2Config
+
 
 @dataclass(frozen=True, slots=True)
 class SmtpSettings:
+    """An account's ``[accounts.smtp]``: where and how `send` and `reply` submit mail."""
+
     host: str
     port: int
     security: str
@@ -30,6 +35,8 @@ class SmtpSettings:
 
 @dataclass(frozen=True, slots=True)
 class Account:
+    """One ``[[accounts]]`` table, or an account kept in the database, validated."""
+
     name: str
     owner: str
     host: str
@@ -104,6 +111,8 @@ def _no_password() -> str:
 
 @dataclass(frozen=True, slots=True)
 class StorageSettings:
+    """``[storage]``: where the store is, and the secrets that open it."""
+
     #: A SQLite file, or a ``postgresql://user@host[:port]/db`` URL (never with a password).
     database: Path | str
     password: Secret | None = None  # PostgreSQL only
@@ -120,6 +129,8 @@ class StorageSettings:
 
 @dataclass(frozen=True, slots=True)
 class DaemonSettings:
+    """``[daemon]``: schedule, concurrency and logs of `run` (and `fetch`'s limits)."""
+
     poll_interval: float = 300.0
     max_concurrent: int = 16
     max_sessions_per_cycle: int = 10
@@ -143,6 +154,8 @@ class ApiSettings:
 
 @dataclass(frozen=True, slots=True)
 class Config:
+    """The whole configuration: the file's, and the database's accounts once added."""
+
     path: Path
     storage: StorageSettings
     daemon: DaemonSettings

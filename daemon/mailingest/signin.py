@@ -10,14 +10,17 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+from typing import TYPE_CHECKING
 
 from mailingest.config import Account, SmtpSettings
-from mailingest.config_auth import OAuth2Config
 from mailingest.crypto import SecretBox
 from mailingest.errors import AuthError
 from mailingest.model import Pop3Login
-from mailingest.oauth2 import TokenSource
 from mailingest.store import Store
+
+if TYPE_CHECKING:
+    from mailingest.config_auth import OAuth2Config
+    from mailingest.oauth2 import TokenSource
 
 #: (account, service) -> (its settings, the event loop, the source): a new loop (a test, a
 #: second asyncio.run) or other settings (a reload) bring a new source.
@@ -52,6 +55,8 @@ def _source(
     store: Store,
     username: str,
 ) -> TokenSource:
+    from mailingest.oauth2 import TokenSource  # only accounts that sign in with OAuth2
+
     if conf.grant != "refresh_token":
         return TokenSource(name, conf.settings(http_timeout))
     assert conf.seal_key is not None  # the config requires it with this grant

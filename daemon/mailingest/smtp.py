@@ -26,7 +26,7 @@ from mailingest.errors import (
     TLSError,
     UnavailableError,
 )
-from mailingest.oauth2 import OAUTH2_MECHANISMS, oauthbearer, xoauth2
+from mailingest.sasl import OAUTH2_MECHANISMS, oauthbearer, xoauth2
 from mailingest.tls import client_context
 
 

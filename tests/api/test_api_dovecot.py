@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from openapi_spec_validator import validate
 
-from api_support import ApiWorld, mail
+from api_support import RECORDS, ApiWorld, mail
 from builders import crlf
 from dovecot import Dovecot
 from mailingest.api.app import ROUTES
@@ -153,16 +153,28 @@ def test_records_upsert_readdress_and_delete(world: ApiWorld) -> None:
     assert world.send("DELETE", "crm", "/records/LX").status_code == 403
     gone = world.send("DELETE", "admin", "/records/LX")
     assert gone.json() == {"record": "LX", "deleted": True}
+    [unshared, shared] = json.loads(world.cli("audit", "--record", "LX", "--json"))
+    assert [(e["actor"], e["action"]) for e in (unshared, shared)] == [
+        ("api:root", "unshare"),  # the admin token's user, not the daemon
+        ("api:alice", "share"),
+    ]
     assert world.all_messages("carol") == []  # its share flag went with it
     assert world.all_messages("alice", {"record": "LX"}) == []
     assert world.send("DELETE", "admin", "/records/LX").status_code == 404
 
 
-def test_accounts_status_is_the_cli_status(world: ApiWorld) -> None:
-    response = world.get("carol", "/accounts")
-    assert response.status_code == 200
+def test_accounts_status_is_the_cli_status_of_the_callers_accounts(world: ApiWorld) -> None:
     cli = json.loads(world.cli("status", "--json"))
-    assert response.json() == cli
+    response = world.get("admin", "/accounts")
+    assert response.status_code == 200
+    assert response.json() == cli  # an admin sees every account
+    for who, headers in (("alice", {}), ("bob", {}), ("crm", {"X-Act-As": "bob"})):
+        owner = headers.get("X-Act-As", who)
+        mine = {"accounts": [a for a in cli["accounts"] if a["owner"] == owner]}
+        assert len(mine["accounts"]) == 1
+        assert world.get(who, "/accounts", headers=headers).json() == mine
+    assert world.get("carol", "/accounts").json() == {"accounts": []}
+    assert world.get("crm", "/accounts").json() == {"accounts": []}  # its own user owns none
 
 
 def _error(response: Any, status: int, field: str | None = None) -> dict[str, Any]:
@@ -299,6 +311,40 @@ def test_who_asks_is_answered_before_what_is_asked(world: ApiWorld) -> None:
     _error(world.get("alice", "/messages", params=bad, headers={"X-Act-As": "bob"}), 403)
     _error(world.get("crm", "/messages", params=bad, headers={"X-Act-As": "a b"}), 422, "X-Act-As")
     _error(world.get("crm", "/messages", params=bad, headers={"X-Act-As": "bob"}), 422, "limit")
+
+
+@pytest.mark.parametrize(
+    "record_id",
+    [
+        "%20%20",  # blank
+        "L" * 201,  # over the limit of 200
+        "L%01x",
+        "L%0Ax",  # a line break
+        "L%7F",
+        "L%C2%85",  # NEL, a C1 control
+        "L%E2%80%A8",  # LINE SEPARATOR
+    ],
+)
+def test_422_names_a_bad_record_id_on_every_record_route(world: ApiWorld, record_id: str) -> None:
+    for method, path, body in (
+        ("PUT", "", {"kind": "lead", "emails": ["a@b.example"]}),
+        ("PUT", "/emails", {"emails": ["a@b.example"]}),
+        ("PUT", "/shares/alice", None),
+        ("DELETE", "/shares/alice", None),
+        ("DELETE", "", None),
+    ):
+        response = world.send(method, "admin", f"/records/{record_id}{path}", json=body)
+        _error(response, 422, "id")
+    assert [r["id"] for r in world.get("admin", "/records").json()["records"]] == list(RECORDS)
+
+
+def test_a_record_id_of_200_characters_is_fine(world: ApiWorld) -> None:
+    longest = "Ä" + "L" * 199  # characters, not bytes
+    made = world.send("PUT", "admin", f"/records/{longest}", json={"kind": "lead", "emails": []})
+    _error(made, 422, "emails")  # the id passed; the body is checked next
+    body = {"kind": "lead", "emails": ["a@b.example"]}
+    assert world.send("PUT", "admin", f"/records/{longest}", json=body).status_code == 200
+    assert world.send("DELETE", "admin", f"/records/{longest}").status_code == 200
 
 
 def test_oversized_bodies_and_bad_act_as_names(world: ApiWorld) -> None:

@@ -24,9 +24,11 @@ def test_send_and_reply_through_the_api(
     world.import_records()
     world.make_tokens()
     world.alice.deliver(mail(1, "Ann <ann@cust.example>"))
+    crowd = ", ".join(f"p{n}@crowd.example" for n in range(101))
+    world.alice.deliver(mail(3, "Ann <ann@cust.example>", to=crowd))
     world.bob.deliver(mail(2, "ann@cust.example"))
     with world.running() as daemon:
-        world.wait_stored(2)
+        world.wait_stored(3)
         body = {
             "account": "alice-mail",
             "to": ["Ann <ann@cust.example>"],
@@ -54,7 +56,8 @@ def test_send_and_reply_through_the_api(
         reply = email.message_from_bytes(smtp_server.recorder.received[-1][2])
         assert reply["In-Reply-To"] == "<m1@api.test>" and reply["Subject"] == "Re: m1"
 
-        assert world.send("POST", "bob", "/messages", json=body).status_code == 403
+        others = world.send("POST", "bob", "/messages", json=body)  # as if it did not exist
+        assert (others.status_code, others.json()["field"]) == (422, "account"), others.text
         assert world.send("POST", "bob", f"/messages/{m1['id']}/reply", json={}).status_code == 404
         bad = world.send("POST", "alice", "/messages", json={**body, "to": ["nobody"]})
         assert (bad.status_code, bad.json()["field"]) == (422, "to")
@@ -69,6 +72,17 @@ def test_send_and_reply_through_the_api(
             "POST", "alice", "/messages", json={**body, "subject": "x\r\nBcc: e@v.ex"}
         )
         assert (crlf.status_code, crlf.json()["field"]) == (422, "subject")
+        # At most 100 recipients over to and cc; the reply-all to a crowd is refused whole.
+        many = [f"p{n}@crowd.example" for n in range(101)]
+        for to, cc, field in ((many, [], "to"), (many[:60], many[60:], "cc")):
+            over = world.send("POST", "alice", "/messages", json={**body, "to": to, "cc": cc})
+            assert (over.status_code, over.json()["field"]) == (422, field), over.text
+        at_most = {**body, "to": many[:60], "cc": many[60:100], "subject": "\n"}
+        within = world.send("POST", "alice", "/messages", json=at_most)  # 100: only the subject
+        assert (within.status_code, within.json()["field"]) == (422, "subject")
+        [m3] = [m for m in world.all_messages("alice") if m["subject"] == "m3"]
+        to_all = world.send("POST", "alice", f"/messages/{m3['id']}/reply", json={"all": True})
+        assert (to_all.status_code, to_all.json()["field"]) == (422, "all"), to_all.text
         huge = world.send("POST", "alice", f"/messages/{2**64}/reply", json={"body": "x"})
         assert huge.status_code == 404
         unknown = world.send("POST", "alice", "/messages", json={**body, "account": "x"})

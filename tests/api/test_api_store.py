@@ -155,26 +155,47 @@ async def test_a_broken_read_connection_is_replaced(postgres_at: StoreAt) -> Non
         await store.close()
 
 
+@dataclasses.dataclass
+class Observer:
+    """What the store reports to the daemon's metrics."""
+
+    commits: list[float] = dataclasses.field(default_factory=list)
+    taken: list[str] = dataclasses.field(default_factory=list)
+
+    def committed(self, seconds: float) -> None:
+        self.commits.append(seconds)
+
+    def lease_taken_over(self, account: str) -> None:
+        self.taken.append(account)
+
+
 async def test_health_checks_and_the_observer(store: Store) -> None:
-    commits: list[float] = []
-    taken: list[str] = []
-
-    @dataclasses.dataclass
-    class Observer:
-        def committed(self, seconds: float) -> None:
-            commits.append(seconds)
-
-        def lease_taken_over(self, account: str) -> None:
-            taken.append(account)
-
-    store.observer = Observer()
+    seen = Observer()
+    store.observer = seen
     await store.check_reachable()
     await store.check_writable()
-    assert commits and all(s >= 0 for s in commits)
+    assert seen.commits and all(s >= 0 for s in seen.commits)
     assert (await store.take_poll("acct", "dead-holder", 60)).taken
     assert not (await store.take_poll("acct", "me", 60)).taken
     assert (await store.take_poll("acct", "me", 60, stale="dead-holder")).taken
-    assert taken == ["acct"]
+    assert seen.taken == ["acct"]
+
+
+async def test_an_expired_lease_taken_over_is_counted(store: Store) -> None:
+    """A holder that died on another host leaves its lease to expire: the claim that takes
+    it is a takeover too; a free lease, or one's own, is not."""
+    seen = Observer()
+    store.observer = seen
+    assert (await store.take_poll("acct", "elsewhere:1:gone", 60)).taken
+    run_out = (await store.take_poll("acct", "elsewhere:1:gone", -1)).taken  # renewed, expired
+    assert run_out and seen.taken == []
+    assert (await store.take_poll("acct", "me", 60)).taken
+    assert seen.taken == ["acct"]
+    assert (await store.take_poll("acct", "me", 60)).taken  # its own: no takeover
+    await store.release_lease("acct", "me")
+    assert (await store.take_poll("acct", "next", 60)).taken  # a free lease
+    assert not (await store.take_poll("acct", "other", 60)).taken  # held: busy, as before
+    assert seen.taken == ["acct"]
 
 
 def test_a_body_nested_beyond_reason_is_omitted_not_a_crash() -> None:

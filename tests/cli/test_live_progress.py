@@ -183,7 +183,7 @@ def test_log_lines_print_above_the_live_lines_intact(tmp_path: Path) -> None:
 
 
 def test_the_cli_imports_rich_only_to_draw_progress() -> None:
-    """rich costs start-up time; structlog would import it too (see mailingest/__init__.py)."""
+    """rich costs start-up time; structlog would import it too (see logs._structlog)."""
     code = (
         "import sys, mailingest.cli; print([m for m in sys.modules if m.split('.')[0] == 'rich'])"
     )

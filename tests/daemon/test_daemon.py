@@ -13,8 +13,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from structlog.testing import capture_logs
-
 from builders import loopback_account, make_message
 from daemon_support import events, running, until
 from dovecot import free_port
@@ -22,6 +20,7 @@ from mailingest import commands
 from mailingest.config import Account, load_config
 from mailingest.daemon import Daemon
 from mailingest.fetch import FetchResult, fetch_account
+from mailingest.logs import capture
 from mailingest.retry import Backoff
 from mailingest.store import Store
 from pop3d import Faults, Mailbox, Pop3TestServer
@@ -84,7 +83,7 @@ async def test_transient_failures_back_off_with_growing_delays_while_others_keep
         recorder = Recorder()
         daemon = Daemon(load_config(config), config, backoff=FAST, fetch=recorder)
         bad = ("temp", "drop", "refused")
-        with capture_logs() as logs:
+        with capture() as logs:
             async with running(daemon):
                 await until(
                     lambda: all(len(events(logs, "retry_scheduled", n)) >= 5 for n in bad),
@@ -121,7 +120,7 @@ async def test_a_dropped_retrieval_is_retried_and_every_message_stored_once(
     async with server:
         config = config_file(tmp_path, [account(server.port, "a", leave_on_server=False)])
         daemon = Daemon(load_config(config), config, backoff=FAST)
-        with capture_logs() as logs:
+        with capture() as logs:
             async with running(daemon):
                 await until(lambda: bool(events(logs, "poll_completed", "a")), "a good poll")
     assert len(events(logs, "retry_scheduled", "a")) == 2
@@ -138,7 +137,7 @@ async def test_wrong_password_pauses_after_one_login_and_a_reload_with_the_fix_r
     async with server:
         config = config_file(tmp_path, [account(server.port, "a", password=WRONG)])
         daemon = Daemon(load_config(config), config, backoff=FAST)
-        with capture_logs() as logs:
+        with capture() as logs:
             async with running(daemon):
                 await until(lambda: bool(events(logs, "account_paused", "a")), "the pause")
                 await asyncio.sleep(2.0)  # four poll intervals: no login may come
@@ -171,7 +170,7 @@ async def test_a_pause_survives_a_restart_until_the_password_changes(tmp_path: P
     server = Pop3TestServer([Mailbox("u", PASSWORD, [make_message(1)])])
     async with server:
         config = config_file(tmp_path, [account(server.port, "a", password=WRONG)])
-        with capture_logs() as logs:
+        with capture() as logs:
             async with running(Daemon(load_config(config), config)):
                 await until(lambda: bool(events(logs, "account_paused")), "the pause")
             async with running(Daemon(load_config(config), config)):
@@ -198,7 +197,7 @@ async def test_reload_keeps_the_old_config_when_invalid_adds_and_removes_account
         config = config_file(tmp_path, [account(server.port, "a")])
         recorder = Recorder()
         daemon = Daemon(load_config(config), config, backoff=FAST, fetch=recorder)
-        with capture_logs() as logs:
+        with capture() as logs:
             async with running(daemon):
                 await until(lambda: recorder.polls("a") >= 1, "a's first poll")
                 config.write_text("[daemon\npoll_interval = ", encoding="utf-8")
@@ -230,7 +229,7 @@ async def test_login_delay_moves_the_next_poll_past_the_servers_limit(tmp_path: 
     server = Pop3TestServer([Mailbox("u", PASSWORD, [make_message(1)])], Faults(login_delay=120))
     async with server:
         config = config_file(tmp_path, [account(server.port, "a")])
-        with capture_logs() as logs:
+        with capture() as logs:
             async with running(Daemon(load_config(config), config, backoff=FAST)):
                 await until(lambda: bool(events(logs, "poll_completed", "a")), "a good poll")
                 await asyncio.sleep(1.5)  # three intervals of 0.5 s
@@ -279,7 +278,7 @@ async def test_poll_failed_in_the_daemon_carries_the_backoff_wait_before_the_ret
     server = Pop3TestServer([Mailbox("u", PASSWORD, [make_message(1)])], faults)
     async with server:
         config = config_file(tmp_path, [account(server.port, "a")])
-        with capture_logs() as logs:
+        with capture() as logs:
             async with running(Daemon(load_config(config), config, backoff=FAST)):
                 await until(lambda: bool(events(logs, "poll_completed", "a")), "a good poll")
     failed = events(logs, "poll_failed", "a")
@@ -300,7 +299,7 @@ async def test_poll_failed_of_a_rejected_login_has_no_retry_wait_the_account_pau
     server = Pop3TestServer([Mailbox("u", PASSWORD, [make_message(1)])])
     async with server:
         config = config_file(tmp_path, [account(server.port, "a", password=WRONG)])
-        with capture_logs() as logs:
+        with capture() as logs:
             async with running(Daemon(load_config(config), config, backoff=FAST)):
                 await until(lambda: bool(events(logs, "account_paused", "a")), "the pause")
     [failed] = events(logs, "poll_failed", "a")
@@ -345,7 +344,8 @@ async def test_mail_a_poll_stores_under_old_sharing_settings_is_retagged_when_it
     tmp_path: Path,
 ) -> None:
     """A reload to `public` while a poll retrieves under `private`: that poll tags what it
-    stores the old way, so its account is re-tagged once it ends, not left half-applied."""
+    stores the old way, so its account is re-tagged once it ends, not left half-applied.
+    The change came through the API: the put-off re-tag is still audited as its caller's."""
     messages = [make_message(i) for i in range(1, 4)]
     faults = Faults(per_session=lambda n: Faults(delay={"RETR 3": 3.0}) if n == 0 else Faults())
     server = Pop3TestServer([Mailbox("u", PASSWORD, list(messages))], faults)
@@ -354,15 +354,19 @@ async def test_mail_a_poll_stores_under_old_sharing_settings_is_retagged_when_it
         csv = "id,kind,email,name\nL1,lead,lead@example.org,Lead\n"
         await commands.records_import(load_config(config), csv, "records.csv")
         daemon = Daemon(load_config(config), config, backoff=FAST)
-        with capture_logs() as logs:
+        with capture() as logs:
             async with running(daemon):
                 await until(lambda: server.commands_seen("RETR 3") > 0, "the slow retrieval")
-                config_file(tmp_path, [account(server.port, "a", sharing="public")])
-                daemon.reload()
+                with daemon.changing("a", "api:alice"):  # the request ends before the poll
+                    config_file(tmp_path, [account(server.port, "a", sharing="public")])
+                    daemon.reload()
+                    await until(lambda: "a" in daemon.retag_pending, "the re-tag put off")
                 await until(lambda: bool(events(logs, "poll_completed", "a")), "the poll's end")
                 await until(lambda: not daemon.retag_pending, "the re-tag after the poll")
                 seen = await daemon.store.messages("bob")
+                [change] = await daemon.store.audit(account="a")
     assert events(logs, "mail_retagged")[-1]["accounts"] == ["a"]
+    assert (change.action, change.actor) == ("sharing_changed", "api:alice")
     assert [(m.visibility, m.reason) for m in seen] == [("shared", "public")] * len(messages)
 
 

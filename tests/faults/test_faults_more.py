@@ -15,12 +15,12 @@ import functools
 from dataclasses import dataclass
 
 import pytest
-from structlog.testing import capture_logs
 
 import builders
 from builders import NAME, USER, expected, mailbox, message
 from mailingest import commands
 from mailingest import fetch as fetch_module
+from mailingest.logs import capture
 from mailingest.retry import PollFailure
 from mailingest.store import Store
 from pop3d import Faults, Pop3d, first_session
@@ -89,7 +89,7 @@ async def test_fault_is_typed_logged_and_loses_or_duplicates_nothing(
     case = CASES[name]
     server = await pop3d([mailbox(MESSAGES)], first_session(case.faults))
     acc = account(server.port, leave_on_server=False)
-    with capture_logs() as logs:
+    with capture() as logs:
         first = await fetch(acc, store)
 
     assert first.status == case.status, first
@@ -141,7 +141,7 @@ async def test_a_message_the_server_refuses_does_not_hold_back_the_others(
     box = mailbox(MESSAGES)
     server = await pop3d([box], Faults(per_session=faults))
     acc = account(server.port, leave_on_server=False)
-    with capture_logs() as logs:
+    with capture() as logs:
         first = await fetch(acc, store)
     assert first.status == "error" and "corrupt" in (first.error or ""), first
     assert first.error is not None and first.error.startswith(f"account {NAME!r}: ")

@@ -54,6 +54,7 @@ class Pop3Proxy:
         self.on_retrieved: Callable[[Conversation, int], None] | None = None
         self.max_outstanding = 0
         self.dele_sent = 0
+        self.writes: list[bytes] = []  # the client's data, one entry per read off its socket
         self._lock = threading.Lock()
         self._listener = socket.create_server(("127.0.0.1", 0))
         self.port: int = self._listener.getsockname()[1]
@@ -84,6 +85,7 @@ class Pop3Proxy:
                 pending += data
                 *lines, pending = pending.split(b"\n")
                 with self._lock:
+                    self.writes.append(data)
                     for line in lines:
                         verb = line[:4].upper()
                         if verb == b"RETR":
@@ -215,6 +217,32 @@ def test_pipelined_and_lockstep_fetches_store_identical_bytes(
     assert stored["pipelined"] == stored["lockstep"]
     assert [digest for digest, _ in stored["pipelined"]] == expected
     assert all(sha(raw) == digest for digest, raw in stored["pipelined"])
+
+
+@pytest.mark.parametrize("strip", [False, True], ids=["pipelined", "lockstep"])
+def test_round_trips_after_the_login(tmp_path: Path, mailbox: Mailbox, strip: bool) -> None:
+    """Pipelined, the CAPA after the login goes out with UIDL and LIST, and every DELE of a
+    session in one write; lock-step, each command waits for the reply before it."""
+    count = 240  # under the listing size that makes a second session look for more
+    mailbox.deliver_many(make_message(i) for i in range(count))
+    with pop3_proxy(mailbox.dovecot.port, strip_pipelining=strip) as proxy:
+        account = dovecot_account(mailbox, port=proxy.port, leave_on_server=False)
+        code, out = fetch_json(write_config(tmp_path, [account]))
+    assert code == 0, out
+    assert out["accounts"][0]["new"] == out["accounts"][0]["deleted"] == count
+    assert mailbox.count() == 0
+    writes = proxy.writes
+    dele = [w for w in writes if w.startswith(b"DELE")]
+    assert sum(w.count(b"DELE ") for w in dele) == count
+    if strip:
+        after_pass = writes[[w[:4] for w in writes].index(b"PASS") + 1 :]
+        assert after_pass[:3] == [b"CAPA\r\n", b"UIDL\r\n", b"LIST\r\n"], after_pass[:3]
+        assert len(dele) == count
+    else:
+        assert b"CAPA\r\nUIDL\r\nLIST\r\n" in writes, writes[:6]
+        assert writes.count(b"CAPA\r\n") == 1  # the one before the login
+        assert len(dele) == 1, [len(w) for w in dele]  # a window holds 256
+    assert writes[-1] == b"QUIT\r\n"
 
 
 @pytest.mark.parametrize(

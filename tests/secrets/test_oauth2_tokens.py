@@ -19,12 +19,11 @@ from mailingest.errors import AuthError, ProtocolError, TemporaryError
 from mailingest.oauth2 import (
     OAuth2Settings,
     TokenSource,
-    oauthbearer,
     preset_scopes,
     preset_token_url,
     request_token,
-    xoauth2,
 )
+from mailingest.sasl import oauthbearer, xoauth2
 from token_endpoint import Reply, TokenEndpoint, token_endpoint
 
 SECRET = "client-secret-Zx81"

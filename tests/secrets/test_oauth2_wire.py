@@ -13,8 +13,8 @@ import pytest
 
 from mailingest.errors import AuthError, ProtocolError
 from mailingest.model import Pop3Login
-from mailingest.oauth2 import oauthbearer, xoauth2
 from mailingest.pop3 import Pop3Session
+from mailingest.sasl import oauthbearer, xoauth2
 from pop3d import Faults, Mailbox, Pop3TestServer, _ScriptedSession
 
 TOKEN = "access-token-Wm42-never-printed"

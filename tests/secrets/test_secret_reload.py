@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from structlog.testing import capture_logs
 
 from builders import loopback_account, make_message
 from daemon_support import DaemonProcess, events, running, until
@@ -28,6 +27,7 @@ from mailingest.config import load_config
 from mailingest.daemon import Daemon
 from mailingest.envfile import EnvFileError, parse_env
 from mailingest.errors import ConfigError
+from mailingest.logs import capture
 from mailingest.retry import Backoff
 from pop3d import Mailbox, Pop3TestServer, ThreadedPop3Server
 from support import run_cli, write_config
@@ -100,7 +100,7 @@ async def test_a_paused_account_resumes_when_its_secret_changed_at_the_source(
     async with server:
         config = _config(tmp_path, server.port, source)
         daemon = Daemon(load_config(config), config, backoff=FAST)
-        with capture_logs() as logs:
+        with capture() as logs:
             async with running(daemon):
                 await until(lambda: bool(events(logs, "account_paused", "a")), "the pause")
                 await asyncio.sleep(1.0)  # two poll intervals: no login may come
@@ -140,7 +140,7 @@ async def test_an_env_file_broken_on_reload_keeps_the_running_config_and_the_pau
     async with server:
         config = _config(tmp_path, server.port, source)
         daemon = Daemon(load_config(config), config, backoff=FAST)
-        with capture_logs() as logs:
+        with capture() as logs:
             async with running(daemon):
                 await until(lambda: bool(events(logs, "account_paused", "a")), "the pause")
                 # Half-edited: the closing quote is missing.

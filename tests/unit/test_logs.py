@@ -9,7 +9,8 @@ import re
 from collections.abc import Iterator
 
 import pytest
-import structlog
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from mailingest import logs
 from support import ROOT
@@ -72,6 +73,17 @@ def test_every_event_the_code_logs_is_catalogued_with_its_exact_keys() -> None:
         assert keys == set(logs.event_keys(event)), (event, keys, logs.event_keys(event))
 
 
+def test_only_logs_py_uses_structlog() -> None:
+    """Loggers come from logs.get_logger: a structlog logger would miss the configured JSON
+    lines (logs.py writes them) and bring structlog's import back to every start."""
+    users = [
+        path.relative_to(PACKAGE).as_posix()
+        for path in sorted(PACKAGE.rglob("*.py"))
+        if path.name != "logs.py" and "structlog" in path.read_text(encoding="utf-8")
+    ]
+    assert users == []
+
+
 def test_docs_logging_md_documents_the_catalog_keys_and_levels() -> None:
     doc = documented()
     assert set(doc) == set(logs.EVENTS), set(doc) ^ set(logs.EVENTS)
@@ -87,13 +99,13 @@ def captured() -> Iterator[io.StringIO]:
     logs.register_secrets([SECRET])
     logs.configure("json", level=10, stream=stream)
     yield stream
-    structlog.reset_defaults()
+    logs.reset()
 
 
 def test_json_lines_carry_timestamp_level_event_and_mask_every_secret(
     captured: io.StringIO,
 ) -> None:
-    log = structlog.get_logger("test")
+    log = logs.get_logger("test")
     log.info("poll_failed", account="a", error_kind="auth_failed", error=f"said {SECRET}")
     log.warning("config_rejected", error={"nested": [SECRET, {"password": "x"}]})
     log.debug("poll_started", account="a", line=f"PASS {SECRET}", auth="AUTH PLAIN AGFAYg==")
@@ -124,9 +136,9 @@ def test_console_output_masks_secrets_too() -> None:
     logs.register_secrets([SECRET])
     logs.configure("console", stream=stream)
     try:
-        structlog.get_logger("test").warning("account_paused", account="a", reason=SECRET)
+        logs.get_logger("test").warning("account_paused", account="a", reason=SECRET)
     finally:
-        structlog.reset_defaults()
+        logs.reset()
     assert "account_paused" in stream.getvalue()
     assert SECRET not in stream.getvalue() and "***" in stream.getvalue()
 
@@ -135,3 +147,39 @@ def test_mask_text_keeps_prose_readable() -> None:
     assert logs.mask_text("please pass the salt") == "please pass the salt"
     assert logs.mask_text("-ERR [AUTH] rejected") == "-ERR [AUTH] rejected"
     assert logs.mask_text("sent PASS hunter2 then") == "sent PASS *** then"
+
+
+_SECRET_TEXT = st.text(st.characters(blacklist_characters="*"), min_size=3, max_size=12)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    secrets=st.lists(_SECRET_TEXT, min_size=1, max_size=6),
+    pieces=st.lists(st.one_of(st.text(max_size=8), st.integers(0, 5)), max_size=12),
+)
+def test_no_form_of_any_secret_survives_the_mask(secrets: list[str], pieces: list[object]) -> None:
+    """Secrets that overlap or contain one another, in any of the forms a renderer writes
+    (as is, JSON- or repr-escaped), are masked whole wherever they appear."""
+    masker = logs._Secrets()
+    masker.add(secrets)
+    forms = {f for s in secrets for f in logs._rendered_forms(s)}
+    ordered = sorted(forms)
+    text = "".join(p if isinstance(p, str) else ordered[p % len(ordered)] for p in pieces)
+    masked = masker.mask(text)
+    assert not [f for f in forms if f in masked], (text, masked)
+    if not any(f in text for f in forms):
+        assert masked == text
+
+
+def test_thousands_of_secrets_are_masked_one_by_one() -> None:
+    """A daemon with a password per account: each is masked, others' lines are untouched."""
+    masker = logs._Secrets()
+    passwords = [f"pw-{n:05d}-{n * 7919 % 10007:05d}" for n in range(5000)]
+    masker.add(passwords)
+    masker.add(passwords[:10])  # registered again on a reload: nothing changes
+    for pw in passwords[::499]:
+        line = json.dumps({"event": "poll_failed", "error": f"-ERR bad {pw} for x"})
+        assert pw not in masker.mask(line) and "***" in masker.mask(line)
+    assert masker.mask('{"event": "poll_completed", "new": 0}') == (
+        '{"event": "poll_completed", "new": 0}'
+    )

@@ -7,7 +7,6 @@ import asyncio
 import ssl
 from collections.abc import Awaitable, Callable
 
-import structlog
 from aiohttp import web
 
 from mailingest.api import accounts, messages, ops, records, sending
@@ -16,8 +15,9 @@ from mailingest.api.errors import ApiError, error_response
 from mailingest.api.host import CALLER, HOST, ApiHost, host_of
 from mailingest.config import ApiSettings
 from mailingest.errors import ConfigError, MailIngestError, StoreError
+from mailingest.logs import get_logger
 
-log = structlog.get_logger("mailingest.api")
+log = get_logger("mailingest.api")
 
 #: Request bodies above this are refused (413) before they are read whole.
 MAX_BODY = 1024 * 1024
@@ -67,7 +67,11 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
             raise
         response = error_response(exc.status, exc.reason)
     except StoreError as exc:
-        response = error_response(503, f"the store is unavailable: {exc}")
+        # Its text names the database and its host: for the log, not for every token holder.
+        log.warning(
+            "api_store_unavailable", method=request.method, path=request.path, error=str(exc)
+        )
+        response = error_response(503, "the store is unavailable; the daemon's log has the details")
     except MailIngestError as exc:
         response = error_response(422, str(exc))
     except (asyncio.CancelledError, ConnectionResetError):
@@ -100,6 +104,7 @@ def build_app(host: ApiHost) -> web.Application:
     app[HOST] = host
     app[messages.DECODING] = asyncio.Semaphore(messages.DECODE_AT_ONCE)
     app[accounts.TEST_LOGINS] = asyncio.Semaphore(accounts.TEST_LOGINS_AT_ONCE)
+    app[ops.WRITE_PROBE] = ops.WriteProbe()
     for method, path, handler, _ in ROUTES:
         app.router.add_route(method, path, handler)
     return app

@@ -34,7 +34,9 @@ class Caller:
         return f"api:{self.token.user} for {self.user}"
 
     def may_manage(self, owner: str) -> bool:
-        """Changing an owner's sharing needs that owner (or one acting for them), or admin."""
+        """Changing an owner's sharing needs that owner (or one acting for them), or admin.
+        The same holds for seeing an owner's accounts at all: others' are answered as
+        absent, so account names do not leak."""
         return self.admin or self.user == owner
 
     @property

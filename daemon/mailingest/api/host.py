@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Protocol
 
 from aiohttp import web
@@ -31,6 +32,11 @@ class ApiHost(Protocol):
 
     async def accounts_changed(self) -> None:
         """Apply a change of the accounts kept in the database now (re-tag, add, remove)."""
+
+    def changing(self, account: str, actor: str) -> contextlib.AbstractContextManager[None]:
+        """Around a change of ``account``'s settings and its applying: the audit log names
+        ``actor`` (the caller) for its re-tag, not the daemon that applies it."""
+        ...
 
     def poll_now(self, account: str) -> bool | None:
         """Poll at once: None if unknown, False if paused."""

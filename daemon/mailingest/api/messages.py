@@ -11,7 +11,6 @@ import base64
 import binascii
 import json
 
-import structlog
 from aiohttp import web
 
 from mailingest.api import bodies
@@ -19,10 +18,11 @@ from mailingest.api.auth import ACT_AS, bearer, caller_for, viewer_of
 from mailingest.api.errors import ApiError, query_bool, query_int
 from mailingest.api.host import CALLER, caller_of, host_of
 from mailingest.errors import MailIngestError
+from mailingest.logs import get_logger
 from mailingest.model import StoredMessage
 from mailingest.sharing import may_see
 
-log = structlog.get_logger("mailingest.api")
+log = get_logger("mailingest.api")
 
 #: Messages decoded at once (each is read whole, up to bodies.MAX_DECODED): memory bound.
 DECODING = web.AppKey("decoding", asyncio.Semaphore)

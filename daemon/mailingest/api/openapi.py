@@ -11,6 +11,7 @@ from mailingest.api.openapi_parts import (
     ID,
     NSTR,
     OPEN,
+    RECORD_ID,
     SCHEMAS,
     SHARE,
     STR,
@@ -19,15 +20,16 @@ from mailingest.api.openapi_parts import (
     errors,
     json,
     op,
-    path,
     query,
     ref,
 )
+from mailingest.api.sending import MAX_RECIPIENTS
 
 _PATHS: dict[str, Any] = {
     "/healthz": {
         "get": op(
-            "The process answers and the store is reachable",
+            "The process answers and the store is reachable (503: `store` is `unreachable`;"
+            " the error is logged, not answered)",
             json({"type": "object"}),
             "503",
             security=OPEN,
@@ -35,7 +37,8 @@ _PATHS: dict[str, Any] = {
     },
     "/readyz": {
         "get": op(
-            "Accounts loaded and the store takes writes",
+            "Accounts loaded and the store takes writes (503: `accounts` is `loading` or"
+            " `store` is `not_writable`); the write is tried at most every 5 s",
             json({"type": "object"}),
             "503",
             security=OPEN,
@@ -85,8 +88,12 @@ _PATHS: dict[str, Any] = {
                     "additionalProperties": False,
                     "properties": {
                         "account": STR,
-                        "to": STRS,
-                        "cc": STRS,
+                        "to": {**STRS, "minItems": 1, "maxItems": MAX_RECIPIENTS},
+                        "cc": {
+                            **STRS,
+                            "maxItems": MAX_RECIPIENTS,
+                            "description": f"to and cc: at most {MAX_RECIPIENTS} in all",
+                        },
                         "subject": STR,
                         "body": STR,
                     },
@@ -96,7 +103,8 @@ _PATHS: dict[str, Any] = {
     },
     "/messages/{id}/reply": {
         "post": op(
-            "Reply from the caller's primary account (`reply`); `all` copies the others",
+            "Reply from the caller's primary account (`reply`); `all` copies the others"
+            f" (at most {MAX_RECIPIENTS} recipients in all, else 422)",
             json(ref("Sent")),
             "401 403 404 413 422 502 503",
             parameters=[ID],
@@ -145,7 +153,7 @@ _PATHS: dict[str, Any] = {
             " (admin or service token)",
             json({"type": "object", "properties": {"record": ref("Record")}}),
             "401 403 413 422 503",
-            parameters=[path("id")],
+            parameters=[RECORD_ID],
             requestBody=body(
                 {
                     "type": "object",
@@ -162,8 +170,8 @@ _PATHS: dict[str, Any] = {
         "delete": op(
             "Forget a record: links and share flags go, its mail re-tags (admin token)",
             json({"type": "object", "properties": {"record": STR, "deleted": {"type": "boolean"}}}),
-            "401 403 404 503",
-            parameters=[path("id")],
+            "401 403 404 422 503",
+            parameters=[RECORD_ID],
         ),
     },
     "/records/{id}/emails": {
@@ -171,7 +179,7 @@ _PATHS: dict[str, Any] = {
             "Change a record's addresses; links stay, mail from the new ones links now",
             json({"type": "object", "properties": {"record": STR, "emails": STRS}}),
             "401 403 404 413 422 503",
-            parameters=[path("id")],
+            parameters=[RECORD_ID],
             requestBody=body(
                 {
                     "type": "object",

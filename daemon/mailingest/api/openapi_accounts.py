@@ -30,7 +30,8 @@ _OBJECT = {"type": "object"}
 ACCOUNT_PATHS: dict[str, Any] = {
     "/accounts": {
         "get": op(
-            "Every account: last poll, result, stored, paused, next poll (as `status --json`)",
+            "The caller's accounts (an admin's: every account): last poll, result, stored,"
+            " paused, next poll (as `status --json`)",
             json(
                 {"type": "object", "properties": {"accounts": {"type": "array", "items": _OBJECT}}}
             ),
@@ -38,7 +39,9 @@ ACCOUNT_PATHS: dict[str, Any] = {
         ),
         "post": op(
             "Add an account, tested first as `accounts add` does (nothing stored if the login"
-            " fails: 422 naming password or host); the owner's token or an admin's",
+            " fails: 422 naming password or host, with the status and a fixed cause; an admin"
+            " gets the server's words); the owner's token (only for themselves, always"
+            " tested) or an admin's",
             json(
                 {
                     "type": "object",
@@ -61,7 +64,11 @@ ACCOUNT_PATHS: dict[str, Any] = {
                         "poll_interval": STR,
                         "timeout": STR,
                         "max_message_size": {"type": ["string", "integer"]},
-                        "test": {"type": "boolean", "default": True},
+                        "test": {
+                            "type": "boolean",
+                            "default": True,
+                            "description": "false: store it untested (admin token only)",
+                        },
                         **_SETTINGS,
                     },
                 }
@@ -70,7 +77,8 @@ ACCOUNT_PATHS: dict[str, Any] = {
     },
     "/accounts/{name}": {
         "get": op(
-            "One account's sharing settings, and where it is defined (config or database)",
+            "One account's sharing settings, and where it is defined (config or database);"
+            " another owner's account is 404 to a non-admin",
             json(
                 {
                     "type": "object",

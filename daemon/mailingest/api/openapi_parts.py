@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from mailingest.crm import MAX_RECORD_ID
+
 STR = {"type": "string"}
 NSTR = {"type": ["string", "null"]}
 STRS = {"type": "array", "items": STR}
@@ -113,7 +115,7 @@ def errors(*codes: int) -> dict[str, Any]:
     meaning = {
         401: "no token, or an unknown or revoked one",
         403: "the token may not do this",
-        404: "no such id, or mail the caller may not see",
+        404: "no such id, or mail or an account the caller may not see",
         409: "an account of the config file (edit the file), a name taken, a paused account",
         413: "body over 1 MiB",
         422: "bad input; `field` names it",
@@ -145,7 +147,16 @@ def op(summary: str, ok: dict[str, Any], codes: str = "", **more: Any) -> dict[s
 
 OPEN: list[dict[str, list[str]]] = []  # no token needed
 ID = path("id", {"type": "integer", "minimum": 0})
-SHARE = [path("id"), path("owner")]
+RECORD_ID = path(
+    "id",
+    {
+        "type": "string",
+        "minLength": 1,
+        "maxLength": MAX_RECORD_ID,
+        "description": "not blank, no control character or line break (else 422, field id)",
+    },
+)
+SHARE = [RECORD_ID, path("owner")]
 
 
 def body(schema: dict[str, Any]) -> dict[str, Any]:

@@ -3,6 +3,7 @@
 Records are the CRM's: an admin token or its service token (``--act-for``) changes them.
 A share flag is its owner's: that owner's token (or one acting for them) or an admin's.
 Every change re-tags the stored mail in the same transaction, as the CLI's commands do.
+A record id in a path is checked first (crm.record_id_problem): 422 naming ``id``.
 """
 
 from __future__ import annotations
@@ -22,6 +23,14 @@ async def list_records(request: web.Request) -> web.Response:
     return web.json_response({"records": [r.to_json() for r in records]})
 
 
+def _record_id(request: web.Request) -> str:
+    record_id = request.match_info["id"]
+    problem = crm.record_id_problem(record_id)
+    if problem is not None:
+        raise ApiError(422, problem, field="id")
+    return record_id
+
+
 def _editor(request: web.Request) -> None:
     if not caller_of(request).may_edit_records:
         raise ApiError(403, "records are changed by an admin or the CRM's service token")
@@ -39,7 +48,7 @@ def _emails(values: list[str]) -> tuple[str, ...]:
 async def put_record(request: web.Request) -> web.Response:
     """Create or replace a record (kind, name, addresses); its mail links at once."""
     _editor(request)
-    record_id = request.match_info["id"]
+    record_id = _record_id(request)
     data = await json_object(request)
     known_keys(data, ("kind", "name", "emails"))
     kind = text(data, "kind")
@@ -54,7 +63,7 @@ async def put_record(request: web.Request) -> web.Response:
 async def put_emails(request: web.Request) -> web.Response:
     """Address change: links stay, stored mail from the new addresses links now."""
     _editor(request)
-    record_id = request.match_info["id"]
+    record_id = _record_id(request)
     data = await json_object(request)
     known_keys(data, ("emails",))
     emails = _emails(strings(data, "emails"))
@@ -67,7 +76,7 @@ async def put_emails(request: web.Request) -> web.Response:
 async def delete_record(request: web.Request) -> web.Response:
     if not caller_of(request).admin:
         raise ApiError(403, "deleting a record needs an admin token")
-    record_id = request.match_info["id"]
+    record_id = _record_id(request)
     host = host_of(request)
     policies = crm.policies(host.config)
     actor = caller_of(request).actor
@@ -79,7 +88,7 @@ async def delete_record(request: web.Request) -> web.Response:
 async def share(request: web.Request) -> web.Response:
     """PUT shares the owner's mail linked to the record (custom mode); DELETE stops."""
     caller, host = caller_of(request), host_of(request)
-    record_id, owner = request.match_info["id"], request.match_info["owner"]
+    record_id, owner = _record_id(request), request.match_info["owner"]
     on = request.method == "PUT"
     if not USER_RE.fullmatch(owner):
         raise ApiError(404, f"no user {owner!r}")

@@ -1,8 +1,10 @@
 """POST /messages (send) and POST /messages/{id}/reply: mail from the CRM over SMTP, with
 the CLI's rules (outgoing.py): daily limit first, stored exactly as sent, tagged crm_sent.
 
-A user sends from their own accounts (an admin from any); a reply goes out from the
-caller's primary account to a message the caller may see."""
+A user sends from their own accounts (an admin from any; another user's account is
+answered as an unknown one); a reply goes out from the caller's primary account to a
+message the caller may see. At most MAX_RECIPIENTS over To and Cc, a reply's included:
+each is one more envelope recipient the daemon sends to."""
 
 from __future__ import annotations
 
@@ -25,7 +27,10 @@ from mailingest.errors import (
 )
 from mailingest.logs import mask_text
 from mailingest.matching import normalize
-from mailingest.outgoing import Sent
+from mailingest.outgoing import Sent, TooManyRecipients
+
+#: Recipients of one send or reply, To and Cc together (more: 422).
+MAX_RECIPIENTS = 100
 
 
 async def send(request: web.Request) -> web.Response:
@@ -33,15 +38,19 @@ async def send(request: web.Request) -> web.Response:
     data = await json_object(request)
     known_keys(data, ("account", "to", "cc", "subject", "body"))
     name = text(data, "account")
-    account = next((a for a in host.config.accounts if a.name == name), None)
-    if account is None:
+    mine = (a for a in host.config.accounts if a.name == name and caller.may_manage(a.owner))
+    if next(mine, None) is None:  # another user's account is answered as an unknown one
         raise ApiError(422, f"no account {name!r}", field="account")
-    if not caller.may_manage(account.owner):
-        raise ApiError(403, f"only {account.owner!r} (or an admin) sends from {name!r}")
     to = strings(data, "to")
     if not to:
         raise ApiError(422, "at least one recipient is needed", field="to")
     cc = strings(data, "cc") if "cc" in data else []
+    if len(to) + len(cc) > MAX_RECIPIENTS:
+        raise ApiError(
+            422,
+            f"{len(to) + len(cc)} recipients; at most {MAX_RECIPIENTS} over to and cc",
+            field="to" if len(to) > MAX_RECIPIENTS else "cc",
+        )
     for key, addresses in (("to", to), ("cc", cc)):
         bad = [a for a in addresses if not _one_address(a)]
         if bad:
@@ -84,20 +93,27 @@ async def reply(request: web.Request) -> web.Response:
             caller.user,
             text(data, "body", ""),
             reply_all=reply_all,
+            max_recipients=MAX_RECIPIENTS,
         ),
         field="account",
+        crowd="all" if reply_all else None,
     )
 
 
-async def _sent(request: web.Request, sending: Any, *, field: str) -> web.Response:
+async def _sent(
+    request: web.Request, sending: Any, *, field: str, crowd: str | None = None
+) -> web.Response:
     """Await the send; count it; its errors as the API's: a refusal of the message (5xx)
     is 422 like the CLI's 65, an SMTP server unreachable or failing 502 (69), one that
-    answers "try later" (4xx) or the daily limit 503 (75)."""
+    answers "try later" (4xx) or the daily limit 503 (75). A reply to too many recipients
+    is bad input (422 naming ``crowd``), refused before any send, as a send's."""
     sends = host_of(request).metrics.sends
     try:
         sent: Sent = await sending
     except PermissionDenied as exc:
         raise ApiError(404, str(exc)) from None
+    except TooManyRecipients as exc:
+        raise ApiError(422, str(exc), field=crowd) from None
     except UsageError as exc:
         sends.labels(result="failed").inc()
         raise ApiError(422, mask_text(str(exc)), field=field) from None

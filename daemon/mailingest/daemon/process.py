@@ -21,12 +21,11 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-import structlog
-
 from mailingest.daemon.runner import AccountRunner
 from mailingest.errors import EX_OK
+from mailingest.logs import get_logger
 
-log = structlog.get_logger("mailingest.daemon")
+log = get_logger("mailingest.daemon")
 
 #: Worker threads beyond one per concurrent fetch: header parsing, config reloads.
 EXTRA_WORKERS = 4

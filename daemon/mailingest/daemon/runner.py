@@ -13,18 +13,17 @@ from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
-import structlog
-
 from mailingest import pause, signin
 from mailingest.config import Account, DaemonSettings
 from mailingest.errors import StoreError
 from mailingest.fetch import FetchResult, log_poll_failed
 from mailingest.lease import take_poll
+from mailingest.logs import bound, get_logger
 from mailingest.model import AccountState, Claim, Status
 from mailingest.retry import Backoff, PollFailure, attempt_wait, failure_of, poll_retrying
 from mailingest.store import Store
 
-log = structlog.get_logger("mailingest.daemon")
+log = get_logger("mailingest.daemon")
 
 #: One account's cycle (fetch.fetch_account; tests inject their own).
 Fetch = Callable[..., Awaitable[FetchResult]]
@@ -185,7 +184,7 @@ class AccountRunner:
 
     async def _run(self, delay: float) -> None:
         loop = asyncio.get_running_loop()
-        with structlog.contextvars.bound_contextvars(account=self.name):
+        with bound(account=self.name):
             while not self.done:
                 if delay > 0:
                     delay += self.spread()

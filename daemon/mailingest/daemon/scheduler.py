@@ -19,11 +19,10 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-import structlog
-
 from mailingest import accounts, crm, logs
 from mailingest.config import Account, Config, DaemonSettings, load_config
 from mailingest.daemon import process
+from mailingest.daemon.actors import ChangedBy
 from mailingest.daemon.runner import AccountRunner, Fetch
 from mailingest.errors import EX_OK, MailIngestError, StoreError
 from mailingest.fetch import FetchResult, fetch_account
@@ -33,7 +32,7 @@ from mailingest.retry import Backoff
 from mailingest.store import Store
 from mailingest.systemd import Notifier, watchdog_period
 
-log = structlog.get_logger("mailingest.daemon")
+log = logs.get_logger("mailingest.daemon")
 
 #: STATUS= is sent at most this often (seconds).
 STATUS_EVERY = 1.0
@@ -82,6 +81,8 @@ class Daemon:
         #: saved snapshot already matches, as a CLI command may have saved the new settings
         #: while this daemon still stored mail under the old ones.
         self.retag_forced: set[str] = set()
+        #: Who changed which account's settings through the API (the audit log's actor).
+        self.changed_by = ChangedBy()
         #: /metrics; the gauges read the runners when scraped.
         self.metrics = Metrics()
         self.metrics.watch(lambda: len(self._runners), self.paused_count)
@@ -201,6 +202,10 @@ class Daemon:
         self.reload(file=False)
         if self._reloads is not None:
             await asyncio.shield(self._reloads)
+
+    def changing(self, account: str, actor: str) -> contextlib.AbstractContextManager[None]:
+        """An API request changes ``account``'s settings: its re-tag is ``actor``'s."""
+        return self.changed_by.changing(account, actor)
 
     def poll_now(self, account: str) -> bool | None:
         """Poll ``account`` at once (the API's "fetch now"): None if unknown, False if
@@ -328,16 +333,20 @@ class Daemon:
             # Pending until the re-tag has committed: whoever waits for the set to empty
             # then reads the new tags.
             self.retag_pending = left | polling | todo
+            self.changed_by.put_off(polling)
             if not todo:
                 return
             forced = todo & self.retag_forced
+            actors = self.changed_by.of(todo)
             try:
                 changed = await crm.sync_settings(
-                    self.store, self.config, todo, force=forced, actor="daemon"
+                    self.store, self.config, todo, force=forced, actor="daemon", actors=actors
                 )
             except StoreError as exc:
                 log.error("state_not_recorded", error=str(exc))
+                self.changed_by.put_off(todo)
                 return
+            self.changed_by.done(todo)
             self.retag_pending -= todo
             self.retag_forced -= forced
             if changed:

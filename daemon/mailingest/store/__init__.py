@@ -10,13 +10,13 @@ here.
 from __future__ import annotations
 
 import contextlib
-import tempfile
 from collections.abc import (
     AsyncGenerator,
     AsyncIterator,
     Callable,
     Collection,
     Iterable,
+    Mapping,
     Sequence,
 )
 from datetime import datetime
@@ -70,6 +70,8 @@ class Store:
         """Open (and create or migrate) the store: a SQLite file, or a ``postgresql://`` URL
         (``password`` for it, if not given another way). Raises StoreError naming the cause."""
         if is_postgres_url(database):
+            import tempfile
+
             from mailingest.store._postgres import PostgresDatabase
 
             spool = Path(tempfile.gettempdir())
@@ -159,8 +161,11 @@ class Store:
         force: Collection[str] = (),
         *,
         actor: str = "mailingest",
+        actors: Mapping[str, str] | None = None,
     ) -> list[str]:
-        return await records.retag_changed(self._db, snapshots, policies, force, actor)
+        return await records.retag_changed(
+            self._db, snapshots, policies, force, actor, actors or {}
+        )
 
     async def audit(
         self,
@@ -192,7 +197,7 @@ class Store:
         claim = await state.take_poll(
             self._db, account, holder, ttl, due=due, force=force, stale=stale
         )
-        if stale is not None and claim.taken and self._db.observer is not None:
+        if claim.took_over and self._db.observer is not None:
             self._db.observer.lease_taken_over(account)
         return claim
 

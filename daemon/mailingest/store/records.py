@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
 from mailingest.model import AccountPolicy, Record
@@ -162,9 +162,11 @@ async def retag_changed(
     policies: dict[str, AccountPolicy],
     force: Collection[str] = (),
     actor: str = "mailingest",
+    actors: Mapping[str, str] | None = None,
 ) -> list[str]:
     """Re-tag (and re-label) the mail of accounts whose sharing settings changed; a change
-    of an account's known settings goes to the audit log, applied by ``actor``.
+    of an account's known settings goes to the audit log, made by ``actors[account]`` if
+    named there, else by ``actor``.
 
     ``force``: accounts re-tagged and re-labelled even if the snapshot matches, because
     mail was stored under other settings after the snapshot was saved (a daemon still
@@ -211,7 +213,8 @@ async def retag_changed(
             if name in force or before != snap:
                 retagged = await _retag(db, "m.account = ?", [name], policies)
                 if before is not None and before != snap:
-                    await _audit_settings(db, actor, name, before, snap, retagged)
+                    who = (actors or {}).get(name, actor)
+                    await _audit_settings(db, who, name, before, snap, retagged)
             await db.execute(
                 "INSERT INTO account_settings (account, snapshot, magnet_label)"
                 " VALUES (?,?,?) ON CONFLICT (account) DO UPDATE SET"

@@ -31,10 +31,16 @@ async def take_poll(
     paused; its next poll moves to ``until`` at once, so other daemons wake then, and take
     over within one interval if this one dies mid-poll. ``stale`` names a holder known to be
     dead: its lease is taken over even if unexpired.
+
+    Another holder's expired lease (its process died elsewhere, or stopped renewing) is
+    taken only by a second statement naming that holder, after the refusal was read: so the
+    claim knows it took one over (``took_over``, counted as a takeover), at no cost to the
+    usual claim of a free lease.
     """
     now = time.time()
     until = _iso(due[1]) if due else None
     at = _iso(due[0]) if due else ""
+    expired: str | None = None  # a holder seen with its lease expired: taken if still so
     for _ in range(3):  # a refusal explained by nothing any more: the row changed between
         async with db.statement("taking the account lease", write=True):
             rows = await db.fetchall(
@@ -45,16 +51,18 @@ async def take_poll(
                 " WHERE (? OR (account_state.paused = 0 AND (account_state.next_poll IS NULL"
                 " OR account_state.next_poll <= ? OR ?)))"
                 " AND (account_state.lease_holder IS NULL"
-                " OR account_state.lease_holder IN (?, ?) OR account_state.lease_expires < ?)"
+                " OR account_state.lease_holder IN (?, ?)"
+                " OR (account_state.lease_holder = ? AND account_state.lease_expires < ?))"
                 " RETURNING next_login",
                 (
                     *(account, until, holder, now + ttl),
                     *(due is None, at, force),
-                    *(holder, stale or holder, now),
+                    *(holder, stale or holder, expired or holder, now),
                 ),
             )
         if rows:
-            return Claim(taken=True, holder=holder, next_login=rows[0][0])
+            took_over = stale is not None or expired is not None
+            return Claim(taken=True, holder=holder, next_login=rows[0][0], took_over=took_over)
         async with db.statement("reading why the account lease was refused", write=False):
             row = await db.fetchone(
                 "SELECT next_poll, paused, pause_key, lease_holder, lease_expires"
@@ -69,6 +77,7 @@ async def take_poll(
         if lease_holder is not None and lease_holder not in (holder, stale):
             if expires is not None and float(expires) >= now:
                 return Claim(taken=False, holder=str(lease_holder))
+            expired = str(lease_holder)
     raise StoreError(f"account {account!r}: its lease row keeps changing; try again")
 
 

@@ -71,6 +71,7 @@ class Faults:
     tls_handshake: Literal["drop", "reset", "garbage"] | None = None
     pass_same_write_drop: bool = False  # Courier: data read together with PASS is lost
     utf8: bool = False  # advertise UTF8 and accept the UTF8 command
+    capa_after_login: list[str] = field(default_factory=list)  # CAPA lines once logged in
     reply_override: dict[str, bytes] = field(default_factory=dict)  # raw reply; effect kept
     per_session: Callable[[int], Faults] | None = None  # faults for the Nth connection
     in_use_lock: bool = True  # a second concurrent login gets -ERR [IN-USE] (RFC 2449)
@@ -178,6 +179,8 @@ class _ScriptedSession(LoopbackSession):
             caps.append(f"LOGIN-DELAY {self.faults.login_delay}")
         if self.faults.utf8 and "UTF8" not in caps:
             caps.append("UTF8")
+        if self.box:
+            caps += self.faults.capa_after_login
         return caps
 
     async def authorization(self, verb: str, arg: str) -> bool:

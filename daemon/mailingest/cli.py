@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import sys
@@ -370,11 +371,15 @@ def entry() -> NoReturn:
     an empty mailbox's whole run). Nothing is left to it: the store is closed, the
     worker threads are joined and the two streams are flushed here."""
     code = main()
-    try:
-        sys.stdout.flush()
-        sys.stderr.flush()
-    except BrokenPipeError:
-        pass
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except BrokenPipeError:
+            pass  # the reader went away (`| head`): not an error of ours
+        except OSError as exc:  # a full disk under `fetch --json > file`
+            with contextlib.suppress(OSError):
+                os.write(2, logs.mask_text(f"mailingest: cannot write output: {exc}\n").encode())
+            code = code or 1
     os._exit(code)
 
 

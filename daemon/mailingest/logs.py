@@ -86,17 +86,20 @@ class _Secrets:
     def __init__(self) -> None:
         self.values: frozenset[str] = frozenset()
         self._index: dict[str, tuple[str, ...]] = {}
+        self._adding = threading.Lock()  # two registrations at once must not lose one
 
     def add(self, values: Iterable[str]) -> None:
-        fresh = {v for v in values if len(v) >= _PREFIX} - self.values
-        if not fresh:
-            return
-        grouped = {k: set(v) for k, v in self._index.items()}
-        for secret in fresh:
-            for form in _rendered_forms(secret):
-                grouped.setdefault(form[:_PREFIX], set()).add(form)
-        self._index = {k: tuple(sorted(v, key=len, reverse=True)) for k, v in grouped.items()}
-        self.values = self.values | fresh
+        wanted = {v for v in values if len(v) >= _PREFIX}
+        with self._adding:
+            fresh = wanted - self.values
+            if not fresh:
+                return
+            grouped = {k: set(v) for k, v in self._index.items()}
+            for secret in fresh:
+                for form in _rendered_forms(secret):
+                    grouped.setdefault(form[:_PREFIX], set()).add(form)
+            self._index = {k: tuple(sorted(v, key=len, reverse=True)) for k, v in grouped.items()}
+            self.values = self.values | fresh
 
     def mask(self, text: str) -> str:
         """``text`` with every stretch that is (part of overlapping) secrets as ``***``."""
@@ -210,17 +213,23 @@ _captures: list[list[dict[str, Any]]] = []
 _bound: ContextVar[dict[str, Any] | None] = ContextVar("mailingest_log_context", default=None)
 
 
+#: One import of structlog at a time: the absent rich is seen process-wide meanwhile.
+_IMPORTING = threading.Lock()
+
+
 def _structlog() -> ModuleType:
     """structlog, imported while rich looks absent. structlog imports rich (console and
     traceback, some 40 ms) whenever it is installed, only to format tracebacks, which the
     chain here formats itself (before the secret mask). rich is for `fetch`'s live
     progress alone and is imported there; nothing else must pay for it."""
-    if "structlog" not in sys.modules and "rich" not in sys.modules:
-        sys.modules["rich"] = None  # type: ignore[assignment]  # `import rich` raises ImportError
-        try:
-            import structlog
-        finally:
-            del sys.modules["rich"]
+    with _IMPORTING:
+        if "structlog" not in sys.modules and "rich" not in sys.modules:
+            sys.modules["rich"] = None  # type: ignore[assignment]  # `import rich` fails
+            try:
+                import structlog
+            finally:
+                if "rich" in sys.modules and sys.modules["rich"] is None:
+                    del sys.modules["rich"]
     import structlog
 
     return structlog

@@ -346,7 +346,8 @@ class Pop3Session:
             else:
                 self._sasl(pop, self._mechanism())
         if self.capabilities.has("PIPELINING") and not self.capabilities.has("UTF8"):
-            # UTF8 goes right after the login, as before; without it nothing waits for CAPA.
+            # UTF8 offered before the login is sent right after it, as before; one offered
+            # only after it goes after LIST, still before any RETR or TOP.
             self._capa_due = True
             return
         self._after_login(self._capa("capa"))
@@ -361,6 +362,9 @@ class Pop3Session:
     def _after_login(self, after: dict[str, list[str]] | None) -> None:
         if after:
             self.capabilities.extra = after
+        self._utf8()
+
+    def _utf8(self) -> None:
         if self.capabilities.has("UTF8"):
             # RFC 6856: without it Courier wraps raw-UTF-8 mail; only sent when advertised.
             with self._translate("utf8"), contextlib.suppress(poplib.error_proto):
@@ -447,17 +451,22 @@ class Pop3Session:
         the CAPA after the login in front of them if it is still due."""
         pipelined = self.capabilities.has("PIPELINING")
         capa_due, self._capa_due = self._capa_due, False
-        after = None
+        if pipelined:
+            with self._translate("capa" if capa_due else "uidl"):
+                pop = self._conn()
+                pop.sock.sendall((b"CAPA\r\n" if capa_due else b"") + b"UIDL\r\nLIST\r\n")
+                if capa_due:
+                    # Kept at once: a per-user LOGIN-DELAY paces the next login even if the
+                    # listing fails. A malformed reply breaks the session (replies in flight).
+                    after = _capa_lines(pop)
+                    if after:
+                        self.capabilities.extra = after
         try:
             if not pipelined:
                 uidls = self.uidl()
             else:
                 with self._translate("uidl"):
-                    pop = self._conn()
-                    pop.sock.sendall((b"CAPA\r\n" if capa_due else b"") + b"UIDL\r\nLIST\r\n")
                     try:
-                        if capa_due:
-                            after = _capa_lines(pop)
                         lines = pop.longresp()
                     except poplib.error_proto:
                         self._discard()  # LIST's reply is on its way: out of step for good
@@ -473,7 +482,7 @@ class Pop3Session:
         with self._translate("list"):
             lines = self._conn().longresp()
         if capa_due:
-            self._after_login(after)
+            self._utf8()
         return uidls, self._sizes(lines)
 
     def _sizes(self, lines: list[bytes]) -> dict[int, int]:

@@ -1,6 +1,6 @@
 """Retrieval: a batch of messages RETRieved into spool files (hashed and counted as they
-stream in), then their headers parsed into what the store links and tags. Worker-thread
-side: it runs beside the event loop while the previous batch commits."""
+stream in), each one's header parsed, as soon as it is in, into what the store links and
+tags. Worker-thread side: it runs beside the event loop while the previous batch commits."""
 
 from __future__ import annotations
 
@@ -103,11 +103,11 @@ def retrieve_spooled(
             spool, uidl = spools[num], uidl_of[num]
             spool.finish()
             key = f"{uidl}/{spool.hash.hexdigest()}" if uidl in suspect else uidl
+            if each is not None:
+                each(num, key, spool)  # first: a message it fails on is not among ``done``
             done.append((num, key, spool))
             if arrived is not None:
                 arrived(spool.size)
-            if each is not None:
-                each(num, key, spool)
     except MailIngestError as exc:
         error = exc
     except BaseException:
@@ -135,7 +135,8 @@ def retrieve_prepared(
     held: dict[int, int] | None,
     arrived: Callable[[int], None] | None,
 ) -> Retrieved:
-    """Worker-thread side: RETR a batch, then parse what came whole (see retrieve_spooled).
+    """Worker-thread side: RETR a batch and parse each message that came whole (see
+    retrieve_spooled).
 
     ``held``: the batch is over the size limit; listed sizes by number. Only the headers
     are fetched (TOP), to be stored quarantined. Each message is parsed as soon as it is in,

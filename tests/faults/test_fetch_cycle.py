@@ -7,6 +7,7 @@ stored byte-exact exactly once, and nothing leaves the server before it is store
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -325,6 +326,30 @@ async def test_login_delay_error_is_temporary_and_moves_the_next_login(
     attempts = server.login_attempts
     again = await fetch(account(server.port), store)
     assert again.status == "temp_failed" and server.login_attempts == attempts
+    assert await stored_hashes(store) == []
+
+
+async def test_a_per_user_login_delay_paces_the_next_login_though_the_listing_failed(
+    store: Store, pop3d: Pop3d
+) -> None:
+    """The CAPA after the login goes out with UIDL and LIST; its LOGIN-DELAY (RFC 2449:
+    per user, told only after the login) counts even when UIDL is refused."""
+    faults = Faults(capa_after_login=["LOGIN-DELAY 3600"], err_on={"UIDL": "-ERR [SYS/TEMP] busy"})
+    server = await pop3d([mailbox(MESSAGES)], faults)
+    before = datetime.now(UTC)
+    result = await fetch(account(server.port), store)
+    assert result.status == "temp_failed", result
+    allowed = await store.next_login(NAME)
+    assert allowed is not None and allowed - before >= timedelta(seconds=3500), allowed
+    assert server.commands_seen("CAPA") == 2 and server.login_attempts == 1
+
+
+async def test_malformed_capa_after_the_login_is_named_as_such(store: Store, pop3d: Pop3d) -> None:
+    faults = Faults(capa_after_login=["X-\xe9t\xe9"])
+    server = await pop3d([mailbox(MESSAGES)], faults)
+    result = await fetch(account(server.port), store)
+    assert result.status != "ok" and "CAPA" in (result.error or ""), result
+    assert "UIDL" not in (result.error or "")
     assert await stored_hashes(store) == []
 
 

@@ -272,6 +272,9 @@ def test_path_traversal_in_ids_is_a_plain_404(world: ApiWorld, path: str) -> Non
         ({"cursor": base64.urlsafe_b64encode(b'["z", true]').decode()}, "cursor"),
         ({"label": "a\x00b"}, "label"),  # PostgreSQL refuses a NUL: bad input, not a store down
         ({"record": "L1\x00"}, "record"),
+        ({"record": "L1\nL2"}, "record"),
+        ({"record": "R" * 201}, "record"),
+        ({"record": " "}, "record"),
     ],
 )
 def test_422_names_the_bad_query_value(world: ApiWorld, params: dict[str, str], field: str) -> None:

@@ -17,6 +17,7 @@ from mailingest.api import bodies
 from mailingest.api.auth import ACT_AS, bearer, caller_for, viewer_of
 from mailingest.api.errors import ApiError, query_bool, query_int
 from mailingest.api.host import CALLER, caller_of, host_of
+from mailingest.crm import record_id_problem
 from mailingest.errors import MailIngestError
 from mailingest.logs import get_logger
 from mailingest.model import StoredMessage
@@ -45,6 +46,9 @@ async def list_messages(request: web.Request) -> web.Response:
         account = request.query.get("account")
         if account is not None and account not in {a.name for a in host.config.accounts}:
             raise ApiError(422, f"no account {account!r}", field="account")
+        record = request.query.get("record")
+        if record is not None and (problem := record_id_problem(record)) is not None:
+            raise ApiError(422, problem, field="record")
         limit = query_int(request, "limit", PAGE_DEFAULT, 1, PAGE_MAX)
         quarantined = query_bool(request, "quarantined")
         cursor = request.query.get("cursor")
@@ -58,7 +62,7 @@ async def list_messages(request: web.Request) -> web.Response:
         viewer_of(act_as),
         account=account,
         label=request.query.get("label"),
-        record=request.query.get("record"),
+        record=record,
         limit=limit + 1,
         quarantined=quarantined,
         before=before,

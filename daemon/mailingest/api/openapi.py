@@ -69,7 +69,12 @@ _PATHS: dict[str, Any] = {
             ),
             "401 403 422 503",
             parameters=[
-                query("record", STR, "only mail linked to this record"),
+                query(
+                    "record",
+                    STR,
+                    "only mail linked to this record (not blank, at most 200 characters, no"
+                    " control character: else 422, field record)",
+                ),
                 query("account", STR, "only this account's mail"),
                 query("label", STR, "only mail with this label"),
                 query("quarantined", {"enum": ["true", "false"]}, "only mail over its size limit"),

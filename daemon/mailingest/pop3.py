@@ -42,7 +42,7 @@ MAX_STATUS_LINE = 64 * 1024
 #: Message lines of any length are read in chunks of at most this many bytes.
 READ_CHUNK = 64 * 1024
 #: RETR commands kept in flight when the server advertises PIPELINING.
-PIPELINE_WINDOW = 64
+PIPELINE_WINDOW = 256
 #: DELE commands sent in one write when it does: a reply is one short line, so a window's
 #: replies (~10 KiB) fit the socket buffers while the commands are still being written.
 DELE_WINDOW = 256
@@ -535,9 +535,12 @@ class Pop3Session:
         refused: list[ProtocolError] = []
         tail = " 0" if verb == "top" else ""
         for index, num in enumerate(pending):
-            while sent < len(pending) and sent < index + window:
-                pop.sock.sendall(f"{verb.upper()} {pending[sent]}{tail}\r\n".encode("ascii"))
-                sent += 1
+            upto = min(len(pending), index + window)
+            if sent < upto:  # the window's first commands in one write, then one per reply
+                pop.sock.sendall(
+                    "".join(f"{verb.upper()} {n}{tail}\r\n" for n in pending[sent:upto]).encode()
+                )
+                sent = upto
             try:
                 pop._getresp()
             except poplib.error_proto as exc:

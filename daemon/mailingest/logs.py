@@ -345,7 +345,9 @@ def _format_exception(exc_info: _ExcInfo) -> str:
 
 
 def _json_line(_: str, event: dict[str, Any]) -> str:
-    return json.dumps(event, default=repr)
+    # A value JSON cannot carry goes as its repr, masked before JSON escapes it again (a
+    # secret with a backslash or a quote would no longer match any of its forms after).
+    return json.dumps(event, default=lambda value: mask_text(repr(value)))
 
 
 def configure(fmt: str = "auto", *, level: int = 20, stream: TextIO | None = None) -> None:

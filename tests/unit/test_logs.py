@@ -183,3 +183,22 @@ def test_thousands_of_secrets_are_masked_one_by_one() -> None:
     assert masker.mask('{"event": "poll_completed", "new": 0}') == (
         '{"event": "poll_completed", "new": 0}'
     )
+
+
+def test_a_secret_inside_an_object_is_masked_before_json_escapes_its_repr() -> None:
+    """A value JSON cannot carry is written as its repr: a secret with a backslash or both
+    quotes in it is escaped twice on the way, and must be masked before that."""
+
+    class Holder:
+        def __repr__(self) -> str:
+            return f"Holder(password={SECRET!r})"
+
+    logs.register_secrets([SECRET])
+    stream = io.StringIO()
+    logs.configure("json", level=10, stream=stream)
+    try:
+        logs.get_logger("test").info("poll_failed", account="a", error=Holder())
+    finally:
+        logs.reset()
+    line = stream.getvalue()
+    assert "***" in line and "ss\\" not in line and "Zebra" not in line, line

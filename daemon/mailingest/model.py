@@ -59,7 +59,7 @@ _TRANSIENT = frozenset({Status.UNAVAILABLE, Status.TEMP_FAILED})
 class Pop3Login:
     """What one POP3 session needs of its account: where to connect, how, and as whom.
 
-    The wire (pop3.py) takes these plain values rather than the config's ``Account``, so
+    The POP3 session (pop3/) takes these plain values rather than the config's ``Account``, so
     it depends on nothing above it. ``password`` is called where the session needs it (at
     connect, and to mask an echoed password in error text): a secret read lazily is read
     only by a session that logs in.

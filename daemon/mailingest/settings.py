@@ -88,7 +88,7 @@ class Account:
         return (self.identity, *extra, *self.aliases)
 
     def pop3_login(self) -> Pop3Login:
-        """The values a POP3 session needs (pop3.py never sees the config); the password
+        """The values a POP3 session needs (pop3/ never sees the config); the password
         stays unread until the session asks for it."""
         return Pop3Login(
             name=self.name,

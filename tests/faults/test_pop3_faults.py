@@ -37,7 +37,6 @@ from builders import (
     served,
 )
 from dovecot import free_port
-from mailingest import pop3
 from mailingest.errors import (
     EX_TEMPFAIL,
     EX_UNAVAILABLE,
@@ -47,6 +46,7 @@ from mailingest.errors import (
     TLSError,
 )
 from mailingest.pop3 import Pop3Session
+from mailingest.pop3 import wire as pop3_wire
 from mailingest.store import Store
 from pop3d import Faults, Pop3d, Pop3TestServer, ThreadedPop3Server, first_session
 from support import (
@@ -341,8 +341,8 @@ ODD = b"".join(
         b"..two dots\n",
         b".leading dot\n",
         b"lone CR \r inside a line\n",
-        b"a" * (pop3.READ_CHUNK - 1) + b"\r\n",  # CR ends one read, its LF starts the next
-        b"." + b"b" * (pop3.READ_CHUNK + 10) + b"\n",  # dot-stuffed, longer than one read
+        b"a" * (pop3_wire.READ_CHUNK - 1) + b"\r\n",  # CR ends one read, its LF starts the next
+        b"." + b"b" * (pop3_wire.READ_CHUNK + 10) + b"\n",  # dot-stuffed, longer than one read
         b"c" * (3 * 1024 * 1024) + b"\n",  # a 3 MB single line
         b"no final newline",
     ]
@@ -410,13 +410,13 @@ def test_stream_body_unstuffs_and_normalises_any_split(
     file = io.BufferedReader(io.BytesIO(wire + trailer), buffer_size=buffer)
     fake = cast(Any, SimpleNamespace(file=file))
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(pop3, "READ_CHUNK", chunk)
+        patch.setattr(pop3_wire, "READ_CHUNK", chunk)
         if truncated:
             with pytest.raises(TemporaryError):
-                pop3._stream_body(fake, out.append)
+                pop3_wire.stream_body(fake, out.append)
             assert _normalised(lines).startswith(b"".join(out).removesuffix(b"\r"))
         else:
-            pop3._stream_body(fake, out.append)
+            pop3_wire.stream_body(fake, out.append)
             assert b"".join(out) == _normalised(lines)
             assert fake.file.read() == trailer  # stopped exactly after the terminator
     # Memory stays bounded: pieces are gathered up to one chunk, plus the line that passes it.

@@ -27,6 +27,7 @@ from mailingest.matching import (
 )
 from mailingest.model import Headers
 from mailingest.parse import decode_text, parse_headers, read_head
+from mailingest.pop3 import wire as pop3_wire
 from pop3d import Mailbox, ThreadedPop3Server
 
 NAME = "fuzz"
@@ -203,7 +204,7 @@ def test_fast_path_reads_addresses_as_the_email_parser_does(
 @FAST
 @given(st.binary(max_size=300))
 def test_response_code_takes_any_reply(reply: bytes) -> None:
-    code = pop3.response_code(reply)
+    code = pop3_wire.response_code(reply)
     assert code is None or (code.isascii() and code == code.upper() and code)
 
 
@@ -211,7 +212,7 @@ def test_response_code_takes_any_reply(reply: bytes) -> None:
 @given(st.binary(max_size=300))
 def test_parse_pair_returns_a_pair_or_a_typed_error(line: bytes) -> None:
     try:
-        number, ident = pop3._parse_pair(line, NAME, "UIDL")
+        number, ident = pop3_wire.parse_pair(line, NAME, "UIDL")
     except ProtocolError as exc:
         assert exc.account == NAME
     else:
@@ -231,7 +232,7 @@ class _FakeSock:
 
 def _session(wire: bytes) -> pop3.Pop3Session:
     """A logged-in session whose server replies with ``wire`` (the real poplib parsing)."""
-    pop: Any = pop3._PlainPOP3.__new__(pop3._PlainPOP3)
+    pop: Any = pop3_wire.PlainPOP3.__new__(pop3_wire.PlainPOP3)
     pop.file, pop.sock, pop._debugging, pop.encoding = io.BytesIO(wire), _FakeSock(), 0, "UTF-8"
     session = pop3.Pop3Session(account(110, name=NAME, username="u", timeout=60.0).pop3_login())
     session._pop = pop
@@ -245,7 +246,7 @@ LISTING_LINE = st.one_of(
         st.integers(0, 10**20).map(lambda n: str(n).encode()),
         st.binary(max_size=20).map(lambda b: b.replace(b"\n", b"").replace(b" ", b"")),
     ),
-    st.just(b"x" * (pop3.MAX_STATUS_LINE + 5)),
+    st.just(b"x" * (pop3_wire.MAX_STATUS_LINE + 5)),
 )
 STATUS = st.sampled_from([b"+OK", b"+OK 3 messages", b"-ERR no", b"+ERR", b"", b"OK", b"+"])
 
@@ -291,9 +292,9 @@ def test_listings_parse_or_fail_typed(wire: bytes, what: str) -> None:
 @FAST
 @given(st.lists(st.text(max_size=30), max_size=3))
 def test_any_login_delay_argument_gives_a_usable_delay(args: list[str]) -> None:
-    caps = pop3.Capabilities(names={"LOGIN-DELAY": args})
+    caps = pop3_wire.Capabilities(names={"LOGIN-DELAY": args})
     delay = caps.login_delay
-    assert delay is None or 0 <= delay <= pop3.MAX_LOGIN_DELAY
+    assert delay is None or 0 <= delay <= pop3_wire.MAX_LOGIN_DELAY
     datetime.now(UTC) + timedelta(seconds=delay or 0)  # what the fetch computes from it
 
 

@@ -1,4 +1,4 @@
-"""The only module that touches ``poplib``: one blocking POP3 session per account.
+"""One blocking POP3 session per account (the wire beneath it is in ``wire``).
 
 Every method blocks; callers run them in a worker thread. Every socket has a timeout, so a
 worker always finishes. Foreign errors become our typed errors at one boundary
@@ -8,19 +8,13 @@ its socket closed, and nothing more (no DELE, no QUIT) is ever sent on it.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import contextlib
-import json
 import poplib
-import re
 import socket
 import ssl
 import threading
 from collections.abc import Callable, Generator, Iterable, Iterator
-from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any
 
 from mailingest.errors import (
     AuthError,
@@ -28,152 +22,36 @@ from mailingest.errors import (
     MailIngestError,
     Pop3Error,
     ProtocolError,
-    StoreError,
     TemporaryError,
     TLSError,
     UnavailableError,
 )
 from mailingest.model import Pop3Login
+from mailingest.pop3.wire import (
+    SSLPOP3,
+    BoundedLines,
+    Capabilities,
+    PlainPOP3,
+    Sink,
+    capa_lines,
+    parse_pair,
+    reply_text,
+    response_code,
+    sasl_error,
+    stream_body,
+)
 from mailingest.sasl import OAUTH2_MECHANISMS, oauthbearer, xoauth2
 from mailingest.tls import client_context
 
-#: A status line (``+OK``/``-ERR``) longer than this is a protocol error (the contract's 64 KiB).
-MAX_STATUS_LINE = 64 * 1024
-#: Message lines of any length are read in chunks of at most this many bytes.
-READ_CHUNK = 64 * 1024
 #: RETR commands kept in flight when the server advertises PIPELINING.
 PIPELINE_WINDOW = 256
 #: DELE commands sent in one write when it does: a reply is one short line, so a window's
 #: replies (~10 KiB) fit the socket buffers while the commands are still being written.
 DELE_WINDOW = 256
 
-_CODE = re.compile(rb"^-ERR\s*\[([A-Za-z0-9/-]+)\]")
 _TRANSIENT_CODES = {"SYS/TEMP", "IN-USE", "LOGIN-DELAY"}
 #: Seconds to wait after ``-ERR [LOGIN-DELAY]`` when CAPA named no delay (Gmail's 300 s).
 DEFAULT_LOGIN_DELAY = 300
-#: The longest LOGIN-DELAY honoured (seconds).
-MAX_LOGIN_DELAY = 24 * 3600
-
-Sink = Callable[[bytes], object]
-
-
-def response_code(reply: bytes) -> str | None:
-    """The RFC 2449 response code of an ``-ERR`` line (``AUTH``, ``IN-USE``...), upper-cased."""
-    match = _CODE.match(reply)
-    return match.group(1).decode("ascii").upper() if match else None
-
-
-def _reply_text(reply: bytes, secrets: Iterable[str] = ()) -> str:
-    """A reply quoted in an error: the secrets masked first (a server may echo the command
-    it refuses, "-ERR unknown command PASS ..."), as errors reach stdout and the store, which
-    the log redaction does not cover; then cut to 200 characters."""
-    text = reply.decode("utf-8", "replace")
-    for secret in secrets:
-        if secret:
-            text = text.replace(secret, "***")
-    return text[:200].strip()
-
-
-class _BoundedLines(poplib.POP3):
-    """poplib with our line rules: status lines up to 64 KiB, ``+OK`` required, EOF typed."""
-
-    #: The password, or the access token and the SASL response that carries it: masked in
-    #: quoted replies; set before the login.
-    secrets: tuple[str, ...] = ()
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        try:
-            super().__init__(*args, **kwargs)
-        except BaseException:
-            # poplib reads the greeting in __init__ and leaves its socket open if that fails
-            # (drop, timeout, garbage): nobody else holds the object to close it.
-            with contextlib.suppress(AttributeError, OSError):
-                self.close()
-            raise
-
-    def _getline(self) -> tuple[bytes, int]:
-        line = self.file.readline(MAX_STATUS_LINE + 1)
-        if len(line) > MAX_STATUS_LINE:
-            raise ProtocolError(f"server sent a line over {MAX_STATUS_LINE} bytes")
-        if not line:
-            raise TemporaryError("connection closed by the server")
-        if line.endswith(b"\r\n"):
-            return line[:-2], len(line)
-        if line.endswith(b"\n"):
-            return line[:-1], len(line)
-        # No line end: EOF in the middle of a line.
-        raise TemporaryError("connection closed in the middle of a line")
-
-    def command(self, line: str) -> bytes:
-        """Send one command and read its status line (poplib's own helper is private)."""
-        self.sock.sendall(line.encode("utf-8") + b"\r\n")
-        return self._getresp()
-
-    def continuation(self, line: str) -> bytes:
-        """Send one SASL step; the reply is ``+OK`` (done) or a ``+`` challenge (go on)."""
-        self.sock.sendall(line.encode("ascii") + b"\r\n")
-        resp, _ = self._getline()
-        if resp.startswith(b"+OK") or resp == b"+" or resp.startswith(b"+ "):
-            return resp
-        if resp.startswith(b"-ERR"):
-            raise poplib.error_proto(resp)
-        raise ProtocolError(f"malformed reply {_reply_text(resp, self.secrets)!r}")
-
-    def longresp(self) -> list[bytes]:
-        """Status line, then the lines of a multi-line reply (dot-unstuffed, no line ends)."""
-        self._getresp()
-        lines: list[bytes] = []
-        while True:
-            line, _ = self._getline()
-            if line == b".":
-                return lines
-            lines.append(line[1:] if line.startswith(b"..") else line)
-
-    def _getresp(self) -> bytes:
-        resp, _ = self._getline()
-        if resp.startswith(b"+OK"):
-            return resp
-        if resp.startswith(b"-ERR"):
-            raise poplib.error_proto(resp)
-        # poplib accepts any "+..." (even "+ERR"); a reply that is neither is not success.
-        raise ProtocolError(f"malformed reply {_reply_text(resp, self.secrets)!r}")
-
-
-class _PlainPOP3(_BoundedLines):
-    pass
-
-
-class _SSLPOP3(_BoundedLines, poplib.POP3_SSL):
-    pass
-
-
-@dataclass
-class Capabilities:
-    """CAPA as seen before and after login; ``None`` when the server has no CAPA."""
-
-    names: dict[str, list[str]] | None = None
-    extra: dict[str, list[str]] = field(default_factory=dict)
-
-    def has(self, name: str) -> bool:
-        merged = {**(self.names or {}), **self.extra}
-        return name.upper() in merged
-
-    def arg(self, name: str) -> list[str]:
-        merged = {**(self.names or {}), **self.extra}
-        return merged.get(name.upper(), [])
-
-    def listing(self) -> list[str]:
-        merged = {**(self.names or {}), **self.extra}
-        return sorted(" ".join([k, *v]) for k, v in merged.items())
-
-    @property
-    def login_delay(self) -> int | None:
-        args = self.arg("LOGIN-DELAY")
-        if not args or not (args[0].isascii() and args[0].isdigit()):
-            return None
-        # Bounded: a value past datetime's range ("LOGIN-DELAY 99999999999999") crashed the
-        # cycle; past a day it is a server bug, and a day between logins still honours it.
-        return min(int(args[0]), MAX_LOGIN_DELAY)
 
 
 def make_tls_context(login: Pop3Login) -> ssl.SSLContext:
@@ -189,7 +67,7 @@ class Pop3Session:
         self.capabilities = Capabilities()
         self.broken = False
         self.mechanism = "USER"  # how the login went: USER (USER/PASS), XOAUTH2, OAUTHBEARER
-        self._pop: _BoundedLines | None = None
+        self._pop: BoundedLines | None = None
         #: The CAPA after the login is still to be read: it goes out with the first
         #: commands after the login where the server pipelines (a round trip less).
         self._capa_due = False
@@ -254,7 +132,7 @@ class Pop3Session:
         """Type an ``-ERR`` reply by its response code and the phase it came in."""
         name = self.login.name
         code = response_code(reply)
-        text = _reply_text(reply, self._secrets())
+        text = reply_text(reply, self._secrets())
         if code == "LOGIN-DELAY":
             self._discard()
             wait = self.capabilities.login_delay or DEFAULT_LOGIN_DELAY
@@ -286,7 +164,7 @@ class Pop3Session:
             with contextlib.suppress(OSError):
                 pop.close()
 
-    def _conn(self) -> _BoundedLines:
+    def _conn(self) -> BoundedLines:
         if self._pop is None or self.broken:
             raise ProtocolError("session is closed", account=self.login.name)
         return self._pop
@@ -298,11 +176,11 @@ class Pop3Session:
         login = self.login
         with self._translate("connect"):
             if login.security == "tls":
-                self._pop = _SSLPOP3(
+                self._pop = SSLPOP3(
                     login.host, login.port, context=make_tls_context(login), timeout=login.timeout
                 )
             else:
-                self._pop = _PlainPOP3(login.host, login.port, timeout=login.timeout)
+                self._pop = PlainPOP3(login.host, login.port, timeout=login.timeout)
             self._pop.secrets = (login.password(),)
             # Pipelined commands are small writes: Nagle would hold each until the previous
             # one is acknowledged, a round trip per RETR instead of a window of them.
@@ -318,7 +196,7 @@ class Pop3Session:
         with self._translate(phase):
             pop = self._conn()
             pop.sock.sendall(b"CAPA\r\n")
-            return _capa_lines(pop)
+            return capa_lines(pop)
 
     def _starttls(self) -> None:
         login = self.login
@@ -388,7 +266,7 @@ class Pop3Session:
         # No SASL line (or no CAPA before login): XOAUTH2 is what Google and Microsoft document.
         return "XOAUTH2"
 
-    def _sasl(self, pop: _BoundedLines, mechanism: str) -> None:
+    def _sasl(self, pop: BoundedLines, mechanism: str) -> None:
         """RFC 5034 AUTH in two steps: the response goes on a line of its own after the
         server's ``+``, never on the AUTH line (Microsoft refuses the one-line form; it
         also keeps the AUTH line under RFC 5034's 255 octets)."""
@@ -407,7 +285,7 @@ class Pop3Session:
             return
         # A challenge after the response carries the error (RFC 7628 3.2.2); the client
         # ends the exchange (a dummy response) and the server answers -ERR.
-        details = _sasl_error(reply)
+        details = sasl_error(reply)
         try:
             pop.continuation("AQ==" if mechanism == "OAUTHBEARER" else "")
         except poplib.error_proto as exc:
@@ -429,7 +307,7 @@ class Pop3Session:
             reply = self._conn().command("STAT")
             parts = reply.split()
             if len(parts) < 3 or not parts[1].isdigit() or not parts[2].isdigit():
-                text = _reply_text(reply, self._secrets())
+                text = reply_text(reply, self._secrets())
                 raise ProtocolError(f"malformed STAT reply {text!r}")
         return int(parts[1]), int(parts[2])
 
@@ -438,7 +316,7 @@ class Pop3Session:
         self._settle()
         with self._translate("uidl"):
             _, lines, _ = self._conn().uidl()
-        return [_parse_pair(line, self.login.name, "UIDL") for line in lines]
+        return [parse_pair(line, self.login.name, "UIDL") for line in lines]
 
     def sizes(self) -> dict[int, int]:
         self._settle()
@@ -458,7 +336,7 @@ class Pop3Session:
                 if capa_due:
                     # Kept at once: a per-user LOGIN-DELAY paces the next login even if the
                     # listing fails. A malformed reply breaks the session (replies in flight).
-                    after = _capa_lines(pop)
+                    after = capa_lines(pop)
                     if after:
                         self.capabilities.extra = after
         try:
@@ -471,7 +349,7 @@ class Pop3Session:
                     except poplib.error_proto:
                         self._discard()  # LIST's reply is on its way: out of step for good
                         raise
-                uidls = [_parse_pair(line, self.login.name, "UIDL") for line in lines]
+                uidls = [parse_pair(line, self.login.name, "UIDL") for line in lines]
         except ProtocolError as exc:
             raise ProtocolError(
                 f"server refused UIDL ({exc.message}); without UIDL there is no safe dedup",
@@ -488,7 +366,7 @@ class Pop3Session:
     def _sizes(self, lines: list[bytes]) -> dict[int, int]:
         out: dict[int, int] = {}
         for line in lines:
-            num, size = _parse_pair(line, self.login.name, "LIST")
+            num, size = parse_pair(line, self.login.name, "LIST")
             if not size.isdigit():
                 raise ProtocolError(f"malformed LIST line {line[:80]!r}", account=self.login.name)
             out[num] = int(size)
@@ -525,7 +403,7 @@ class Pop3Session:
 
     def _retr_window(
         self,
-        pop: _BoundedLines,
+        pop: BoundedLines,
         pending: list[int],
         window: int,
         open_sink: Callable[[int], Sink],
@@ -550,7 +428,7 @@ class Pop3Session:
                     raise error from exc  # [SYS/TEMP], [IN-USE]...: stop and retry later
                 refused.append(error)  # a whole one-line reply: the session is in step
                 continue
-            _stream_body(pop, open_sink(num))
+            stream_body(pop, open_sink(num))
             yield num
         return refused
 
@@ -587,89 +465,3 @@ class Pop3Session:
     def close(self) -> None:
         """Abandon the session without QUIT (nothing DELEted is expunged)."""
         self._discard()
-
-
-def _capa_lines(pop: _BoundedLines) -> dict[str, list[str]] | None:
-    """The reply to CAPA by name (upper-cased) and arguments; ``None`` for ``-ERR``
-    (popa3d and others have no CAPA: the basics then), a one-line reply that leaves any
-    pipelined replies after it in step."""
-    try:
-        lines = pop.longresp()
-    except poplib.error_proto:
-        return None
-    names: dict[str, list[str]] = {}
-    for line in lines:
-        try:
-            name, *args = line.decode("ascii").split()
-        except (UnicodeDecodeError, ValueError) as exc:  # non-ASCII, or an empty line
-            raise ProtocolError(f"malformed CAPA reply: {exc}") from exc
-        names[name.upper()] = args
-    return names
-
-
-def _sasl_error(reply: bytes) -> str:
-    """The error a server's SASL challenge carries (base64 JSON: status, schemes, scope)."""
-    raw = reply[1:].strip()
-    try:
-        data = json.loads(base64.b64decode(raw, validate=True))
-    except (ValueError, binascii.Error):
-        data = None
-    if isinstance(data, dict):
-        return ", ".join(f"{k}={v}" for k, v in data.items() if isinstance(v, str | int))[:200]
-    return "the server refused the token"
-
-
-def _parse_pair(line: bytes, account: str, what: str) -> tuple[int, str]:
-    parts = line.split()
-    if len(parts) < 2 or not parts[0].isdigit():
-        raise ProtocolError(f"malformed {what} line {line[:80]!r}", account=account)
-    try:
-        return int(parts[0]), parts[1].decode("ascii")
-    except UnicodeDecodeError as exc:
-        raise ProtocolError(f"non-ASCII {what} id {parts[1][:80]!r}", account=account) from exc
-
-
-def _stream_body(pop: _BoundedLines, sink: Sink) -> None:
-    """Copy one multi-line body to ``sink``: dot-unstuffed, every line end CRLF.
-
-    Lines are read in chunks of at most READ_CHUNK bytes, so a multi-megabyte line never
-    sits in memory whole and poplib's 2048-byte limit does not apply. They reach the sink
-    gathered into pieces of about READ_CHUNK: a sink call per line (hash, spool write)
-    cost more than reading the line.
-    """
-    read = pop.file.readline
-    at_line_start = True
-    pending_cr = False  # the previous chunk ended with CR, its LF may come next
-    parts: list[bytes] = []
-    gathered = 0
-    while True:
-        chunk = read(READ_CHUNK)
-        if not chunk:
-            raise TemporaryError("connection closed in the middle of a message")
-        if at_line_start:
-            if chunk in (b".\r\n", b".\n"):
-                break
-            if chunk.startswith(b"."):
-                chunk = chunk[1:]
-        if chunk.endswith(b"\n"):
-            if not (chunk.endswith(b"\r\n") or (chunk == b"\n" and pending_cr)):
-                chunk = chunk[:-1] + b"\r\n"
-            at_line_start = True
-            pending_cr = False
-        else:
-            at_line_start = False
-            pending_cr = chunk.endswith(b"\r")
-        parts.append(chunk)
-        gathered += len(chunk)
-        if gathered >= READ_CHUNK:
-            _to_sink(sink, parts)
-            parts, gathered = [], 0
-    if parts:
-        _to_sink(sink, parts)
-
-
-def _to_sink(sink: Sink, parts: list[bytes]) -> None:
-    try:
-        sink(b"".join(parts))
-    except OSError as exc:
-        raise StoreError(f"cannot spool the message: {exc.strerror or exc}") from exc

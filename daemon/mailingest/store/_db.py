@@ -41,6 +41,26 @@ class Reader(abc.ABC):
         return rows[0] if rows else None
 
 
+def in_snapshot(
+    conn: Any,
+    begin: str,
+    reader: Reader,
+    read: Callable[[Reader], _T],
+    errors: tuple[type[BaseException], ...],
+) -> _T:
+    """Reader-thread side of ``Database.snapshot``: ``read`` in one read transaction on
+    ``conn`` (opened with ``begin``), rolled back if it fails; ``errors``: the driver's."""
+    conn.execute(begin)
+    try:
+        result = read(reader)
+    except BaseException:
+        with contextlib.suppress(*errors):
+            conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+    return result
+
+
 class Database(abc.ABC):
     """One connection shared by the account tasks of one process, and a few read-only ones.
 

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from mailingest.errors import ConfigError, StoreError
-from mailingest.store._db import Database, Reader, Row
+from mailingest.store._db import Database, Reader, Row, in_snapshot
 from mailingest.store._readers import ReaderPool
 from mailingest.store._schema import POSTGRES_MIGRATIONS
 
@@ -260,15 +260,7 @@ class PostgresDatabase(Database):
 
     async def snapshot(self, what: str, read: Callable[[Reader], _T]) -> _T:
         def run(conn: psycopg.Connection[Any]) -> _T:
-            conn.execute(_SNAPSHOT)
-            try:
-                result = read(_PostgresReader(conn))
-            except BaseException:
-                with contextlib.suppress(_driver().Error):
-                    conn.execute("ROLLBACK")
-                raise
-            conn.execute("COMMIT")
-            return result
+            return in_snapshot(conn, _SNAPSHOT, _PostgresReader(conn), read, (_driver().Error,))
 
         with self.mapped(what):
             return await self._readers.run(run)

@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 import aiosqlite
 
 from mailingest.errors import StoreError
-from mailingest.store._db import Database, Reader, Row, store_error
+from mailingest.store._db import Database, Reader, Row, in_snapshot, store_error
 from mailingest.store._readers import ReaderPool
 from mailingest.store._schema import SQLITE_MIGRATIONS
 
@@ -140,15 +140,8 @@ class SqliteDatabase(Database):
 
     async def snapshot(self, what: str, read: Callable[[Reader], _T]) -> _T:
         def run(conn: sqlite3.Connection) -> _T:
-            conn.execute("BEGIN")  # deferred: the snapshot is taken by the first read
-            try:
-                result = read(_SqliteReader(conn))
-            except BaseException:
-                with contextlib.suppress(sqlite3.Error):
-                    conn.execute("ROLLBACK")
-                raise
-            conn.execute("COMMIT")
-            return result
+            # BEGIN is deferred: the snapshot is taken by the first read.
+            return in_snapshot(conn, "BEGIN", _SqliteReader(conn), read, (sqlite3.Error,))
 
         with self.mapped(what):
             return await self._readers.run(run)

@@ -3,18 +3,17 @@ real process serving [api] on loopback, and tokens made with the CLI."""
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from datetime import UTC, datetime, timedelta
-from email.utils import format_datetime
 from pathlib import Path
 from typing import Any
 
 import httpx
 
-from builders import dovecot_account
+from builders import dovecot_account, numbered_mail
 from daemon_support import WAIT, DaemonProcess
 from dovecot import Dovecot, Mailbox, free_port
 from support import run_cli, write_config
@@ -25,16 +24,17 @@ L2,lead,ben@other.example,Ben Lead
 L3,contact,cleo@third.example,Cleo
 """
 RECORDS = ("L1", "L2", "L3")
-BASE = datetime(2026, 3, 2, 9, 0, tzinfo=UTC)
 SENDERS = ("ann@cust.example", "ben@other.example", "cleo@third.example", "x@nowhere.example")
+#: The API tests' mail: Message-IDs <m<n>@api.test>.
+mail = functools.partial(numbered_mail, domain="api.test")
 
 
-def mail(n: int, sender: str, to: str = "owner@own.example") -> bytes:
-    date = format_datetime(BASE + timedelta(minutes=n))
-    return (
-        f"From: {sender}\nTo: {to}\nSubject: m{n}\nDate: {date}\n"
-        f"Message-ID: <m{n}@api.test>\n\nBody of m{n}.\n"
-    ).encode()
+def api_config(tmp_path: Path, api: str, daemon: str = "") -> Path:
+    """A config of no accounts with ``api`` (TOML, e.g. an [api] table) and ``daemon`` lines."""
+    path = tmp_path / "mailingest.toml"
+    path.write_text(f'[storage]\ndatabase = "mail.db"\n{daemon}{api}')
+    path.chmod(0o600)
+    return path
 
 
 class ApiWorld:

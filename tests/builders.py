@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import subprocess
+from datetime import UTC, datetime, timedelta
+from email.utils import format_datetime
 from pathlib import Path
 from typing import Any
 
@@ -143,3 +145,18 @@ def self_signed_cert(directory: Path) -> tuple[Path, Path]:
         timeout=30,
     )  # fmt: skip
     return crt, key
+
+
+#: When ``numbered_mail(0, ...)`` was sent; message n is n minutes later.
+MAIL_BASE = datetime(2026, 3, 2, 9, 0, tzinfo=UTC)
+
+
+def numbered_mail(
+    n: int, sender: str, to: str = "owner@own.example", *, domain: str = "sharing.test"
+) -> bytes:
+    """Message number ``n`` (Subject "m<n>", Message-ID <m<n>@domain>); a higher n is newer."""
+    date = format_datetime(MAIL_BASE + timedelta(minutes=n))
+    return (
+        f"From: {sender}\nTo: {to}\nSubject: m{n}\nDate: {date}\n"
+        f"Message-ID: <m{n}@{domain}>\n\nBody of m{n}.\n"
+    ).encode()

@@ -7,21 +7,15 @@ from pathlib import Path
 
 import pytest
 
+from api_support import api_config
 from mailingest.config import ApiSettings, load_config
 from mailingest.config_render import render_config
 from mailingest.errors import ConfigError
 from support import run_cli
 
 
-def _config(tmp_path: Path, api: str) -> Path:
-    path = tmp_path / "mailingest.toml"
-    path.write_text(f'[storage]\ndatabase = "mail.db"\n{api}')
-    path.chmod(0o600)
-    return path
-
-
 def test_off_by_default(tmp_path: Path) -> None:
-    assert load_config(_config(tmp_path, ""), {}).api is None
+    assert load_config(api_config(tmp_path, ""), {}).api is None
 
 
 @pytest.mark.parametrize(
@@ -33,14 +27,14 @@ def test_off_by_default(tmp_path: Path) -> None:
     ],
 )
 def test_listen(tmp_path: Path, listen: str, host: str, port: int) -> None:
-    config = load_config(_config(tmp_path, f'[api]\nlisten = "{listen}"\n'), {})
+    config = load_config(api_config(tmp_path, f'[api]\nlisten = "{listen}"\n'), {})
     assert config.api == ApiSettings(host, port)
     assert f'[api]\nhost = "{host}"\nport = {port}' in render_config(config)
 
 
 def test_tls_paths_resolve_against_the_config(tmp_path: Path) -> None:
     text = '[api]\nlisten = "127.0.0.1:8443"\ntls_cert = "c.pem"\ntls_key = "k.pem"\n'
-    api = load_config(_config(tmp_path, text), {}).api
+    api = load_config(api_config(tmp_path, text), {}).api
     assert api is not None and api.tls_cert == tmp_path / "c.pem"
     assert api.tls_key == tmp_path / "k.pem"
 
@@ -62,12 +56,12 @@ def test_tls_paths_resolve_against_the_config(tmp_path: Path) -> None:
 )
 def test_errors_name_the_key(tmp_path: Path, text: str, key: str, problem: str) -> None:
     with pytest.raises(ConfigError) as info:
-        load_config(_config(tmp_path, text), {})
+        load_config(api_config(tmp_path, text), {})
     assert info.value.key_path == key
     assert problem in str(info.value)
 
 
 def test_cli_exits_78_naming_the_key(tmp_path: Path) -> None:
-    proc = run_cli(_config(tmp_path, '[api]\nlisten = "nowhere"\n'), "config")
+    proc = run_cli(api_config(tmp_path, '[api]\nlisten = "nowhere"\n'), "config")
     assert proc.returncode == 78
     assert b"api.listen" in proc.stderr

@@ -11,23 +11,19 @@ from pathlib import Path
 
 import httpx
 
+from api_support import api_config
 from builders import self_signed_cert
 from daemon_support import WAIT, DaemonProcess, wait_until
 from dovecot import free_port
 
-
-def _config(tmp_path: Path, api: str) -> Path:
-    path = tmp_path / "mailingest.toml"
-    path.write_text(f'[storage]\ndatabase = "mail.db"\n[daemon]\nlog_format = "json"\n{api}')
-    path.chmod(0o600)
-    return path
+_DAEMON = '[daemon]\nlog_format = "json"\n'
 
 
 def test_the_api_over_tls(tmp_path: Path) -> None:
     cert, key = self_signed_cert(tmp_path)
     port = free_port()
     api = f'[api]\nlisten = "127.0.0.1:{port}"\ntls_cert = "{cert}"\ntls_key = "{key}"\n'
-    with DaemonProcess(_config(tmp_path, api)) as daemon:
+    with DaemonProcess(api_config(tmp_path, api, _DAEMON)) as daemon:
         wait_until(lambda: bool(daemon.events("api_started")), "the API to start")
         [started] = daemon.events("api_started")
         assert (started["host"], started["port"], started["tls"]) == ("127.0.0.1", port, True)
@@ -58,7 +54,7 @@ def test_a_taken_port_stops_the_daemon_with_78_naming_api_listen(tmp_path: Path)
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        proc = _run(_config(tmp_path, f'[api]\nlisten = "127.0.0.1:{port}"\n'))
+        proc = _run(api_config(tmp_path, f'[api]\nlisten = "127.0.0.1:{port}"\n', _DAEMON))
     assert proc.returncode == 78, proc.stderr.decode()
     assert b"api.listen" in proc.stderr and b"cannot listen" in proc.stderr
 
@@ -66,13 +62,13 @@ def test_a_taken_port_stops_the_daemon_with_78_naming_api_listen(tmp_path: Path)
 def test_an_unusable_certificate_stops_the_daemon_with_78(tmp_path: Path) -> None:
     (tmp_path / "c.pem").write_text("not a certificate")
     api = '[api]\nlisten = "127.0.0.1:1"\ntls_cert = "c.pem"\ntls_key = "missing.pem"\n'
-    proc = _run(_config(tmp_path, api))
+    proc = _run(api_config(tmp_path, api, _DAEMON))
     assert proc.returncode == 78, proc.stderr.decode()
     assert b"api.tls_cert" in proc.stderr
 
 
 def test_no_api_table_no_listener(tmp_path: Path) -> None:
-    with DaemonProcess(_config(tmp_path, "")) as daemon:
+    with DaemonProcess(api_config(tmp_path, "", _DAEMON)) as daemon:
         wait_until(lambda: bool(daemon.events("daemon_started")), "the daemon to start")
         assert daemon.events("api_started") == []
         code, _ = daemon.stop()

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import json
 import subprocess
-from datetime import UTC, datetime, timedelta
-from email.utils import format_datetime
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+from builders import MAIL_BASE as BASE
 from builders import crlf, dovecot_account, sha
+from builders import numbered_mail as mail
 from dovecot import Dovecot, Mailbox
 from support import StoreAt, fetch_json, run_cli, write_config
 
@@ -25,7 +26,6 @@ R1,lead,rick@rival.example;RITA@eu.rival.example,Rival people
 N1,contact,nora@notrival.example,Nora
 """
 RECORD_IDS = ("L1", "L2", "C1", "R1", "N1")
-BASE = datetime(2026, 3, 2, 9, 0, tzinfo=UTC)
 #: `messages --json` keys of the contract (extra keys may be added, none removed).
 MESSAGE_KEYS = {
     "id",
@@ -45,15 +45,6 @@ MESSAGE_KEYS = {
     "size",
     "sha256",
 }
-
-
-def mail(n: int, sender: str, to: str = "owner@own.example") -> bytes:
-    """Message number ``n`` (its Subject is "m<n>"); a higher n is newer."""
-    date = format_datetime(BASE + timedelta(minutes=n))
-    return (
-        f"From: {sender}\nTo: {to}\nSubject: m{n}\nDate: {date}\n"
-        f"Message-ID: <m{n}@sharing.test>\n\nBody of m{n}.\n"
-    ).encode()
 
 
 class Crm:

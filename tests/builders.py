@@ -21,7 +21,7 @@ from pop3d import Mailbox
 
 #: The scripted server's one login, and the account that fetches it.
 HOST = "127.0.0.1"
-USER, PASSWORD, OWNER, NAME = "alice", "pw", "alice", "acct"
+USER, PASSWORD, OWNER, NAME = "alice", "pw-alice", "alice", "acct"
 
 
 def sha(data: bytes) -> str:

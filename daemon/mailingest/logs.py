@@ -74,7 +74,11 @@ _SECRET_KEYS = {"password", "pass", "secret", "auth", "authorization", "token"}
 _AUTH_LINE = re.compile(
     r"\b(PASS|AUTH(?:\s+(?:PLAIN|LOGIN|XOAUTH2|OAUTHBEARER|CRAM-MD5))?|APOP)\s+\S+"
 )
-_PREFIX = 3  # the shortest secret remembered, so every form has these first characters
+#: The shortest secret the mask knows (config refuses shorter ones): every form of one has
+#: this many first characters to index it by, and a shorter one would mask letters or
+#: digits in every line.
+MIN_SECRET_LENGTH = 3
+_PREFIX = MIN_SECRET_LENGTH
 
 
 class _Secrets:
@@ -89,6 +93,8 @@ class _Secrets:
         self._adding = threading.Lock()  # two registrations at once must not lose one
 
     def add(self, values: Iterable[str]) -> None:
+        """Remember ``values``; shorter ones than MIN_SECRET_LENGTH (which config refuses,
+        as secrets anywhere) are left out."""
         wanted = {v for v in values if len(v) >= _PREFIX}
         with self._adding:
             fresh = wanted - self.values

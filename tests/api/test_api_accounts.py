@@ -143,7 +143,7 @@ def test_accounts_through_the_api(tmp_path: Path, dovecot: Dovecot) -> None:
         _until(lambda: len(alices()) == 1, "fetch now to store alice's mail")
         assert world.send("POST", "bob", "/accounts/alice-mail/fetch").status_code == 404
 
-        untested = {**_table(dovecot.new_mailbox(), "paused-mail", "carol"), "password": "no"}
+        untested = {**_table(dovecot.new_mailbox(), "paused-mail", "carol"), "password": "nope"}
         stored = world.send("POST", "admin", "/accounts", json={**untested, "test": False})
         assert stored.json()["pop3"] is None
         _until(
@@ -161,7 +161,7 @@ def test_a_test_login_quotes_no_server_words_to_a_non_admin(
     world = ApiWorld(tmp_path, dovecot, storage=STORAGE)
     world.make_tokens()
     banner = "-ERR db.internal.example ready, build 7f3a-secret"
-    server = pop3d_threaded([ScriptedMailbox("carol", "pw", [])], Faults(greeting=banner))
+    server = pop3d_threaded([ScriptedMailbox("carol", "pw-carol", [])], Faults(greeting=banner))
     table = {
         "name": "carol-x",
         "owner": "carol",
@@ -170,7 +170,7 @@ def test_a_test_login_quotes_no_server_words_to_a_non_admin(
         "security": "plain",
         "allow_plaintext": True,
         "username": "carol",
-        "password": "pw",
+        "password": "pw-carol",
         "timeout": "10s",
     }
     with world.running() as daemon:
@@ -189,7 +189,7 @@ def test_a_test_login_quotes_no_server_words_to_a_non_admin(
         assert len(logged) == 3 and all("7f3a-secret" in e["error"] for e in logged)
         assert logged[0]["status"] == "error"
 
-        rejected = {**_table(dovecot.new_mailbox(), "carol-y", "carol"), "password": "no"}
+        rejected = {**_table(dovecot.new_mailbox(), "carol-y", "carol"), "password": "nope"}
         wrong = world.send("POST", "carol", "/accounts", json=rejected)
         assert (wrong.status_code, wrong.json()["field"]) == (422, "password")
         assert wrong.json()["message"] == (

@@ -147,7 +147,7 @@ def test_mistakes_are_config_errors_naming_the_key(
 def test_auth_must_be_password_or_an_oauth2_table(tmp_path: Path) -> None:
     text = (
         '[[accounts]]\nname = "a"\nowner = "o"\nhost = "h.example"\nusername = "u"\n'
-        'password = "pw"\nauth = "kerberos"\n'
+        'password = "pw-a"\nauth = "kerberos"\n'
     )
     with pytest.raises(ConfigError, match='expected "password" or'):
         load(tmp_path, text)

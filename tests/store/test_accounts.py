@@ -33,14 +33,17 @@ def cli(config: Path, *args: str, stdin: bytes = b"") -> tuple[int, str, str]:
     return done.returncode, done.stdout.decode(), done.stderr.decode()
 
 
-def add(config: Path, box: Mailbox, password: str, *extra: str) -> tuple[int, dict[str, Any]]:
-    code, out, err = cli(
-        config,
+def add_args(box: Mailbox) -> tuple[str, ...]:
+    """`accounts add mine` of alice for ``box``, the password on stdin."""
+    return (
         *("accounts", "add", "mine", "--owner", "alice", "--host", box.dovecot.host),
         *("--port", str(box.dovecot.port), "--security", "plain", "--allow-plaintext"),
-        *("--username", box.user, "--password-stdin", "--json", *extra),
-        stdin=password.encode() + b"\n",
+        *("--username", box.user, "--password-stdin"),
     )
+
+
+def add(config: Path, box: Mailbox, password: str, *extra: str) -> tuple[int, dict[str, Any]]:
+    code, out, err = cli(config, *add_args(box), "--json", *extra, stdin=password.encode() + b"\n")
     assert out, err
     return code, json.loads(out)
 
@@ -69,6 +72,22 @@ def test_add_refuses_a_wrong_password_with_77_and_stores_nothing(
     code, out, _ = cli(config, "accounts", "list", "--json")
     assert code == 0 and json.loads(out) == {"accounts": []}
     assert mailbox.dovecot.password_mismatches(mailbox.user) == 1  # one login, no more
+
+
+def test_a_password_too_short_for_the_log_mask_is_refused_with_65_naming_it(
+    mailbox: Mailbox, store_at: StoreAt, tmp_path: Path
+) -> None:
+    """The log mask knows secrets of 3 characters or more, so a shorter one is refused as
+    the file's is: before any login, and nothing is stored."""
+    config = setup(tmp_path, store_at)
+    code, _, err = cli(config, *add_args(mailbox), stdin=b"ab\n")
+    assert code == 65 and "'mine'" in err and ".password" in err, err
+    assert "fewer than 3 characters" in err
+    assert stored_rows(store_at) == 0
+    assert add(config, mailbox, mailbox.password, "--no-test")[0] == 0
+    code, _, err = cli(config, "accounts", "set", "mine", "--password-stdin", stdin=b"ab\n")
+    assert code == 65 and "fewer than 3 characters" in err, err
+    assert mailbox.dovecot.password_mismatches(mailbox.user) == 0
 
 
 def test_a_running_daemon_polls_an_added_account_pauses_and_resumes_it_and_stops_at_remove(

@@ -439,6 +439,21 @@ def test_empty_literal_password_is_refused(tmp_path: Path) -> None:
     assert "is empty" in str(fails(tmp_path, acct(password='""')))
 
 
+@pytest.mark.parametrize(
+    ("password", "environ"),
+    [('{ env = "A_PW" }', {"A_PW": "7"}), ('{ env = "A_PW" }', {"A_PW": "é1"}), ('"ab"', {})],
+    ids=["one-digit", "two-characters", "literal"],
+)
+def test_a_secret_too_short_for_the_log_mask_is_refused_naming_the_account(
+    tmp_path: Path, password: str, environ: dict[str, str]
+) -> None:
+    """The log mask knows secrets of 3 characters or more: a shorter one would be printed
+    as is, so it is refused where it is read, never left unmasked."""
+    err = fails(tmp_path, acct(password=password), environ)
+    assert f"{A}.password" in str(err) and "fewer than 3 characters" in str(err), str(err)
+    assert load(tmp_path, acct(), {"A_PW": "abc"}).accounts[0].password.reveal() == "abc"
+
+
 @pytest.mark.parametrize("mode", [0o640, 0o604, 0o620])
 def test_group_readable_file_with_literal_password_is_refused(tmp_path: Path, mode: int) -> None:
     err = fails(tmp_path, acct(password='"literal-pw"'), mode=mode)

@@ -14,7 +14,7 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from builders import account
+from builders import PASSWORD, account
 from mailingest import pop3
 from mailingest.errors import ProtocolError, TemporaryError
 from mailingest.matching import (
@@ -300,7 +300,7 @@ def test_any_login_delay_argument_gives_a_usable_delay(args: list[str]) -> None:
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[ThreadedPop3Server]:
-    with ThreadedPop3Server([Mailbox("u", "pw", [b"Subject: x\r\n\r\nx\r\n"])]) as srv:
+    with ThreadedPop3Server([Mailbox("u", PASSWORD, [b"Subject: x\r\n\r\nx\r\n"])]) as srv:
         yield srv
 
 

@@ -169,9 +169,20 @@ def redact(event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
 
 
 def _rendered_forms(secret: str) -> set[str]:
-    """How a renderer may write a secret: as is, JSON-escaped, repr-escaped."""
-    return {secret, json.dumps(secret)[1:-1], json.dumps(secret, ensure_ascii=False)[1:-1],
-            repr(secret)[1:-1]}  # fmt: skip
+    """How a renderer or an error may write a secret: as is, JSON-escaped, and inside the
+    repr of a text or of its UTF-8 bytes (a server line quoted as ``line[:80]!r``, poplib's
+    replies in a traceback). A repr escapes ' only where it quotes with ', which the text
+    around the secret decides: both are forms."""
+    forms = {secret, json.dumps(secret)[1:-1], json.dumps(secret, ensure_ascii=False)[1:-1]}
+    forms.add(repr(secret + '"')[1:-2])  # quoted with '
+    if '"' not in secret:
+        forms.add(repr("'" + secret)[2:-1])  # quoted with ", as a repr does for a text with '
+    with contextlib.suppress(UnicodeEncodeError):  # a lone surrogate has no UTF-8 bytes
+        data = secret.encode("utf-8")
+        forms.add(repr(data + b'"')[2:-2])
+        if b'"' not in data:
+            forms.add(repr(b"'" + data)[3:-1])
+    return forms
 
 
 class _MaskRendered:

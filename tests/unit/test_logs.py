@@ -149,6 +149,33 @@ def test_mask_text_keeps_prose_readable() -> None:
     assert logs.mask_text("sent PASS hunter2 then") == "sent PASS *** then"
 
 
+@pytest.mark.parametrize(
+    "secret", [SECRET, "it's-Zebra-42", "plain-Zebra-42", "both'\"-Zebra"], ids=repr
+)
+def test_a_secret_quoted_as_bytes_or_in_either_quote_style_is_masked(secret: str) -> None:
+    """Errors quote server lines as bytes (`line[:80]!r`), tracebacks show poplib's bytes
+    replies, and a repr picks its quotes by the text around the secret (a ' in it is
+    escaped or not): every one of these is a form of the secret."""
+    masker = logs._Secrets()
+    masker.add([secret])
+    data = secret.encode()
+    for around in ("x", "x'", 'x"', "x'\""):
+        for quoted in (repr(around.encode() + data + b"y"), repr(around + secret + "y")):
+            masked = masker.mask(quoted)
+            assert "Zebra" not in masked and "***" in masked, (quoted, masked)
+
+
+def test_a_traceback_quoting_a_bytes_reply_is_masked(captured: io.StringIO) -> None:
+    import poplib
+
+    try:
+        raise poplib.error_proto(b"-ERR no such mailbox " + SECRET.encode())
+    except poplib.error_proto:
+        logs.get_logger("test").exception("poll_crashed", account="a")
+    [line] = captured.getvalue().splitlines()
+    assert "Zebra" not in line and "-ERR no such mailbox ***" in json.loads(line)["exception"]
+
+
 _SECRET_TEXT = st.text(st.characters(blacklist_characters="*"), min_size=3, max_size=12)
 
 

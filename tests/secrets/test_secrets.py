@@ -416,6 +416,34 @@ def test_a_server_echoing_the_password_does_not_put_it_in_outputs(tmp_path: Path
     assert_no_secret((tmp_path / "mail.db").read_bytes(), "mail.db")
 
 
+LISTINGS = {
+    # A server out of step after PASS echoes it where UIDL lines were due: "malformed UIDL line".
+    "malformed-line": b"-ERR unknown command " + b"x" * 40 + f" PASS={ECHOED}".encode(),
+    # The id of a UIDL line is not ASCII: "non-ASCII UIDL id".
+    "non-ascii-id": b"1 " + "é".encode() * 30 + ECHOED.encode(),
+}
+
+
+@pytest.mark.parametrize("name", LISTINGS)
+def test_a_listing_line_quoted_in_an_error_is_masked_before_it_is_cut(
+    tmp_path: Path, name: str
+) -> None:
+    """An error quotes a listing line, or its id, as its first 80 bytes: a password in it
+    is masked before the cut, or the cut leaves its head, which no mask recognises."""
+    line = LISTINGS[name]
+    assert len(line) > 80 and line.index(ECHOED.encode()) < 70  # the cut is in the password
+    faults = Faults(reply_override={"UIDL": b"+OK\r\n" + line + b"\r\n.\r\n"})
+    with ThreadedPop3Server([ScriptedMailbox("alice", ECHOED, [b"x\r\n"])], faults) as server:
+        config = _config_with(tmp_path, _scripted(server.port, password=ECHOED))
+        run = Setup(config, {}, tmp_path).run("-v", "--log-format", "json", "fetch", "--json")
+    run.check()
+    error = json.loads(run.stdout)["accounts"][0]["error"]
+    assert ("malformed UIDL line" if name == "malformed-line" else "non-ASCII UIDL id") in error
+    assert "***" in error, error
+    for where in (run.stdout, run.stderr):
+        assert ECHOED[:8].encode() not in where, where.decode(errors="replace")
+
+
 # -- tracebacks ------------------------------------------------------------------------------
 
 

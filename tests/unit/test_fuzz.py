@@ -3,6 +3,7 @@ exception escape, except our typed ``ProtocolError``/``TemporaryError`` where a 
 
 from __future__ import annotations
 
+import ast
 import email.header
 import io
 import poplib
@@ -217,6 +218,20 @@ def test_parse_pair_returns_a_pair_or_a_typed_error(line: bytes) -> None:
         assert exc.account == NAME
     else:
         assert number >= 0 and ident and ident.isascii()
+
+
+_AROUND = st.text("ab é\x00'\"\\", max_size=90).map(lambda t: t.encode())
+
+
+@FAST
+@given(_AROUND, st.text("Qq-1é'\\", min_size=1, max_size=20), _AROUND)
+def test_a_quoted_line_masks_a_secret_before_it_is_cut(
+    before: bytes, rest: str, after: bytes
+) -> None:
+    """Wherever the cut at 80 bytes falls, no head of the secret is left to show."""
+    secret = "Zx" + rest
+    text = pop3_wire.quoted(before + secret.encode() + after, [secret])
+    assert "Zx" not in text and len(ast.literal_eval(text)) <= 80
 
 
 class _FakeSock:

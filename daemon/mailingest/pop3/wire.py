@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mailingest.errors import ProtocolError, StoreError, TemporaryError
+from mailingest.logs import mask_text
 
 #: A status line (``+OK``/``-ERR``) longer than this is a protocol error (the contract's 64 KiB).
 MAX_STATUS_LINE = 64 * 1024
@@ -44,6 +45,17 @@ def reply_text(reply: bytes, secrets: Iterable[str] = ()) -> str:
         if secret:
             text = text.replace(secret, "***")
     return text[:200].strip()
+
+
+def quoted(data: bytes, secrets: Iterable[str] = (), limit: int = 80) -> str:
+    """A server line quoted in an error: the repr of its first ``limit`` bytes, with
+    ``secrets``, the secrets the logs know and PASS/AUTH arguments masked before the cut (a
+    cut secret matches no mask; a server out of step may echo our PASS anywhere)."""
+    text = data.decode("utf-8", "surrogateescape")  # bytes that are not UTF-8 kept as they are
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, "***")
+    return repr(mask_text(text).encode("utf-8", "surrogateescape")[:limit])
 
 
 class BoundedLines(poplib.POP3):
@@ -181,11 +193,11 @@ def sasl_error(reply: bytes) -> str:
 def parse_pair(line: bytes, account: str, what: str) -> tuple[int, str]:
     parts = line.split()
     if len(parts) < 2 or not parts[0].isdigit():
-        raise ProtocolError(f"malformed {what} line {line[:80]!r}", account=account)
+        raise ProtocolError(f"malformed {what} line {quoted(line)}", account=account)
     try:
         return int(parts[0]), parts[1].decode("ascii")
     except UnicodeDecodeError as exc:
-        raise ProtocolError(f"non-ASCII {what} id {parts[1][:80]!r}", account=account) from exc
+        raise ProtocolError(f"non-ASCII {what} id {quoted(parts[1])}", account=account) from exc
 
 
 def stream_body(pop: BoundedLines, sink: Sink) -> None:

@@ -18,7 +18,7 @@ import json
 import re
 import sys
 import threading
-from collections.abc import Iterable, Iterator, MutableMapping
+from collections.abc import Callable, Iterable, Iterator, MutableMapping
 from contextvars import ContextVar
 from datetime import UTC, datetime
 from types import ModuleType, TracebackType
@@ -150,21 +150,31 @@ def mask_text(text: str) -> str:
 
 
 def _masked(value: Any) -> Any:
+    """``value`` with every text in it masked (the keys of a nested object too); numbers
+    and the rest as they are."""
     if isinstance(value, str):
         return mask_text(value)
     if isinstance(value, dict):
         return {
-            k: "***" if str(k).lower() in _SECRET_KEYS else _masked(v) for k, v in value.items()
+            _masked(k): "***" if str(k).lower() in _SECRET_KEYS else _masked(v)
+            for k, v in value.items()
         }
     if isinstance(value, list | tuple | set | frozenset):
         return [_masked(v) for v in value]
     return value
 
 
+#: The keys every line gets from us, after the caller's (``level`` and ``timestamp``
+#: replace a caller's): never a secret, so never masked, as a secret "info" or "2026" would
+#: garble what monitoring reads.
+_OWN_KEYS = frozenset(COMMON_KEYS)
+
+
 def redact(event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
     """Drop secret-named keys and mask registered secret values anywhere in the event."""
     for key in list(event):
-        event[key] = "***" if key.lower() in _SECRET_KEYS else _masked(event[key])
+        if key not in _OWN_KEYS:
+            event[key] = "***" if key.lower() in _SECRET_KEYS else _masked(event[key])
     return event
 
 
@@ -186,8 +196,10 @@ def _rendered_forms(secret: str) -> set[str]:
 
 
 class _MaskRendered:
-    """Wraps the renderer: the finished line is masked too, whatever object carried a secret
-    (a repr, an exception text, a nested value the event processors did not reach)."""
+    """Wraps the console renderer: the finished line is masked too, whatever object carried
+    a secret (a repr it writes of a value). The JSON line is not: every text in it is
+    masked before it is written (``redact``, ``_json_line``), and a mask over the line
+    would cut into its numbers and its JSON."""
 
     def __init__(self, renderer: Any) -> None:
         self.renderer = renderer
@@ -217,7 +229,7 @@ _LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40, "critical": 50}
 class _Sink:
     """Where configured events go: the least level, the renderer and the stream."""
 
-    def __init__(self, level: int, render: _MaskRendered, out: Any) -> None:
+    def __init__(self, level: int, render: Callable[[str, dict[str, Any]], str], out: Any) -> None:
         self.level = level
         self.render = render
         self.out = out
@@ -324,7 +336,8 @@ def _emit(name: str, method: str, event: str, kw: dict[str, Any]) -> None:
     exc_info = _exc_info(event_dict.pop("exc_info", None))
     if exc_info is not None:
         event_dict["exception"] = _format_exception(exc_info)
-    line = sink.render(method, redact(event_dict))
+    redact(event_dict)
+    line = sink.render(method, event_dict)
     with sink.lock:
         print(line, file=sink.out, flush=True)
 
@@ -362,8 +375,9 @@ def _format_exception(exc_info: _ExcInfo) -> str:
 
 
 def _json_line(_: str, event: dict[str, Any]) -> str:
-    # A value JSON cannot carry goes as its repr, masked before JSON escapes it again (a
-    # secret with a backslash or a quote would no longer match any of its forms after).
+    """The JSON line of a redacted event: every text in it is masked already. A value JSON
+    cannot carry goes as its repr, masked before JSON escapes it (a secret with a backslash
+    or a quote would match none of its forms after)."""
     return json.dumps(event, default=lambda value: mask_text(repr(value)))
 
 
@@ -373,13 +387,13 @@ def configure(fmt: str = "auto", *, level: int = 20, stream: TextIO | None = Non
     global _sink
     out: Any = stream or _CurrentStderr()
     use_json = fmt == "json" or (fmt == "auto" and not out.isatty())
-    renderer: Any
+    render: Callable[[str, dict[str, Any]], str]
     if use_json:
-        renderer = _json_line
+        render = _json_line
     else:
         console = _structlog().dev.ConsoleRenderer(colors=out.isatty())
-        renderer = lambda method, event: console(None, method, event)  # noqa: E731
-    _sink = _Sink(level, _MaskRendered(renderer), out)
+        render = _MaskRendered(lambda method, event: console(None, method, event))
+    _sink = _Sink(level, render, out)
 
 
 def reset() -> None:

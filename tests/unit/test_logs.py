@@ -198,6 +198,82 @@ def test_no_form_of_any_secret_survives_the_mask(secrets: list[str], pieces: lis
         assert masked == text
 
 
+_DIGITS = "0123456789"
+#: Nested keys of one or two letters: no secret (3 characters or more) fits in one.
+_KEYS = st.text("abcdefgh", min_size=1, max_size=2)
+
+
+@st.composite
+def _event_values(draw: st.DrawFn, secrets: list[str]) -> dict[str, object]:
+    """Keys and values of one event: text holding any form of the secrets, numbers holding
+    the digits of the numeric ones, and lists and objects of those."""
+    forms = sorted({f for s in secrets for f in logs._rendered_forms(s)})
+    numeric = [s for s in secrets if s.isdigit()] or ["42"]
+    text = st.lists(st.one_of(st.text(max_size=6), st.sampled_from(forms)), max_size=5).map("".join)
+    around = st.text(_DIGITS, max_size=3)
+    digits = st.tuples(around, st.sampled_from(numeric), around).map("".join)
+    number = st.one_of(
+        st.integers(),
+        digits.map(lambda d: int("1" + d)),
+        digits.map(lambda d: float("1" + d + ".5")),
+        st.floats(allow_nan=False, allow_infinity=False),
+    )
+    leaf = st.one_of(st.none(), st.booleans(), number, text)
+    value = st.recursive(
+        leaf, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(_KEYS, inner, max_size=3)
+    )
+    return draw(st.dictionaries(_KEYS, value, min_size=1, max_size=5))
+
+
+def _same_but_masked_text(logged: object, written: object, forms: set[str]) -> None:
+    """``written`` (parsed back) is ``logged`` with no form of a secret in any text, and
+    everything that is not text unchanged."""
+    if isinstance(logged, str):
+        assert isinstance(written, str) and not [f for f in forms if f in written], written
+    elif isinstance(logged, dict):
+        assert isinstance(written, dict) and list(written) == list(logged), written
+        for key, inner in logged.items():
+            _same_but_masked_text(inner, written[key], forms)
+    elif isinstance(logged, list):
+        assert isinstance(written, list) and len(written) == len(logged), written
+        for one, other in zip(logged, written, strict=True):
+            _same_but_masked_text(one, other, forms)
+    else:
+        assert type(written) is type(logged) and written == logged, (logged, written)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    secrets=st.lists(
+        _SECRET_TEXT | st.text(_DIGITS, min_size=3, max_size=6), min_size=1, max_size=4
+    ),
+    data=st.data(),
+)
+def test_json_lines_stay_json_with_numbers_unchanged_and_no_secret_in_any_text(
+    secrets: list[str], data: st.DataObject
+) -> None:
+    """A numeric secret (a PIN-like password) must not cut into a number (`"bytes": 12345`
+    with a secret 234), nor a secret with quotes or commas into the line's JSON: text is
+    masked before the line is written, numbers are not. `timestamp`, `level` and `event`
+    are the line's own and never masked."""
+    kw = data.draw(_event_values(secrets))
+    masker = logs._Secrets()
+    masker.add(secrets)
+    forms = {f for s in secrets for f in logs._rendered_forms(s)}
+    stream = io.StringIO()
+    saved, logs._secrets = logs._secrets, masker
+    logs.configure("json", level=10, stream=stream)
+    try:
+        logs.get_logger("test").info("poll_completed", **kw)
+    finally:
+        logs.reset()
+        logs._secrets = saved
+    written = json.loads(stream.getvalue())
+    assert (written.pop("event"), written.pop("level")) == ("poll_completed", "info")
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT[\d:.]+Z", written.pop("timestamp"))
+    _same_but_masked_text(kw, written, forms)
+
+
 def test_thousands_of_secrets_are_masked_one_by_one() -> None:
     """A daemon with a password per account: each is masked, others' lines are untouched."""
     masker = logs._Secrets()

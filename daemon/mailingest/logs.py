@@ -81,15 +81,21 @@ MIN_SECRET_LENGTH = 3
 _PREFIX = MIN_SECRET_LENGTH
 
 
+#: The forms that start with the same characters: their lengths, longest first, and them.
+_Bucket = tuple[tuple[int, ...], frozenset[str]]
+
+
 class _Secrets:
     """The secrets to mask and every form a renderer may write them in (as is, JSON-escaped,
     repr-escaped), indexed by their first characters: a line is masked in one pass over its
-    positions, however many accounts (each with its own password) the daemon holds. The
-    index is replaced whole, never changed, so a thread that masks sees one or the other."""
+    positions, however many accounts (each with its own password) the daemon holds. A
+    position is tried against the lengths of the forms starting there, not each form, so
+    thousands of passwords made alike ("Acme-...") cost no more than a few. The index is
+    replaced whole, never changed, so a thread that masks sees one or the other."""
 
     def __init__(self) -> None:
         self.values: frozenset[str] = frozenset()
-        self._index: dict[str, tuple[str, ...]] = {}
+        self._index: dict[str, _Bucket] = {}
         self._adding = threading.Lock()  # two registrations at once must not lose one
 
     def add(self, values: Iterable[str]) -> None:
@@ -100,11 +106,14 @@ class _Secrets:
             fresh = wanted - self.values
             if not fresh:
                 return
-            grouped = {k: set(v) for k, v in self._index.items()}
+            grouped = {k: set(forms) for k, (_, forms) in self._index.items()}
             for secret in fresh:
                 for form in _rendered_forms(secret):
                     grouped.setdefault(form[:_PREFIX], set()).add(form)
-            self._index = {k: tuple(sorted(v, key=len, reverse=True)) for k, v in grouped.items()}
+            self._index = {
+                k: (tuple(sorted({len(f) for f in v}, reverse=True)), frozenset(v))
+                for k, v in grouped.items()
+            }
             self.values = self.values | fresh
 
     def mask(self, text: str) -> str:
@@ -113,13 +122,15 @@ class _Secrets:
         if not index or len(text) < _PREFIX:
             return text
         spans: list[tuple[int, int]] = []
-        for i in range(len(text) - _PREFIX + 1):
-            forms = index.get(text[i : i + _PREFIX])
-            if forms is None:
+        size = len(text)
+        for i in range(size - _PREFIX + 1):
+            bucket = index.get(text[i : i + _PREFIX])
+            if bucket is None:
                 continue
-            for form in forms:  # longest first
-                if text.startswith(form, i):
-                    end = i + len(form)
+            lengths, forms = bucket
+            for length in lengths:  # the longest form found here wins
+                end = i + length
+                if end <= size and text[i:end] in forms:
                     if spans and i <= spans[-1][1]:
                         spans[-1] = (spans[-1][0], max(end, spans[-1][1]))
                     else:

@@ -15,10 +15,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from mailingest.config import Account, Config, Secret, stored_account, with_accounts
+from mailingest.crm import settings_snapshot
 from mailingest.crypto import SecretBox
 from mailingest.errors import ConfigError, DataError, UsageError
 from mailingest.logs import get_logger
-from mailingest.model import Status, StoredAccount
+from mailingest.model import SettingsChange, Status, StoredAccount
 from mailingest.store import Store
 
 log = get_logger("mailingest.accounts")
@@ -206,9 +207,11 @@ async def add(
     *,
     test: bool,
     store: Store | None = None,
+    actor: str | None = None,
 ) -> dict[str, Any]:
     """Validate, test (as `check` does) unless told not to, then store: nothing is stored
-    for an account that fails its test. ``added`` says which."""
+    for an account that fails its test. ``added`` says which. ``actor``: who asks, for the
+    audit of its sharing settings (see change)."""
     from mailingest import commands
 
     box = secret_box(config)
@@ -221,7 +224,8 @@ async def add(
         pop3 = await commands.check_pop3_with(account, store) if test else None
         if pop3 is not None and pop3["status"] != Status.OK:
             return {"account": name, "added": False, "pop3": pop3}
-        if not await store.add_account(to_row(table, passwords, box)):
+        asked = SettingsChange(actor, settings_snapshot(account)) if actor else None
+        if not await store.add_account(to_row(table, passwords, box), asked):
             raise UsageError(f"account {name!r} exists already; see `mailingest accounts list`")
     return {"account": name, "added": True, "pop3": pop3}
 
@@ -234,9 +238,13 @@ async def change(
     *,
     client_secret: bool = False,
     store: Store | None = None,
+    actor: str | None = None,
 ) -> dict[str, Any]:
     """Change a stored account's settings (``None`` removes a key) and passwords
-    (``client_secret``: ``passwords.pop3`` is an OAuth2 account's client secret)."""
+    (``client_secret``: ``passwords.pop3`` is an OAuth2 account's client secret).
+
+    ``actor`` (who asks) is kept with new sharing settings: the audit names them when the
+    change is applied, often by a running daemon (``daemon`` otherwise)."""
     box = secret_box(config)
     async with _opened(config, store) as store:
         _, stored = await store.stored_accounts()
@@ -256,8 +264,10 @@ async def change(
         old = opened(row, box)
         new = NewPasswords(passwords.pop3 or old.pop3, passwords.smtp or old.smtp)
         others = [a for a in current.accounts if a.name != name]
-        validate(table, new, config, others)
-        if not await store.update_account(to_row(table, new, box)):
+        snapshot = settings_snapshot(validate(table, new, config, others))
+        before = [settings_snapshot(a) for a in current.accounts if a.name == name]
+        asked = SettingsChange(actor, snapshot) if actor and before != [snapshot] else None
+        if not await store.update_account(to_row(table, new, box), asked):
             raise not_stored(name, config)
     secret = "client_secret" if client_secret else "password"
     changed = sorted(changes) + ([secret] if passwords.pop3 else [])

@@ -65,7 +65,9 @@ def run(args: argparse.Namespace, load: Callable[[], Config]) -> int:
             raise UsageError("nothing to change; see `mailingest accounts set --help`")
         secret = bool(args.client_secret_stdin or args.client_secret_env)
         result = asyncio.run(
-            accounts.change(config, args.name, changes, passwords, client_secret=secret)
+            accounts.change(
+                config, args.name, changes, passwords, client_secret=secret, actor=_actor()
+            )
         )
         return _report(args, result, EX_OK)
     if action == "remove":
@@ -103,10 +105,20 @@ def _add(args: argparse.Namespace, config: Config) -> int:
     elif secret is None or args.client_secret_stdin or args.client_secret_env:
         raise UsageError("give --password-stdin or --password-env (or --oauth2 PROVIDER)")
     passwords = accounts.NewPasswords(pop3=secret)
-    result = asyncio.run(accounts.add(config, table, passwords, test=not args.no_test))
+    result = asyncio.run(
+        accounts.add(config, table, passwords, test=not args.no_test, actor=_actor())
+    )
     pop3 = result["pop3"]
     code = EX_OK if result["added"] else STATUS_EXIT.get(pop3["status"], 65)
     return _report(args, result, code)
+
+
+def _actor() -> str:
+    """Who changes an account, for the audit: ``cli:`` and the login name (``$SUDO_USER``
+    behind sudo), as the API names its caller ``api:...``, whichever process applies it."""
+    from mailingest.crm import current_actor
+
+    return f"cli:{current_actor()}"
 
 
 def _settings(args: argparse.Namespace) -> dict[str, Any]:

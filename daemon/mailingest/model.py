@@ -316,6 +316,15 @@ class StoredAccount:
 
 
 @dataclass(frozen=True, slots=True)
+class SettingsChange:
+    """Who gave a stored account the sharing settings of ``snapshot`` (crm's): the audit
+    names them when that change is applied, whichever process applies it."""
+
+    actor: str
+    snapshot: str
+
+
+@dataclass(frozen=True, slots=True)
 class Claim:
     """The answer to "may this process poll the account now?" (see Store.take_poll)."""
 

@@ -131,6 +131,37 @@ def test_a_running_daemon_polls_an_added_account_pauses_and_resumes_it_and_stops
     assert mailbox.dovecot.count(mailbox.user) == 4  # leave_on_server: nothing deleted
 
 
+def test_a_change_a_running_daemon_applies_is_audited_as_the_cli_user_who_made_it(
+    mailbox: Mailbox, store_at: StoreAt, tmp_path: Path
+) -> None:
+    """The daemon re-tags the mail of a stored account whose sharing `accounts set` changed,
+    in its own process: the audit log names the user who ran the command, as
+    `cli:<login name>`, not the daemon that applied it (the API names its caller alike)."""
+    config = setup(tmp_path, store_at)
+    as_carol = {"SUDO_USER": "", "LOGNAME": "carol-ops"}
+    with DaemonProcess(config) as daemon:
+        daemon.wait_event("daemon_started")
+        assert add(config, mailbox, mailbox.password, "--no-test")[0] == 0
+        daemon.wait_event("config_reloaded", added=["mine"])
+        retagged = len(daemon.events("mail_retagged"))  # its first settings, when added
+        done = run_cli(config, "accounts", "set", "mine", "--sharing", "public", env=as_carol)
+        assert done.returncode == 0, done.stderr.decode()
+        wait_until(lambda: len(daemon.events("mail_retagged")) > retagged, "the re-tag")
+        assert daemon.events("mail_retagged")[-1]["accounts"] == ["mine"]
+    # With no daemon running, the next command that loads the account applies the change.
+    done = run_cli(config, "accounts", "set", "mine", "--sharing", "private", env=as_carol)
+    assert done.returncode == 0, done.stderr.decode()
+    as_dave = {"SUDO_USER": "", "LOGNAME": "dave"}
+    assert run_cli(config, "fetch", env=as_dave).returncode == 0
+    done = run_cli(config, "audit", "--account", "mine", "--json", env=as_dave)
+    audit = json.loads(done.stdout)
+    assert [(e["actor"], e["detail"]["sharing"]["to"]) for e in audit] == [
+        ("cli:carol-ops", "private"),  # not dave, who ran the fetch that applied it
+        ("cli:carol-ops", "public"),  # not the daemon, which applied it
+    ]
+    assert {e["action"] for e in audit} == {"sharing_changed"}
+
+
 def test_the_database_holds_no_account_password(
     mailbox: Mailbox, store_at: StoreAt, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:

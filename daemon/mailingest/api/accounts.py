@@ -102,10 +102,16 @@ async def patch_settings(request: web.Request) -> web.Response:
         if value is not None and not isinstance(value, _TYPES[key]):
             raise ApiError(422, f"expected {_TYPES[key][0].__name__} or null", field=key)
         changes[key] = None if value is False else value  # primary: false removes it
-    with host.changing(account.name, caller_of(request).actor):
+    actor = caller_of(request).actor
+    with host.changing(account.name, actor):
         try:
             result = await accounts.change(
-                host.file_config, account.name, changes, accounts.NewPasswords(), store=host.store
+                host.file_config,
+                account.name,
+                changes,
+                accounts.NewPasswords(),
+                store=host.store,
+                actor=actor,
             )
         except UsageError as exc:  # an account of the config file
             raise ApiError(409, str(exc)) from None
@@ -145,6 +151,7 @@ async def add_account(request: web.Request) -> web.Response:
                 accounts.NewPasswords(pop3=password),
                 test=test,
                 store=host.store,
+                actor=caller.actor,
             )
     except UsageError as exc:  # the name is taken
         raise ApiError(409, str(exc)) from None

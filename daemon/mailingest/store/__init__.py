@@ -32,6 +32,7 @@ from mailingest.model import (
     LedgerEntry,
     NewMessage,
     Record,
+    SettingsChange,
     ShareFlag,
     Status,
     StoredAccount,
@@ -260,11 +261,15 @@ class Store:
     async def accounts_version(self) -> int:
         return await accounts.accounts_version(self._db)
 
-    async def add_account(self, account: StoredAccount) -> bool:
-        return await accounts.add_account(self._db, account)
+    async def add_account(
+        self, account: StoredAccount, change: SettingsChange | None = None
+    ) -> bool:
+        return await accounts.add_account(self._db, account, change)
 
-    async def update_account(self, account: StoredAccount) -> bool:
-        return await accounts.update_account(self._db, account)
+    async def update_account(
+        self, account: StoredAccount, change: SettingsChange | None = None
+    ) -> bool:
+        return await accounts.update_account(self._db, account, change)
 
     async def remove_account(self, name: str) -> bool:
         return await accounts.remove_account(self._db, name)

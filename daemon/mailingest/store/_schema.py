@@ -58,6 +58,13 @@ _RECORD_ORDER = """
     CREATE INDEX message_records_sorted ON message_records (record, sort_key, message);
     """
 
+#: Who asked for a stored account's sharing settings, and their snapshot, until the re-tag
+#: that applies them audits it (a daemon applies a CLI command's change in its own process).
+_ACCOUNT_CHANGED_BY = """
+    ALTER TABLE accounts ADD COLUMN changed_by TEXT;
+    ALTER TABLE accounts ADD COLUMN changed_to TEXT;
+    """
+
 SQLITE_MIGRATIONS: tuple[str, ...] = (
     # 1: messages, raw chunks, UIDL ledger, account state
     """
@@ -191,6 +198,8 @@ SQLITE_MIGRATIONS: tuple[str, ...] = (
     _API_TOKENS.format(pk="INTEGER PRIMARY KEY"),
     # 9: a record's messages in listing order, from its index alone
     _RECORD_ORDER,
+    # 10: who changed a stored account's sharing settings, for the audit
+    _ACCOUNT_CHANGED_BY,
 )
 
 #: The same tables for PostgreSQL. Its history starts at the schema SQLite reached with
@@ -321,4 +330,6 @@ POSTGRES_MIGRATIONS: tuple[str, ...] = (
     _API_TOKENS.format(pk="BIGSERIAL PRIMARY KEY"),
     # 7: as SQLite's migration 9
     _RECORD_ORDER,
+    # 8: as SQLite's migration 10
+    _ACCOUNT_CHANGED_BY,
 )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from mailingest.model import StoredAccount
+from mailingest.model import SettingsChange, StoredAccount
 from mailingest.store._db import Database, now_iso
 
 _VERSION = "accounts_version"
@@ -26,13 +26,17 @@ async def accounts_version(db: Database) -> int:
         return await _version(db)
 
 
-async def add_account(db: Database, account: StoredAccount) -> bool:
-    """Store a new account; False if one of that name is stored already."""
+async def add_account(
+    db: Database, account: StoredAccount, change: SettingsChange | None = None
+) -> bool:
+    """Store a new account (``change``: who asked, for the audit); False if one of that
+    name is stored already."""
     now = now_iso()
     async with db.write(f"storing account {account.name!r}"):
         added = await db.execute(
             "INSERT INTO accounts (name, owner, settings, password, smtp_password, created_at,"
-            " updated_at) VALUES (?,?,?,?,?,?,?) ON CONFLICT DO NOTHING",
+            " updated_at, changed_by, changed_to) VALUES (?,?,?,?,?,?,?,?,?)"
+            " ON CONFLICT DO NOTHING",
             (
                 account.name,
                 account.owner,
@@ -41,6 +45,8 @@ async def add_account(db: Database, account: StoredAccount) -> bool:
                 account.smtp_password,
                 now,
                 now,
+                change.actor if change else None,
+                change.snapshot if change else None,
             ),
         )
         if added:
@@ -48,9 +54,18 @@ async def add_account(db: Database, account: StoredAccount) -> bool:
     return added == 1
 
 
-async def update_account(db: Database, account: StoredAccount) -> bool:
-    """Replace a stored account's settings and passwords; False if there is none."""
+async def update_account(
+    db: Database, account: StoredAccount, change: SettingsChange | None = None
+) -> bool:
+    """Replace a stored account's settings and passwords; False if there is none.
+    ``change``: who asked for new sharing settings (None: they are not new; whoever asked
+    for them before is still the one to audit)."""
     async with db.write(f"changing account {account.name!r}"):
+        if change is not None:
+            await db.execute(
+                "UPDATE accounts SET changed_by = ?, changed_to = ? WHERE name = ?",
+                (change.actor, change.snapshot, account.name),
+            )
         changed = await db.execute(
             "UPDATE accounts SET owner = ?, settings = ?, password = ?, smtp_password = ?,"
             " updated_at = ? WHERE name = ?",

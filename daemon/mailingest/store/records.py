@@ -166,7 +166,8 @@ async def retag_changed(
 ) -> list[str]:
     """Re-tag (and re-label) the mail of accounts whose sharing settings changed; a change
     of an account's known settings goes to the audit log, made by ``actors[account]`` if
-    named there, else by ``actor``.
+    named there, else by who asked for these settings of a stored account (its row names
+    them until then), else by ``actor``.
 
     ``force``: accounts re-tagged and re-labelled even if the snapshot matches, because
     mail was stored under other settings after the snapshot was saved (a daemon still
@@ -213,7 +214,8 @@ async def retag_changed(
             if name in force or before != snap:
                 retagged = await _retag(db, "m.account = ?", [name], policies)
                 if before is not None and before != snap:
-                    who = (actors or {}).get(name, actor)
+                    asked = await _asked_by(db, name, snap)
+                    who = (actors or {}).get(name) or asked or actor
                     await _audit_settings(db, who, name, before, snap, retagged)
             await db.execute(
                 "INSERT INTO account_settings (account, snapshot, magnet_label)"
@@ -223,6 +225,20 @@ async def retag_changed(
             )
             changed.append(name)
     return changed
+
+
+async def _asked_by(db: Database, account: str, snapshot: str) -> str | None:
+    """Who gave a stored account the settings of ``snapshot`` (`accounts add|set`, the API),
+    from its row, where that change is being applied now; forgotten once audited."""
+    row = await db.fetchone(
+        "SELECT changed_by FROM accounts WHERE name = ? AND changed_to = ?", (account, snapshot)
+    )
+    if row is None:
+        return None
+    await db.execute(
+        "UPDATE accounts SET changed_by = NULL, changed_to = NULL WHERE name = ?", (account,)
+    )
+    return str(row[0])
 
 
 async def _audit_settings(

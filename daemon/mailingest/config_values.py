@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from mailingest.errors import ConfigError
-from mailingest.logs import MIN_SECRET_LENGTH
+from mailingest.masking import MIN_SECRET_LENGTH
 
 _SECRET_KEYS = ("env", "file", "credential")
 _NUMBER_RE = re.compile(r"\d+(?:\.\d+)?")

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mailingest import logs
+from mailingest import logs, masking
 from support import ROOT
 
 PACKAGE = ROOT / "daemon" / "mailingest"
@@ -156,7 +156,7 @@ def test_a_secret_quoted_as_bytes_or_in_either_quote_style_is_masked(secret: str
     """Errors quote server lines as bytes (`line[:80]!r`), tracebacks show poplib's bytes
     replies, and a repr picks its quotes by the text around the secret (a ' in it is
     escaped or not): every one of these is a form of the secret."""
-    masker = logs._Secrets()
+    masker = masking.Secrets()
     masker.add([secret])
     data = secret.encode()
     for around in ("x", "x'", 'x"', "x'\""):
@@ -187,9 +187,9 @@ _SECRET_TEXT = st.text(st.characters(blacklist_characters="*"), min_size=3, max_
 def test_no_form_of_any_secret_survives_the_mask(secrets: list[str], pieces: list[object]) -> None:
     """Secrets that overlap or contain one another, in any of the forms a renderer writes
     (as is, JSON- or repr-escaped), are masked whole wherever they appear."""
-    masker = logs._Secrets()
+    masker = masking.Secrets()
     masker.add(secrets)
-    forms = {f for s in secrets for f in logs._rendered_forms(s)}
+    forms = {f for s in secrets for f in masking.rendered_forms(s)}
     ordered = sorted(forms)
     text = "".join(p if isinstance(p, str) else ordered[p % len(ordered)] for p in pieces)
     masked = masker.mask(text)
@@ -207,7 +207,7 @@ _KEYS = st.text("abcdefgh", min_size=1, max_size=2)
 def _event_values(draw: st.DrawFn, secrets: list[str]) -> dict[str, object]:
     """Keys and values of one event: text holding any form of the secrets, numbers holding
     the digits of the numeric ones, and lists and objects of those."""
-    forms = sorted({f for s in secrets for f in logs._rendered_forms(s)})
+    forms = sorted({f for s in secrets for f in masking.rendered_forms(s)})
     numeric = [s for s in secrets if s.isdigit()] or ["42"]
     text = st.lists(st.one_of(st.text(max_size=6), st.sampled_from(forms)), max_size=5).map("".join)
     around = st.text(_DIGITS, max_size=3)
@@ -257,17 +257,17 @@ def test_json_lines_stay_json_with_numbers_unchanged_and_no_secret_in_any_text(
     masked before the line is written, numbers are not. `timestamp`, `level` and `event`
     are the line's own and never masked."""
     kw = data.draw(_event_values(secrets))
-    masker = logs._Secrets()
+    masker = masking.Secrets()
     masker.add(secrets)
-    forms = {f for s in secrets for f in logs._rendered_forms(s)}
+    forms = {f for s in secrets for f in masking.rendered_forms(s)}
     stream = io.StringIO()
-    saved, logs._secrets = logs._secrets, masker
+    saved, masking.registered = masking.registered, masker
     logs.configure("json", level=10, stream=stream)
     try:
         logs.get_logger("test").info("poll_completed", **kw)
     finally:
         logs.reset()
-        logs._secrets = saved
+        masking.registered = saved
     written = json.loads(stream.getvalue())
     assert (written.pop("event"), written.pop("level")) == ("poll_completed", "info")
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT[\d:.]+Z", written.pop("timestamp"))
@@ -276,7 +276,7 @@ def test_json_lines_stay_json_with_numbers_unchanged_and_no_secret_in_any_text(
 
 def test_thousands_of_secrets_are_masked_one_by_one() -> None:
     """A daemon with a password per account: each is masked, others' lines are untouched."""
-    masker = logs._Secrets()
+    masker = masking.Secrets()
     passwords = [f"pw-{n:05d}-{n * 7919 % 10007:05d}" for n in range(5000)]
     masker.add(passwords)
     masker.add(passwords[:10])  # registered again on a reload: nothing changes

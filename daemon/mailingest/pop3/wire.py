@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, cast
 
 from mailingest.errors import ProtocolError, StoreError, TemporaryError
-from mailingest.logs import mask_text
+from mailingest.masking import mask_text
 
 #: A status line (``+OK``/``-ERR``) longer than this is a protocol error (the contract's 64 KiB).
 MAX_STATUS_LINE = 64 * 1024

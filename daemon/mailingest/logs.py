@@ -81,7 +81,9 @@ def _masked(value: Any) -> Any:
         return mask_text(value)
     if isinstance(value, dict):
         return {
-            _masked(k): "***" if str(k).lower() in _SECRET_KEYS else _masked(v)
+            mask_text(k) if isinstance(k, str) else k: (
+                "***" if str(k).lower() in _SECRET_KEYS else _masked(v)
+            )
             for k, v in value.items()
         }
     if isinstance(value, list | tuple | set | frozenset):

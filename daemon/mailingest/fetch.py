@@ -96,6 +96,13 @@ def _may_be_capped(account: Account, listed: int) -> bool:
     )
 
 
+def _deletes(account: Account) -> bool:
+    """Whether any stored message of the account may be due for DELE: else a session that
+    stored mail need not read the whole ledger again (it grows with what stays on the
+    server) to find nothing."""
+    return not account.leave_on_server or account.delete_after_days > 0
+
+
 def _should_delete(account: Account, entry: LedgerEntry, now: datetime) -> bool:
     if entry.held:
         return False  # only its header is stored: it stays on the server until released
@@ -145,7 +152,8 @@ async def _one_session(
             if big and not session.broken:
                 held = batches([(n, u) for n, u in seen.new if n in big], {})
                 refused = await job(held, result=result, tally=tally, held=big) or refused
-            doomed = _doomed(account, seen.key_of, await store.ledger(account.name))
+            if _deletes(account):
+                doomed = _doomed(account, seen.key_of, await store.ledger(account.name))
         if not seen.closed:
             # Every doomed number maps to a committed ledger row: DELE is safe now.
             await asyncio.to_thread(_close, session, [n for n, _ in doomed])

@@ -133,6 +133,24 @@ async def test_plain_err_at_login_is_auth_failed(store: Store, pop3d: Pop3d) -> 
     assert server.errors == []
 
 
+@pytest.mark.parametrize(
+    ("reply", "status"),
+    [("-ERR no such user", "auth_failed"), ("-ERR [SYS/TEMP] x", "temp_failed")],
+)
+async def test_refused_user_in_a_pipelined_login_is_reported_as_such(
+    store: Store, reply: str, status: str, pop3d: Pop3d
+) -> None:
+    """USER and PASS share a write where PIPELINING is offered: a refused USER is the error
+    reported (PASS's reply read too), and nothing after the login is sent."""
+    server = await pop3d([mailbox(MESSAGES)], Faults(err_on={"USER": reply}))
+    result = await fetch(account(server.port), store)
+    assert_failed(result, status)
+    assert reply.removeprefix("-ERR ") in (result.error or "")
+    assert server.commands_seen("UIDL") == 0 and server.commands_seen("RETR") == 0
+    assert server.errors == []
+    assert await stored_hashes(store) == []
+
+
 @pytest.mark.pop3d_faults(delay={"UIDL": 0.5})
 async def test_in_use_lock_from_a_concurrent_login_is_temporary(store: Store, pop3d: Pop3d) -> None:
     server = await pop3d([mailbox(MESSAGES)])

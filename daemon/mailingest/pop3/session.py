@@ -72,6 +72,7 @@ class Pop3Session:
         #: commands after the login where the server pipelines (a round trip less).
         self._capa_due = False
         self._closing = threading.Lock()  # a worker and close() may discard at once
+        self._deleting = False  # a DELE was sent: QUIT's reply then matters
 
     def __repr__(self) -> str:
         state = "broken" if self.broken else ("open" if self._pop else "closed")
@@ -215,12 +216,10 @@ class Pop3Session:
 
     def _login(self) -> None:
         login = self.login
-        # USER and PASS go lock-step: a pipelined PASS loses what follows it on Courier.
         with self._translate("login"):
             pop = self._conn()
             if login.sasl is None:
-                pop.user(login.username)
-                pop.pass_(login.password())
+                self._user_pass(pop)
             else:
                 self._sasl(pop, self._mechanism())
         if self.capabilities.has("PIPELINING") and not self.capabilities.has("UTF8"):
@@ -229,6 +228,25 @@ class Pop3Session:
             self._capa_due = True
             return
         self._after_login(self._capa("capa"))
+
+    def _user_pass(self, pop: BoundedLines) -> None:
+        """USER and PASS: in one write where the server pipelines (a round trip less, as
+        mpop does), nothing after PASS in that write (Courier loses what follows PASS)."""
+        login = self.login
+        if not self.capabilities.has("PIPELINING"):
+            pop.user(login.username)
+            pop.pass_(login.password())
+            return
+        pop.sock.sendall(f"USER {login.username}\r\nPASS {login.password()}\r\n".encode())
+        try:
+            pop._getresp()
+        except poplib.error_proto:
+            # USER refused: PASS's reply (an -ERR too) is read so that the session stays in
+            # step; the USER refusal is the one reported.
+            with contextlib.suppress(poplib.error_proto):
+                pop._getresp()
+            raise
+        pop._getresp()
 
     def _settle(self) -> None:
         """Read the CAPA after the login (RFC 2449: it may differ, e.g. a per-user
@@ -439,6 +457,7 @@ class Pop3Session:
         window = DELE_WINDOW if self.capabilities.has("PIPELINING") else 1
         with self._translate("dele"):
             pop = self._conn()
+            self._deleting = self._deleting or bool(todo)
             try:
                 for start in range(0, len(todo), window):
                     chunk = todo[start : start + window]
@@ -452,12 +471,19 @@ class Pop3Session:
                 raise
 
     def quit(self) -> None:
-        """End the session normally: the server expunges DELEted messages now."""
+        """End the session normally: the server expunges DELEted messages now.
+
+        Its ``+OK`` is awaited only after a DELE: then it says the deletions were applied.
+        Without one it says nothing we act on, so the socket closes once QUIT is written
+        (a round trip less; the server reads QUIT before the end of the stream)."""
         with self._translate("quit"):
             pop = self._conn()
             self._pop = None
             try:
-                pop.quit()
+                if self._deleting:
+                    pop.quit()
+                else:
+                    pop.sock.sendall(b"QUIT\r\n")
             finally:
                 with contextlib.suppress(OSError):
                     pop.close()

@@ -8,12 +8,13 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
+import io
 import json
 import poplib
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from mailingest.errors import ProtocolError, StoreError, TemporaryError
 
@@ -191,18 +192,36 @@ def parse_pair(line: bytes, account: str, what: str) -> tuple[int, str]:
 def stream_body(pop: BoundedLines, sink: Sink) -> None:
     """Copy one multi-line body to ``sink``: dot-unstuffed, every line end CRLF.
 
-    Lines are read in chunks of at most READ_CHUNK bytes, so a multi-megabyte line never
-    sits in memory whole and poplib's 2048-byte limit does not apply. They reach the sink
-    gathered into pieces of about READ_CHUNK: a sink call per line (hash, spool write)
-    cost more than reading the line.
+    The whole lines already buffered are handled together (a few bytes operations per
+    buffer instead of a Python loop per line: per-line work was a tenth of a fleet fetch's
+    CPU). A line that is not yet whole in the buffer is read in chunks of at most
+    READ_CHUNK bytes, so a multi-megabyte line never sits in memory whole and poplib's
+    2048-byte limit does not apply. The sink gets pieces of about READ_CHUNK: a sink call
+    per line (hash, spool write) cost more than reading the line.
     """
-    read = pop.file.readline
+    file = cast(io.BufferedReader, pop.file)  # makefile("rb") gives one
     at_line_start = True
     pending_cr = False  # the previous chunk ended with CR, its LF may come next
     parts: list[bytes] = []
     gathered = 0
     while True:
-        chunk = read(READ_CHUNK)
+        if at_line_start:
+            # Bytes already read from the socket (one read if none): never past the reply.
+            buffered = file.peek(READ_CHUNK)[:READ_CHUNK]
+            whole = buffered.rfind(b"\n") + 1
+            if whole:
+                taken, lines, done = _whole_lines(buffered[:whole])
+                file.read(taken)  # from the buffer, no system call
+                if lines:
+                    parts.append(lines)
+                    gathered += len(lines)
+                if done:
+                    break
+                if gathered >= READ_CHUNK:
+                    _to_sink(sink, parts)
+                    parts, gathered = [], 0
+                continue
+        chunk = file.readline(READ_CHUNK)
         if not chunk:
             raise TemporaryError("connection closed in the middle of a message")
         if at_line_start:
@@ -225,6 +244,45 @@ def stream_body(pop: BoundedLines, sink: Sink) -> None:
             parts, gathered = [], 0
     if parts:
         _to_sink(sink, parts)
+
+
+_BARE_LF = re.compile(rb"(?<!\r)\n")
+
+
+def _whole_lines(block: bytes) -> tuple[int, bytes, bool]:
+    """Whole lines from a line start, up to the terminator line if it is among them:
+    (bytes taken from the wire, the lines as stored, whether the terminator was taken).
+
+    Stored means without the first dot of a line that starts with one (RFC 1939
+    byte-stuffing) and with every bare LF made CRLF. Such lines are rare apart from the
+    terminator, so one search finds them; the line ends are checked with two counts.
+    """
+    stuffed: list[int] = []  # where the stuffing dots are
+    dot = 0 if block.startswith(b".") else _line_start(block.find(b"\n."))
+    while dot >= 0:
+        after = block[dot + 1 : dot + 3]
+        if after == b"\r\n" or after.startswith(b"\n"):  # the "." line: the reply's end
+            lines = _stored(block, stuffed, dot)
+            return dot + (3 if after == b"\r\n" else 2), lines, True
+        stuffed.append(dot)
+        dot = _line_start(block.find(b"\n.", dot))
+    return len(block), _stored(block, stuffed, len(block)), False
+
+
+def _line_start(newline: int) -> int:
+    return newline + 1 if newline >= 0 else -1
+
+
+def _stored(block: bytes, stuffed: list[int], end: int) -> bytes:
+    """``block[:end]`` without the bytes at ``stuffed``, bare LFs made CRLF."""
+    if stuffed:
+        bounds = zip(stuffed, [*stuffed[1:], end], strict=True)
+        lines = b"".join([block[: stuffed[0]], *(block[a + 1 : b] for a, b in bounds)])
+    else:
+        lines = block[:end]
+    if lines.count(b"\n") != lines.count(b"\r\n"):
+        lines = _BARE_LF.sub(b"\r\n", lines)
+    return lines
 
 
 def _to_sink(sink: Sink, parts: list[bytes]) -> None:

@@ -18,7 +18,6 @@ from typing import Any
 
 from mailingest import lease, signin
 from mailingest.config import Account
-from mailingest.crm import account_policy
 from mailingest.errors import (
     BusyError,
     LoginDelayError,
@@ -27,10 +26,11 @@ from mailingest.errors import (
     TemporaryError,
 )
 from mailingest.logs import get_logger, mask_text
-from mailingest.model import POLL_STATUSES, AccountPolicy, Claim, LedgerEntry, NewMessage, Status
+from mailingest.model import POLL_STATUSES, Claim, LedgerEntry, Status
+from mailingest.pipeline import SessionTally, store_batches
 from mailingest.pop3 import Pop3Session
 from mailingest.progress import Progress, Tally
-from mailingest.retrieval import Retrieved, Spool, batches, retrieve_prepared
+from mailingest.retrieval import batches
 from mailingest.store import Store
 
 log = get_logger("mailingest.fetch")
@@ -65,16 +65,6 @@ class FetchResult:
         }
 
 
-@dataclass
-class _Session:
-    """What one POP3 session did."""
-
-    new: int = 0
-    bytes: int = 0
-    deleted: int = 0
-    listed: int = 0  # the last session's listing
-
-
 #: Gmail lists "about 250 of the oldest messages not yet downloaded" per session (250
 #: conversations, so at least 250 messages): a listing this long may have been capped.
 LISTING_CAP = 250
@@ -96,6 +86,13 @@ def _may_be_capped(account: Account, listed: int) -> bool:
     )
 
 
+def _deletes(account: Account) -> bool:
+    """Whether any stored message of the account may be due for DELE: else a session that
+    stored mail need not read the whole ledger again (it grows with what stays on the
+    server) to find nothing."""
+    return not account.leave_on_server or account.delete_after_days > 0
+
+
 def _should_delete(account: Account, entry: LedgerEntry, now: datetime) -> bool:
     if entry.held:
         return False  # only its header is stored: it stays on the server until released
@@ -110,7 +107,7 @@ def _should_delete(account: Account, entry: LedgerEntry, now: datetime) -> bool:
 
 
 async def _one_session(
-    account: Account, store: Store, spool_dir: Path, tally: Tally | None, result: _Session
+    account: Account, store: Store, spool_dir: Path, tally: Tally | None, result: SessionTally
 ) -> int:
     """One POP3 session; adds what it did to ``result`` as it goes and returns the new count."""
     login, _ = await signin.pop3_login(account, store)  # OAuth2: a fresh token first
@@ -139,13 +136,20 @@ async def _one_session(
             big = {n: seen.sizes[n] for n, _ in seen.new if limit and seen.sizes.get(n, 0) > limit}
             work = [(n, u) for n, u in seen.new if n not in big]
             job = functools.partial(
-                _store_batches, account, store, session, spool_dir=spool_dir, seen=seen
+                store_batches,
+                account,
+                store,
+                session,
+                spool_dir=spool_dir,
+                suspect=seen.suspect,
+                key_of=seen.key_of,
             )
             refused = await job(batches(work, seen.sizes), result=result, tally=tally)
             if big and not session.broken:
                 held = batches([(n, u) for n, u in seen.new if n in big], {})
                 refused = await job(held, result=result, tally=tally, held=big) or refused
-            doomed = _doomed(account, seen.key_of, await store.ledger(account.name))
+            if _deletes(account):
+                doomed = _doomed(account, seen.key_of, await store.ledger(account.name))
         if not seen.closed:
             # Every doomed number maps to a committed ledger row: DELE is safe now.
             await asyncio.to_thread(_close, session, [n for n, _ in doomed])
@@ -225,135 +229,6 @@ def _close(session: Pop3Session, doomed: list[int]) -> None:
     session.quit()
 
 
-async def _store_batches(
-    account: Account,
-    store: Store,
-    session: Pop3Session,
-    batches: list[list[tuple[int, str]]],
-    *,
-    spool_dir: Path,
-    seen: _Seen,
-    result: _Session,
-    tally: Tally | None,
-    held: dict[int, int] | None = None,
-) -> MailIngestError | None:
-    """RETR and commit batch after batch; returns a refused message's error, if any.
-
-    The next batch is retrieved while this one commits, so network and SQLite work overlap.
-    ``seen.key_of`` gains each committed message's ledger key: DELE only ever targets those.
-    ``held``: oversized messages (listed sizes), whose headers alone are stored, quarantined.
-    """
-    suspect, key_of = seen.suspect, seen.key_of
-    policy = account_policy(account)
-    refused: MailIngestError | None = None  # a message the server would not serve
-    arrived = tally.hook() if tally is not None else None
-
-    def retrieve(index: int) -> asyncio.Future[Retrieved] | None:
-        if index >= len(batches):
-            return None
-        return asyncio.ensure_future(
-            asyncio.to_thread(
-                retrieve_prepared,
-                account,
-                session,
-                batches[index],
-                spool_dir,
-                suspect,
-                held,
-                arrived,
-            )
-        )
-
-    fetching = retrieve(0)
-    try:
-        for index in range(len(batches)):
-            assert fetching is not None
-            # Shielded: a cancel must not leave the worker thread running unwatched; the
-            # finally below closes the session, which ends it, and discards what it spooled.
-            retrieved, items, failure = await asyncio.shield(fetching)
-            # The next RETRs go out now unless this batch failed (then it decides below).
-            fetching = retrieve(index + 1) if failure is None else None
-            await _commit(account, store, policy, retrieved, items, result)
-            for num, key, _ in retrieved:
-                key_of[num] = key  # committed now, or by an earlier session
-            if tally is not None:
-                tally.committed(result.new, result.bytes, [s.size for _, _, s in retrieved])
-            if failure is not None:
-                if session.broken:
-                    raise failure
-                # One RETR refused with a whole -ERR line: the session is in step, so the
-                # others are stored and DELEted as usual; the error ends the cycle later.
-                refused = refused or failure
-                fetching = retrieve(index + 1)
-    finally:
-        if fetching is not None:
-            await _abandon(session, fetching)
-        if tally is not None:
-            tally.drop()
-    return refused
-
-
-async def _abandon(session: Pop3Session, fetching: asyncio.Future[Retrieved]) -> None:
-    """Leaving early (a failed commit, a cancel) with a retrieval in flight: abandon the
-    session, which ends that retrieval too. Nothing it fetched is committed or DELEted, so
-    it is fetched again next time."""
-    session.close()
-    # Its spools are discarded when it ends, even if another cancel cuts this wait short.
-    fetching.add_done_callback(_discard_retrieved)
-    await asyncio.wait({fetching})
-
-
-def _discard_retrieved(fetching: asyncio.Future[Retrieved]) -> None:
-    if fetching.cancelled() or fetching.exception() is not None:
-        return  # an exception is the worker's own cleanup having run (see retrieve_spooled)
-    for _, _, spool in fetching.result()[0]:
-        spool.discard()
-
-
-async def _commit(
-    account: Account,
-    store: Store,
-    policy: AccountPolicy,
-    retrieved: list[tuple[int, str, Spool]],
-    items: list[NewMessage],
-    result: _Session,
-) -> None:
-    """Commit one retrieved batch (one fsynced transaction) and count what was new."""
-    try:
-        # Shielded: once the commit is under way it completes even if we are cancelled,
-        # and the spools it reads stay open until it has.
-        commit = asyncio.ensure_future(store.add_batch(account.name, account.owner, items, policy))
-        try:
-            outcomes = await asyncio.shield(commit)
-        except asyncio.CancelledError:
-            await asyncio.wait({commit})
-            raise
-    finally:
-        for _, _, spool in retrieved:
-            spool.discard()
-    # Bytes as fetched: a quarantined message's header, not the size the server listed.
-    sizes_of = {key: spool.size for _, key, spool in retrieved}
-    held = {item.uidl: item for item in items if item.quarantine is not None}
-    for outcome in outcomes:
-        if not outcome.duplicate:
-            result.new += 1
-            result.bytes += sizes_of[outcome.uidl]
-            log.debug(
-                "message_stored",
-                account=account.name,
-                uidl=outcome.uidl,
-                size=sizes_of[outcome.uidl],
-            )
-            if outcome.uidl in held:
-                log.warning(
-                    "message_quarantined",
-                    account=account.name,
-                    message=outcome.message,
-                    size=held[outcome.uidl].size,
-                    max_message_size=account.max_message_size,
-                )
-
-
 async def _pace_logins(account: Account, store: Store, session: Pop3Session) -> None:
     """Remember when the server's LOGIN-DELAY next allows a login (CAPA before or after it)."""
     delay = session.capabilities.login_delay
@@ -380,7 +255,7 @@ async def fetch_account(
     started = time.monotonic()
     log.debug("poll_started", account=account.name)
     result = FetchResult(account=account.name)
-    total = _Session()
+    total = SessionTally()
     busy = False
     try:
         if claim is None:
@@ -458,7 +333,7 @@ async def _cycle(
     store: Store,
     max_sessions: int,
     progress: Progress | None,
-    total: _Session,
+    total: SessionTally,
     result: FetchResult,
     claim: Claim,
 ) -> None:

@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
-import io
+import dataclasses
 import tempfile
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
@@ -25,7 +24,7 @@ from hypothesis import strategies as st
 
 import builders
 from builders import literal
-from mailingest import crm
+from mailingest import crm, retrieval
 from mailingest.config import Account, Config, DaemonSettings, StorageSettings
 from mailingest.errors import DataError
 from mailingest.matching import (
@@ -37,7 +36,7 @@ from mailingest.matching import (
     normalize_domain,
 )
 from mailingest.model import AccountPolicy, Facts, Headers, NewMessage, Record
-from mailingest.parse import parse_headers, read_head
+from mailingest.parse import parse_headers
 from mailingest.sharing import Policy, decide, may_see
 from mailingest.store import Store
 from postgres import Postgres
@@ -96,23 +95,24 @@ def raw_message(
     return "\r\n".join(lines).encode("utf-8")
 
 
-def new_message(raw: bytes, identity: str, uidl: str, *, origin: str = "pop3") -> NewMessage:
-    """What retrieval.prepare makes of a retrieved message (a CRM-sent one is always ``out``)."""
-    headers = parse_headers(read_head(io.BytesIO(raw)))
-    direction = "out" if origin == "crm" else direction_of(headers, (identity,))
-    return NewMessage(
-        uidl=uidl,
-        spool=io.BytesIO(raw),
-        size=len(raw),
-        sha256=hashlib.sha256(raw).hexdigest(),
-        headers=headers,
-        direction=direction,
-        senders=normalize_all(headers.from_addrs),
-        recipients_to=normalize_all(headers.to),
-        recipients_cc=normalize_all(headers.cc),
-        link=link_addresses(headers, direction),
-        origin=origin,
-    )
+@contextlib.contextmanager
+def new_message(
+    raw: bytes, acct: Account, uidl: str, *, origin: str = "pop3"
+) -> Iterator[NewMessage]:
+    """What the fetch cycle hands the store for ``raw``: retrieval.prepare of its spool file
+    (closed at the end). A CRM-sent one (``origin="crm"``) is from the owner, so prepare
+    finds it outgoing, as outgoing.py stores it; only its origin differs."""
+    spool = retrieval.Spool(Path(tempfile.gettempdir()))
+    try:
+        spool.write(raw)
+        spool.finish()
+        item = retrieval.prepare(acct, 1, uidl, spool, None)
+        if origin == "crm":
+            assert item.direction == "out", "the CRM sends from the owner's address"
+            item = dataclasses.replace(item, origin="crm")
+        yield item
+    finally:
+        spool.discard()
 
 
 @contextlib.asynccontextmanager
@@ -127,8 +127,8 @@ async def open_store(at: StoreAt) -> AsyncIterator[Store]:
 async def store_one(
     store: Store, acct: Account, raw: bytes, n: int, *, origin: str = "pop3"
 ) -> int:
-    item = new_message(raw, acct.identity, f"u{n}", origin=origin)
-    [outcome] = await store.add_batch(acct.name, acct.owner, [item], crm.account_policy(acct))
+    with new_message(raw, acct, f"u{n}", origin=origin) as item:
+        [outcome] = await store.add_batch(acct.name, acct.owner, [item], crm.account_policy(acct))
     assert outcome.message is not None
     return outcome.message
 
@@ -831,11 +831,10 @@ async def _apply(store: Store, model: Model, db: Path | str, op: tuple[Any, ...]
             raw = raw_message(n, acct.spelled, to, extra_text if extras_on_cc else [])
             recipients = (key, *(k for k, _ in extras))
             sender, links_on = acct.identity, frozenset(recipients)
-        config = model.config(db)
-        item = new_message(raw, acct.identity, f"u{n}", origin="crm" if origin == "crm" else "pop3")
-        [outcome] = await store.add_batch(
-            name, acct.owner, [item], crm.account_policy(config.account(name))
-        )
+        account = model.config(db).account(name)
+        source = "crm" if origin == "crm" else "pop3"
+        with new_message(raw, account, f"u{n}", origin=source) as item:
+            [outcome] = await store.add_batch(name, acct.owner, [item], crm.account_policy(account))
         assert outcome.message is not None and not outcome.duplicate
         linked = {r for r, keys in model.records.items() if keys & links_on}
         model.messages.append(

@@ -3,18 +3,22 @@ transient failures, pause on a rejected login.
 
 Each account has its own task running an ``AccountRunner``, so one account's slowness or
 failure never moves another's schedule; the only shared resource is the concurrency gate.
+When the next poll is due, and the sleep until then, are timing.py's; the auth pause's state
+is pausing.py's.
 """
 
 from __future__ import annotations
 
 import asyncio
-import random
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
-from mailingest import pause, signin
+from mailingest import pause
 from mailingest.config import Account, DaemonSettings
+from mailingest.daemon import timing
+from mailingest.daemon.pausing import AccountPause
+from mailingest.daemon.timing import seconds_until_login
 from mailingest.errors import StoreError
 from mailingest.fetch import FetchResult, log_poll_failed
 from mailingest.lease import take_poll
@@ -28,11 +32,6 @@ log = get_logger("mailingest.daemon")
 #: One account's cycle (fetch.fetch_account; tests inject their own).
 Fetch = Callable[..., Awaitable[FetchResult]]
 
-#: Fraction of an interval added or removed at random, so accounts do not fire together.
-JITTER = 0.1
-#: First polls after start are spread over this many seconds (or the interval, if shorter).
-FIRST_SPREAD = 5.0
-
 
 class Interrupted(Exception):
     """The account changed or the daemon is stopping: this attempt does not start."""
@@ -44,11 +43,6 @@ class ClaimedElsewhere(Exception):
     def __init__(self, wait: float) -> None:
         super().__init__(f"polled by another process; next poll in {wait:.0f} s")
         self.wait = wait
-
-
-#: Who wakes first takes a due poll; every daemon adds up to this much (or 5 % of the
-#: interval, if less) at random before it tries, so polls spread over the daemons.
-CLAIM_SPREAD = 1.0
 
 
 class RunnerHost(Protocol):
@@ -99,14 +93,12 @@ class AccountRunner:
         self.generation = 0  # bumped when a reload changes the account
         self.claimed_generation = 0  # a poll under newer settings is taken even if not due
         self.retired = False
-        self.pause_key: str | None = None  # set while paused: the rejected login's hash
-        self.pause_recorded = False  # the store holds the pause (another process may end it)
+        self.pause = AccountPause(host, account.name)
         self.in_flight = False
         self.task: asyncio.Task[None] | None = None
         self.due = 0.0  # loop time of the next poll
         self.lag: float | None = None
-        self._wake: asyncio.Future[None] | None = None
-        self._woken = False
+        self.alarm = timing.Alarm()
         self.polled = account  # the settings the last poll used (a reload may change them)
         self.planned: float | None = None  # loop time of the next poll, as the claim recorded
 
@@ -124,7 +116,7 @@ class AccountRunner:
 
     @property
     def paused(self) -> bool:
-        return self.pause_key is not None
+        return self.pause.active
 
     @property
     def done(self) -> bool:
@@ -136,16 +128,8 @@ class AccountRunner:
         or LOGIN-DELAY says later. A recorded pause holds while the login is the rejected one.
         """
         if state is not None and state.paused:
-            await self.adopt_pause(state.pause_key)
-        delay = random.uniform(0, min(self.interval, FIRST_SPREAD))
-        if state is not None and state.next_poll and not self.paused:
-            persisted = (datetime.fromisoformat(state.next_poll) - now).total_seconds()
-            if persisted > 0:
-                delay = min(persisted, self.interval)  # a restart keeps a backoff
-        if state is not None and state.next_login:
-            floor = seconds_until_login(datetime.fromisoformat(state.next_login))
-            delay = max(delay, floor)
-        return delay
+            await self.pause.adopt(state.pause_key, self.account)
+        return timing.first_delay(state, now, self.interval, self.paused)
 
     def start(self, delay: float) -> None:
         self.due = asyncio.get_running_loop().time() + delay
@@ -160,27 +144,7 @@ class AccountRunner:
 
     def wake(self) -> None:
         """End the current sleep (or the next one): reload, shutdown."""
-        self._woken = True
-        if self._wake is not None and not self._wake.done():
-            self._wake.set_result(None)
-
-    async def sleep(self, seconds: float | None) -> None:
-        """Sleep ``seconds`` (None: until woken), unless woken first."""
-        if self._woken:
-            self._woken = False
-            return
-        loop = asyncio.get_running_loop()
-        waiter = self._wake = loop.create_future()
-        handle = None
-        if seconds is not None:
-            handle = loop.call_later(max(0.0, seconds), _resolve, waiter)
-        try:
-            await waiter
-        finally:
-            if handle is not None:
-                handle.cancel()
-            self._wake = None
-            self._woken = False
+        self.alarm.wake()
 
     async def _run(self, delay: float) -> None:
         loop = asyncio.get_running_loop()
@@ -191,9 +155,9 @@ class AccountRunner:
                 self.due = loop.time() + delay
                 # Paused: woken by a reload, and once an interval to see whether a sign-in
                 # lifted the pause in the store.
-                await self.sleep(self.interval if self.paused else delay)
+                await self.alarm.sleep(self.interval if self.paused else delay)
                 if self.paused and not self.done:
-                    await self._pause_lifted()
+                    await self.pause.check_lifted(self.account)
                 if self.done or self.paused:
                     continue
                 delay = await self._cycle()
@@ -224,10 +188,10 @@ class AccountRunner:
         floor = seconds_until_login(result.next_login)
         if pause.rejected(result.status):
             self._poll_failed(result.status, result.error, None)  # paused: no retry
-            await self._pause(self.polled)
+            await self.pause.begin(self.polled, lambda: self.account)
             return 0.0
         if planned is None:  # the claim was not recorded: an interval from now
-            delay = self.interval * (1 + random.uniform(-JITTER, JITTER))
+            delay = timing.jittered(self.interval)
         else:  # as claimed: jittered, an interval from this poll's start
             delay = max(0.0, planned - asyncio.get_running_loop().time())
         if result.status is not Status.OK:
@@ -295,12 +259,12 @@ class AccountRunner:
         force = generation != self.claimed_generation
         # The next regular poll, jittered, is chosen now: the claim records it for every
         # process, and a poll that goes as planned needs no second write.
-        delay = self.interval * (1 + random.uniform(-JITTER, JITTER))
+        delay = timing.jittered(self.interval)
         due = (now, now + timedelta(seconds=delay))
         try:
             claim = await take_poll(self.host.store, self.name, due, force=force)
             if claim.paused:
-                if await self.adopt_pause(claim.pause_key):
+                if await self.pause.adopt(claim.pause_key, self.account):
                     self.host.status_changed()  # another process's rejected login is this one
                     raise Interrupted
                 # This config brings another login: the pause ended.
@@ -318,7 +282,7 @@ class AccountRunner:
         raise ClaimedElsewhere(max(0.1, (due_at - now).total_seconds()))
 
     def spread(self) -> float:
-        return random.uniform(0, min(CLAIM_SPREAD, 0.05 * self.interval))
+        return timing.claim_spread(self.interval)
 
     def _retry_scheduled(self, retry_state: Any) -> None:
         failure = failure_of(retry_state)
@@ -338,74 +302,20 @@ class AccountRunner:
 
     async def _retry_sleep(self, seconds: float) -> None:
         await self._record_next_poll(seconds)
-        await self.sleep(seconds)
+        await self.alarm.sleep(seconds)
 
     async def _schedule(self, delay: float, floor: float | None = None) -> float:
         """The next regular poll: ``delay`` from now, but never before LOGIN-DELAY allows
         (``floor`` s from now, if known; else read from the store)."""
-        delay = max(delay, await self._login_floor() if floor is None else floor)
+        if floor is None:
+            floor = await timing.login_floor(self.host.store, self.name)
+        delay = max(delay, floor)
         await self._record_next_poll(delay)
         return delay
 
     async def _record_next_poll(self, delay: float) -> None:
         self.due = asyncio.get_running_loop().time() + delay
-        when = datetime.now(UTC) + timedelta(seconds=delay)
-        try:
-            await self.host.store.set_next_polls({self.name: when})
-        except StoreError as exc:
-            log.error("state_not_recorded", account=self.name, error=str(exc))
-
-    async def _login_floor(self) -> float:
-        """Seconds until the server's LOGIN-DELAY allows the next login (0 if it does now)."""
-        try:
-            allowed = await self.host.store.next_login(self.name)
-        except StoreError:
-            return 0.0
-        return seconds_until_login(allowed)
-
-    async def _pause(self, rejected: Account) -> None:
-        """The server rejected the login: no more attempts until other credentials come
-        (see pause.py). The key is kept here too: the pause holds even if the store fails."""
-        key = self.pause_key = await pause.key_of(rejected)
-        signin.forget(self.name)  # a cached access token the server refused is not reused
-        self.pause_recorded = await pause.record(self.host.store, self.name, key)
-        self.host.status_changed()
-        # A reload during that poll may already have brought the fix.
-        if self.account is not rejected and await pause.may_retry(key, self.account):
-            await self.resume(pause.CREDENTIALS_CHANGED)
-
-    async def adopt_pause(self, key: str | None) -> bool:
-        """A pause found in the store (from before a restart, or another process's): kept
-        while this config brings the rejected login, else ended. True if paused now."""
-        if key is not None and not await pause.may_retry(key, self.account):
-            self.pause_key = key
-            self.pause_recorded = True  # it comes from the store
-            return True
-        await self.resume(pause.CREDENTIALS_CHANGED)
-        return False
-
-    async def _pause_lifted(self) -> None:
-        """End a pause that `mailingest auth login` ended in the store: the credential of
-        an OAuth2 refresh-token account lives there, not in the config. (A password account
-        resumes only with another login from its own config: a pause another daemon lifted
-        with its config is no reason to retry this one's.) A pause the store never recorded
-        (it failed) holds: no login is retried on a store error."""
-        auth = self.account.auth
-        if auth is None or auth.grant != "refresh_token":
-            return
-        try:
-            key = await self.host.store.pause_key(self.name)
-        except StoreError:
-            return
-        if key is None and self.pause_recorded:
-            self.pause_key = None
-            log.info("account_resumed", account=self.name, reason=pause.LIFTED)
-            self.host.status_changed()
-
-    async def resume(self, reason: str) -> None:
-        self.pause_key = None
-        await pause.resume(self.host.store, self.name, reason)
-        self.host.status_changed()
+        await timing.record_next_poll(self.host.store, self.name, delay)
 
     def poll_now(self) -> bool:
         """Poll at once, due or not (the API's "fetch now"); False while paused. A poll
@@ -423,21 +333,7 @@ class AccountRunner:
             return False
         self.account = account
         self.generation += 1
-        if self.pause_key is not None:
-            if not await pause.may_retry(self.pause_key, account):
-                return True  # other settings changed; the login is still the rejected one
-            await self.resume(pause.CREDENTIALS_CHANGED)
+        if await self.pause.holds_for(account):
+            return True  # other settings changed; the login is still the rejected one
         self.wake()
         return True
-
-
-def seconds_until_login(allowed: datetime | None) -> float:
-    """Seconds until a login at ``allowed`` (as the store keeps it, rounded up) is allowed."""
-    if allowed is None:
-        return 0.0
-    return max(0.0, (allowed - datetime.now(UTC)).total_seconds())
-
-
-def _resolve(waiter: asyncio.Future[None]) -> None:
-    if not waiter.done():
-        waiter.set_result(None)

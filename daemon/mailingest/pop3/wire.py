@@ -219,7 +219,8 @@ def stream_body(pop: BoundedLines, sink: Sink) -> None:
     while True:
         if at_line_start:
             # Bytes already read from the socket (one read if none): never past the reply.
-            buffered = file.peek(READ_CHUNK)[:READ_CHUNK]
+            # At most half a chunk: made CRLF, bare LFs can double it.
+            buffered = file.peek(READ_CHUNK)[: READ_CHUNK // 2]
             whole = buffered.rfind(b"\n") + 1
             if whole:
                 taken, lines, done = _whole_lines(buffered[:whole])

@@ -27,6 +27,7 @@ from mailingest.errors import (
     UnavailableError,
 )
 from mailingest.model import Pop3Login
+from mailingest.pop3.login import TRANSIENT_CODES, mechanism, sasl, user_pass
 from mailingest.pop3.wire import (
     SSLPOP3,
     BoundedLines,
@@ -37,10 +38,8 @@ from mailingest.pop3.wire import (
     parse_pair,
     reply_text,
     response_code,
-    sasl_error,
     stream_body,
 )
-from mailingest.sasl import OAUTH2_MECHANISMS, oauthbearer, xoauth2
 from mailingest.tls import client_context
 
 #: RETR commands kept in flight when the server advertises PIPELINING.
@@ -49,7 +48,6 @@ PIPELINE_WINDOW = 256
 #: replies (~10 KiB) fit the socket buffers while the commands are still being written.
 DELE_WINDOW = 256
 
-_TRANSIENT_CODES = {"SYS/TEMP", "IN-USE", "LOGIN-DELAY"}
 #: Seconds to wait after ``-ERR [LOGIN-DELAY]`` when CAPA named no delay (Gmail's 300 s).
 DEFAULT_LOGIN_DELAY = 300
 
@@ -143,7 +141,7 @@ class Pop3Session:
                 account=name,
                 retry_at=retry_at.isoformat(),
             )
-        if code in _TRANSIENT_CODES:
+        if code in TRANSIENT_CODES:
             self._discard()
             return TemporaryError(f"server busy during {phase}: {text}", account=name)
         if code == "AUTH" or phase == "login":
@@ -219,34 +217,16 @@ class Pop3Session:
         with self._translate("login"):
             pop = self._conn()
             if login.sasl is None:
-                self._user_pass(pop)
+                user_pass(pop, login, pipelined=self.capabilities.has("PIPELINING"))
             else:
-                self._sasl(pop, self._mechanism())
+                self.mechanism = mechanism(login, self.capabilities)
+                sasl(pop, login, self.mechanism, lambda reply: self._from_err_reply("login", reply))
         if self.capabilities.has("PIPELINING") and not self.capabilities.has("UTF8"):
             # UTF8 offered before the login is sent right after it, as before; one offered
             # only after it goes after LIST, still before any RETR or TOP.
             self._capa_due = True
             return
         self._after_login(self._capa("capa"))
-
-    def _user_pass(self, pop: BoundedLines) -> None:
-        """USER and PASS: in one write where the server pipelines (a round trip less, as
-        mpop does), nothing after PASS in that write (Courier loses what follows PASS)."""
-        login = self.login
-        if not self.capabilities.has("PIPELINING"):
-            pop.user(login.username)
-            pop.pass_(login.password())
-            return
-        pop.sock.sendall(f"USER {login.username}\r\nPASS {login.password()}\r\n".encode())
-        try:
-            pop._getresp()
-        except poplib.error_proto:
-            # USER refused: PASS's reply (an -ERR too) is read so that the session stays in
-            # step; the USER refusal is the one reported.
-            with contextlib.suppress(poplib.error_proto):
-                pop._getresp()
-            raise
-        pop._getresp()
 
     def _settle(self) -> None:
         """Read the CAPA after the login (RFC 2449: it may differ, e.g. a per-user
@@ -265,54 +245,6 @@ class Pop3Session:
             # RFC 6856: without it Courier wraps raw-UTF-8 mail; only sent when advertised.
             with self._translate("utf8"), contextlib.suppress(poplib.error_proto):
                 self._conn().command("UTF8")
-
-    def _mechanism(self) -> str:
-        """The OAuth2 SASL mechanism: the configured one, else the first of ours in CAPA."""
-        wanted = self.login.sasl or "auto"
-        if wanted != "auto":
-            return wanted.upper()
-        offered = {name.upper() for name in self.capabilities.arg("SASL")}
-        for name in OAUTH2_MECHANISMS:
-            if name in offered:
-                return name
-        if offered:
-            raise AuthError(
-                f"the server offers SASL {' '.join(sorted(offered))}, neither XOAUTH2 nor "
-                "OAUTHBEARER: it does not take OAuth2 sign-in",
-                account=self.login.name,
-            )
-        # No SASL line (or no CAPA before login): XOAUTH2 is what Google and Microsoft document.
-        return "XOAUTH2"
-
-    def _sasl(self, pop: BoundedLines, mechanism: str) -> None:
-        """RFC 5034 AUTH in two steps: the response goes on a line of its own after the
-        server's ``+``, never on the AUTH line (Microsoft refuses the one-line form; it
-        also keeps the AUTH line under RFC 5034's 255 octets)."""
-        login = self.login
-        token = login.password()
-        if mechanism == "XOAUTH2":
-            response = xoauth2(login.username, token)
-        else:
-            response = oauthbearer(login.username, token, login.host, login.port)
-        pop.secrets = (token, response)
-        self.mechanism = mechanism
-        if pop.continuation(f"AUTH {mechanism}").startswith(b"+OK"):
-            raise ProtocolError(f"server answered AUTH {mechanism} with +OK before any response")
-        reply = pop.continuation(response)
-        if reply.startswith(b"+OK"):
-            return
-        # A challenge after the response carries the error (RFC 7628 3.2.2); the client
-        # ends the exchange (a dummy response) and the server answers -ERR.
-        details = sasl_error(reply)
-        try:
-            pop.continuation("AQ==" if mechanism == "OAUTHBEARER" else "")
-        except poplib.error_proto as exc:
-            final = exc.args[0] if exc.args and isinstance(exc.args[0], bytes) else b""
-            if response_code(final) in _TRANSIENT_CODES:  # busy, not a verdict on the token
-                raise self._from_err_reply("login", final) from None
-        except ProtocolError:
-            pass
-        raise AuthError(f"login rejected ({mechanism}): {details}", account=login.name)
 
     def _secrets(self) -> tuple[str, ...]:
         pop = self._pop

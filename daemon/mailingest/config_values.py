@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 from mailingest.errors import ConfigError
-from mailingest.masking import MIN_SECRET_LENGTH
 
 _SECRET_KEYS = ("env", "file", "credential")
 _NUMBER_RE = re.compile(r"\d+(?:\.\d+)?")
@@ -307,13 +306,6 @@ def _read_secret(
 def _checked(t: Table, key: str, multiline: bool, secret: Secret) -> Secret:
     if not secret.value:
         raise t.error(key, f"the password ({secret.describe()}) is empty")
-    if len(secret.value) < MIN_SECRET_LENGTH:
-        # The log mask would have to hide every such letter or digit in every line.
-        raise t.error(
-            key,
-            f"the password ({secret.describe()}) has fewer than {MIN_SECRET_LENGTH} "
-            "characters: the logs could not mask it; use a longer one",
-        )
     if not multiline and ("\r" in secret.value or "\n" in secret.value):
         raise t.error(
             key,

@@ -18,9 +18,9 @@ from collections.abc import Iterable
 _AUTH_LINE = re.compile(
     r"\b(PASS|AUTH(?:\s+(?:PLAIN|LOGIN|XOAUTH2|OAUTHBEARER|CRAM-MD5))?|APOP)\s+\S+"
 )
-#: The shortest secret the mask knows (config refuses shorter ones): every form of one has
-#: this many first characters to index it by, and a shorter one would mask letters or
-#: digits in every line.
+#: The shortest secret the mask knows: every form of one has this many first characters to
+#: index it by. A shorter one is accepted (the server decides what a password may be) but
+#: not masked: it cannot be told apart from the letters or digits of every line.
 MIN_SECRET_LENGTH = 3
 _PREFIX = MIN_SECRET_LENGTH
 
@@ -43,8 +43,7 @@ class Secrets:
         self._adding = threading.Lock()  # two registrations at once must not lose one
 
     def add(self, values: Iterable[str]) -> None:
-        """Remember ``values``; shorter ones than MIN_SECRET_LENGTH (which config refuses,
-        as secrets anywhere) are left out."""
+        """Remember ``values``; ones shorter than MIN_SECRET_LENGTH are left out (see there)."""
         wanted = {v for v in values if len(v) >= _PREFIX}
         with self._adding:
             fresh = wanted - self.values

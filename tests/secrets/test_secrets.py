@@ -421,6 +421,8 @@ LISTINGS = {
     "malformed-line": b"-ERR unknown command " + b"x" * 40 + f" PASS={ECHOED}".encode(),
     # The id of a UIDL line is not ASCII: "non-ASCII UIDL id".
     "non-ascii-id": b"1 " + "é".encode() * 30 + ECHOED.encode(),
+    # A LIST line whose size is not a number: "malformed LIST line".
+    "list-size": b"1 " + b"9" * 60 + f"PASS={ECHOED}".encode(),
 }
 
 
@@ -432,13 +434,15 @@ def test_a_listing_line_quoted_in_an_error_is_masked_before_it_is_cut(
     is masked before the cut, or the cut leaves its head, which no mask recognises."""
     line = LISTINGS[name]
     assert len(line) > 80 and line.index(ECHOED.encode()) < 70  # the cut is in the password
-    faults = Faults(reply_override={"UIDL": b"+OK\r\n" + line + b"\r\n.\r\n"})
+    verb = "LIST" if name == "list-size" else "UIDL"
+    faults = Faults(reply_override={verb: b"+OK\r\n" + line + b"\r\n.\r\n"})
     with ThreadedPop3Server([ScriptedMailbox("alice", ECHOED, [b"x\r\n"])], faults) as server:
         config = _config_with(tmp_path, _scripted(server.port, password=ECHOED))
         run = Setup(config, {}, tmp_path).run("-v", "--log-format", "json", "fetch", "--json")
     run.check()
     error = json.loads(run.stdout)["accounts"][0]["error"]
-    assert ("malformed UIDL line" if name == "malformed-line" else "non-ASCII UIDL id") in error
+    wanted = {"malformed-line": "malformed UIDL line", "list-size": "malformed LIST line"}
+    assert wanted.get(name, "non-ASCII UIDL id") in error
     assert "***" in error, error
     for where in (run.stdout, run.stderr):
         assert ECHOED[:8].encode() not in where, where.decode(errors="replace")

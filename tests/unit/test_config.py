@@ -440,18 +440,17 @@ def test_empty_literal_password_is_refused(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    ("password", "environ"),
-    [('{ env = "A_PW" }', {"A_PW": "7"}), ('{ env = "A_PW" }', {"A_PW": "é1"}), ('"ab"', {})],
-    ids=["one-digit", "two-characters", "literal"],
+    ("password", "environ", "value"),
+    [('{ env = "A_PW" }', {"A_PW": "7"}, "7"), ('"ab"', {}, "ab")],
+    ids=["one-digit", "literal"],
 )
-def test_a_secret_too_short_for_the_log_mask_is_refused_naming_the_account(
-    tmp_path: Path, password: str, environ: dict[str, str]
+def test_a_secret_too_short_for_the_log_mask_is_accepted(
+    tmp_path: Path, password: str, environ: dict[str, str], value: str
 ) -> None:
-    """The log mask knows secrets of 3 characters or more: a shorter one would be printed
-    as is, so it is refused where it is read, never left unmasked."""
-    err = fails(tmp_path, acct(password=password), environ)
-    assert f"{A}.password" in str(err) and "fewer than 3 characters" in str(err), str(err)
-    assert load(tmp_path, acct(), {"A_PW": "abc"}).accounts[0].password.reveal() == "abc"
+    """The server decides what a password may be: one too short for the log mask (which
+    would hide those characters in every line) is still read, as is."""
+    config = load(tmp_path, acct(password=password), environ)
+    assert config.accounts[0].password.reveal() == value
 
 
 @pytest.mark.parametrize("mode", [0o640, 0o604, 0o620])

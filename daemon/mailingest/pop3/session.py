@@ -36,6 +36,7 @@ from mailingest.pop3.wire import (
     Sink,
     capa_lines,
     parse_pair,
+    quoted,
     reply_text,
     response_code,
     stream_body,
@@ -318,7 +319,8 @@ class Pop3Session:
         for line in lines:
             num, size = parse_pair(line, self.login.name, "LIST")
             if not size.isdigit():
-                raise ProtocolError(f"malformed LIST line {line[:80]!r}", account=self.login.name)
+                text = quoted(line, self._secrets())  # masked before it is cut
+                raise ProtocolError(f"malformed LIST line {text}", account=self.login.name)
             out[num] = int(size)
         return out
 

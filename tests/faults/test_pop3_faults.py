@@ -137,15 +137,16 @@ async def test_plain_err_at_login_is_auth_failed(store: Store, pop3d: Pop3d) -> 
     ("reply", "status"),
     [("-ERR no such user", "auth_failed"), ("-ERR [SYS/TEMP] x", "temp_failed")],
 )
-async def test_refused_user_in_a_pipelined_login_is_reported_as_such(
+async def test_refused_user_is_reported_and_no_pass_follows(
     store: Store, reply: str, status: str, pop3d: Pop3d
 ) -> None:
-    """USER and PASS share a write where PIPELINING is offered: a refused USER is the error
-    reported (PASS's reply read too), and nothing after the login is sent."""
+    """USER and PASS go lock-step even where PIPELINING is offered: a refused USER is the
+    error reported, and the password is never sent."""
     server = await pop3d([mailbox(MESSAGES)], Faults(err_on={"USER": reply}))
     result = await fetch(account(server.port), store)
     assert_failed(result, status)
     assert reply.removeprefix("-ERR ") in (result.error or "")
+    assert server.commands_seen("PASS") == 0
     assert server.commands_seen("UIDL") == 0 and server.commands_seen("RETR") == 0
     assert server.errors == []
     assert await stored_hashes(store) == []

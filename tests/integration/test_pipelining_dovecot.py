@@ -221,9 +221,9 @@ def test_pipelined_and_lockstep_fetches_store_identical_bytes(
 
 @pytest.mark.parametrize("strip", [False, True], ids=["pipelined", "lockstep"])
 def test_round_trips_after_the_login(tmp_path: Path, mailbox: Mailbox, strip: bool) -> None:
-    """Pipelined, USER and PASS go in one write (nothing after PASS in it: Courier loses
-    that), the CAPA after the login goes out with UIDL and LIST, and every DELE of a session
-    in one write; lock-step, each command waits for the reply before it."""
+    """Pipelined, the CAPA after the login goes out with UIDL and LIST, and every DELE of a
+    session in one write; lock-step, each command waits for the reply before it. USER and
+    PASS go lock-step either way (in one write they meet Dovecot's Nagle stall)."""
     count = 240  # under the listing size that makes a second session look for more
     mailbox.deliver_many(make_message(i) for i in range(count))
     with pop3_proxy(mailbox.dovecot.port, strip_pipelining=strip) as proxy:
@@ -236,16 +236,12 @@ def test_round_trips_after_the_login(tmp_path: Path, mailbox: Mailbox, strip: bo
     dele = [w for w in writes if w.startswith(b"DELE")]
     assert sum(w.count(b"DELE ") for w in dele) == count
     logins = [w for w in writes if w.startswith((b"USER", b"PASS"))]
+    assert [w[:5] for w in logins] == [b"USER ", b"PASS "] * writes.count(b"QUIT\r\n")
     if strip:
-        assert [w[:5] for w in logins] == [b"USER ", b"PASS "] * writes.count(b"QUIT\r\n")
         after_pass = writes[[w[:4] for w in writes].index(b"PASS") + 1 :]
         assert after_pass[:3] == [b"CAPA\r\n", b"UIDL\r\n", b"LIST\r\n"], after_pass[:3]
         assert len(dele) == count
     else:
-        assert len(logins) == writes.count(b"QUIT\r\n"), [w[:5] for w in logins]
-        for login in logins:
-            user, password, rest = login.split(b"\r\n")
-            assert user.startswith(b"USER ") and password.startswith(b"PASS ") and rest == b""
         assert b"CAPA\r\nUIDL\r\nLIST\r\n" in writes, writes[:6]
         assert writes.count(b"CAPA\r\n") == 1  # the one before the login
         assert len(dele) == 1, [len(w) for w in dele]  # a window holds 256

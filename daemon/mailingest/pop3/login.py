@@ -6,7 +6,6 @@ everything here runs in the session's worker thread on its poplib object.
 
 from __future__ import annotations
 
-import contextlib
 import poplib
 from collections.abc import Callable
 
@@ -19,23 +18,14 @@ from mailingest.sasl import OAUTH2_MECHANISMS, oauthbearer, xoauth2
 TRANSIENT_CODES = {"SYS/TEMP", "IN-USE", "LOGIN-DELAY"}
 
 
-def user_pass(pop: BoundedLines, login: Pop3Login, *, pipelined: bool) -> None:
-    """USER and PASS: in one write where the server pipelines (a round trip less, as
-    mpop does), nothing after PASS in that write (Courier loses what follows PASS)."""
-    if not pipelined:
-        pop.user(login.username)
-        pop.pass_(login.password())
-        return
-    pop.sock.sendall(f"USER {login.username}\r\nPASS {login.password()}\r\n".encode())
-    try:
-        pop._getresp()
-    except poplib.error_proto:
-        # USER refused: PASS's reply (an -ERR too) is read so that the session stays in
-        # step; the USER refusal is the one reported.
-        with contextlib.suppress(poplib.error_proto):
-            pop._getresp()
-        raise
-    pop._getresp()
+def user_pass(pop: BoundedLines, login: Pop3Login) -> None:
+    """USER, then PASS once USER is answered: never in one write, even where the server
+    pipelines. Dovecot answers USER at once and PASS after its auth, two writes; the second
+    waits (Nagle) for the ACK of the first, which the client's kernel delays (40 ms) as it
+    has nothing to send: 43 ms for the pair in one write against 4 ms lock-step, measured
+    on loopback (and Courier loses what follows PASS in the same write)."""
+    pop.user(login.username)
+    pop.pass_(login.password())
 
 
 def mechanism(login: Pop3Login, capabilities: Capabilities) -> str:

@@ -218,7 +218,7 @@ class Pop3Session:
         with self._translate("login"):
             pop = self._conn()
             if login.sasl is None:
-                user_pass(pop, login, pipelined=self.capabilities.has("PIPELINING"))
+                user_pass(pop, login)
             else:
                 self.mechanism = mechanism(login, self.capabilities)
                 sasl(pop, login, self.mechanism, lambda reply: self._from_err_reply("login", reply))

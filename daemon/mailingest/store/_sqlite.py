@@ -106,6 +106,8 @@ class SqliteDatabase(Database):
         return [tuple(r) for r in await self._db.execute_fetchall(sql, args)]
 
     async def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
+        if isinstance(rows, Sequence) and not rows:
+            return  # a trip to SQLite's thread for nothing (a batch without links, labels...)
         # A generator is consumed in SQLite's thread: one row in memory at a time.
         await self._db.executemany(sql, rows)
 

@@ -185,46 +185,64 @@ async def retag_changed(
     if not todo:
         return changed
     async with db.write("re-tagging after a settings change"):
+        # Only mail can need new tags or labels: an account without any (every account of a
+        # new store, where this ran once per account) just has its settings recorded.
+        with_mail = {
+            str(r[0])
+            for r in await db.fetch_in(
+                "SELECT DISTINCT account FROM messages WHERE account IN ({marks})", sorted(todo)
+            )
+        }
+        recorded: list[tuple[str, str, str | None]] = []
         for name, snap in todo.items():
             label = policies[name].magnet_label
-            old_label = known.get(name, (None, None))[1]
-            if name in force:  # whatever label the mail got: only this one stays
-                # (`label <> ?`, not IS DISTINCT FROM: SQLite before 3.39 lacks it)
-                others, args = ("label <> ? AND ", (label, name)) if label else ("", (name,))
-                await db.execute(
-                    f"DELETE FROM message_labels WHERE {others}message IN"
-                    " (SELECT id FROM messages WHERE account = ?)",
-                    args,
-                )
-            elif old_label and old_label != label:
-                await db.execute(
-                    "DELETE FROM message_labels WHERE label = ? AND message IN"
-                    " (SELECT id FROM messages WHERE account = ?)",
-                    (old_label, name),
-                )
-            if label:
-                await db.execute(
-                    "INSERT INTO message_labels (message, label)"
-                    " SELECT DISTINCT r.message, ? FROM message_records r"
-                    " JOIN messages m ON m.id = r.message WHERE m.account = ?"
-                    " AND m.direction = 'in' ON CONFLICT DO NOTHING",
-                    (label, name),
-                )
             before = known.get(name, (None,))[0]
-            if name in force or before != snap:
-                retagged = await _retag(db, "m.account = ?", [name], policies)
-                if before is not None and before != snap:
-                    asked = await _asked_by(db, name, snap)
-                    who = (actors or {}).get(name) or asked or actor
-                    await _audit_settings(db, who, name, before, snap, retagged)
-            await db.execute(
-                "INSERT INTO account_settings (account, snapshot, magnet_label)"
-                " VALUES (?,?,?) ON CONFLICT (account) DO UPDATE SET"
-                " snapshot = excluded.snapshot, magnet_label = excluded.magnet_label",
-                (name, snap, label),
-            )
+            retagged = 0
+            if name in with_mail:
+                await _relabel(db, name, label, known.get(name, (None, None))[1], name in force)
+                if name in force or before != snap:
+                    retagged = await _retag(db, "m.account = ?", [name], policies)
+            if before is not None and before != snap:
+                asked = await _asked_by(db, name, snap)
+                who = (actors or {}).get(name) or asked or actor
+                await _audit_settings(db, who, name, before, snap, retagged)
+            recorded.append((name, snap, label))
             changed.append(name)
+        await db.executemany(
+            "INSERT INTO account_settings (account, snapshot, magnet_label)"
+            " VALUES (?,?,?) ON CONFLICT (account) DO UPDATE SET"
+            " snapshot = excluded.snapshot, magnet_label = excluded.magnet_label",
+            recorded,
+        )
     return changed
+
+
+async def _relabel(
+    db: Database, name: str, label: str | None, old_label: str | None, forced: bool
+) -> None:
+    """The account's customer mail carries its magnet label, and no label it had before."""
+    if forced:  # whatever label the mail got: only this one stays
+        # (`label <> ?`, not IS DISTINCT FROM: SQLite before 3.39 lacks it)
+        others, args = ("label <> ? AND ", (label, name)) if label else ("", (name,))
+        await db.execute(
+            f"DELETE FROM message_labels WHERE {others}message IN"
+            " (SELECT id FROM messages WHERE account = ?)",
+            args,
+        )
+    elif old_label and old_label != label:
+        await db.execute(
+            "DELETE FROM message_labels WHERE label = ? AND message IN"
+            " (SELECT id FROM messages WHERE account = ?)",
+            (old_label, name),
+        )
+    if label:
+        await db.execute(
+            "INSERT INTO message_labels (message, label)"
+            " SELECT DISTINCT r.message, ? FROM message_records r"
+            " JOIN messages m ON m.id = r.message WHERE m.account = ?"
+            " AND m.direction = 'in' ON CONFLICT DO NOTHING",
+            (label, name),
+        )
 
 
 async def _asked_by(db: Database, account: str, snapshot: str) -> str | None:

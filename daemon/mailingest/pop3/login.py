@@ -11,11 +11,9 @@ from collections.abc import Callable
 
 from mailingest.errors import AuthError, Pop3Error, ProtocolError
 from mailingest.model import Pop3Login
+from mailingest.pop3.replies import TRANSIENT_CODES
 from mailingest.pop3.wire import BoundedLines, Capabilities, response_code, sasl_error
 from mailingest.sasl import OAUTH2_MECHANISMS, oauthbearer, xoauth2
-
-#: -ERR codes that say "busy, try later", not "wrong credentials".
-TRANSIENT_CODES = {"SYS/TEMP", "IN-USE", "LOGIN-DELAY"}
 
 
 def user_pass(pop: BoundedLines, login: Pop3Login) -> None:

@@ -14,11 +14,9 @@ import socket
 import ssl
 import threading
 from collections.abc import Callable, Generator, Iterable, Iterator
-from datetime import UTC, datetime, timedelta
 
 from mailingest.errors import (
     AuthError,
-    LoginDelayError,
     MailIngestError,
     Pop3Error,
     ProtocolError,
@@ -27,7 +25,8 @@ from mailingest.errors import (
     UnavailableError,
 )
 from mailingest.model import Pop3Login
-from mailingest.pop3.login import TRANSIENT_CODES, mechanism, sasl, user_pass
+from mailingest.pop3.login import mechanism, sasl, user_pass
+from mailingest.pop3.replies import typed_error
 from mailingest.pop3.wire import (
     SSLPOP3,
     BoundedLines,
@@ -38,7 +37,6 @@ from mailingest.pop3.wire import (
     parse_pair,
     quoted,
     reply_text,
-    response_code,
     stream_body,
 )
 from mailingest.tls import client_context
@@ -48,9 +46,6 @@ PIPELINE_WINDOW = 256
 #: DELE commands sent in one write when it does: a reply is one short line, so a window's
 #: replies (~10 KiB) fit the socket buffers while the commands are still being written.
 DELE_WINDOW = 256
-
-#: Seconds to wait after ``-ERR [LOGIN-DELAY]`` when CAPA named no delay (Gmail's 300 s).
-DEFAULT_LOGIN_DELAY = 300
 
 
 def make_tls_context(login: Pop3Login) -> ssl.SSLContext:
@@ -129,27 +124,17 @@ class Pop3Session:
             ) from exc
 
     def _from_err_reply(self, phase: str, reply: bytes) -> Pop3Error:
-        """Type an ``-ERR`` reply by its response code and the phase it came in."""
-        name = self.login.name
-        code = response_code(reply)
-        text = reply_text(reply, self._secrets())
-        if code == "LOGIN-DELAY":
+        """Type an ``-ERR`` reply (see replies); one that ends the session drops it."""
+        error, drop = typed_error(
+            phase,
+            reply,
+            account=self.login.name,
+            login_delay=self.capabilities.login_delay,
+            secrets=self._secrets(),
+        )
+        if drop:
             self._discard()
-            wait = self.capabilities.login_delay or DEFAULT_LOGIN_DELAY
-            retry_at = datetime.now(UTC) + timedelta(seconds=wait)
-            return LoginDelayError(
-                f"the server refuses logins this soon (LOGIN-DELAY): {text}",
-                account=name,
-                retry_at=retry_at.isoformat(),
-            )
-        if code in TRANSIENT_CODES:
-            self._discard()
-            return TemporaryError(f"server busy during {phase}: {text}", account=name)
-        if code == "AUTH" or phase == "login":
-            return AuthError(f"login rejected: {text}", account=name)
-        if phase in {"greeting", "stls"}:
-            self._discard()
-        return ProtocolError(f"{phase} failed: {text}", account=name)
+        return error
 
     def _discard(self) -> None:
         """Close the socket without QUIT: the server then applies no DELE of this session."""

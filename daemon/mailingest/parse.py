@@ -80,7 +80,22 @@ def decode_text(value: str) -> str:
     return _clean(" ".join("".join(words).split()))
 
 
+#: An address header holding one plain address, bare or after a simple display name: most
+#: mail. Such values are read with this (the address is group 1 or 2) instead of the email
+#: package's address parser, which walks the text a character at a time in Python (40 % of
+#: a message's header parse); ``tests/unit/test_parse.py`` checks both agree.
+_ATOMS = r"[A-Za-z0-9_%+-]+(?:\.[A-Za-z0-9_%+-]+)*"
+_ADDRESS = rf"{_ATOMS}@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*"
+_SIMPLE = re.compile(
+    rf"[ \t]*(?:({_ADDRESS})|[A-Za-z0-9_'-]+(?:[ .]+[A-Za-z0-9_'-]+)*[ ]*<({_ADDRESS})>)[ \t]*"
+)
+
+
 def _addresses(values: Iterable[str]) -> tuple[str, ...]:
+    values = list(values)
+    simple = [_SIMPLE.fullmatch(v) for v in values]
+    if all(simple):
+        return tuple(m.group(1) or m.group(2) for m in simple if m)
     import email.utils
 
     try:

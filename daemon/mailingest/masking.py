@@ -21,8 +21,7 @@ _AUTH_LINE = re.compile(
 #: The shortest secret the mask knows: every form of one has this many first characters to
 #: index it by. A shorter one is accepted (the server decides what a password may be) but
 #: not masked: it cannot be told apart from the letters or digits of every line.
-MIN_SECRET_LENGTH = 3
-_PREFIX = MIN_SECRET_LENGTH
+_PREFIX = 3
 
 
 #: The forms that start with the same characters: their lengths, longest first, and them.
@@ -43,7 +42,7 @@ class Secrets:
         self._adding = threading.Lock()  # two registrations at once must not lose one
 
     def add(self, values: Iterable[str]) -> None:
-        """Remember ``values``; ones shorter than MIN_SECRET_LENGTH are left out (see there)."""
+        """Remember ``values``; ones shorter than _PREFIX are left out (see there)."""
         wanted = {v for v in values if len(v) >= _PREFIX}
         with self._adding:
             fresh = wanted - self.values

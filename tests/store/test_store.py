@@ -7,12 +7,14 @@ import dataclasses
 import hashlib
 import io
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 
 from mailingest.errors import StoreError
 from mailingest.model import AccountPolicy, Facts, Headers, NewMessage, Record, StoredAccount
 from mailingest.store import CHUNK, Store
+from mailingest.store._sqlite import SqliteDatabase
 from support import StoreAt
 
 POLICY = AccountPolicy(tagger=lambda facts: ("private", "unmatched"))
@@ -311,3 +313,32 @@ async def test_a_records_messages_come_newest_first_page_by_page_however_they_we
             break
         before = (page[-1].date or page[-1].received_at, page[-1].id)
     assert pages == [m.id for m in listed]
+
+
+async def test_sqlite_fsyncs_mail_commits_and_lets_bookkeeping_skip_the_flush(
+    tmp_path: Path,
+) -> None:
+    """SQLite only: PostgreSQL flushes every commit. WAL's NORMAL level survives a crash of
+    the process (the kill tests), not a power cut; it is used for bookkeeping alone."""
+    db = await SqliteDatabase.open(tmp_path / "mail.db")
+
+    async def level(durable: bool) -> int:
+        async with db.write("bookkeeping", durable=durable):
+            row = await db.fetchone("PRAGMA synchronous")
+        assert row is not None
+        return int(row[0])
+
+    try:
+        full, normal = 2, 1
+        assert await level(True) == full
+        assert [await level(False), await level(False), await level(True)] == [normal] * 2 + [full]
+        # BEGIN refused (another process writes): the level is unknown, set again next time.
+        await db.execute("PRAGMA busy_timeout = 50")
+        with (
+            StoreAt(tmp_path / "mail.db").write_locked(),
+            pytest.raises(StoreError, match="locked"),
+        ):
+            await level(False)
+        assert await level(True) == full
+    finally:
+        await db.close()

@@ -136,7 +136,9 @@ class Database(abc.ABC):
         backend without notifications does nothing: they poll)."""
 
     @abc.abstractmethod
-    async def _begin(self, write: bool) -> None: ...
+    async def _begin(self, write: bool, durable: bool = True) -> None:
+        """BEGIN; a write that is not ``durable`` may skip the flush to disk at its COMMIT
+        (a backend that always flushes ignores it)."""
 
     @abc.abstractmethod
     def _driver_errors(self) -> tuple[type[BaseException], ...]: ...
@@ -157,14 +159,20 @@ class Database(abc.ABC):
         return rows
 
     @contextlib.asynccontextmanager
-    async def write(self, what: str) -> AsyncIterator[None]:
-        """One write transaction (committed durably, or rolled back whole)."""
+    async def write(self, what: str, *, durable: bool = True) -> AsyncIterator[None]:
+        """One write transaction, committed whole or rolled back whole.
+
+        ``durable=False`` is for bookkeeping that a power cut may undo without harm (leases,
+        poll results, the schedule): its COMMIT need not reach the disk before returning.
+        It is never reordered after a later durable commit, which flushes it too; anything
+        about mail (messages, the ledger, deletions) stays durable.
+        """
         with self.mapped(what):
             async with self._lock:
                 try:
                     # Inside the try: a cancel while BEGIN waits still gets its ROLLBACK
                     # queued behind it, so the connection never stays in a transaction.
-                    await self._begin(write=True)
+                    await self._begin(write=True, durable=durable)
                     yield
                 except BaseException:
                     with contextlib.suppress(*self._driver_errors()):
@@ -189,12 +197,14 @@ class Database(abc.ABC):
                         await self.execute("COMMIT")
 
     @contextlib.asynccontextmanager
-    async def statement(self, what: str, *, write: bool) -> AsyncIterator[None]:
+    async def statement(
+        self, what: str, *, write: bool, durable: bool = True
+    ) -> AsyncIterator[None]:
         """A block that runs exactly one statement: without BEGIN and COMMIT where that is
         as safe (reads; writes where ``atomic_statements``), one round trip instead of three.
-        The hot path of a poll is made of these."""
+        The hot path of a poll is made of these. ``durable``: as in ``write``."""
         if write and not self.atomic_statements:
-            async with self.write(what):
+            async with self.write(what, durable=durable):
                 yield
             return
         with self.mapped(what):

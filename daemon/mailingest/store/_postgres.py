@@ -273,7 +273,9 @@ class PostgresDatabase(Database):
                 await self._conn.close()
             self._conn = None
 
-    async def _begin(self, write: bool) -> None:
+    async def _begin(self, write: bool, durable: bool = True) -> None:
+        # Every COMMIT is flushed (synchronous_commit on): a SET LOCAL to skip it for
+        # bookkeeping would cost the round trip it saves.
         await self.execute("BEGIN" if write else _SNAPSHOT)
 
     def _driver_errors(self) -> tuple[type[BaseException], ...]:

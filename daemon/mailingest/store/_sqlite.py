@@ -61,6 +61,8 @@ class SqliteDatabase(Database):
         self.path = path
         self.spool_dir = path.parent
         self._readers = ReaderPool(self._connect_reader, _out_of_transaction, size=READERS)
+        #: The connection's synchronous level as last set; None: not known.
+        self._synchronous: str | None = None
 
     def __repr__(self) -> str:
         return f"<SQLite {self.path}>"
@@ -86,8 +88,10 @@ class SqliteDatabase(Database):
     async def _setup(self) -> None:
         await self.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
         await self.execute("PRAGMA journal_mode = WAL")
-        # FULL: every COMMIT is fsynced, so a committed message survives power loss too.
+        # FULL: a COMMIT is fsynced, so a committed message survives power loss too;
+        # bookkeeping writes switch to NORMAL for their transaction (``_begin``).
         await self.execute("PRAGMA synchronous = FULL")
+        self._synchronous = "FULL"
         await self.execute("PRAGMA foreign_keys = ON")
         async with self.write(f"migrating {self.path}"):
             row = await self.fetchone("PRAGMA user_version")
@@ -171,9 +175,21 @@ class SqliteDatabase(Database):
         finally:
             await self._db.close()
 
-    async def _begin(self, write: bool) -> None:
+    async def _begin(self, write: bool, durable: bool = True) -> None:
         # IMMEDIATE: the write lock up front, so no upgrade deadlock between processes.
-        await self.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+        if not write:
+            await self.execute("BEGIN")
+            return
+        # WAL with synchronous NORMAL: the COMMIT is not fsynced, but it is never lost
+        # ahead of an earlier one, and the next FULL commit (or checkpoint) syncs it too.
+        # The level is set in BEGIN's trip, and only when it changes.
+        level = "FULL" if durable else "NORMAL"
+        if level == self._synchronous:
+            await self.execute("BEGIN IMMEDIATE")
+            return
+        self._synchronous = None  # unknown until the PRAGMA is known to have run
+        await self._db.executescript(f"PRAGMA synchronous = {level}; BEGIN IMMEDIATE")
+        self._synchronous = level
 
     def _driver_errors(self) -> tuple[type[BaseException], ...]:
         return (sqlite3.Error,)

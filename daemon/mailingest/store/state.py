@@ -1,4 +1,10 @@
-"""Per-account state: leases, login pacing, poll results, the daemon's pause and schedule."""
+"""Per-account state: leases, login pacing, poll results, the daemon's pause and schedule.
+
+Leases, login pacing, poll results and the schedule are written without waiting for the
+disk (``durable=False``): a power cut may take back the last of them, which costs at most
+a poll's status or one login too early, never mail. The auth pause stays durable: losing
+it would try a refused password again.
+"""
 
 from __future__ import annotations
 
@@ -42,7 +48,7 @@ async def take_poll(
     at = _iso(due[0]) if due else ""
     expired: str | None = None  # a holder seen with its lease expired: taken if still so
     for _ in range(3):  # a refusal explained by nothing any more: the row changed between
-        async with db.statement("taking the account lease", write=True):
+        async with db.statement("taking the account lease", write=True, durable=False):
             rows = await db.fetchall(
                 "INSERT INTO account_state (account, next_poll, lease_holder, lease_expires)"
                 " VALUES (?,?,?,?) ON CONFLICT (account) DO UPDATE SET"
@@ -88,7 +94,7 @@ def _iso(when: datetime) -> str:
 
 async def renew_lease(db: Database, account: str, holder: str, ttl: float) -> None:
     # Locked: typed, so the fetch reports temp_failed.
-    async with db.statement("renewing the account lease", write=True):
+    async with db.statement("renewing the account lease", write=True, durable=False):
         await db.execute(
             "UPDATE account_state SET lease_expires = ? WHERE account = ? AND lease_holder = ?",
             (time.time() + ttl, account, holder),
@@ -97,7 +103,7 @@ async def renew_lease(db: Database, account: str, holder: str, ttl: float) -> No
 
 async def release_lease(db: Database, account: str, holder: str) -> None:
     # Locked: the lease then expires on its own.
-    async with db.statement("releasing the account lease", write=True):
+    async with db.statement("releasing the account lease", write=True, durable=False):
         await db.execute(
             "UPDATE account_state SET lease_holder = NULL, lease_expires = NULL"
             " WHERE account = ? AND lease_holder = ?",
@@ -115,7 +121,7 @@ async def next_login(db: Database, account: str) -> datetime | None:
 
 async def set_next_login(db: Database, account: str, when: datetime | None) -> None:
     """Remember the earliest next login that the server's LOGIN-DELAY allows."""
-    async with db.write("recording the next allowed login"):
+    async with db.write("recording the next allowed login", durable=False):
         await db.execute(_ENSURE, (account,))
         await db.execute(
             "UPDATE account_state SET next_login = ? WHERE account = ?",
@@ -136,7 +142,7 @@ async def record_poll(
     """Record a poll's result and release ``holder``'s lease, in one statement; the next
     login LOGIN-DELAY allows (ISO UTC), read in the same breath."""
     failed = result is not Status.OK
-    async with db.statement("recording the poll result", write=True):
+    async with db.statement("recording the poll result", write=True, durable=False):
         rows = await db.fetchall(
             "INSERT INTO account_state (account, owner, last_poll, result, error, new,"
             " consecutive_failures) VALUES (?,?,?,?,?,?,?)"
@@ -244,7 +250,7 @@ async def pause_key(db: Database, account: str) -> str | None:
 
 async def set_next_polls(db: Database, when: dict[str, datetime | None]) -> None:
     """The next poll of each account (ISO 8601 UTC, or none), in one transaction."""
-    async with db.write("recording the next polls"):
+    async with db.write("recording the next polls", durable=False):
         await db.executemany(_ENSURE, [(name,) for name in when])
         await db.executemany(
             "UPDATE account_state SET next_poll = ? WHERE account = ?",

@@ -119,6 +119,25 @@ async def test_a_poll_is_claimed_once_until_it_is_due_again(store: Store) -> Non
     assert (await store.take_poll("acct", "h4", 60)).taken
 
 
+async def test_a_daemon_starting_never_moves_back_a_next_poll_another_one_claimed(
+    store: Store,
+) -> None:
+    """A starting daemon plans its first polls from the states it read; a poll claimed
+    since (next poll an interval ahead) keeps its next poll, or it was polled twice."""
+    now = datetime.now(UTC)
+    soon, later = now + timedelta(seconds=2), now + timedelta(minutes=5)
+    seen: dict[str, str | None] = {"acct": None, "new": None}  # read: neither has a state
+    assert (await store.take_poll("acct", "h1", 60, due=(now, later))).taken  # another daemon
+    await store.set_next_polls({"acct": soon, "new": soon}, seen=seen)
+    states = await store.account_states()
+    assert states["acct"].next_poll == later.isoformat(timespec="seconds")
+    assert states["new"].next_poll == soon.isoformat(timespec="seconds")
+    assert not (await store.take_poll("acct", "h2", 60, due=(soon, later))).taken
+    # A plan made from what the store holds now is written.
+    await store.set_next_polls({"acct": soon}, seen={"acct": states["acct"].next_poll})
+    assert (await store.account_states())["acct"].next_poll == soon.isoformat(timespec="seconds")
+
+
 async def test_a_lease_is_held_by_one_holder_until_released_expired_or_its_holder_is_dead(
     store: Store,
 ) -> None:

@@ -69,8 +69,10 @@ class Roster:
             first[account.name] = None if runner.paused else now + timedelta(seconds=delay)
             self.active[account.name] = runner
             runner.start(delay)
+        # Only where no other daemon claimed a poll since ``states`` was read.
+        seen = {name: (states[name].next_poll if name in states else None) for name in first}
         with contextlib.suppress(StoreError):
-            await self.host.store.set_next_polls(first)
+            await self.host.store.set_next_polls(first, seen=seen)
 
     async def apply(
         self, accounts: Sequence[Account]

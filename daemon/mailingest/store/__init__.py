@@ -246,8 +246,10 @@ class Store:
     async def pause_key(self, account: str) -> str | None:
         return await state.pause_key(self._db, account)
 
-    async def set_next_polls(self, when: dict[str, datetime | None]) -> None:
-        await state.set_next_polls(self._db, when)
+    async def set_next_polls(
+        self, when: dict[str, datetime | None], *, seen: dict[str, str | None] | None = None
+    ) -> None:
+        await state.set_next_polls(self._db, when, seen=seen)
 
     # -- accounts kept in the database -------------------------------------------------------
 

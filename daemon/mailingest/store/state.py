@@ -248,13 +248,29 @@ async def pause_key(db: Database, account: str) -> str | None:
     return str(row[0]) if row is not None and row[0] is not None else None
 
 
-async def set_next_polls(db: Database, when: dict[str, datetime | None]) -> None:
-    """The next poll of each account (ISO 8601 UTC, or none), in one transaction."""
+async def set_next_polls(
+    db: Database, when: dict[str, datetime | None], *, seen: dict[str, str | None] | None = None
+) -> None:
+    """The next poll of each account (ISO 8601 UTC, or none), in one transaction.
+
+    ``seen``: the next polls as read when the plan was made; an account's is then changed
+    only if it still holds that value. A daemon starting reads every account's state, plans
+    its first polls and writes them: meanwhile another daemon may have claimed a poll,
+    which moved the next one an interval ahead, and must not be moved back (the account
+    would be polled twice within seconds).
+    """
     async with db.write("recording the next polls", durable=False):
         await db.executemany(_ENSURE, [(name,) for name in when])
+        if seen is None:
+            await db.executemany(
+                "UPDATE account_state SET next_poll = ? WHERE account = ?",
+                [(_iso(t) if t else None, name) for name, t in when.items()],
+            )
+            return
         await db.executemany(
-            "UPDATE account_state SET next_poll = ? WHERE account = ?",
-            [(_iso(t) if t else None, name) for name, t in when.items()],
+            "UPDATE account_state SET next_poll = ?"
+            " WHERE account = ? AND coalesce(next_poll, '') = ?",
+            [(_iso(t) if t else None, name, seen.get(name) or "") for name, t in when.items()],
         )
 
 

@@ -14,6 +14,7 @@ import pytest
 from mailingest.errors import StoreError
 from mailingest.model import AccountPolicy, Facts, Headers, NewMessage, Record, StoredAccount
 from mailingest.store import CHUNK, Store
+from mailingest.store import _sqlite as sqlite_backend
 from mailingest.store._sqlite import SqliteDatabase
 from support import StoreAt
 
@@ -48,6 +49,44 @@ async def test_a_batch_of_small_and_multi_chunk_messages_is_stored_byte_exact(
         assert outcome.message is not None
         assert await raw(store, outcome.message) == expected
     assert sorted(m.size for m in await store.messages("alice")) == sorted(map(len, raws))
+
+
+class _BrokenSpool(io.BytesIO):
+    """A spool whose disk fails once its message row is in: after the first statements."""
+
+    def read(self, size: int | None = -1, /) -> bytes:
+        raise OSError(5, "Input/output error")
+
+
+async def test_a_batch_that_fails_midway_stores_nothing_and_the_next_one_goes_in(
+    store: Store,
+) -> None:
+    """A batch is one plan of statements: SQLite runs it whole in its thread (one trip),
+    PostgreSQL a statement a round trip; either way all of it or nothing."""
+    await _fail_midway_then_store(store)
+
+
+async def test_sqlite_runs_a_plan_a_statement_a_trip_where_aiosqlite_cannot_run_it_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # aiosqlite runs a function in its thread only through private names: if they go, a
+    # batch is still stored whole or not at all.
+    monkeypatch.setattr(sqlite_backend, "thread_runner", lambda db: None)
+    store = await Store.open(tmp_path / "mail.db")
+    try:
+        await _fail_midway_then_store(store)
+    finally:
+        await store.close()
+
+
+async def _fail_midway_then_store(store: Store) -> None:
+    broken = dataclasses.replace(item("u2", b"two"), spool=_BrokenSpool())
+    with pytest.raises(OSError, match="Input/output"):
+        await store.add_batch("acct", "alice", [item("u1", b"one"), broken], POLICY)
+    assert await store.ledger("acct") == {} and await store.messages("alice") == []
+    outcomes = await store.add_batch("acct", "alice", [item("u1", b"one")], POLICY)
+    assert [o.uidl for o in outcomes] == ["u1"] and set(await store.ledger("acct")) == {"u1"}
+    assert outcomes[0].message is not None and await raw(store, outcomes[0].message) == b"one"
 
 
 async def test_a_uidl_stored_once_and_renumbered_content_only_gets_a_ledger_row(

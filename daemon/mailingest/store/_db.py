@@ -11,7 +11,15 @@ import abc
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Iterator, Sequence
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterator,
+    Callable,
+    Generator,
+    Iterable,
+    Iterator,
+    Sequence,
+)
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
@@ -27,6 +35,71 @@ IN_LIST = 500
 
 Row = tuple[Any, ...]
 _T = TypeVar("_T")
+
+
+# -- plans: a write transaction written once, run by each backend its way ---------------------
+#
+# A plan is a generator that yields its statements one at a time, gets each one's result
+# back, and returns the transaction's result. PostgreSQL runs it from the event loop, a
+# round trip a statement as any other write; SQLite runs it whole in its database thread,
+# BEGIN to COMMIT in one trip (a trip to that thread costs about as much CPU as SQLite's
+# own work to store a message).
+
+
+class Fetch:
+    """The rows of one statement (sent back as a list of tuples)."""
+
+    __slots__ = ("args", "sql")
+
+    def __init__(self, sql: str, args: Sequence[Any] = ()) -> None:
+        self.sql, self.args = sql, args
+
+
+class Many:
+    """One statement a row; ``rows`` may be a generator, consumed where the plan runs."""
+
+    __slots__ = ("rows", "sql")
+
+    def __init__(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
+        self.sql, self.rows = sql, rows
+
+
+class NewIds:
+    """``count`` new message ids, ascending (sent back as a list)."""
+
+    __slots__ = ("count",)
+
+    def __init__(self, count: int) -> None:
+        self.count = count
+
+
+class Chunks:
+    """Raw message chunks (message, seq, data), one held in memory at a time."""
+
+    __slots__ = ("rows",)
+
+    def __init__(self, rows: Iterator[tuple[int, int, bytes]]) -> None:
+        self.rows = rows
+
+
+Step = Fetch | Many | NewIds | Chunks
+Plan = Generator[Step, Any, _T]
+
+
+def _one(sql: str, args: Sequence[Any]) -> Plan[list[Row]]:
+    rows: list[Row] = yield Fetch(sql, args)
+    return rows
+
+
+def fetch_in(sql: str, values: Sequence[Any], *before: Any) -> Plan[list[Row]]:
+    """A plan's ``Database.fetch_in``: ``sql`` with an ``IN ({marks})`` list, over
+    ``values`` in parts of at most IN_LIST; ``before`` binds the parameters ahead of it."""
+    rows: list[Row] = []
+    for part in parts(values):
+        marks = ",".join("?" * len(part))
+        found: list[Row] = yield Fetch(sql.format(marks=marks), (*before, *part))
+        rows.extend(found)
+    return rows
 
 
 class Reader(abc.ABC):
@@ -157,6 +230,37 @@ class Database(abc.ABC):
             marks = ",".join("?" * len(part))
             rows.extend(await self.fetchall(sql.format(marks=marks), (*before, *part)))
         return rows
+
+    async def write_one(
+        self, what: str, sql: str, args: Sequence[Any] = (), *, durable: bool = True
+    ) -> list[Row]:
+        """One write statement, atomic on its own; its rows (RETURNING). The hot path of a
+        poll (lease, result) is made of these: one round trip where the backend commits a
+        lone statement atomically, else one plan (on SQLite one trip to its thread)."""
+        if self.atomic_statements:
+            async with self.statement(what, write=True, durable=durable):
+                return await self.fetchall(sql, args)
+        return await self.run_plan(what, _one(sql, args), durable=durable)
+
+    async def run_plan(self, what: str, plan: Plan[_T], *, durable: bool = True) -> _T:
+        """``plan`` as one write transaction (see ``write``); its result."""
+        async with self.write(what, durable=durable):
+            sent: Any = None
+            while True:
+                try:
+                    step = plan.send(sent)
+                except StopIteration as done:
+                    return done.value  # type: ignore[no-any-return]
+                if isinstance(step, Fetch):
+                    sent = await self.fetchall(step.sql, step.args)
+                elif isinstance(step, NewIds):
+                    sent = await self.next_ids(step.count)
+                else:
+                    sent = None
+                    if isinstance(step, Many):
+                        await self.executemany(step.sql, step.rows)
+                    else:
+                        await self.insert_chunks(step.rows)
 
     @contextlib.asynccontextmanager
     async def write(self, what: str, *, durable: bool = True) -> AsyncIterator[None]:

@@ -186,6 +186,8 @@ class PostgresDatabase(Database):
     async def fetchall(self, sql: str, args: Sequence[Any] = ()) -> list[Row]:
         conn = await self._connection()
         cursor = await conn.execute(_placeholders(sql), tuple(args))
+        if cursor.description is None:
+            return []  # a write without RETURNING (a plan's step), as SQLite answers it
         return [tuple(r) for r in await cursor.fetchall()]
 
     async def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:

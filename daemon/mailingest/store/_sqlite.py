@@ -17,14 +17,26 @@ import fcntl
 import hashlib
 import os
 import sqlite3
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
 import aiosqlite
 
 from mailingest.errors import StoreError
-from mailingest.store._db import Database, Reader, Row, in_snapshot, store_error
+from mailingest.store._db import (
+    Database,
+    Fetch,
+    Many,
+    NewIds,
+    Plan,
+    Reader,
+    Row,
+    Step,
+    in_snapshot,
+    store_error,
+)
 from mailingest.store._readers import ReaderPool
 from mailingest.store._schema import SQLITE_MIGRATIONS
 
@@ -39,6 +51,9 @@ READ_MMAP_BYTES = 1024 * 1024 * 1024
 #: tail, one alone queued every read behind the slowest.
 READERS = 2
 _T = TypeVar("_T")
+#: New message ids are handed out as SQLite would (max + 1), under the write lock.
+_MAX_ID = "SELECT coalesce(max(id), 0) FROM messages"
+_CHUNKS = "INSERT INTO message_chunks (message, seq, data) VALUES (?,?,?)"
 
 
 def prepare_path(path: Path) -> None:
@@ -116,16 +131,55 @@ class SqliteDatabase(Database):
         await self._db.executemany(sql, rows)
 
     async def next_ids(self, count: int) -> list[int]:
-        # Handed out under the write lock BEGIN IMMEDIATE took, exactly as SQLite would
-        # (max + 1), so the rows can go in with executemany.
-        row = await self.fetchone("SELECT coalesce(max(id), 0) FROM messages")
-        first = int(row[0] if row else 0) + 1
-        return list(range(first, first + count))
+        return _ids_after(await self.fetchone(_MAX_ID), count)
 
     async def insert_chunks(self, rows: Iterator[tuple[int, int, bytes]]) -> None:
-        await self.executemany(
-            "INSERT INTO message_chunks (message, seq, data) VALUES (?,?,?)", rows
-        )
+        await self.executemany(_CHUNKS, rows)
+
+    async def run_plan(self, what: str, plan: Plan[_T], *, durable: bool = True) -> _T:
+        # Whole in aiosqlite's thread, BEGIN to COMMIT: one trip instead of one a statement;
+        # without a way to run it there, a statement a trip as on any backend.
+        runner = thread_runner(self._db)
+        if runner is None:
+            return await super().run_plan(what, plan, durable=durable)
+        run, conn = runner
+        with self.mapped(what):
+            async with self._lock:
+                # Cancelled, the thread still runs it to its end, committed or rolled back;
+                # what comes next on the connection is queued behind it.
+                result, commit_s = await run(self._run_plan, conn, plan, durable)
+        if self.observer is not None:
+            self.observer.committed(commit_s)
+        return result  # type: ignore[no-any-return]
+
+    def _run_plan(
+        self, conn: sqlite3.Connection, plan: Plan[_T], durable: bool
+    ) -> tuple[_T, float]:
+        """In the database thread: ``plan`` in one write transaction; its result and how
+        long its COMMIT took."""
+        level = "FULL" if durable else "NORMAL"
+        if level != self._synchronous:
+            self._synchronous = None
+            conn.execute(f"PRAGMA synchronous = {level}")
+            self._synchronous = level
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            sent: Any = None
+            while True:
+                try:
+                    step = plan.send(sent)
+                except StopIteration as done:
+                    result: _T = done.value
+                    break
+                sent = _step(conn, step)
+            started = time.perf_counter()
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")
+            raise
+        return result, time.perf_counter() - started
 
     @contextlib.asynccontextmanager
     async def exclusive(self, name: str) -> AsyncIterator[None]:
@@ -201,6 +255,38 @@ class _SqliteReader(Reader):
 
     def fetchall(self, sql: str, args: Sequence[Any] = ()) -> list[Row]:
         return self._conn.execute(sql, args).fetchall()
+
+
+def thread_runner(
+    db: aiosqlite.Connection,
+) -> tuple[Callable[..., Awaitable[Any]], sqlite3.Connection] | None:
+    """How to run a function in ``db``'s thread, on its sqlite3 connection, if this aiosqlite
+    has a way: only through private names (``_execute``, the method every call of its own
+    goes through, and ``_conn``)."""
+    run = getattr(db, "_execute", None)
+    conn = getattr(db, "_conn", None)
+    if not callable(run) or not isinstance(conn, sqlite3.Connection):
+        return None
+    return run, conn
+
+
+def _step(conn: sqlite3.Connection, step: Step) -> Any:
+    """One statement of a plan, in the database thread; what the plan gets back."""
+    if isinstance(step, Fetch):
+        return conn.execute(step.sql, step.args).fetchall()
+    if isinstance(step, NewIds):
+        return _ids_after(conn.execute(_MAX_ID).fetchone(), step.count)
+    if isinstance(step, Many):
+        if not isinstance(step.rows, Sequence) or step.rows:
+            conn.executemany(step.sql, step.rows)
+        return None
+    conn.executemany(_CHUNKS, step.rows)
+    return None
+
+
+def _ids_after(row: Row | None, count: int) -> list[int]:
+    first = int(row[0] if row else 0) + 1
+    return list(range(first, first + count))
 
 
 def _out_of_transaction(conn: sqlite3.Connection) -> bool:

@@ -7,7 +7,17 @@ from collections.abc import Iterable, Iterator, Sequence
 from typing import IO, Any
 
 from mailingest.model import AccountPolicy, LedgerEntry, NewMessage, StoreOutcome
-from mailingest.store._db import CHUNK, Database, facts, now_iso
+from mailingest.store._db import (
+    CHUNK,
+    Chunks,
+    Database,
+    Many,
+    NewIds,
+    Plan,
+    facts,
+    fetch_in,
+    now_iso,
+)
 
 
 async def ledger(db: Database, account: str) -> dict[str, LedgerEntry]:
@@ -27,70 +37,82 @@ async def add_batch(
 
     A UIDL already in the ledger (another process got there first) is skipped; content
     already stored for the account gets only a ledger row (servers that renumber UIDLs).
-    The batch costs a fixed number of statements, not a number per message: each one is
-    a round trip, and per-message trips cost more than the writes themselves.
+    The batch costs a fixed number of statements, not a number per message, and is one
+    plan (``Database.run_plan``): on SQLite a single trip to its thread.
     """
+    plan = _batch(account, owner, items, policy)
+    return await db.run_plan(f"storing mail of account {account!r}", plan)
+
+
+def _batch(
+    account: str, owner: str, items: Sequence[NewMessage], policy: AccountPolicy
+) -> Plan[list[StoreOutcome]]:
     outcomes: list[StoreOutcome] = []
     received = now_iso()
-    async with db.write(f"storing mail of account {account!r}"):
-        known = {
-            str(r[0])
-            for r in await db.fetch_in(
+    known = {
+        str(r[0])
+        for r in (
+            yield from fetch_in(
                 "SELECT uidl FROM ledger WHERE account = ? AND uidl IN ({marks})",
                 [item.uidl for item in items],
                 account,
             )
-        }
-        by_sha = {
-            str(r[0]): int(r[1])
-            for r in await db.fetch_in(
+        )
+    }
+    by_sha = {
+        str(r[0]): int(r[1])
+        for r in (
+            yield from fetch_in(
                 "SELECT sha256, id FROM messages WHERE account = ? AND sha256 IN ({marks})",
                 [item.sha256 for item in items],
                 account,
             )
-        }
-        # The owner's sent mail that the server returns (Gmail recent: mode) is a copy of
-        # what the CRM sent and stored, with other bytes: the same message, stored once.
-        by_mid = {
-            str(r[0]): int(r[1])
-            for r in await db.fetch_in(
+        )
+    }
+    # The owner's sent mail that the server returns (Gmail recent: mode) is a copy of what
+    # the CRM sent and stored, with other bytes: the same message, stored once.
+    by_mid = {
+        str(r[0]): int(r[1])
+        for r in (
+            yield from fetch_in(
                 "SELECT message_id, id FROM messages WHERE account = ? AND origin = 'crm'"
                 " AND message_id IN ({marks})",
                 sorted({i.headers.message_id for i in items if _sent_copy(i)}),
                 account,
             )
-        }
-        # New content gets a provisional id -n (its place in ``fresh``) until the ids are
-        # handed out; a UIDL twice in one batch is stored once.
-        fresh: list[NewMessage] = []
-        planned: list[tuple[str, int, bool]] = []
-        for item in items:
-            if item.uidl in known:
-                continue
-            known.add(item.uidl)
-            message_id = by_sha.get(item.sha256)
-            if message_id is None and _sent_copy(item):
-                message_id = by_mid.get(item.headers.message_id or "")
-            if message_id is None:
-                fresh.append(item)
-                message_id = by_sha[item.sha256] = -len(fresh)
-                planned.append((item.uidl, message_id, False))
-            else:
-                planned.append((item.uidl, message_id, True))
-        new_ids = await db.next_ids(len(fresh)) if fresh else []
-
-        def real(message_id: int) -> int:
-            return new_ids[-1 - message_id] if message_id < 0 else message_id
-
-        for uidl, message_id, duplicate in planned:
-            outcomes.append(StoreOutcome(uidl, real(message_id), duplicate))
-        if fresh:
-            numbered = list(zip(fresh, new_ids, strict=True))
-            await _insert(db, account, owner, numbered, received, policy)
-        await db.executemany(
-            "INSERT INTO ledger (account, uidl, message, first_seen) VALUES (?,?,?,?)",
-            [(account, o.uidl, o.message, received) for o in outcomes],
         )
+    }
+    # New content gets a provisional id -n (its place in ``fresh``) until the ids are
+    # handed out; a UIDL twice in one batch is stored once.
+    fresh: list[NewMessage] = []
+    planned: list[tuple[str, int, bool]] = []
+    for item in items:
+        if item.uidl in known:
+            continue
+        known.add(item.uidl)
+        message_id = by_sha.get(item.sha256)
+        if message_id is None and _sent_copy(item):
+            message_id = by_mid.get(item.headers.message_id or "")
+        if message_id is None:
+            fresh.append(item)
+            message_id = by_sha[item.sha256] = -len(fresh)
+            planned.append((item.uidl, message_id, False))
+        else:
+            planned.append((item.uidl, message_id, True))
+    new_ids: list[int] = (yield NewIds(len(fresh))) if fresh else []
+
+    def real(message_id: int) -> int:
+        return new_ids[-1 - message_id] if message_id < 0 else message_id
+
+    for uidl, message_id, duplicate in planned:
+        outcomes.append(StoreOutcome(uidl, real(message_id), duplicate))
+    if fresh:
+        numbered = list(zip(fresh, new_ids, strict=True))
+        yield from _insert(account, owner, numbered, received, policy)
+    yield Many(
+        "INSERT INTO ledger (account, uidl, message, first_seen) VALUES (?,?,?,?)",
+        [(account, o.uidl, o.message, received) for o in outcomes],
+    )
     return outcomes
 
 
@@ -99,28 +121,31 @@ def _sent_copy(item: NewMessage) -> bool:
     return item.origin != "crm" and item.direction == "out" and bool(item.headers.message_id)
 
 
-async def _insert(
-    db: Database,
+def _insert(
     account: str,
     owner: str,
     fresh: Sequence[tuple[NewMessage, int]],
     received: str,
     policy: AccountPolicy,
-) -> None:
+) -> Plan[None]:
     """Insert new messages with their raw chunks, addresses, links, tags and labels."""
     records_of: dict[str, set[str]] = {}
     # A mass mailing may list thousands of recipients: fetch_in splits the list.
-    for email, record in await db.fetch_in(
-        "SELECT email, record FROM record_emails WHERE email IN ({marks})",
-        sorted({a for item, _ in fresh for a in item.link}),
+    for email, record in (
+        yield from fetch_in(
+            "SELECT email, record FROM record_emails WHERE email IN ({marks})",
+            sorted({a for item, _ in fresh for a in item.link}),
+        )
     ):
         records_of.setdefault(str(email), set()).add(str(record))
     shared = {
         str(r[0])
-        for r in await db.fetch_in(
-            "SELECT record FROM shares WHERE owner = ? AND record IN ({marks})",
-            sorted({r for rs in records_of.values() for r in rs}),
-            owner,
+        for r in (
+            yield from fetch_in(
+                "SELECT record FROM shares WHERE owner = ? AND record IN ({marks})",
+                sorted({r for rs in records_of.values() for r in rs}),
+                owner,
+            )
         )
     }
     rows: list[tuple[Any, ...]] = []
@@ -168,20 +193,16 @@ async def _insert(
         links.extend((message_id, r, key) for r in records)
         if records and policy.magnet_label and item.direction == "in":  # customer mail
             labels.append((message_id, policy.magnet_label))
-    await db.executemany(
+    yield Many(
         "INSERT INTO messages (id, account, owner, direction, size, sha256, from_addr,"
         " to_addrs, cc_addrs, subject, date, message_id, visibility, reason, received_at,"
         " origin, quarantined, quarantine_reason) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
         rows,
     )
-    await db.insert_chunks(_all_chunks(fresh))
-    await db.executemany(
-        "INSERT INTO message_addresses (message, role, address) VALUES (?,?,?)", addresses
-    )
-    await db.executemany(
-        "INSERT INTO message_records (message, record, sort_key) VALUES (?,?,?)", links
-    )
-    await db.executemany("INSERT INTO message_labels (message, label) VALUES (?,?)", labels)
+    yield Chunks(_all_chunks(fresh))
+    yield Many("INSERT INTO message_addresses (message, role, address) VALUES (?,?,?)", addresses)
+    yield Many("INSERT INTO message_records (message, record, sort_key) VALUES (?,?,?)", links)
+    yield Many("INSERT INTO message_labels (message, label) VALUES (?,?)", labels)
 
 
 def _unique(rows: Iterable[tuple[int, str, str]]) -> list[tuple[int, str, str]]:

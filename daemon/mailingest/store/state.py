@@ -48,24 +48,25 @@ async def take_poll(
     at = _iso(due[0]) if due else ""
     expired: str | None = None  # a holder seen with its lease expired: taken if still so
     for _ in range(3):  # a refusal explained by nothing any more: the row changed between
-        async with db.statement("taking the account lease", write=True, durable=False):
-            rows = await db.fetchall(
-                "INSERT INTO account_state (account, next_poll, lease_holder, lease_expires)"
-                " VALUES (?,?,?,?) ON CONFLICT (account) DO UPDATE SET"
-                " next_poll = coalesce(excluded.next_poll, account_state.next_poll),"
-                " lease_holder = excluded.lease_holder, lease_expires = excluded.lease_expires"
-                " WHERE (? OR (account_state.paused = 0 AND (account_state.next_poll IS NULL"
-                " OR account_state.next_poll <= ? OR ?)))"
-                " AND (account_state.lease_holder IS NULL"
-                " OR account_state.lease_holder IN (?, ?)"
-                " OR (account_state.lease_holder = ? AND account_state.lease_expires < ?))"
-                " RETURNING next_login",
-                (
-                    *(account, until, holder, now + ttl),
-                    *(due is None, at, force),
-                    *(holder, stale or holder, expired or holder, now),
-                ),
-            )
+        rows = await db.write_one(
+            "taking the account lease",
+            "INSERT INTO account_state (account, next_poll, lease_holder, lease_expires)"
+            " VALUES (?,?,?,?) ON CONFLICT (account) DO UPDATE SET"
+            " next_poll = coalesce(excluded.next_poll, account_state.next_poll),"
+            " lease_holder = excluded.lease_holder, lease_expires = excluded.lease_expires"
+            " WHERE (? OR (account_state.paused = 0 AND (account_state.next_poll IS NULL"
+            " OR account_state.next_poll <= ? OR ?)))"
+            " AND (account_state.lease_holder IS NULL"
+            " OR account_state.lease_holder IN (?, ?)"
+            " OR (account_state.lease_holder = ? AND account_state.lease_expires < ?))"
+            " RETURNING next_login",
+            (
+                *(account, until, holder, now + ttl),
+                *(due is None, at, force),
+                *(holder, stale or holder, expired or holder, now),
+            ),
+            durable=False,
+        )
         if rows:
             took_over = stale is not None or expired is not None
             return Claim(taken=True, holder=holder, next_login=rows[0][0], took_over=took_over)
@@ -94,21 +95,23 @@ def _iso(when: datetime) -> str:
 
 async def renew_lease(db: Database, account: str, holder: str, ttl: float) -> None:
     # Locked: typed, so the fetch reports temp_failed.
-    async with db.statement("renewing the account lease", write=True, durable=False):
-        await db.execute(
-            "UPDATE account_state SET lease_expires = ? WHERE account = ? AND lease_holder = ?",
-            (time.time() + ttl, account, holder),
-        )
+    await db.write_one(
+        "renewing the account lease",
+        "UPDATE account_state SET lease_expires = ? WHERE account = ? AND lease_holder = ?",
+        (time.time() + ttl, account, holder),
+        durable=False,
+    )
 
 
 async def release_lease(db: Database, account: str, holder: str) -> None:
     # Locked: the lease then expires on its own.
-    async with db.statement("releasing the account lease", write=True, durable=False):
-        await db.execute(
-            "UPDATE account_state SET lease_holder = NULL, lease_expires = NULL"
-            " WHERE account = ? AND lease_holder = ?",
-            (account, holder),
-        )
+    await db.write_one(
+        "releasing the account lease",
+        "UPDATE account_state SET lease_holder = NULL, lease_expires = NULL"
+        " WHERE account = ? AND lease_holder = ?",
+        (account, holder),
+        durable=False,
+    )
 
 
 async def next_login(db: Database, account: str) -> datetime | None:
@@ -142,26 +145,27 @@ async def record_poll(
     """Record a poll's result and release ``holder``'s lease, in one statement; the next
     login LOGIN-DELAY allows (ISO UTC), read in the same breath."""
     failed = result is not Status.OK
-    async with db.statement("recording the poll result", write=True, durable=False):
-        rows = await db.fetchall(
-            "INSERT INTO account_state (account, owner, last_poll, result, error, new,"
-            " consecutive_failures) VALUES (?,?,?,?,?,?,?)"
-            " ON CONFLICT (account) DO UPDATE SET owner = excluded.owner,"
-            " last_poll = excluded.last_poll, result = excluded.result,"
-            " error = excluded.error, new = excluded.new,"
-            " consecutive_failures = CASE WHEN ? THEN account_state.consecutive_failures + 1"
-            " ELSE 0 END,"
-            # SET sees the row as it was: both test the holder before either clears it.
-            " lease_expires = CASE WHEN account_state.lease_holder = ? THEN NULL"
-            " ELSE account_state.lease_expires END,"
-            " lease_holder = CASE WHEN account_state.lease_holder = ? THEN NULL"
-            " ELSE account_state.lease_holder END"
-            " RETURNING next_login",
-            (
-                *(account, owner, now_iso(), str(result), error, new, int(failed)),
-                *(failed, holder, holder),
-            ),
-        )
+    rows = await db.write_one(
+        "recording the poll result",
+        "INSERT INTO account_state (account, owner, last_poll, result, error, new,"
+        " consecutive_failures) VALUES (?,?,?,?,?,?,?)"
+        " ON CONFLICT (account) DO UPDATE SET owner = excluded.owner,"
+        " last_poll = excluded.last_poll, result = excluded.result,"
+        " error = excluded.error, new = excluded.new,"
+        " consecutive_failures = CASE WHEN ? THEN account_state.consecutive_failures + 1"
+        " ELSE 0 END,"
+        # SET sees the row as it was: both test the holder before either clears it.
+        " lease_expires = CASE WHEN account_state.lease_holder = ? THEN NULL"
+        " ELSE account_state.lease_expires END,"
+        " lease_holder = CASE WHEN account_state.lease_holder = ? THEN NULL"
+        " ELSE account_state.lease_holder END"
+        " RETURNING next_login",
+        (
+            *(account, owner, now_iso(), str(result), error, new, int(failed)),
+            *(failed, holder, holder),
+        ),
+        durable=False,
+    )
     return rows[0][0] if rows else None
 
 

@@ -15,6 +15,7 @@ from mailingest.errors import StoreError
 from mailingest.model import AccountPolicy, Facts, Headers, NewMessage, Record, StoredAccount
 from mailingest.store import CHUNK, Store
 from mailingest.store import _sqlite as sqlite_backend
+from mailingest.store._db import Fetch, Plan
 from mailingest.store._sqlite import SqliteDatabase
 from support import StoreAt
 
@@ -175,6 +176,27 @@ async def test_a_daemon_starting_never_moves_back_a_next_poll_another_one_claime
     # A plan made from what the store holds now is written.
     await store.set_next_polls({"acct": soon}, seen={"acct": states["acct"].next_poll})
     assert (await store.account_states())["acct"].next_poll == soon.isoformat(timespec="seconds")
+
+
+async def test_a_lease_claim_cancelled_before_it_commits_leaves_no_lease_nor_a_moved_poll(
+    store: Store, store_at: StoreAt
+) -> None:
+    """A daemon stopping cancels a runner that is still claiming its poll: the claim must
+    leave nothing behind (a lease nobody releases, a next poll an interval ahead)."""
+    now = datetime.now(UTC)
+    later = now + timedelta(minutes=5)
+    with store_at.write_locked():  # another process writes: the claim waits for it
+        claim = asyncio.create_task(store.take_poll("acct", "h1", 60, due=(now, later)))
+        await asyncio.sleep(0.2)
+        claim.cancel()
+        await asyncio.sleep(0.2)  # the cancel is seen while the claim still waits
+    with pytest.raises(asyncio.CancelledError):
+        await claim
+    assert (await store.take_poll("acct", "h2", 60, due=(now, later))).taken
+    # The store is usable, and durable writes are fsynced as before (SQLite: the level the
+    # cancelled claim set is not taken for the one the next transaction needs).
+    await store.record_poll("acct", "alice", result="ok", error=None, new=0, holder="h2")
+    assert (await store.take_poll("acct", "h3", 60)).taken  # released by the record
 
 
 async def test_a_lease_is_held_by_one_holder_until_released_expired_or_its_holder_is_dead(
@@ -386,10 +408,27 @@ async def test_sqlite_fsyncs_mail_commits_and_lets_bookkeeping_skip_the_flush(
         assert row is not None
         return int(row[0])
 
+    def read_level() -> Plan[int]:
+        rows: list[tuple[int]] = yield Fetch("PRAGMA synchronous")
+        return rows[0][0]
+
+    async def planned(durable: bool) -> int:  # a plan runs whole in SQLite's thread
+        return await db.run_plan("bookkeeping", read_level(), durable=durable)
+
     try:
         full, normal = 2, 1
         assert await level(True) == full
         assert [await level(False), await level(False), await level(True)] == [normal] * 2 + [full]
+        assert [await planned(False), await level(True), await level(False)] == [
+            normal,
+            full,
+            normal,
+        ]
+        assert [await planned(True), await planned(False), await planned(True)] == [
+            full,
+            normal,
+            full,
+        ]
         # BEGIN refused (another process writes): the level is unknown, set again next time.
         await db.execute("PRAGMA busy_timeout = 50")
         with (
@@ -397,6 +436,12 @@ async def test_sqlite_fsyncs_mail_commits_and_lets_bookkeeping_skip_the_flush(
             pytest.raises(StoreError, match="locked"),
         ):
             await level(False)
+        assert await level(True) == full
+        with (
+            StoreAt(tmp_path / "mail.db").write_locked(),
+            pytest.raises(StoreError, match="locked"),
+        ):
+            await planned(False)
         assert await level(True) == full
     finally:
         await db.close()

@@ -245,22 +245,25 @@ class Database(abc.ABC):
     async def run_plan(self, what: str, plan: Plan[_T], *, durable: bool = True) -> _T:
         """``plan`` as one write transaction (see ``write``); its result."""
         async with self.write(what, durable=durable):
-            sent: Any = None
-            while True:
-                try:
-                    step = plan.send(sent)
-                except StopIteration as done:
-                    return done.value  # type: ignore[no-any-return]
-                if isinstance(step, Fetch):
-                    sent = await self.fetchall(step.sql, step.args)
-                elif isinstance(step, NewIds):
-                    sent = await self.next_ids(step.count)
-                else:
-                    sent = None
-                    if isinstance(step, Many):
-                        await self.executemany(step.sql, step.rows)
+            try:
+                sent: Any = None
+                while True:
+                    try:
+                        step = plan.send(sent)
+                    except StopIteration as done:
+                        return done.value  # type: ignore[no-any-return]
+                    if isinstance(step, Fetch):
+                        sent = await self.fetchall(step.sql, step.args)
+                    elif isinstance(step, NewIds):
+                        sent = await self.next_ids(step.count)
                     else:
-                        await self.insert_chunks(step.rows)
+                        sent = None
+                        if isinstance(step, Many):
+                            await self.executemany(step.sql, step.rows)
+                        else:
+                            await self.insert_chunks(step.rows)
+            finally:
+                plan.close()  # a step that failed leaves it suspended
 
     @contextlib.asynccontextmanager
     async def write(self, what: str, *, durable: bool = True) -> AsyncIterator[None]:
@@ -275,15 +278,16 @@ class Database(abc.ABC):
             async with self._lock:
                 try:
                     # Inside the try: a cancel while BEGIN waits still gets its ROLLBACK
-                    # queued behind it, so the connection never stays in a transaction.
+                    # queued behind it, so the connection never stays in a transaction;
+                    # nor does a COMMIT that failed (SQLite may leave it open).
                     await self._begin(write=True, durable=durable)
                     yield
+                    started = time.perf_counter()
+                    await self.execute("COMMIT")
                 except BaseException:
                     with contextlib.suppress(*self._driver_errors()):
                         await self.execute("ROLLBACK")
                     raise
-                started = time.perf_counter()
-                await self.execute("COMMIT")
                 if self.observer is not None:
                     self.observer.committed(time.perf_counter() - started)
 

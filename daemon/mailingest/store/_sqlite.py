@@ -17,6 +17,7 @@ import fcntl
 import hashlib
 import os
 import sqlite3
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from pathlib import Path
@@ -145,25 +146,37 @@ class SqliteDatabase(Database):
         run, conn = runner
         with self.mapped(what):
             async with self._lock:
-                # Cancelled, the thread still runs it to its end, committed or rolled back;
-                # what comes next on the connection is queued behind it.
-                result, commit_s = await run(self._run_plan, conn, plan, durable)
+                abandoned = threading.Event()
+                job = asyncio.ensure_future(run(self._run_plan, conn, plan, durable, abandoned))
+                try:
+                    result, commit_s = await asyncio.shield(job)
+                except asyncio.CancelledError:
+                    # The caller is gone: rolled back unless COMMIT already ran. The lock is
+                    # held until the thread is done with the connection, so nothing else
+                    # (a BEGIN choosing its synchronous level) runs on it before that.
+                    abandoned.set()
+                    while not job.done():
+                        with contextlib.suppress(asyncio.CancelledError):
+                            await asyncio.wait([job])
+                    if not job.cancelled():
+                        job.exception()  # seen: the caller gets its cancel, not this
+                    raise
         if self.observer is not None:
             self.observer.committed(commit_s)
         return result  # type: ignore[no-any-return]
 
     def _run_plan(
-        self, conn: sqlite3.Connection, plan: Plan[_T], durable: bool
+        self, conn: sqlite3.Connection, plan: Plan[_T], durable: bool, abandoned: threading.Event
     ) -> tuple[_T, float]:
         """In the database thread: ``plan`` in one write transaction; its result and how
-        long its COMMIT took."""
+        long its COMMIT took. Rolled back if ``abandoned`` is set before the COMMIT."""
         level = "FULL" if durable else "NORMAL"
-        if level != self._synchronous:
-            self._synchronous = None
-            conn.execute(f"PRAGMA synchronous = {level}")
-            self._synchronous = level
-        conn.execute("BEGIN IMMEDIATE")
         try:
+            if level != self._synchronous:
+                self._synchronous = None
+                conn.execute(f"PRAGMA synchronous = {level}")
+                self._synchronous = level
+            conn.execute("BEGIN IMMEDIATE")
             sent: Any = None
             while True:
                 try:
@@ -172,6 +185,8 @@ class SqliteDatabase(Database):
                     result: _T = done.value
                     break
                 sent = _step(conn, step)
+            if abandoned.is_set():
+                raise _Abandoned
             started = time.perf_counter()
             conn.execute("COMMIT")
         except BaseException:
@@ -179,6 +194,8 @@ class SqliteDatabase(Database):
                 with contextlib.suppress(sqlite3.Error):
                     conn.execute("ROLLBACK")
             raise
+        finally:
+            plan.close()  # its spool files are read no more
         return result, time.perf_counter() - started
 
     @contextlib.asynccontextmanager
@@ -236,14 +253,16 @@ class SqliteDatabase(Database):
             return
         # WAL with synchronous NORMAL: the COMMIT is not fsynced, but it is never lost
         # ahead of an earlier one, and the next FULL commit (or checkpoint) syncs it too.
-        # The level is set in BEGIN's trip, and only when it changes.
+        # Set only when it changes: a trip of its own (executescript would save it, but it
+        # first COMMITs a transaction a failed COMMIT may have left open).
         level = "FULL" if durable else "NORMAL"
         if level == self._synchronous:
             await self.execute("BEGIN IMMEDIATE")
             return
         self._synchronous = None  # unknown until the PRAGMA is known to have run
-        await self._db.executescript(f"PRAGMA synchronous = {level}; BEGIN IMMEDIATE")
+        await self.execute(f"PRAGMA synchronous = {level}")
         self._synchronous = level
+        await self.execute("BEGIN IMMEDIATE")
 
     def _driver_errors(self) -> tuple[type[BaseException], ...]:
         return (sqlite3.Error,)
@@ -255,6 +274,10 @@ class _SqliteReader(Reader):
 
     def fetchall(self, sql: str, args: Sequence[Any] = ()) -> list[Row]:
         return self._conn.execute(sql, args).fetchall()
+
+
+class _Abandoned(Exception):
+    """The caller of a plan was cancelled before its COMMIT."""
 
 
 def thread_runner(

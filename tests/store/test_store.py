@@ -16,8 +16,9 @@ from mailingest.model import AccountPolicy, Facts, Headers, NewMessage, Record, 
 from mailingest.store import CHUNK, Store
 from mailingest.store import _sqlite as sqlite_backend
 from mailingest.store._db import Fetch, Plan
+from mailingest.store._schema import SQLITE_MIGRATIONS
 from mailingest.store._sqlite import SqliteDatabase
-from support import StoreAt
+from support import StoreAt, run_sql
 
 POLICY = AccountPolicy(tagger=lambda facts: ("private", "unmatched"))
 
@@ -445,3 +446,22 @@ async def test_sqlite_fsyncs_mail_commits_and_lets_bookkeeping_skip_the_flush(
         assert await level(True) == full
     finally:
         await db.close()
+
+
+@pytest.mark.parametrize("start", [1, len(SQLITE_MIGRATIONS) - 1])
+async def test_an_older_sqlite_store_is_migrated_to_the_newest_schema_in_one_go(
+    tmp_path: Path, start: int
+) -> None:
+    path = tmp_path / "mail.db"
+    for number, script in enumerate(SQLITE_MIGRATIONS[:start], start=1):  # as they shipped
+        for statement in script.split(";"):
+            if statement.strip():
+                run_sql(path, statement)
+        run_sql(path, f"PRAGMA user_version = {number}")
+    store = await Store.open(path)
+    try:
+        outcomes = await store.add_batch("acct", "alice", [item("u1", b"one")], POLICY)
+        assert outcomes[0].message is not None
+    finally:
+        await store.close()
+    assert run_sql(path, "PRAGMA user_version") == [(len(SQLITE_MIGRATIONS),)]

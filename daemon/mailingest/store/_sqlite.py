@@ -109,14 +109,8 @@ class SqliteDatabase(Database):
         await self.execute("PRAGMA synchronous = FULL")
         self._synchronous = "FULL"
         await self.execute("PRAGMA foreign_keys = ON")
-        async with self.write(f"migrating {self.path}"):
-            row = await self.fetchone("PRAGMA user_version")
-            version = int(row[0]) if row else 0
-            for number, script in enumerate(SQLITE_MIGRATIONS[version:], start=version + 1):
-                for statement in script.split(";"):
-                    if statement.strip():
-                        await self.execute(statement)
-                await self.execute(f"PRAGMA user_version = {number}")
+        # One plan: a new store's schema is some 40 statements, one trip.
+        await self.run_plan(f"migrating {self.path}", _migrations())
 
     async def execute(self, sql: str, args: Sequence[Any] = ()) -> int:
         cursor = await self._db.execute(sql, args)
@@ -291,6 +285,17 @@ def thread_runner(
     if not callable(run) or not isinstance(conn, sqlite3.Connection):
         return None
     return run, conn
+
+
+def _migrations() -> Plan[None]:
+    """The migrations the file has not had yet, each recorded in ``user_version``."""
+    rows: list[Row] = yield Fetch("PRAGMA user_version")
+    version = int(rows[0][0]) if rows else 0
+    for number, script in enumerate(SQLITE_MIGRATIONS[version:], start=version + 1):
+        for statement in script.split(";"):
+            if statement.strip():
+                yield Fetch(statement)
+        yield Fetch(f"PRAGMA user_version = {number}")
 
 
 def _step(conn: sqlite3.Connection, step: Step) -> Any:

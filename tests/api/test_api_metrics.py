@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import random
 import resource
-import sqlite3
 import subprocess
 import sys
 import time
@@ -22,6 +21,7 @@ from daemon_support import WAIT
 from dovecot import Dovecot
 from mailingest.lease import lease_host
 from mailingest.metrics import NAMES
+from support import run_sql
 
 
 def scrape(world: ApiWorld) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -37,8 +37,10 @@ def scrape(world: ApiWorld) -> dict[tuple[str, tuple[tuple[str, str], ...]], flo
 
 
 def stored_rows(config: Path) -> list[tuple[int, int]]:
-    with sqlite3.connect(config.parent / "mail.db") as db:
-        return [tuple(r) for r in db.execute("SELECT id, size FROM messages")]
+    return [
+        (int(i), int(n))
+        for i, n in run_sql(config.parent / "mail.db", "SELECT id, size FROM messages")
+    ]
 
 
 def test_metrics_after_a_fetch_match_what_was_stored(tmp_path: Path, dovecot: Dovecot) -> None:
@@ -137,8 +139,7 @@ async def _load(world: ApiWorld, raws: list[bytes]) -> tuple[list[int], int]:
 
 
 def _count(config: Path) -> int:
-    with sqlite3.connect(config.parent / "mail.db") as db:
-        return int(db.execute("SELECT count(*) FROM messages").fetchone()[0])
+    return int(run_sql(config.parent / "mail.db", "SELECT count(*) FROM messages")[0][0])
 
 
 async def _get(
@@ -177,11 +178,13 @@ async def _one(
 
 
 def _set_lease(config: Path, account: str, holder: str) -> None:
-    with sqlite3.connect(config.parent / "mail.db") as db:
-        db.execute(
-            "INSERT INTO account_state (account, lease_holder, lease_expires) VALUES (?,?,?)",
-            (account, holder, time.time() + 60),
-        )
+    run_sql(
+        config.parent / "mail.db",
+        "INSERT INTO account_state (account, lease_holder, lease_expires) VALUES (?,?,?)",
+        account,
+        holder,
+        time.time() + 60,
+    )
 
 
 def _toml(value: Any) -> str:

@@ -17,6 +17,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))  # run as a script: the tests' builders
+from builders import served  # noqa: E402
+
 Case = tuple[str, bytes]
 
 
@@ -301,14 +304,6 @@ GROUPS: tuple[Callable[[], list[Case]], ...] = (
     field_cases,
     found_cases,
 )
-
-
-def served(raw: bytes) -> bytes:
-    """What a POP3 server serves for ``raw``: each LF-ended line CRLF-ended, a final CRLF."""
-    if not raw:
-        return b""
-    body = raw[:-1] if raw.endswith(b"\n") else raw
-    return b"".join(line.removesuffix(b"\r") + b"\r\n" for line in body.split(b"\n"))
 
 
 def corpus() -> dict[str, bytes]:

@@ -237,8 +237,8 @@ class Database(abc.ABC):
         """One write statement, atomic on its own; its rows (RETURNING). The hot path of a
         poll (lease, result) is made of these: one round trip where the backend commits a
         lone statement atomically, else one plan (on SQLite one trip to its thread)."""
-        if self.atomic_statements:
-            async with self.statement(what, write=True, durable=durable):
+        if self.atomic_statements:  # flushed at once whatever ``durable`` allows
+            async with self.statement(what, write=True):
                 return await self.fetchall(sql, args)
         return await self.run_plan(what, _one(sql, args), durable=durable)
 
@@ -305,14 +305,11 @@ class Database(abc.ABC):
                         await self.execute("COMMIT")
 
     @contextlib.asynccontextmanager
-    async def statement(
-        self, what: str, *, write: bool, durable: bool = True
-    ) -> AsyncIterator[None]:
+    async def statement(self, what: str, *, write: bool) -> AsyncIterator[None]:
         """A block that runs exactly one statement: without BEGIN and COMMIT where that is
-        as safe (reads; writes where ``atomic_statements``), one round trip instead of three.
-        The hot path of a poll is made of these. ``durable``: as in ``write``."""
+        as safe (reads; writes where ``atomic_statements``), one round trip instead of three."""
         if write and not self.atomic_statements:
-            async with self.write(what, durable=durable):
+            async with self.write(what):
                 yield
             return
         with self.mapped(what):

@@ -79,6 +79,8 @@ class SqliteDatabase(Database):
         self._readers = ReaderPool(self._connect_reader, _out_of_transaction, size=READERS)
         #: The connection's synchronous level as last set; None: not known.
         self._synchronous: str | None = None
+        #: How plans run whole in aiosqlite's thread; None: a statement a trip.
+        self._runner = thread_runner(db)
 
     def __repr__(self) -> str:
         return f"<SQLite {self.path}>"
@@ -134,10 +136,9 @@ class SqliteDatabase(Database):
     async def run_plan(self, what: str, plan: Plan[_T], *, durable: bool = True) -> _T:
         # Whole in aiosqlite's thread, BEGIN to COMMIT: one trip instead of one a statement;
         # without a way to run it there, a statement a trip as on any backend.
-        runner = thread_runner(self._db)
-        if runner is None:
+        if self._runner is None:
             return await super().run_plan(what, plan, durable=durable)
-        run, conn = runner
+        run, conn = self._runner
         with self.mapped(what):
             async with self._lock:
                 abandoned = threading.Event()
@@ -164,10 +165,8 @@ class SqliteDatabase(Database):
     ) -> tuple[_T, float]:
         """In the database thread: ``plan`` in one write transaction; its result and how
         long its COMMIT took. Rolled back if ``abandoned`` is set before the COMMIT."""
-        level = "FULL" if durable else "NORMAL"
         try:
-            if level != self._synchronous:
-                self._synchronous = None
+            if (level := self._level_change(durable)) is not None:
                 conn.execute(f"PRAGMA synchronous = {level}")
                 self._synchronous = level
             conn.execute("BEGIN IMMEDIATE")
@@ -245,18 +244,23 @@ class SqliteDatabase(Database):
         if not write:
             await self.execute("BEGIN")
             return
-        # WAL with synchronous NORMAL: the COMMIT is not fsynced, but it is never lost
-        # ahead of an earlier one, and the next FULL commit (or checkpoint) syncs it too.
-        # Set only when it changes: a trip of its own (executescript would save it, but it
+        # A trip of its own when the level changes (executescript would save it, but it
         # first COMMITs a transaction a failed COMMIT may have left open).
+        if (level := self._level_change(durable)) is not None:
+            await self.execute(f"PRAGMA synchronous = {level}")
+            self._synchronous = level
+        await self.execute("BEGIN IMMEDIATE")
+
+    def _level_change(self, durable: bool) -> str | None:
+        """The synchronous level a write needs, if the connection is not at it (then the
+        level is unknown until the caller has set it). WAL with NORMAL: the COMMIT is not
+        fsynced, but never lost ahead of an earlier one, and the next FULL commit (or a
+        checkpoint) syncs it too."""
         level = "FULL" if durable else "NORMAL"
         if level == self._synchronous:
-            await self.execute("BEGIN IMMEDIATE")
-            return
-        self._synchronous = None  # unknown until the PRAGMA is known to have run
-        await self.execute(f"PRAGMA synchronous = {level}")
-        self._synchronous = level
-        await self.execute("BEGIN IMMEDIATE")
+            return None
+        self._synchronous = None
+        return level
 
     def _driver_errors(self) -> tuple[type[BaseException], ...]:
         return (sqlite3.Error,)

@@ -265,16 +265,13 @@ async def set_next_polls(
     """
     async with db.write("recording the next polls", durable=False):
         await db.executemany(_ENSURE, [(name,) for name in when])
-        if seen is None:
-            await db.executemany(
-                "UPDATE account_state SET next_poll = ? WHERE account = ?",
-                [(_iso(t) if t else None, name) for name, t in when.items()],
-            )
-            return
         await db.executemany(
             "UPDATE account_state SET next_poll = ?"
-            " WHERE account = ? AND coalesce(next_poll, '') = ?",
-            [(_iso(t) if t else None, name, seen.get(name) or "") for name, t in when.items()],
+            " WHERE account = ? AND (? OR coalesce(next_poll, '') = ?)",
+            [
+                (_iso(t) if t else None, name, seen is None, (seen or {}).get(name) or "")
+                for name, t in when.items()
+            ],
         )
 
 

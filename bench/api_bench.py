@@ -105,8 +105,9 @@ def build(directory: Path, messages: int, records: int) -> Path:
                 ],
             )
             db.executemany(
-                "INSERT INTO message_records (message, record) VALUES (?, ?)",
-                [(n + 1, f"R{n % records}") for n in batch],
+                "INSERT INTO message_records (message, record, sort_key, owner, visibility)"
+                " VALUES (?, ?, '2026-12-06T10:00:00+00:00', 'alice', ?)",
+                [(n + 1, f"R{n % records}", "shared" if n % 2 else "private") for n in batch],
             )
             db.executemany(
                 "INSERT INTO message_addresses (message, role, address) VALUES (?, 'from', ?)",

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
-from typing import IO, Any, Protocol
+from typing import IO, Any, NamedTuple, Protocol
 
 
 class Status(StrEnum):
@@ -223,6 +223,15 @@ class StoredMessage:
             "quarantined": self.quarantine_reason is not None,
             "quarantine_reason": self.quarantine_reason,
         }
+
+
+class ListedMessage(NamedTuple):
+    """A message of the API's listing as the store made it: ``StoredMessage.to_json``'s
+    fields as JSON text, and its place in the listing (sort key, id) for the next cursor."""
+
+    json: str
+    key: str
+    id: int
 
 
 @dataclass(frozen=True, slots=True)

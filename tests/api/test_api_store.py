@@ -8,11 +8,13 @@ import asyncio
 import dataclasses
 import hashlib
 import io
+import json
+from typing import Any
 
 from mailingest.errors import StoreError
 from mailingest.model import AccountPolicy, ApiToken, Headers, NewMessage, Record
 from mailingest.store import Store
-from support import StoreAt
+from support import StoreAt, run_sql
 
 CUSTOM = AccountPolicy(
     tagger=lambda f: (
@@ -112,13 +114,94 @@ async def test_a_page_is_read_with_its_token_in_one_snapshot(store: Store) -> No
 
     token, page = await store.messages_for(digest, as_its_user, limit=1)
     assert token == made and asked == [made]
-    assert page == await store.messages("alice", limit=1) and len(page) == 1
+    listed = [m.to_json() for m in await store.messages("alice", limit=1)]
+    assert [json.loads(m.json) for m in page] == listed and len(page) == 1
     assert await store.messages_for(digest, lambda token: None) == (made, [])
     unknown = hashlib.sha256(b"other").hexdigest()
     assert await store.messages_for(unknown, as_its_user) == (None, [])
     assert await store.revoke_api_token(made.id)
     assert await store.messages_for(digest, as_its_user) == (None, [])
     assert asked == [made]
+
+
+async def test_the_listing_as_json_is_what_the_messages_make(
+    store: Store, store_at: StoreAt
+) -> None:
+    """The API's listing is JSON text made by the database: for every filter, it says
+    what ``StoredMessage.to_json`` says, field for field, and its keys page as the
+    messages' do. The data has what JSON must escape, several records and labels, a
+    quarantined message, missing fields, and a viewer who sees only the shared part."""
+    policies = {"acct": CUSTOM}
+    leads = [Record(f"L{n}", "lead", "", (f"l{n}@x.example",)) for n in range(3)]
+    await store.import_records(leads, policies)
+    odd = 'Ünïcødé "quoted" \\ back\tslash \x01\x1f € 𝄞 <\u2028>'
+    items = [
+        dataclasses.replace(
+            item(f"u{n}", date=None if n % 3 else f"2026-0{1 + n % 2}-01T00:00:00+00:00"),
+            senders=("l0@x.example", "l1@x.example") if n % 2 else ("l2@x.example",),
+            link=("l0@x.example", "l1@x.example") if n % 2 else ("l2@x.example",),
+            headers=Headers(
+                subject=odd if n == 1 else None if n == 2 else f"u{n}",
+                date=None if n % 3 else f"2026-0{1 + n % 2}-01T00:00:00+00:00",
+                from_addrs=("l0@x.example",) if n % 2 else (),
+                to=("alice@crm.example", odd) if n == 3 else (),
+                message_id=f"<u{n}@x.example>" if n % 2 else None,
+            ),
+            quarantine="larger than the account's size limit" if n == 4 else None,
+        )
+        for n in range(8)
+    ]
+    stored = await store.add_batch("acct", "alice", items, CUSTOM)
+    for label in ("zeta", "Zeta", "émile"):  # sorted by code point: Zeta, crm, zeta, émile
+        run_sql(
+            store_at,
+            "INSERT INTO message_labels (message, label) VALUES (?, ?)",
+            stored[1].message,
+            label,
+        )
+    assert await store.set_share("alice", "L1", True, policies, actor="alice")
+    digest = hashlib.sha256(b"tok").hexdigest()
+    await store.add_api_token("bob", digest, admin=False, act_for=True)
+    filters: list[dict[str, Any]] = [
+        {},
+        {"record": "L0"},
+        {"record": "L1"},
+        {"record": "L2"},
+        {"record": "nobody"},
+        {"account": "acct"},
+        {"label": "crm"},
+        {"label": "zeta"},
+        {"quarantined": True},
+        {"record": "L1", "label": "crm", "account": "acct"},
+    ]
+    for viewer in ("alice", "bob"):
+
+        def as_viewer(token: ApiToken, viewer: str = viewer) -> str:
+            return viewer
+
+        for where in filters:
+            expected = await store.messages(viewer, **where)
+            assert expected or viewer == "bob" or where == {"record": "nobody"}, where
+            _, listed = await store.messages_for(digest, as_viewer, **where)
+            assert [json.loads(m.json) for m in listed] == [m.to_json() for m in expected]
+            assert [m.id for m in listed] == [m.id for m in expected]
+            # Page by two with the listing's own keys: the same messages, in order.
+            paged: list[int] = []
+            before = None
+            for _ in range(10):
+                _, part = await store.messages_for(
+                    digest, as_viewer, limit=2, before=before, **where
+                )
+                if not part:
+                    break
+                paged += [m.id for m in part]
+                before = (part[-1].key, part[-1].id)
+            assert paged == [m.id for m in expected], (viewer, where)
+    shared = await store.messages("bob", record="L1")
+    assert shared and all(m.visibility == "shared" for m in shared)
+    [labelled] = [m for m in await store.messages("alice") if m.id == stored[1].message]
+    assert labelled.labels == ["Zeta", "crm", "zeta", "émile"]
+    assert len(labelled.records) == 2
 
 
 async def test_reads_neither_wait_for_a_write_under_way_nor_see_it(store: Store) -> None:

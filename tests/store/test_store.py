@@ -16,7 +16,7 @@ from mailingest.model import AccountPolicy, Facts, Headers, NewMessage, Record, 
 from mailingest.store import CHUNK, Store
 from mailingest.store import _sqlite as sqlite_backend
 from mailingest.store._db import Fetch, Plan
-from mailingest.store._schema import SQLITE_MIGRATIONS
+from mailingest.store._schema import POSTGRES_MIGRATIONS, SQLITE_MIGRATIONS
 from mailingest.store._sqlite import SqliteDatabase
 from support import StoreAt, run_sql
 
@@ -465,3 +465,67 @@ async def test_an_older_sqlite_store_is_migrated_to_the_newest_schema_in_one_go(
     finally:
         await store.close()
     assert run_sql(path, "PRAGMA user_version") == [(len(SQLITE_MIGRATIONS),)]
+
+
+async def test_links_learn_who_may_see_their_message_when_the_store_is_migrated(
+    store_at: StoreAt,
+) -> None:
+    """The migration that copies each message's owner and visibility onto its record links
+    (the index a record's page is read from), on a store of the schema before it."""
+    if store_at.backend == "sqlite":
+        scripts, done = SQLITE_MIGRATIONS[:-1], "PRAGMA user_version = {number}"
+    else:
+        scripts = POSTGRES_MIGRATIONS[:-1]
+        done = "INSERT INTO schema_version (version) VALUES ({number})"
+        store_at.query("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+    assert "visibility" in SQLITE_MIGRATIONS[-1] and "visibility" in POSTGRES_MIGRATIONS[-1]
+    for number, script in enumerate(scripts, start=1):
+        for statement in script.split(";"):
+            if statement.strip():
+                store_at.query(statement)
+        store_at.query(done.format(number=number))
+    for message, visibility in ((1, "shared"), (2, "private")):
+        store_at.query(
+            "INSERT INTO messages (id, account, owner, direction, size, sha256, visibility,"
+            " reason, received_at) VALUES (?, 'acct', 'alice', 'in', 1, ?, ?, 'public', ?)",
+            (message, f"sha{message}", visibility, f"2026-12-0{message}T00:00:00+00:00"),
+        )
+        store_at.query(
+            "INSERT INTO message_records (message, record, sort_key) VALUES (?, 'R1', ?)",
+            (message, f"2026-12-0{message}T00:00:00+00:00"),
+        )
+    store = await store_at.open()
+    try:
+        assert [m.id for m in await store.messages("bob", record="R1")] == [1]
+        assert [m.id for m in await store.messages("alice", record="R1")] == [2, 1]
+    finally:
+        await store.close()
+    links = "SELECT message, owner, visibility FROM message_records ORDER BY message"
+    assert store_at.query(links) == [(1, "alice", "shared"), (2, "alice", "private")]
+
+
+async def test_a_retag_keeps_the_links_copy_of_who_may_see(store: Store, store_at: StoreAt) -> None:
+    """A share flag changes messages' visibility, and the copy on their record links with
+    it: a record's page is read from the links."""
+    custom = AccountPolicy(
+        tagger=lambda f: ("shared", "custom_shared") if f.owner_shared else ("private", "x")
+    )
+    policies = {"acct": custom}
+    await store.import_records([Record("L1", "lead", "", ("l@x.example",))], policies)
+    linked = dataclasses.replace(
+        item("u1", b"one"), senders=("l@x.example",), link=("l@x.example",)
+    )
+    await store.add_batch("acct", "alice", [linked], custom)
+    links = "SELECT owner, visibility FROM message_records"
+    assert store_at.query(links) == [("alice", "private")]
+    assert await store.messages("bob", record="L1") == []
+    assert await store.set_share("alice", "L1", True, policies, actor="alice")
+    assert store_at.query(links) == [("alice", "shared")]
+    assert len(await store.messages("bob", record="L1")) == 1
+    # A record that comes later links the message as it is tagged then.
+    await store.import_records([Record("L2", "lead", "", ("l@x.example",))], policies)
+    assert len(await store.messages("bob", record="L2")) == 1
+    await store.delete_record("L2", policies, actor="admin")
+    assert await store.set_share("alice", "L1", False, policies, actor="alice")
+    assert store_at.query(links) == [("alice", "private")]
+    assert await store.messages("bob", record="L1") == []

@@ -20,7 +20,7 @@ from mailingest.api.host import CALLER, caller_of, host_of
 from mailingest.crm import record_id_problem
 from mailingest.errors import MailIngestError
 from mailingest.logs import get_logger
-from mailingest.model import StoredMessage
+from mailingest.model import ListedMessage, StoredMessage
 from mailingest.sharing import may_see
 
 log = get_logger("mailingest.api")
@@ -69,18 +69,18 @@ async def list_messages(request: web.Request) -> web.Response:
     )
     request[CALLER] = caller_for(token, act_as)
     page = found[:limit]
-    more = len(found) > limit
-    return web.json_response(
-        {
-            "messages": [m.to_json() for m in page],
-            "next_cursor": encode_cursor(page[-1]) if more else None,
-        }
+    # The messages come as JSON text from the store: joined, not decoded and encoded again.
+    cursor = json.dumps(encode_cursor(page[-1]) if len(found) > limit else None)
+    listed = ",".join(m.json for m in page)
+    return web.Response(
+        text=f'{{"messages": [{listed}], "next_cursor": {cursor}}}',
+        content_type="application/json",
     )
 
 
-def encode_cursor(last: StoredMessage) -> str:
+def encode_cursor(last: ListedMessage) -> str:
     """Opaque to the caller: where the page ended, in the listing's order."""
-    key = json.dumps([last.date or last.received_at, last.id]).encode()
+    key = json.dumps([last.key, last.id]).encode()
     return base64.urlsafe_b64encode(key).decode().rstrip("=")
 
 

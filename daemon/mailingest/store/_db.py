@@ -20,6 +20,7 @@ from collections.abc import (
     Iterator,
     Sequence,
 )
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
@@ -102,9 +103,24 @@ def fetch_in(sql: str, values: Sequence[Any], *before: Any) -> Plan[list[Row]]:
     return rows
 
 
+@dataclass(frozen=True, slots=True)
+class JsonSql:
+    """How a backend writes JSON in SQL (``str.format`` templates). The API's listing
+    leaves the database as JSON text: building and encoding a page of 50 messages in Python
+    cost more than the rest of the request."""
+
+    object: str  # the function that makes an object of key, value, ... pairs
+    parse: str  # {}: a column holding JSON text, as JSON
+    flag: str  # {}: a condition, as true or false
+    strings: str  # {column} of {table}'s rows of message {message}, sorted, as an array
+    text: str  # {}: a JSON value, as text the driver returns as a str
+
+
 class Reader(abc.ABC):
     """The statements of one ``Database.snapshot``: run at once in a reader thread, all in
     one read transaction."""
+
+    json: JsonSql
 
     @abc.abstractmethod
     def fetchall(self, sql: str, args: Sequence[Any] = ()) -> list[Row]: ...

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from mailingest.errors import ConfigError, StoreError
-from mailingest.store._db import Database, Reader, Row, in_snapshot
+from mailingest.store._db import Database, JsonSql, Reader, Row, in_snapshot
 from mailingest.store._readers import ReaderPool
 from mailingest.store._schema import POSTGRES_MIGRATIONS
 
@@ -285,6 +285,16 @@ class PostgresDatabase(Database):
 
 
 class _PostgresReader(Reader):
+    # Sorted as Python sorts (code points), whatever the database's collation.
+    json = JsonSql(
+        object="json_build_object",
+        parse="({})::json",
+        flag="({})",
+        strings="(SELECT coalesce(json_agg({column} ORDER BY {column} COLLATE \"C\"), '[]')"
+        " FROM {table} WHERE message = {message})",
+        text="({})::text",
+    )
+
     def __init__(self, conn: psycopg.Connection[Any]) -> None:
         self._conn = conn
 

@@ -65,6 +65,21 @@ _ACCOUNT_CHANGED_BY = """
     ALTER TABLE accounts ADD COLUMN changed_to TEXT;
     """
 
+#: A link carries its message's owner and visibility too, in the index that lists a record:
+#: a viewer's page of a record is then found from the index alone, without reading every
+#: message of the record that the viewer may not see (a million stored: 1,000 a record).
+#: Re-tagging writes both tables (store/records.py).
+_RECORD_VISIBILITY = """
+    ALTER TABLE message_records ADD COLUMN owner TEXT NOT NULL DEFAULT '';
+    ALTER TABLE message_records ADD COLUMN visibility TEXT NOT NULL DEFAULT 'private';
+    UPDATE message_records SET
+        owner = (SELECT m.owner FROM messages m WHERE m.id = message_records.message),
+        visibility = (SELECT m.visibility FROM messages m WHERE m.id = message_records.message);
+    DROP INDEX message_records_sorted;
+    CREATE INDEX message_records_listed
+        ON message_records (record, sort_key, message, visibility, owner);
+    """
+
 SQLITE_MIGRATIONS: tuple[str, ...] = (
     # 1: messages, raw chunks, UIDL ledger, account state
     """
@@ -200,6 +215,8 @@ SQLITE_MIGRATIONS: tuple[str, ...] = (
     _RECORD_ORDER,
     # 10: who changed a stored account's sharing settings, for the audit
     _ACCOUNT_CHANGED_BY,
+    # 11: a record's messages a viewer may see, from its index alone
+    _RECORD_VISIBILITY,
 )
 
 #: The same tables for PostgreSQL. Its history starts at the schema SQLite reached with
@@ -332,4 +349,6 @@ POSTGRES_MIGRATIONS: tuple[str, ...] = (
     _RECORD_ORDER,
     # 8: as SQLite's migration 10
     _ACCOUNT_CHANGED_BY,
+    # 9: as SQLite's migration 11
+    _RECORD_VISIBILITY,
 )

@@ -29,6 +29,7 @@ from mailingest.errors import StoreError
 from mailingest.store._db import (
     Database,
     Fetch,
+    JsonSql,
     Many,
     NewIds,
     Plan,
@@ -267,6 +268,16 @@ class SqliteDatabase(Database):
 
 
 class _SqliteReader(Reader):
+    # A subquery's ORDER BY is kept under an aggregate other than count, min and max.
+    json = JsonSql(
+        object="json_object",
+        parse="json({})",
+        flag="json(CASE WHEN {} THEN 'true' ELSE 'false' END)",
+        strings="json((SELECT json_group_array(v) FROM"
+        " (SELECT {column} AS v FROM {table} WHERE message = {message} ORDER BY v)))",
+        text="{}",
+    )
+
     def __init__(self, conn: sqlite3.Connection) -> None:
         self._conn = conn
 

@@ -8,8 +8,8 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from mailingest.model import StoredMessage, UnmatchedSender
-from mailingest.store._db import Database, Reader, Row, parts
+from mailingest.model import ListedMessage, StoredMessage, UnmatchedSender
+from mailingest.store._db import Database, JsonSql, Reader, Row, parts
 
 _COLUMNS = (
     "m.id, m.account, m.owner, m.direction, m.from_addr, m.to_addrs, m.cc_addrs, m.subject,"
@@ -45,19 +45,35 @@ async def messages(db: Database, viewer: str, listing: Listing) -> list[StoredMe
 def page(reader: Reader, *, viewer: str, listing: Listing) -> list[StoredMessage]:
     """``messages`` inside a snapshot: the listing, then its labels and records, in one
     read transaction."""
-    sql = f"SELECT {_COLUMNS} FROM messages m WHERE (m.owner = ? OR m.visibility = 'shared')"
+    _, sql, args = _listing(viewer, listing)
+    return _complete(reader, reader.fetchall(f"SELECT {_COLUMNS} {sql}", args))
+
+
+def page_json(reader: Reader, *, viewer: str, listing: Listing) -> list[ListedMessage]:
+    """``page`` as the API sends it, each message as JSON text made by the database."""
+    key, sql, args = _listing(viewer, listing)
+    rows = reader.fetchall(f"SELECT {_as_json(reader.json)}, {key}, m.id {sql}", args)
+    return [ListedMessage(*r) for r in rows]
+
+
+def _listing(viewer: str, listing: Listing) -> tuple[str, str, list[Any]]:
+    """``listing`` as ``viewer`` sees it, newest first: its sort key, the SELECT's text
+    from FROM on, and its arguments."""
+    seen = "(m.owner = ? OR m.visibility = 'shared')"
+    sql = f"FROM messages m WHERE {seen}"
     args: list[Any] = [viewer]
     key, order = _KEY, f"{_KEY} DESC, m.id DESC"
     if listing.record is not None:
-        # Start from the record's few links. Left to itself SQLite starts from the owner
-        # and visibility indexes and visits every shared message; CROSS JOIN fixes the
-        # loop order.
+        # Start from the record's links, in the order of their index, which also says who
+        # may see each (the messages the viewer may not see are never read). Left to itself
+        # SQLite starts from the owner and visibility indexes and visits every shared
+        # message; CROSS JOIN fixes the loop order. The message's own columns decide.
         sql = (
-            f"SELECT {_COLUMNS} FROM message_records r CROSS JOIN messages m"
-            " WHERE r.record = ? AND m.id = r.message"
-            " AND (m.owner = ? OR m.visibility = 'shared')"
+            "FROM message_records r CROSS JOIN messages m"
+            " WHERE r.record = ? AND (r.owner = ? OR r.visibility = 'shared')"
+            f" AND m.id = r.message AND {seen}"
         )
-        args = [listing.record, viewer]
+        args = [listing.record, viewer, viewer]
         key, order = "r.sort_key", "r.sort_key DESC, r.message DESC"  # the index's order
     if listing.account is not None:
         sql += " AND m.account = ?"
@@ -73,7 +89,36 @@ def page(reader: Reader, *, viewer: str, listing: Listing) -> list[StoredMessage
     sql += f" ORDER BY {order}"
     if listing.limit:
         sql += f" LIMIT {int(listing.limit)}"
-    return _complete(reader, reader.fetchall(sql, args))
+    return key, sql, args
+
+
+@functools.cache
+def _as_json(j: JsonSql) -> str:
+    """One message (``m``) as ``StoredMessage.to_json`` makes it, in SQL."""
+    strings = functools.partial(j.strings.format, message="m.id")
+    fields = {
+        "id": "m.id",
+        "account": "m.account",
+        "owner": "m.owner",
+        "direction": "m.direction",
+        "from": "m.from_addr",
+        "to": j.parse.format("m.to_addrs"),
+        "cc": j.parse.format("m.cc_addrs"),
+        "subject": "m.subject",
+        "date": "m.date",
+        "message_id": "m.message_id",
+        "records": strings(column="record", table="message_records"),
+        "visibility": "m.visibility",
+        "reason": "m.reason",
+        "labels": strings(column="label", table="message_labels"),
+        "size": "m.size",
+        "sha256": "m.sha256",
+        "received_at": "m.received_at",
+        "quarantined": j.flag.format("m.quarantine_reason IS NOT NULL"),
+        "quarantine_reason": "m.quarantine_reason",
+    }
+    pairs = ", ".join(f"'{key}', {value}" for key, value in fields.items())
+    return j.text.format(f"{j.object}({pairs})")
 
 
 async def unmatched(db: Database, owner: str) -> list[UnmatchedSender]:

@@ -104,10 +104,10 @@ def build(directory: Path, messages: int, records: int) -> Path:
                     for n in batch
                 ],
             )
-            db.executemany(
-                "INSERT INTO message_records (message, record, sort_key, owner, visibility)"
-                " VALUES (?, ?, '2026-12-06T10:00:00+00:00', 'alice', ?)",
-                [(n + 1, f"R{n % records}", "shared" if n % 2 else "private") for n in batch],
+            db.executemany(  # the store's triggers copy what a record's page reads
+                "INSERT INTO message_records (message, record, sort_key)"
+                " VALUES (?, ?, '2026-12-06T10:00:00+00:00')",
+                [(n + 1, f"R{n % records}") for n in batch],
             )
             db.executemany(
                 "INSERT INTO message_addresses (message, role, address) VALUES (?, 'from', ?)",

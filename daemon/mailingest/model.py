@@ -225,13 +225,14 @@ class StoredMessage:
         }
 
 
-class ListedMessage(NamedTuple):
-    """A message of the API's listing as the store made it: ``StoredMessage.to_json``'s
-    fields as JSON text, and its place in the listing (sort key, id) for the next cursor."""
+class ListedPage(NamedTuple):
+    """A page of the API's listing as the store made it: a JSON array of the messages,
+    each with ``StoredMessage.to_json``'s fields; where the next page starts (the last
+    message's sort key and id), if there is one."""
 
     json: str
-    key: str
-    id: int
+    found: int  # messages in it
+    next: tuple[str, int] | None
 
 
 @dataclass(frozen=True, slots=True)

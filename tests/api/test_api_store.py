@@ -12,7 +12,7 @@ import json
 from typing import Any
 
 from mailingest.errors import StoreError
-from mailingest.model import AccountPolicy, ApiToken, Headers, NewMessage, Record
+from mailingest.model import AccountPolicy, ApiToken, Headers, ListedPage, NewMessage, Record
 from mailingest.store import Store
 from support import StoreAt, run_sql
 
@@ -115,12 +115,13 @@ async def test_a_page_is_read_with_its_token_in_one_snapshot(store: Store) -> No
     token, page = await store.messages_for(digest, as_its_user, limit=1)
     assert token == made and asked == [made]
     listed = [m.to_json() for m in await store.messages("alice", limit=1)]
-    assert [json.loads(m.json) for m in page] == listed and len(page) == 1
-    assert await store.messages_for(digest, lambda token: None) == (made, [])
+    assert json.loads(page.json) == listed and page.found == 1
+    nothing = ListedPage("[]", 0, None)
+    assert await store.messages_for(digest, lambda token: None) == (made, nothing)
     unknown = hashlib.sha256(b"other").hexdigest()
-    assert await store.messages_for(unknown, as_its_user) == (None, [])
+    assert await store.messages_for(unknown, as_its_user) == (None, nothing)
     assert await store.revoke_api_token(made.id)
-    assert await store.messages_for(digest, as_its_user) == (None, [])
+    assert await store.messages_for(digest, as_its_user) == (None, nothing)
     assert asked == [made]
 
 
@@ -183,19 +184,20 @@ async def test_the_listing_as_json_is_what_the_messages_make(
             expected = await store.messages(viewer, **where)
             assert expected or viewer == "bob" or where == {"record": "nobody"}, where
             _, listed = await store.messages_for(digest, as_viewer, **where)
-            assert [json.loads(m.json) for m in listed] == [m.to_json() for m in expected]
-            assert [m.id for m in listed] == [m.id for m in expected]
-            # Page by two with the listing's own keys: the same messages, in order.
+            assert json.loads(listed.json) == [m.to_json() for m in expected]
+            assert (listed.found, listed.next) == (len(expected), None)
+            # Page by two with the listing's own keys: the same messages, in order; the
+            # last page says there is no next one, even when it is full.
             paged: list[int] = []
             before = None
             for _ in range(10):
                 _, part = await store.messages_for(
                     digest, as_viewer, limit=2, before=before, **where
                 )
-                if not part:
+                paged += [m["id"] for m in json.loads(part.json)]
+                if part.next is None:
                     break
-                paged += [m.id for m in part]
-                before = (part[-1].key, part[-1].id)
+                before = part.next
             assert paged == [m.id for m in expected], (viewer, where)
     shared = await store.messages("bob", record="L1")
     assert shared and all(m.visibility == "shared" for m in shared)

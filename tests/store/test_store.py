@@ -6,6 +6,7 @@ import asyncio
 import dataclasses
 import hashlib
 import io
+import json
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from mailingest.model import AccountPolicy, Facts, Headers, NewMessage, Record, 
 from mailingest.store import CHUNK, Store
 from mailingest.store import _sqlite as sqlite_backend
 from mailingest.store._db import Fetch, Plan
-from mailingest.store._schema import POSTGRES_MIGRATIONS, SQLITE_MIGRATIONS
+from mailingest.store._schema import POSTGRES_MIGRATIONS, SQLITE_MIGRATIONS, statements
 from mailingest.store._sqlite import SqliteDatabase
 from support import StoreAt, run_sql
 
@@ -467,22 +468,38 @@ async def test_an_older_sqlite_store_is_migrated_to_the_newest_schema_in_one_go(
     assert run_sql(path, "PRAGMA user_version") == [(len(SQLITE_MIGRATIONS),)]
 
 
+def listing_copies_hold(at: StoreAt) -> None:
+    """What triggers keep for a record's page (migration 11) says what the tables say:
+    each link's owner and visibility are its message's, each message's records and labels
+    (as JSON, sorted by code point) are its links' and labels'."""
+    links = at.query(
+        "SELECT r.message, r.owner, r.visibility, m.owner, m.visibility"
+        " FROM message_records r JOIN messages m ON m.id = r.message"
+    )
+    assert all(r[1:3] == r[3:5] for r in links), links
+    rows = at.query("SELECT id, records_json, labels_json FROM messages")
+    records = at.query("SELECT message, record FROM message_records")
+    labels = at.query("SELECT message, label FROM message_labels")
+    for message, records_json, labels_json in rows:
+        assert json.loads(records_json) == sorted(r for m, r in records if m == message)
+        assert json.loads(labels_json) == sorted(v for m, v in labels if m == message)
+
+
 async def test_links_learn_who_may_see_their_message_when_the_store_is_migrated(
     store_at: StoreAt,
 ) -> None:
-    """The migration that copies each message's owner and visibility onto its record links
-    (the index a record's page is read from), on a store of the schema before it."""
+    """Migration 11 fills what a record's page reads (links' owner and visibility,
+    messages' records and labels) on a store of the schema before it."""
     if store_at.backend == "sqlite":
         scripts, done = SQLITE_MIGRATIONS[:-1], "PRAGMA user_version = {number}"
     else:
         scripts = POSTGRES_MIGRATIONS[:-1]
         done = "INSERT INTO schema_version (version) VALUES ({number})"
         store_at.query("CREATE TABLE schema_version (version INTEGER NOT NULL)")
-    assert "visibility" in SQLITE_MIGRATIONS[-1] and "visibility" in POSTGRES_MIGRATIONS[-1]
+    assert "records_json" in SQLITE_MIGRATIONS[-1] and "records_json" in POSTGRES_MIGRATIONS[-1]
     for number, script in enumerate(scripts, start=1):
-        for statement in script.split(";"):
-            if statement.strip():
-                store_at.query(statement)
+        for statement in statements(script):
+            store_at.query(statement)
         store_at.query(done.format(number=number))
     for message, visibility in ((1, "shared"), (2, "private")):
         store_at.query(
@@ -490,42 +507,59 @@ async def test_links_learn_who_may_see_their_message_when_the_store_is_migrated(
             " reason, received_at) VALUES (?, 'acct', 'alice', 'in', 1, ?, ?, 'public', ?)",
             (message, f"sha{message}", visibility, f"2026-12-0{message}T00:00:00+00:00"),
         )
-        store_at.query(
-            "INSERT INTO message_records (message, record, sort_key) VALUES (?, 'R1', ?)",
-            (message, f"2026-12-0{message}T00:00:00+00:00"),
-        )
+        for record in ("R1", "R0", "é") if message == 1 else ("R1",):
+            store_at.query(
+                "INSERT INTO message_records (message, record, sort_key) VALUES (?, ?, ?)",
+                (message, record, f"2026-12-0{message}T00:00:00+00:00"),
+            )
+    store_at.query("INSERT INTO message_labels (message, label) VALUES (1, 'b'), (1, 'B')")
     store = await store_at.open()
     try:
         assert [m.id for m in await store.messages("bob", record="R1")] == [1]
         assert [m.id for m in await store.messages("alice", record="R1")] == [2, 1]
     finally:
         await store.close()
-    links = "SELECT message, owner, visibility FROM message_records ORDER BY message"
-    assert store_at.query(links) == [(1, "alice", "shared"), (2, "alice", "private")]
+    links = "SELECT message, owner, visibility FROM message_records WHERE record = 'R1'"
+    assert sorted(store_at.query(links)) == [(1, "alice", "shared"), (2, "alice", "private")]
+    lists = "SELECT records_json, labels_json FROM messages WHERE id = 1"
+    [(records_json, labels_json)] = store_at.query(lists)
+    assert (json.loads(records_json), json.loads(labels_json)) == (["R0", "R1", "é"], ["B", "b"])
+    listing_copies_hold(store_at)
 
 
-async def test_a_retag_keeps_the_links_copy_of_who_may_see(store: Store, store_at: StoreAt) -> None:
-    """A share flag changes messages' visibility, and the copy on their record links with
-    it: a record's page is read from the links."""
+async def test_triggers_keep_the_listing_copies_through_every_change(
+    store: Store, store_at: StoreAt
+) -> None:
+    """Links made and dropped by ingestion, record imports, address changes, share flags
+    (a re-tag) and record deletion, labels by magnet and by hand: the copies a record's
+    page reads follow each change."""
     custom = AccountPolicy(
-        tagger=lambda f: ("shared", "custom_shared") if f.owner_shared else ("private", "x")
+        tagger=lambda f: ("shared", "custom_shared") if f.owner_shared else ("private", "x"),
+        magnet_label="crm",
     )
     policies = {"acct": custom}
     await store.import_records([Record("L1", "lead", "", ("l@x.example",))], policies)
-    linked = dataclasses.replace(
-        item("u1", b"one"), senders=("l@x.example",), link=("l@x.example",)
-    )
-    await store.add_batch("acct", "alice", [linked], custom)
-    links = "SELECT owner, visibility FROM message_records"
-    assert store_at.query(links) == [("alice", "private")]
+    linked = [
+        dataclasses.replace(item(f"u{n}", f"m{n}".encode()), senders=(sender,), link=(sender,))
+        for n, sender in enumerate(["l@x.example", "k@x.example", "l@x.example"])
+    ]
+    await store.add_batch("acct", "alice", linked, custom)
+    listing_copies_hold(store_at)
     assert await store.messages("bob", record="L1") == []
     assert await store.set_share("alice", "L1", True, policies, actor="alice")
-    assert store_at.query(links) == [("alice", "shared")]
-    assert len(await store.messages("bob", record="L1")) == 1
-    # A record that comes later links the message as it is tagged then.
-    await store.import_records([Record("L2", "lead", "", ("l@x.example",))], policies)
-    assert len(await store.messages("bob", record="L2")) == 1
-    await store.delete_record("L2", policies, actor="admin")
+    listing_copies_hold(store_at)
+    assert len(await store.messages("bob", record="L1")) == 2
+    await store.import_records([Record("K2", "lead", "", ("k@x.example",))], policies)
+    assert await store.set_record_emails("L1", ["l@x.example", "k@x.example"], policies)
+    listing_copies_hold(store_at)
+    assert len(await store.messages("bob", record="L1")) == 3
+    store_at.query("INSERT INTO message_labels (message, label) SELECT id, 'Zz' FROM messages")
+    store_at.query("DELETE FROM message_labels WHERE label = 'crm' AND message = 1")
+    listing_copies_hold(store_at)
     assert await store.set_share("alice", "L1", False, policies, actor="alice")
-    assert store_at.query(links) == [("alice", "private")]
+    assert await store.delete_record("K2", policies, actor="admin")
+    listing_copies_hold(store_at)
     assert await store.messages("bob", record="L1") == []
+    assert await store.delete_record("L1", policies, actor="admin")
+    listing_copies_hold(store_at)
+    assert store_at.query("SELECT DISTINCT records_json FROM messages") == [("[]",)]

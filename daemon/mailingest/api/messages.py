@@ -20,7 +20,7 @@ from mailingest.api.host import CALLER, caller_of, host_of
 from mailingest.crm import record_id_problem
 from mailingest.errors import MailIngestError
 from mailingest.logs import get_logger
-from mailingest.model import ListedMessage, StoredMessage
+from mailingest.model import StoredMessage
 from mailingest.sharing import may_see
 
 log = get_logger("mailingest.api")
@@ -57,31 +57,29 @@ async def list_messages(request: web.Request) -> web.Response:
         # Who asks is answered first, as on every route: a bad token is 401, not 422.
         caller_for(await host.store.api_token(hashed), act_as)
         raise
-    token, found = await host.store.messages_for(
+    token, page = await host.store.messages_for(
         hashed,
         viewer_of(act_as),
         account=account,
         label=request.query.get("label"),
         record=record,
-        limit=limit + 1,
+        limit=limit,
         quarantined=quarantined,
         before=before,
     )
     request[CALLER] = caller_for(token, act_as)
-    page = found[:limit]
-    # The messages come as JSON text from the store: joined, not decoded and encoded again.
-    cursor = json.dumps(encode_cursor(page[-1]) if len(found) > limit else None)
-    listed = ",".join(m.json for m in page)
+    # The page comes as JSON text from the store: sent as it is, not decoded and encoded.
+    cursor = json.dumps(encode_cursor(*page.next) if page.next else None)
     return web.Response(
-        text=f'{{"messages": [{listed}], "next_cursor": {cursor}}}',
+        text=f'{{"messages": {page.json}, "next_cursor": {cursor}}}',
         content_type="application/json",
     )
 
 
-def encode_cursor(last: ListedMessage) -> str:
+def encode_cursor(key: str, message_id: int) -> str:
     """Opaque to the caller: where the page ended, in the listing's order."""
-    key = json.dumps([last.key, last.id]).encode()
-    return base64.urlsafe_b64encode(key).decode().rstrip("=")
+    raw = json.dumps([key, message_id]).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
 
 def decode_cursor(cursor: str) -> tuple[str, int]:

@@ -30,7 +30,7 @@ from mailingest.model import (
     AuditEntry,
     Claim,
     LedgerEntry,
-    ListedMessage,
+    ListedPage,
     NewMessage,
     Record,
     SettingsChange,
@@ -338,18 +338,18 @@ class Store:
         limit: int | None = None,
         quarantined: bool = False,
         before: tuple[str, int] | None = None,
-    ) -> tuple[ApiToken | None, list[ListedMessage]]:
+    ) -> tuple[ApiToken | None, ListedPage]:
         """The API token whose SHA-256 is ``token_hash`` and ``messages`` as the viewer
         ``viewer_of`` names for it, as JSON text, in one read (the API's hot path: one trip
         to the database). No token, or no viewer (the token may not ask this), reads no
         messages. ``viewer_of`` runs in a reader thread: it must only decide."""
         listing = read.Listing(account, label, record, limit, quarantined, before)
 
-        def token_and_page(reader: Reader) -> tuple[ApiToken | None, list[ListedMessage]]:
+        def token_and_page(reader: Reader) -> tuple[ApiToken | None, ListedPage]:
             token = api_tokens.lookup(reader, token_hash=token_hash)
             viewer = viewer_of(token) if token is not None else None
             if viewer is None:
-                return token, []
+                return token, ListedPage("[]", 0, None)
             return token, read.page_json(reader, viewer=viewer, listing=listing)
 
         return await self._db.snapshot("reading messages", token_and_page)

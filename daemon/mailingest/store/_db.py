@@ -112,8 +112,8 @@ class JsonSql:
     object: str  # the function that makes an object of key, value, ... pairs
     parse: str  # {}: a column holding JSON text, as JSON
     flag: str  # {}: a condition, as true or false
-    strings: str  # {column} of {table}'s rows of message {message}, sorted, as an array
     text: str  # {}: a JSON value, as text the driver returns as a str
+    join: str  # {value}: JSON texts joined with commas, in the order {order}
 
 
 class Reader(abc.ABC):

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from mailingest.errors import ConfigError, StoreError
 from mailingest.store._db import Database, JsonSql, Reader, Row, in_snapshot
 from mailingest.store._readers import ReaderPool
-from mailingest.store._schema import POSTGRES_MIGRATIONS
+from mailingest.store._schema import POSTGRES_MIGRATIONS, statements
 
 if TYPE_CHECKING:
     import psycopg
@@ -173,9 +173,8 @@ class PostgresDatabase(Database):
             row = await self.fetchone("SELECT max(version) FROM schema_version")
             version = int(row[0]) if row and row[0] is not None else 0
             for number, script in enumerate(POSTGRES_MIGRATIONS[version:], start=version + 1):
-                for statement in script.split(";"):
-                    if statement.strip():
-                        await self.execute(statement)
+                for statement in statements(script):
+                    await self.execute(statement)
                 await self.execute("INSERT INTO schema_version (version) VALUES (?)", (number,))
 
     async def execute(self, sql: str, args: Sequence[Any] = ()) -> int:
@@ -285,14 +284,12 @@ class PostgresDatabase(Database):
 
 
 class _PostgresReader(Reader):
-    # Sorted as Python sorts (code points), whatever the database's collation.
     json = JsonSql(
         object="json_build_object",
         parse="({})::json",
         flag="({})",
-        strings="(SELECT coalesce(json_agg({column} ORDER BY {column} COLLATE \"C\"), '[]')"
-        " FROM {table} WHERE message = {message})",
         text="({})::text",
+        join="string_agg({value}, ',' ORDER BY {order})",
     )
 
     def __init__(self, conn: psycopg.Connection[Any]) -> None:

@@ -40,7 +40,7 @@ from mailingest.store._db import (
     store_error,
 )
 from mailingest.store._readers import ReaderPool
-from mailingest.store._schema import SQLITE_MIGRATIONS
+from mailingest.store._schema import SQLITE_MIGRATIONS, statements
 
 BUSY_TIMEOUT_MS = 10_000
 #: Snapshot reads map up to this much of the file instead of copying each page in with a
@@ -52,6 +52,11 @@ READ_MMAP_BYTES = 1024 * 1024 * 1024
 #: thread on a 2-core machine gained no throughput in bench/api_bench.py and lengthened the
 #: tail, one alone queued every read behind the slowest.
 READERS = 2
+#: A snapshot read runs on the event loop's own thread when it is done within this long
+#: (SQLite is asked every few thousand steps); one that is not is rolled back and run again
+#: in a reader thread. A page of the API takes about 0.2 ms, and a trip to a thread, with
+#: the GIL handed to and fro for each statement, cost more than the read itself.
+QUICK_READ_SECONDS = 0.002
 _T = TypeVar("_T")
 #: New message ids are handed out as SQLite would (max + 1), under the write lock.
 _MAX_ID = "SELECT coalesce(max(id), 0) FROM messages"
@@ -82,6 +87,8 @@ class SqliteDatabase(Database):
         self._synchronous: str | None = None
         #: How plans run whole in aiosqlite's thread; None: a statement a trip.
         self._runner = thread_runner(db)
+        #: The read-only connection of reads on the event loop (opened on first need).
+        self._quick: sqlite3.Connection | None = None
 
     def __repr__(self) -> str:
         return f"<SQLite {self.path}>"
@@ -215,9 +222,13 @@ class SqliteDatabase(Database):
             return in_snapshot(conn, "BEGIN", _SqliteReader(conn), read, (sqlite3.Error,))
 
         with self.mapped(what):
+            if self._quick is None:
+                self._quick = self._connect_reader(busy_timeout=0)  # busy: a thread waits
+            with contextlib.suppress(_TooSlow):
+                return _within(QUICK_READ_SECONDS, self._quick, run)
             return await self._readers.run(run)
 
-    def _connect_reader(self) -> sqlite3.Connection:
+    def _connect_reader(self, busy_timeout: int = BUSY_TIMEOUT_MS) -> sqlite3.Connection:
         # mode=ro: this connection can never write, whatever runs on it. The aiosqlite
         # connection opened (and recovered) the database and its WAL first.
         conn = sqlite3.connect(
@@ -225,7 +236,7 @@ class SqliteDatabase(Database):
             uri=True,
             isolation_level=None,
             check_same_thread=False,  # one thread at a time, not always the same one
-            timeout=BUSY_TIMEOUT_MS / 1000,
+            timeout=busy_timeout / 1000,
         )
         try:
             conn.execute(f"PRAGMA mmap_size = {READ_MMAP_BYTES}")
@@ -236,6 +247,8 @@ class SqliteDatabase(Database):
 
     async def close(self) -> None:
         try:
+            if self._quick is not None:
+                self._quick.close()
             await self._readers.close()
         finally:
             await self._db.close()
@@ -268,14 +281,12 @@ class SqliteDatabase(Database):
 
 
 class _SqliteReader(Reader):
-    # A subquery's ORDER BY is kept under an aggregate other than count, min and max.
     json = JsonSql(
         object="json_object",
         parse="json({})",
         flag="json(CASE WHEN {} THEN 'true' ELSE 'false' END)",
-        strings="json((SELECT json_group_array(v) FROM"
-        " (SELECT {column} AS v FROM {table} WHERE message = {message} ORDER BY v)))",
         text="{}",
+        join="group_concat({value}, ',')",
     )
 
     def __init__(self, conn: sqlite3.Connection) -> None:
@@ -283,6 +294,29 @@ class _SqliteReader(Reader):
 
     def fetchall(self, sql: str, args: Sequence[Any] = ()) -> list[Row]:
         return self._conn.execute(sql, args).fetchall()
+
+
+class _TooSlow(Exception):
+    """A read on the event loop was stopped at its time limit, or found the database busy."""
+
+
+def _within(
+    seconds: float, conn: sqlite3.Connection, run: Callable[[sqlite3.Connection], _T]
+) -> _T:
+    """``run(conn)`` if it is done within ``seconds``; else ``_TooSlow``, its read
+    transaction rolled back."""
+    deadline = time.perf_counter() + seconds
+    conn.set_progress_handler(lambda: time.perf_counter() > deadline, 2000)
+    try:
+        return run(conn)
+    except sqlite3.OperationalError as exc:
+        if exc.sqlite_errorcode & 0xFF in (sqlite3.SQLITE_INTERRUPT, sqlite3.SQLITE_BUSY):
+            raise _TooSlow from exc
+        raise
+    finally:
+        conn.set_progress_handler(None, 0)
+        if conn.in_transaction:  # in_snapshot's ROLLBACK was stopped too
+            conn.execute("ROLLBACK")
 
 
 class _Abandoned(Exception):
@@ -307,9 +341,8 @@ def _migrations() -> Plan[None]:
     rows: list[Row] = yield Fetch("PRAGMA user_version")
     version = int(rows[0][0]) if rows else 0
     for number, script in enumerate(SQLITE_MIGRATIONS[version:], start=version + 1):
-        for statement in script.split(";"):
-            if statement.strip():
-                yield Fetch(statement)
+        for statement in statements(script):
+            yield Fetch(statement)
         yield Fetch(f"PRAGMA user_version = {number}")
 
 

@@ -150,7 +150,7 @@ def _insert(
     }
     rows: list[tuple[Any, ...]] = []
     addresses: list[tuple[int, str, str]] = []
-    links: list[tuple[int, str, str, str, str]] = []  # message, record, listing key, who sees
+    links: list[tuple[int, str, str]] = []  # message, record, its listing key
     labels: list[tuple[int, str]] = []
     for item, message_id in fresh:
         records = sorted({r for a in item.link for r in records_of.get(a, ())})
@@ -190,7 +190,7 @@ def _insert(
         roles = (("from", item.senders), ("to", item.recipients_to), ("cc", item.recipients_cc))
         addresses.extend(_unique((message_id, role, a) for role, found in roles for a in found))
         key = item.headers.date if item.headers.date is not None else received
-        links.extend((message_id, r, key, owner, visibility) for r in records)
+        links.extend((message_id, r, key) for r in records)
         if records and policy.magnet_label and item.direction == "in":  # customer mail
             labels.append((message_id, policy.magnet_label))
     yield Many(
@@ -201,11 +201,7 @@ def _insert(
     )
     yield Chunks(_all_chunks(fresh))
     yield Many("INSERT INTO message_addresses (message, role, address) VALUES (?,?,?)", addresses)
-    yield Many(
-        "INSERT INTO message_records (message, record, sort_key, owner, visibility)"
-        " VALUES (?,?,?,?,?)",
-        links,
-    )
+    yield Many("INSERT INTO message_records (message, record, sort_key) VALUES (?,?,?)", links)
     yield Many("INSERT INTO message_labels (message, label) VALUES (?,?)", labels)
 
 

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from mailingest.model import ListedMessage, StoredMessage, UnmatchedSender
+from mailingest.model import ListedPage, StoredMessage, UnmatchedSender
 from mailingest.store._db import Database, JsonSql, Reader, Row, parts
 
 _COLUMNS = (
@@ -17,6 +18,8 @@ _COLUMNS = (
     " m.quarantine_reason, m.origin"
 )
 
+#: Where each message of a listing made by the database starts (page_json).
+_START = '{"id"'
 #: The order of ``messages`` (newest first), with m.id as the tie-break.
 _KEY = "coalesce(m.date, m.received_at)"
 
@@ -45,36 +48,62 @@ async def messages(db: Database, viewer: str, listing: Listing) -> list[StoredMe
 def page(reader: Reader, *, viewer: str, listing: Listing) -> list[StoredMessage]:
     """``messages`` inside a snapshot: the listing, then its labels and records, in one
     read transaction."""
-    _, sql, args = _listing(viewer, listing)
-    return _complete(reader, reader.fetchall(f"SELECT {_COLUMNS} {sql}", args))
+    found = _listing(viewer, listing)
+    rows = reader.fetchall(f"SELECT {_COLUMNS} {found.body}{found.tail}", found.args)
+    return _complete(reader, rows)
 
 
-def page_json(reader: Reader, *, viewer: str, listing: Listing) -> list[ListedMessage]:
-    """``page`` as the API sends it, each message as JSON text made by the database."""
-    key, sql, args = _listing(viewer, listing)
-    rows = reader.fetchall(f"SELECT {_as_json(reader.json)}, {key}, m.id {sql}", args)
-    return [ListedMessage(*r) for r in rows]
+def page_json(reader: Reader, *, viewer: str, listing: Listing) -> ListedPage:
+    """``page`` as the API sends it: a JSON array made by the database, in one row of one
+    statement (one step of SQLite, which lets go of the GIL for all of it). It reads one
+    message more than the page, to know whether there is a next page."""
+    limit = listing.limit
+    found, j = (
+        _listing(viewer, dataclasses.replace(listing, limit=limit and limit + 1)),
+        reader.json,
+    )
+    # Sorting the built JSON costs more than building it: where the links come in the
+    # page's order, the messages are read in theirs (SQLite's nested loop keeps it).
+    rows = f"SELECT {_as_json(j)} AS o, {found.key} AS k, m.id AS i {found.body}"
+    if not found.in_order:
+        rows += found.tail
+    joined = j.join.format(value="o", order="k DESC, i DESC")
+    [(text, count)] = reader.fetchall(
+        f"SELECT {joined}, count(*) FROM ({rows}) AS page", found.args
+    )
+    if not limit or count <= limit:
+        return ListedPage(f"[{text or ''}]", int(count), None)
+    # A JSON string escapes its quotes: '{"id"' only ever starts a message (id comes first).
+    text = text[: text.rindex(_START) - 1]
+    last = json.loads(text[text.rindex(_START) :])
+    key = last["date"] if last["date"] is not None else last["received_at"]
+    return ListedPage(f"[{text}]", limit, (key, last["id"]))
 
 
-def _listing(viewer: str, listing: Listing) -> tuple[str, str, list[Any]]:
-    """``listing`` as ``viewer`` sees it, newest first: its sort key, the SELECT's text
-    from FROM on, and its arguments."""
+@dataclass(frozen=True, slots=True)
+class _Select:
+    """A listing as SQL: ``SELECT ... {body}{tail}``."""
+
+    key: str  # what it is sorted by (newest first), then m.id
+    body: str  # FROM ... WHERE ...
+    args: list[Any]
+    tail: str  # ORDER BY ... LIMIT ...
+    in_order: bool  # the body alone yields the page, in order: a nested loop over sorted links
+
+
+def _listing(viewer: str, listing: Listing) -> _Select:
+    """``listing`` as ``viewer`` sees it, newest first."""
     seen = "(m.owner = ? OR m.visibility = 'shared')"
     sql = f"FROM messages m WHERE {seen}"
     args: list[Any] = [viewer]
-    key, order = _KEY, f"{_KEY} DESC, m.id DESC"
+    key, order, in_order = _KEY, f"{_KEY} DESC, m.id DESC", False
     if listing.record is not None:
-        # Start from the record's links, in the order of their index, which also says who
-        # may see each (the messages the viewer may not see are never read). Left to itself
-        # SQLite starts from the owner and visibility indexes and visits every shared
-        # message; CROSS JOIN fixes the loop order. The message's own columns decide.
-        sql = (
-            "FROM message_records r CROSS JOIN messages m"
-            " WHERE r.record = ? AND (r.owner = ? OR r.visibility = 'shared')"
-            f" AND m.id = r.message AND {seen}"
-        )
-        args = [listing.record, viewer, viewer]
-        key, order = "r.sort_key", "r.sort_key DESC, r.message DESC"  # the index's order
+        links, args, in_order = _links(viewer, listing)
+        # CROSS JOIN: the links first, then their messages (left to itself SQLite starts
+        # from the messages' owner and visibility indexes). The message's own columns decide.
+        sql = f"FROM ({links}) AS r CROSS JOIN messages m WHERE m.id = r.message AND {seen}"
+        args.append(viewer)
+        key, order = "r.sort_key", "r.sort_key DESC, r.message DESC"
     if listing.account is not None:
         sql += " AND m.account = ?"
         args.append(listing.account)
@@ -83,19 +112,45 @@ def _listing(viewer: str, listing: Listing) -> tuple[str, str, list[Any]]:
     if listing.label is not None:
         sql += " AND EXISTS (SELECT 1 FROM message_labels l WHERE l.message = m.id AND l.label = ?)"
         args.append(listing.label)
-    if listing.before is not None:
+    if listing.before is not None and listing.record is None:  # _links has it
         sql += f" AND ({key} < ? OR ({key} = ? AND m.id < ?))"
         args += [listing.before[0], listing.before[0], listing.before[1]]
-    sql += f" ORDER BY {order}"
+    tail = f" ORDER BY {order}"
     if listing.limit:
-        sql += f" LIMIT {int(listing.limit)}"
-    return key, sql, args
+        tail += f" LIMIT {int(listing.limit)}"
+    return _Select(key, sql, args, tail, in_order)
+
+
+def _links(viewer: str, listing: Listing) -> tuple[str, list[Any], bool]:
+    """The record's links (message, sort_key) whose messages ``viewer`` may see, from the
+    two indexes that say who may see each: mail shared with all, and the viewer's own
+    private mail (the rest is never read: a record of 1,000 messages the viewer may see
+    none of costs nothing). Where nothing but the record (and the cursor) filters, as on
+    the API's page, each index is read only as far as the page reaches, and the links
+    come sorted and limited (True)."""
+    after, since = "", []
+    if listing.before is not None:
+        after = " AND (sort_key < ? OR (sort_key = ? AND message < ?))"
+        since = [listing.before[0], listing.before[0], listing.before[1]]
+    bound = ""
+    if listing.limit and not (listing.account or listing.label or listing.quarantined):
+        bound = f" ORDER BY sort_key DESC, message DESC LIMIT {int(listing.limit)}"
+    branch = (
+        "SELECT message, sort_key FROM (SELECT message, sort_key FROM message_records"
+        f" WHERE record = ? AND {{who}}{after}{bound}) AS {{name}}"
+    )
+    sql = (
+        branch.format(who="visibility = 'shared'", name="shared")
+        + " UNION ALL "
+        + branch.format(who="owner = ? AND visibility = 'private'", name="own")
+        + bound
+    )
+    return sql, [listing.record, *since, listing.record, viewer, *since], bool(bound)
 
 
 @functools.cache
 def _as_json(j: JsonSql) -> str:
     """One message (``m``) as ``StoredMessage.to_json`` makes it, in SQL."""
-    strings = functools.partial(j.strings.format, message="m.id")
     fields = {
         "id": "m.id",
         "account": "m.account",
@@ -107,10 +162,10 @@ def _as_json(j: JsonSql) -> str:
         "subject": "m.subject",
         "date": "m.date",
         "message_id": "m.message_id",
-        "records": strings(column="record", table="message_records"),
+        "records": j.parse.format("m.records_json"),  # kept by triggers (_schema.py)
         "visibility": "m.visibility",
         "reason": "m.reason",
-        "labels": strings(column="label", table="message_labels"),
+        "labels": j.parse.format("m.labels_json"),
         "size": "m.size",
         "sha256": "m.sha256",
         "received_at": "m.received_at",
@@ -118,7 +173,7 @@ def _as_json(j: JsonSql) -> str:
         "quarantine_reason": "m.quarantine_reason",
     }
     pairs = ", ".join(f"'{key}', {value}" for key, value in fields.items())
-    return j.text.format(f"{j.object}({pairs})")
+    return j.text.format(f"{j.object}({pairs})")  # SQLite: the JSON is text already
 
 
 async def unmatched(db: Database, owner: str) -> list[UnmatchedSender]:

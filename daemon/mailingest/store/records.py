@@ -292,9 +292,8 @@ async def _replace_emails(
     marks = ",".join("?" * len(emails))
     # Incoming mail links on its sender, the owner's outgoing mail on its recipients.
     await db.execute(
-        "INSERT INTO message_records (message, record, sort_key, owner, visibility)"
-        " SELECT DISTINCT a.message, ?, coalesce(m.date, m.received_at), m.owner, m.visibility"
-        " FROM message_addresses a"
+        "INSERT INTO message_records (message, record, sort_key)"
+        " SELECT DISTINCT a.message, ?, coalesce(m.date, m.received_at) FROM message_addresses a"
         " JOIN messages m ON m.id = a.message"
         f" WHERE a.address IN ({marks}) AND ((a.role = 'from' AND m.direction = 'in')"
         " OR (a.role != 'from' AND m.direction = 'out'))"
@@ -354,9 +353,5 @@ async def _retag(
             if tag != (r[4], r[5]):
                 updates.append((*tag, r[0]))
         await db.executemany("UPDATE messages SET visibility = ?, reason = ? WHERE id = ?", updates)
-        await db.executemany(  # the copy that lists a record (_schema.py)
-            "UPDATE message_records SET visibility = ? WHERE message = ?",
-            [(visibility, message) for visibility, _, message in updates],
-        )
         changed += len(updates)
         last = rows[-1][0]

@@ -86,6 +86,14 @@ class Metrics:
             ["code"],
             registry=r,
         )
+        self._answered: dict[int, Counter] = {}
+
+    def answered(self, status: int) -> None:
+        """An API request was answered with ``status`` (its counter looked up once)."""
+        counter = self._answered.get(status)
+        if counter is None:
+            counter = self._answered[status] = self.requests.labels(code=str(status))
+        counter.inc()
 
     def watch(self, accounts: Callable[[], int], paused: Callable[[], int]) -> None:
         """The gauges read these when scraped."""

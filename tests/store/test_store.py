@@ -7,6 +7,8 @@ import dataclasses
 import hashlib
 import io
 import json
+import threading
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -16,7 +18,7 @@ from mailingest.errors import StoreError
 from mailingest.model import AccountPolicy, Facts, Headers, NewMessage, Record, StoredAccount
 from mailingest.store import CHUNK, Store
 from mailingest.store import _sqlite as sqlite_backend
-from mailingest.store._db import Fetch, Plan
+from mailingest.store._db import Fetch, Plan, Reader
 from mailingest.store._schema import POSTGRES_MIGRATIONS, SQLITE_MIGRATIONS, statements
 from mailingest.store._sqlite import SqliteDatabase
 from support import StoreAt, run_sql
@@ -563,3 +565,40 @@ async def test_triggers_keep_the_listing_copies_through_every_change(
     assert await store.delete_record("L1", policies, actor="admin")
     listing_copies_hold(store_at)
     assert store_at.query("SELECT DISTINCT records_json FROM messages") == [("[]",)]
+
+
+async def test_a_sqlite_read_runs_on_the_event_loop_unless_it_takes_too_long(
+    tmp_path: Path,
+) -> None:
+    """A snapshot read is tried on the event loop's thread, stopped at its time limit and
+    run again in a reader thread: same answer, the loop's connection left usable."""
+    db = await SqliteDatabase.open(tmp_path / "mail.db")
+    ran: list[tuple[str, object]] = []
+
+    def read(sql: str) -> Callable[[Reader], object]:
+        def run(reader: Reader) -> object:
+            ran.append((threading.current_thread().name, None))
+            found = reader.fetchall(sql)[0][0]
+            ran[-1] = (ran[-1][0], found)
+            return found
+
+        return run
+
+    # Seconds of SQLite work: far over the limit on any machine.
+    slow = (
+        "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 3000000)"
+        " SELECT sum(i) FROM n"
+    )
+    try:
+        assert await db.snapshot("a quick read", read("SELECT 6 * 7")) == 42
+        assert ran == [(threading.current_thread().name, 42)]
+        ran.clear()
+        assert await db.snapshot("a slow read", read(slow)) == 3000000 * 3000001 // 2
+        [(first, stopped), (second, found)] = ran
+        assert first == threading.current_thread().name and stopped is None
+        assert second != first and found == 3000000 * 3000001 // 2
+        ran.clear()
+        assert await db.snapshot("a quick read again", read("SELECT 1")) == 1
+        assert ran == [(threading.current_thread().name, 1)]
+    finally:
+        await db.close()

@@ -81,7 +81,7 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
             "api_request_failed", method=request.method, path=request.path, error=repr(exc)
         )
         response = error_response(500, "internal error; the daemon's log has the details")
-    host_of(request).metrics.requests.labels(code=str(response.status)).inc()
+    host_of(request).metrics.answered(response.status)
     return response
 
 

@@ -69,7 +69,7 @@ async def list_messages(request: web.Request) -> web.Response:
     )
     request[CALLER] = caller_for(token, act_as)
     # The page comes as JSON text from the store: sent as it is, not decoded and encoded.
-    cursor = json.dumps(encode_cursor(*page.next) if page.next else None)
+    cursor = f'"{encode_cursor(*page.next)}"' if page.next else "null"  # base64: no escapes
     return web.Response(
         text=f'{{"messages": {page.json}, "next_cursor": {cursor}}}',
         content_type="application/json",

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import re
 
+from mailingest.store._listed import POSTGRES_LISTED, SQLITE_LISTED
+
 #: Later migrations are the same text for both backends (but the primary key).
 _SIZE_POLICY_AND_AUDIT = """
     ALTER TABLE messages ADD COLUMN quarantined INTEGER NOT NULL DEFAULT 0;
@@ -66,139 +68,6 @@ _ACCOUNT_CHANGED_BY = """
     ALTER TABLE accounts ADD COLUMN changed_by TEXT;
     ALTER TABLE accounts ADD COLUMN changed_to TEXT;
     """
-
-#: What a record's page needs, kept where it is read (store/read.py), by triggers so that
-#: no write can forget it: each link carries its message's owner and visibility, in two
-#: indexes that list a record (its mail shared with all, each owner's private mail, in
-#: listing order: the messages a viewer may not see are never visited), and each message
-#: carries its records and labels as JSON arrays (sorted by code point: no index lookups
-#: per message of a page).
-_LISTED = """
-    ALTER TABLE message_records ADD COLUMN owner TEXT NOT NULL DEFAULT '';
-    ALTER TABLE message_records ADD COLUMN visibility TEXT NOT NULL DEFAULT 'private';
-    UPDATE message_records SET
-        owner = (SELECT m.owner FROM messages m WHERE m.id = message_records.message),
-        visibility = (SELECT m.visibility FROM messages m WHERE m.id = message_records.message);
-    DROP INDEX message_records_sorted;
-    CREATE INDEX message_records_shared
-        ON message_records (record, visibility, sort_key, message);
-    CREATE INDEX message_records_own
-        ON message_records (record, owner, visibility, sort_key, message);
-    ALTER TABLE messages ADD COLUMN records_json TEXT NOT NULL DEFAULT '[]';
-    ALTER TABLE messages ADD COLUMN labels_json TEXT NOT NULL DEFAULT '[]';
-    UPDATE messages SET records_json = {records} WHERE id IN (SELECT message FROM message_records);
-    UPDATE messages SET labels_json = {labels} WHERE id IN (SELECT message FROM message_labels);
-    """
-#: A message's records or labels as a JSON array, sorted (SQLite keeps a subquery's ORDER
-#: BY under an aggregate other than count, min and max).
-_SQLITE_ARRAY = (
-    "(SELECT json_group_array(v) FROM"
-    " (SELECT {column} AS v FROM {table} WHERE message = {id} ORDER BY v) AS s)"
-)
-_POSTGRES_ARRAY = (
-    "(SELECT coalesce(json_agg({column} ORDER BY {column} COLLATE \"C\"), '[]')::text"
-    " FROM {table} WHERE message = {id})"
-)
-
-
-def _sqlite_listed() -> str:
-    records = _SQLITE_ARRAY.format(column="record", table="message_records", id="{id}")
-    labels = _SQLITE_ARRAY.format(column="label", table="message_labels", id="{id}")
-    triggers = """
-    CREATE TRIGGER message_records_added AFTER INSERT ON message_records BEGIN
-        UPDATE message_records SET
-            owner = (SELECT m.owner FROM messages m WHERE m.id = NEW.message),
-            visibility = (SELECT m.visibility FROM messages m WHERE m.id = NEW.message)
-        WHERE rowid = NEW.rowid;
-        UPDATE messages SET records_json = {new_records} WHERE id = NEW.message;
-    END;
-    CREATE TRIGGER message_records_removed AFTER DELETE ON message_records BEGIN
-        UPDATE messages SET records_json = {old_records} WHERE id = OLD.message;
-    END;
-    CREATE TRIGGER message_labels_added AFTER INSERT ON message_labels BEGIN
-        UPDATE messages SET labels_json = {new_labels} WHERE id = NEW.message;
-    END;
-    CREATE TRIGGER message_labels_removed AFTER DELETE ON message_labels BEGIN
-        UPDATE messages SET labels_json = {old_labels} WHERE id = OLD.message;
-    END;
-    CREATE TRIGGER messages_visibility_changed AFTER UPDATE OF visibility ON messages
-    WHEN OLD.visibility IS NOT NEW.visibility BEGIN
-        UPDATE message_records SET visibility = NEW.visibility WHERE message = NEW.id;
-    END;
-    """
-    return _LISTED.format(
-        records=records.format(id="messages.id"), labels=labels.format(id="messages.id")
-    ) + triggers.format(
-        new_records=records.format(id="NEW.message"),
-        old_records=records.format(id="OLD.message"),
-        new_labels=labels.format(id="NEW.message"),
-        old_labels=labels.format(id="OLD.message"),
-    )
-
-
-def _postgres_listed() -> str:
-    records = _POSTGRES_ARRAY.format(column="record", table="message_records", id="{id}")
-    labels = _POSTGRES_ARRAY.format(column="label", table="message_labels", id="{id}")
-    triggers = """
-    CREATE FUNCTION message_records_added() RETURNS trigger LANGUAGE plpgsql AS $$
-    BEGIN
-        SELECT m.owner, m.visibility INTO NEW.owner, NEW.visibility
-            FROM messages m WHERE m.id = NEW.message;
-        RETURN NEW;
-    END $$;
-    CREATE TRIGGER message_records_added BEFORE INSERT ON message_records
-        FOR EACH ROW EXECUTE FUNCTION message_records_added();
-    CREATE FUNCTION message_records_changed() RETURNS trigger LANGUAGE plpgsql AS $$
-    DECLARE changed BIGINT := CASE WHEN TG_OP = 'DELETE' THEN OLD.message ELSE NEW.message END;
-    BEGIN
-        UPDATE messages SET records_json = {changed_records} WHERE id = changed;
-        RETURN NULL;
-    END $$;
-    CREATE TRIGGER message_records_changed AFTER INSERT OR DELETE ON message_records
-        FOR EACH ROW EXECUTE FUNCTION message_records_changed();
-    CREATE FUNCTION message_labels_changed() RETURNS trigger LANGUAGE plpgsql AS $$
-    DECLARE changed BIGINT := CASE WHEN TG_OP = 'DELETE' THEN OLD.message ELSE NEW.message END;
-    BEGIN
-        UPDATE messages SET labels_json = {changed_labels} WHERE id = changed;
-        RETURN NULL;
-    END $$;
-    CREATE TRIGGER message_labels_changed AFTER INSERT OR DELETE ON message_labels
-        FOR EACH ROW EXECUTE FUNCTION message_labels_changed();
-    CREATE FUNCTION messages_visibility_changed() RETURNS trigger LANGUAGE plpgsql AS $$
-    BEGIN
-        UPDATE message_records SET visibility = NEW.visibility WHERE message = NEW.id;
-        RETURN NULL;
-    END $$;
-    CREATE TRIGGER messages_visibility_changed AFTER UPDATE OF visibility ON messages
-        FOR EACH ROW WHEN (OLD.visibility IS DISTINCT FROM NEW.visibility)
-        EXECUTE FUNCTION messages_visibility_changed();
-    """
-    return _LISTED.format(
-        records=records.format(id="messages.id"), labels=labels.format(id="messages.id")
-    ) + triggers.format(
-        changed_records=records.format(id="changed"), changed_labels=labels.format(id="changed")
-    )
-
-
-def statements(script: str) -> list[str]:
-    """A migration's statements: split at ``;``, but not inside a trigger's BEGIN ... END
-    (SQLite) or a function's $$-quoted body (PostgreSQL)."""
-    found, part = [], ""
-    for piece in script.split(";"):
-        part += piece
-        in_body = part.count("$$") % 2 == 1 or (
-            re.search(r"\bCREATE\s+TRIGGER\b", part, re.IGNORECASE) is not None
-            and re.search(r"\bBEGIN\b", part, re.IGNORECASE) is not None
-            and re.search(r"\bEND\s*$", part, re.IGNORECASE) is None
-        )
-        if in_body:
-            part += ";"
-        else:
-            if part.strip():
-                found.append(part.strip())
-            part = ""
-    return found
-
 
 SQLITE_MIGRATIONS: tuple[str, ...] = (
     # 1: messages, raw chunks, UIDL ledger, account state
@@ -336,7 +205,7 @@ SQLITE_MIGRATIONS: tuple[str, ...] = (
     # 10: who changed a stored account's sharing settings, for the audit
     _ACCOUNT_CHANGED_BY,
     # 11: what a record's page needs, where it is read
-    _sqlite_listed(),
+    SQLITE_LISTED,
 )
 
 #: The same tables for PostgreSQL. Its history starts at the schema SQLite reached with
@@ -470,5 +339,25 @@ POSTGRES_MIGRATIONS: tuple[str, ...] = (
     # 8: as SQLite's migration 10
     _ACCOUNT_CHANGED_BY,
     # 9: as SQLite's migration 11
-    _postgres_listed(),
+    POSTGRES_LISTED,
 )
+
+
+def statements(script: str) -> list[str]:
+    """A migration's statements: split at ``;``, but not inside a trigger's BEGIN ... END
+    (SQLite) or a function's $$-quoted body (PostgreSQL)."""
+    found, part = [], ""
+    for piece in script.split(";"):
+        part += piece
+        in_body = part.count("$$") % 2 == 1 or (
+            re.search(r"\bCREATE\s+TRIGGER\b", part, re.IGNORECASE) is not None
+            and re.search(r"\bBEGIN\b", part, re.IGNORECASE) is not None
+            and re.search(r"\bEND\s*$", part, re.IGNORECASE) is None
+        )
+        if in_body:
+            part += ";"
+        else:
+            if part.strip():
+                found.append(part.strip())
+            part = ""
+    return found

@@ -7,7 +7,7 @@ import functools
 import json
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from mailingest.model import ListedPage, StoredMessage, UnmatchedSender
 from mailingest.store._db import Database, JsonSql, Reader, Row, parts
@@ -48,8 +48,8 @@ async def messages(db: Database, viewer: str, listing: Listing) -> list[StoredMe
 def page(reader: Reader, *, viewer: str, listing: Listing) -> list[StoredMessage]:
     """``messages`` inside a snapshot: the listing, then its labels and records, in one
     read transaction."""
-    found = _listing(viewer, listing)
-    rows = reader.fetchall(f"SELECT {_COLUMNS} {found.body}{found.tail}", found.args)
+    found = _select(_Shape.of(listing))
+    rows = reader.fetchall(f"SELECT {_COLUMNS} {found.body}{found.tail}", _args(viewer, listing))
     return _complete(reader, rows)
 
 
@@ -58,19 +58,10 @@ def page_json(reader: Reader, *, viewer: str, listing: Listing) -> ListedPage:
     statement (one step of SQLite, which lets go of the GIL for all of it). It reads one
     message more than the page, to know whether there is a next page."""
     limit = listing.limit
-    found, j = (
-        _listing(viewer, dataclasses.replace(listing, limit=limit and limit + 1)),
-        reader.json,
-    )
-    # Sorting the built JSON costs more than building it: where the links come in the
-    # page's order, the messages are read in theirs (SQLite's nested loop keeps it).
-    rows = f"SELECT {_as_json(j)} AS o, {found.key} AS k, m.id AS i {found.body}"
-    if not found.in_order:
-        rows += found.tail
-    joined = j.join.format(value="o", order="k DESC, i DESC")
-    [(text, count)] = reader.fetchall(
-        f"SELECT {joined}, count(*) FROM ({rows}) AS page", found.args
-    )
+    if limit:
+        listing = dataclasses.replace(listing, limit=limit + 1)
+    sql = _page_sql(_Shape.of(listing), reader.json)
+    [(text, count)] = reader.fetchall(sql, _args(viewer, listing))
     if not limit or count <= limit:
         return ListedPage(f"[{text or ''}]", int(count), None)
     # A JSON string escapes its quotes: '{"id"' only ever starts a message (id comes first).
@@ -80,61 +71,88 @@ def page_json(reader: Reader, *, viewer: str, listing: Listing) -> ListedPage:
     return ListedPage(f"[{text}]", limit, (key, last["id"]))
 
 
+@functools.lru_cache(maxsize=1024)
+def _page_sql(shape: _Shape, j: JsonSql) -> str:
+    found = _select(shape)
+    # Sorting the built JSON costs more than building it: where the links come in the
+    # page's order, the messages are read in theirs (SQLite's nested loop keeps it).
+    rows = f"SELECT {_as_json(j)} AS o, {found.key} AS k, m.id AS i {found.body}"
+    if not found.in_order:
+        rows += found.tail
+    joined = j.join.format(value="o", order="k DESC, i DESC")
+    return f"SELECT {joined}, count(*) FROM ({rows}) AS page"
+
+
+class _Shape(NamedTuple):
+    """Which filters a listing has: what its SQL text depends on (made once per shape)."""
+
+    record: bool
+    account: bool
+    label: bool
+    quarantined: bool
+    before: bool
+    limit: int | None
+
+    @classmethod
+    def of(cls, listing: Listing) -> _Shape:
+        return cls(
+            listing.record is not None,
+            listing.account is not None,
+            listing.label is not None,
+            listing.quarantined,
+            listing.before is not None,
+            listing.limit or None,
+        )
+
+
 @dataclass(frozen=True, slots=True)
 class _Select:
-    """A listing as SQL: ``SELECT ... {body}{tail}``."""
+    """A listing as SQL: ``SELECT ... {body}{tail}``, its values from ``_args``."""
 
     key: str  # what it is sorted by (newest first), then m.id
     body: str  # FROM ... WHERE ...
-    args: list[Any]
     tail: str  # ORDER BY ... LIMIT ...
     in_order: bool  # the body alone yields the page, in order: a nested loop over sorted links
 
 
-def _listing(viewer: str, listing: Listing) -> _Select:
-    """``listing`` as ``viewer`` sees it, newest first."""
+@functools.lru_cache(maxsize=1024)
+def _select(shape: _Shape) -> _Select:
+    """A listing of this shape, newest first. Its placeholders are filled by ``_args``,
+    in the same order."""
     seen = "(m.owner = ? OR m.visibility = 'shared')"
     sql = f"FROM messages m WHERE {seen}"
-    args: list[Any] = [viewer]
     key, order, in_order = _KEY, f"{_KEY} DESC, m.id DESC", False
-    if listing.record is not None:
-        links, args, in_order = _links(viewer, listing)
+    if shape.record:
+        links, in_order = _links(shape)
         # CROSS JOIN: the links first, then their messages (left to itself SQLite starts
         # from the messages' owner and visibility indexes). The message's own columns decide.
         sql = f"FROM ({links}) AS r CROSS JOIN messages m WHERE m.id = r.message AND {seen}"
-        args.append(viewer)
         key, order = "r.sort_key", "r.sort_key DESC, r.message DESC"
-    if listing.account is not None:
+    if shape.account:
         sql += " AND m.account = ?"
-        args.append(listing.account)
-    if listing.quarantined:
+    if shape.quarantined:
         sql += " AND m.quarantined = 1"
-    if listing.label is not None:
+    if shape.label:
         sql += " AND EXISTS (SELECT 1 FROM message_labels l WHERE l.message = m.id AND l.label = ?)"
-        args.append(listing.label)
-    if listing.before is not None and listing.record is None:  # _links has it
+    if shape.before and not shape.record:  # _links has it
         sql += f" AND ({key} < ? OR ({key} = ? AND m.id < ?))"
-        args += [listing.before[0], listing.before[0], listing.before[1]]
     tail = f" ORDER BY {order}"
-    if listing.limit:
-        tail += f" LIMIT {int(listing.limit)}"
-    return _Select(key, sql, args, tail, in_order)
+    if shape.limit:
+        tail += f" LIMIT {int(shape.limit)}"
+    return _Select(key, sql, tail, in_order)
 
 
-def _links(viewer: str, listing: Listing) -> tuple[str, list[Any], bool]:
-    """The record's links (message, sort_key) whose messages ``viewer`` may see, from the
+def _links(shape: _Shape) -> tuple[str, bool]:
+    """The record's links (message, sort_key) whose messages the viewer may see, from the
     two indexes that say who may see each: mail shared with all, and the viewer's own
     private mail (the rest is never read: a record of 1,000 messages the viewer may see
     none of costs nothing). Where nothing but the record (and the cursor) filters, as on
     the API's page, each index is read only as far as the page reaches, and the links
     come sorted and limited (True)."""
-    after, since = "", []
-    if listing.before is not None:
-        after = " AND (sort_key < ? OR (sort_key = ? AND message < ?))"
-        since = [listing.before[0], listing.before[0], listing.before[1]]
+    after = " AND (sort_key < ? OR (sort_key = ? AND message < ?))" if shape.before else ""
     bound = ""
-    if listing.limit and not (listing.account or listing.label or listing.quarantined):
-        bound = f" ORDER BY sort_key DESC, message DESC LIMIT {int(listing.limit)}"
+    if shape.limit and not (shape.account or shape.label or shape.quarantined):
+        bound = f" ORDER BY sort_key DESC, message DESC LIMIT {int(shape.limit)}"
     branch = (
         "SELECT message, sort_key FROM (SELECT message, sort_key FROM message_records"
         f" WHERE record = ? AND {{who}}{after}{bound}) AS {{name}}"
@@ -145,7 +163,25 @@ def _links(viewer: str, listing: Listing) -> tuple[str, list[Any], bool]:
         + branch.format(who="owner = ? AND visibility = 'private'", name="own")
         + bound
     )
-    return sql, [listing.record, *since, listing.record, viewer, *since], bool(bound)
+    return sql, bool(bound)
+
+
+def _args(viewer: str, listing: Listing) -> list[Any]:
+    """The values of ``_select``'s placeholders, in its order."""
+    before = list(listing.before) if listing.before is not None else []
+    if listing.before is not None:
+        before.insert(0, listing.before[0])  # key < ? OR (key = ? AND id < ?)
+    args: list[Any] = []
+    if listing.record is not None:
+        args += [listing.record, *before, listing.record, viewer, *before]
+    args.append(viewer)
+    if listing.account is not None:
+        args.append(listing.account)
+    if listing.label is not None:
+        args.append(listing.label)
+    if listing.record is None:
+        args += before
+    return args
 
 
 @functools.cache

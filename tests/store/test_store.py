@@ -8,9 +8,11 @@ import hashlib
 import io
 import json
 import threading
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -602,3 +604,68 @@ async def test_a_sqlite_read_runs_on_the_event_loop_unless_it_takes_too_long(
         assert ran == [(threading.current_thread().name, 1)]
     finally:
         await db.close()
+
+
+def _wait_for_lock_wait(at: StoreAt) -> None:
+    """Until another session of this database waits for a lock (bounded)."""
+    for _ in range(200):
+        waiting = at.query(
+            "SELECT count(*) FROM pg_stat_activity"
+            " WHERE datname = current_database() AND wait_event_type = 'Lock'"
+        )
+        if waiting[0][0]:
+            return
+        time.sleep(0.05)
+    raise AssertionError("the second session never waited for the first")
+
+
+async def test_postgresql_sessions_changing_one_message_take_turns(postgres_at: StoreAt) -> None:
+    """Two sessions at once (READ COMMITTED) linking one message, or one re-tagging it
+    while the other links it: the copies a record's page reads end as the tables say."""
+    import psycopg
+
+    store = await postgres_at.open()
+    try:
+        [stored] = await store.add_batch("acct", "alice", [item("u1", b"one")], POLICY)
+    finally:
+        await store.close()
+    message = stored.message
+
+    def session() -> psycopg.Connection[Any]:
+        assert isinstance(postgres_at.database, str)
+        return psycopg.connect(postgres_at.database, password=postgres_at.password)
+
+    link = "INSERT INTO message_records (message, record, sort_key) VALUES (%s, %s, 'k')"
+    retag = "UPDATE messages SET visibility = %s WHERE id = %s"
+    steps: list[tuple[tuple[str, tuple[Any, ...]], tuple[str, tuple[Any, ...]]]] = [
+        ((link, (message, "R1")), (link, (message, "R2"))),  # records_json keeps both
+        ((retag, ("shared", message)), (link, (message, "R3"))),  # R3 learns "shared"
+        ((link, (message, "R4")), (retag, ("private", message))),  # R4 learns "private"
+    ]
+    for first, second in steps:
+        with session() as a, session() as b:
+            a.execute(*first)
+
+            def then(b: psycopg.Connection[Any] = b, step: Any = second) -> None:
+                b.execute(*step)
+                b.commit()
+
+            behind = threading.Thread(target=then)
+            behind.start()
+            _wait_for_lock_wait(postgres_at)
+            a.commit()
+            behind.join(timeout=30)
+            assert not behind.is_alive()
+        listing_copies_hold(postgres_at)  # after each pair: a later one would mend it
+
+
+async def test_a_closed_store_reads_nothing(store_at: StoreAt) -> None:
+    """Reads after close fail as the store being closed, whether or not one ran before
+    (none opens a connection again)."""
+    for read_before in (False, True):
+        store = await store_at.open()
+        if read_before:
+            assert await store.messages("alice") == []
+        await store.close()
+        with pytest.raises(StoreError, match="closed"):
+            await store.messages("alice")

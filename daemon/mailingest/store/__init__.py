@@ -342,7 +342,7 @@ class Store:
         """The API token whose SHA-256 is ``token_hash`` and ``messages`` as the viewer
         ``viewer_of`` names for it, as JSON text, in one read (the API's hot path: one trip
         to the database). No token, or no viewer (the token may not ask this), reads no
-        messages. ``viewer_of`` runs in a reader thread: it must only decide."""
+        messages. ``viewer_of`` may run in a reader thread, and twice: it must only decide."""
         listing = read.Listing(account, label, record, limit, quarantined, before)
 
         def token_and_page(reader: Reader) -> tuple[ApiToken | None, ListedPage]:

@@ -113,7 +113,7 @@ class JsonSql:
     parse: str  # {}: a column holding JSON text, as JSON
     flag: str  # {}: a condition, as true or false
     text: str  # {}: a JSON value, as text the driver returns as a str
-    join: str  # {value}: JSON texts joined with commas, in the order {order}
+    join: str  # {value}: JSON texts joined with commas, in {order} or the rows' own
 
 
 class Reader(abc.ABC):
@@ -203,11 +203,13 @@ class Database(abc.ABC):
         when the holder dies."""
 
     @abc.abstractmethod
-    async def snapshot(self, what: str, read: Callable[[Reader], _T]) -> _T:
-        """``read`` run whole in one of a few reader threads, on a read-only connection, in
-        one read transaction (one committed state): one trip from the event loop however
-        many statements it runs, and none of them waits for a write of this process. Errors
-        are mapped as in ``read``. For the API's hot reads (a page is one trip, not five)."""
+    async def snapshot(self, what: str, read: Callable[[Reader], _T], *, quick: bool = True) -> _T:
+        """``read`` run whole on a read-only connection, in one read transaction (one
+        committed state), none of its statements waiting for a write of this process:
+        in one of a few reader threads (one trip from the event loop however many
+        statements it runs), or on SQLite first on the event loop itself where ``quick``
+        (``read`` may then run twice: it must only read and decide). Errors are mapped as
+        in ``read``. For the API's hot reads."""
 
     @abc.abstractmethod
     async def close(self) -> None: ...

@@ -5,6 +5,13 @@ Each link carries its message's owner and visibility, in two indexes that list a
 (its mail shared with all, each owner's private mail, in listing order: the messages a
 viewer may not see are never visited), and each message carries its records and labels as
 JSON arrays, sorted by code point as Python sorts (no index lookups per message of a page).
+The triggers follow what the store does: links and labels are inserted and deleted, never
+updated in place; a message's visibility changes, its owner never does.
+
+On PostgreSQL, where several processes write at once (READ COMMITTED), the triggers on
+links and labels first lock the message's row (a change of visibility locks it by its own
+UPDATE): two transactions changing one message's links, labels or visibility take turns,
+and the second one's statements see what the first committed.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ _COLUMNS = """
         owner = (SELECT m.owner FROM messages m WHERE m.id = message_records.message),
         visibility = (SELECT m.visibility FROM messages m WHERE m.id = message_records.message);
     DROP INDEX message_records_sorted;
+    DROP INDEX message_records_record;
     CREATE INDEX message_records_shared
         ON message_records (record, visibility, sort_key, message);
     CREATE INDEX message_records_own
@@ -50,6 +58,7 @@ _POSTGRES_KEPT = """
     CREATE FUNCTION {table}_changed() RETURNS trigger LANGUAGE plpgsql AS $$
     DECLARE changed BIGINT := CASE WHEN TG_OP = 'DELETE' THEN OLD.message ELSE NEW.message END;
     BEGIN
+        PERFORM 1 FROM messages WHERE id = changed FOR NO KEY UPDATE;
         UPDATE messages SET {copy} = {changed} WHERE id = changed;
         RETURN NULL;
     END $$;
@@ -72,7 +81,7 @@ _POSTGRES_WHO = """
     CREATE FUNCTION message_records_who() RETURNS trigger LANGUAGE plpgsql AS $$
     BEGIN
         SELECT m.owner, m.visibility INTO NEW.owner, NEW.visibility
-            FROM messages m WHERE m.id = NEW.message;
+            FROM messages m WHERE m.id = NEW.message FOR NO KEY UPDATE;
         RETURN NEW;
     END $$;
     CREATE TRIGGER message_records_who BEFORE INSERT ON message_records

@@ -259,7 +259,7 @@ class PostgresDatabase(Database):
             with contextlib.suppress(Exception):
                 await conn.close()
 
-    async def snapshot(self, what: str, read: Callable[[Reader], _T]) -> _T:
+    async def snapshot(self, what: str, read: Callable[[Reader], _T], *, quick: bool = True) -> _T:
         def run(conn: psycopg.Connection[Any]) -> _T:
             return in_snapshot(conn, _SNAPSHOT, _PostgresReader(conn), read, (_driver().Error,))
 

@@ -344,20 +344,19 @@ POSTGRES_MIGRATIONS: tuple[str, ...] = (
 
 
 def statements(script: str) -> list[str]:
-    """A migration's statements: split at ``;``, but not inside a trigger's BEGIN ... END
-    (SQLite) or a function's $$-quoted body (PostgreSQL)."""
+    """A migration's statements: split at ``;``, but not inside a function's $$-quoted
+    body (PostgreSQL) or a trigger's BEGIN ... END (SQLite: as SQLite itself tells, that
+    body ends at an END that follows a ``;``)."""
     found, part = [], ""
     for piece in script.split(";"):
         part += piece
-        in_body = part.count("$$") % 2 == 1 or (
-            re.search(r"\bCREATE\s+TRIGGER\b", part, re.IGNORECASE) is not None
-            and re.search(r"\bBEGIN\b", part, re.IGNORECASE) is not None
-            and re.search(r"\bEND\s*$", part, re.IGNORECASE) is None
+        body = re.match(
+            r"\s*CREATE\s+(TEMP\s+|TEMPORARY\s+)?TRIGGER\b.*\bBEGIN\b", part, re.I | re.S
         )
-        if in_body:
+        if part.count("$$") % 2 == 1 or (body and piece.strip().upper() != "END"):
             part += ";"
-        else:
-            if part.strip():
-                found.append(part.strip())
-            part = ""
+            continue
+        if part.strip():
+            found.append(part.strip())
+        part = ""
     return found

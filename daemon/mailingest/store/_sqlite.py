@@ -52,10 +52,12 @@ READ_MMAP_BYTES = 1024 * 1024 * 1024
 #: thread on a 2-core machine gained no throughput in bench/api_bench.py and lengthened the
 #: tail, one alone queued every read behind the slowest.
 READERS = 2
-#: A snapshot read runs on the event loop's own thread when it is done within this long
-#: (SQLite is asked every few thousand steps); one that is not is rolled back and run again
-#: in a reader thread. A page of the API takes about 0.2 ms, and a trip to a thread, with
-#: the GIL handed to and fro for each statement, cost more than the read itself.
+#: A snapshot read runs on the event loop's own thread when it is done within this long; one
+#: that is not is rolled back and run again in a reader thread. A page of the API takes
+#: about 0.2 ms, and a trip to a thread, with the GIL handed to and fro for each statement,
+#: cost more than the read itself. The clock is read every 2,000 steps of SQLite: a step
+#: that waits for the disk (a page of the file not in memory) holds the loop that long.
+#: Reads of raw mail (megabyte chunks) always go to a thread.
 QUICK_READ_SECONDS = 0.002
 _T = TypeVar("_T")
 #: New message ids are handed out as SQLite would (max + 1), under the write lock.
@@ -89,6 +91,7 @@ class SqliteDatabase(Database):
         self._runner = thread_runner(db)
         #: The read-only connection of reads on the event loop (opened on first need).
         self._quick: sqlite3.Connection | None = None
+        self._closed = False
 
     def __repr__(self) -> str:
         return f"<SQLite {self.path}>"
@@ -216,16 +219,21 @@ class SqliteDatabase(Database):
     async def notify(self, channel: str) -> None:
         return None  # daemons poll the version row
 
-    async def snapshot(self, what: str, read: Callable[[Reader], _T]) -> _T:
+    async def snapshot(self, what: str, read: Callable[[Reader], _T], *, quick: bool = True) -> _T:
         def run(conn: sqlite3.Connection) -> _T:
             # BEGIN is deferred: the snapshot is taken by the first read.
             return in_snapshot(conn, "BEGIN", _SqliteReader(conn), read, (sqlite3.Error,))
 
+        if self._closed:
+            raise StoreError("the store is closed")
         with self.mapped(what):
-            if self._quick is None:
-                self._quick = self._connect_reader(busy_timeout=0)  # busy: a thread waits
-            with contextlib.suppress(_TooSlow):
-                return _within(QUICK_READ_SECONDS, self._quick, run)
+            if quick:
+                if self._quick is None:
+                    self._quick = self._connect_reader(busy_timeout=0)  # busy: a thread waits
+                with contextlib.suppress(_TooSlow):
+                    found = _within(QUICK_READ_SECONDS, self._quick, run)
+                    await asyncio.sleep(0)  # as a read in a thread would, let others run
+                    return found
             return await self._readers.run(run)
 
     def _connect_reader(self, busy_timeout: int = BUSY_TIMEOUT_MS) -> sqlite3.Connection:
@@ -246,9 +254,12 @@ class SqliteDatabase(Database):
         return conn
 
     async def close(self) -> None:
+        self._closed = True
         try:
             if self._quick is not None:
-                self._quick.close()
+                with contextlib.suppress(sqlite3.Error):
+                    self._quick.close()
+                self._quick = None
             await self._readers.close()
         finally:
             await self._db.close()
@@ -284,7 +295,7 @@ class _SqliteReader(Reader):
     json = JsonSql(
         object="json_object",
         parse="json({})",
-        flag="json(CASE WHEN {} THEN 'true' ELSE 'false' END)",
+        flag="CASE WHEN {} THEN json('true') ELSE json('false') END",  # json() made once
         text="{}",
         join="group_concat({value}, ',')",
     )
@@ -315,7 +326,7 @@ def _within(
         raise
     finally:
         conn.set_progress_handler(None, 0)
-        if conn.in_transaction:  # in_snapshot's ROLLBACK was stopped too
+        if conn.in_transaction:  # never left open, whatever stopped in_snapshot
             conn.execute("ROLLBACK")
 
 

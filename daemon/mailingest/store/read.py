@@ -48,7 +48,7 @@ async def messages(db: Database, viewer: str, listing: Listing) -> list[StoredMe
 def page(reader: Reader, *, viewer: str, listing: Listing) -> list[StoredMessage]:
     """``messages`` inside a snapshot: the listing, then its labels and records, in one
     read transaction."""
-    found = _select(_Shape.of(listing))
+    found = _select(_Shape.of(listing, fast=False))
     rows = reader.fetchall(f"SELECT {_COLUMNS} {found.body}{found.tail}", _args(viewer, listing))
     return _complete(reader, rows)
 
@@ -60,8 +60,14 @@ def page_json(reader: Reader, *, viewer: str, listing: Listing) -> ListedPage:
     limit = listing.limit
     if limit:
         listing = dataclasses.replace(listing, limit=limit + 1)
-    sql = _page_sql(_Shape.of(listing), reader.json)
-    [(text, count)] = reader.fetchall(sql, _args(viewer, listing))
+    shape, args = _Shape.of(listing, fast=True), _args(viewer, listing)
+    [(text, count, read)] = reader.fetchall(_page_sql(shape, reader.json), args)
+    if count < read:
+        # A link said the viewer may see a message that says otherwise (the copies are
+        # kept by triggers; should one ever be wrong): the links read fell short of the
+        # page, so read it again checking each message before the limit.
+        shape = shape._replace(fast=False)
+        [(text, count, read)] = reader.fetchall(_page_sql(shape, reader.json), args)
     if not limit or count <= limit:
         return ListedPage(f"[{text or ''}]", int(count), None)
     # A JSON string escapes its quotes: '{"id"' only ever starts a message (id comes first).
@@ -73,14 +79,19 @@ def page_json(reader: Reader, *, viewer: str, listing: Listing) -> ListedPage:
 
 @functools.lru_cache(maxsize=1024)
 def _page_sql(shape: _Shape, j: JsonSql) -> str:
+    """The page's JSON, how many messages it holds, how many rows were read for it."""
     found = _select(shape)
     # Sorting the built JSON costs more than building it: where the links come in the
-    # page's order, the messages are read in theirs (SQLite's nested loop keeps it).
-    rows = f"SELECT {_as_json(j)} AS o, {found.key} AS k, m.id AS i {found.body}"
+    # page's order, the messages are read in theirs (SQLite's nested loop keeps it), and
+    # a message the viewer may not see is a row without one (``found.body``).
+    message = _as_json(j)
+    if found.in_order:
+        message = f"CASE WHEN m.id IS NOT NULL THEN {message} END"
+    rows = f"SELECT {message} AS o, {found.key} AS k, m.id AS i {found.body}"
     if not found.in_order:
         rows += found.tail
     joined = j.join.format(value="o", order="k DESC, i DESC")
-    return f"SELECT {joined}, count(*) FROM ({rows}) AS page"
+    return f"SELECT {joined}, count(o), count(*) FROM ({rows}) AS page"
 
 
 class _Shape(NamedTuple):
@@ -92,9 +103,12 @@ class _Shape(NamedTuple):
     quarantined: bool
     before: bool
     limit: int | None
+    #: A record's links read only as far as the page, trusting their copy of who may see
+    #: each message; the messages say it again (page_json), they do not filter.
+    fast: bool
 
     @classmethod
-    def of(cls, listing: Listing) -> _Shape:
+    def of(cls, listing: Listing, *, fast: bool) -> _Shape:
         return cls(
             listing.record is not None,
             listing.account is not None,
@@ -102,6 +116,7 @@ class _Shape(NamedTuple):
             listing.quarantined,
             listing.before is not None,
             listing.limit or None,
+            fast,
         )
 
 
@@ -125,8 +140,11 @@ def _select(shape: _Shape) -> _Select:
     if shape.record:
         links, in_order = _links(shape)
         # CROSS JOIN: the links first, then their messages (left to itself SQLite starts
-        # from the messages' owner and visibility indexes). The message's own columns decide.
-        sql = f"FROM ({links}) AS r CROSS JOIN messages m WHERE m.id = r.message AND {seen}"
+        # from the messages' owner and visibility indexes). The message's own columns decide:
+        # links read in the page's order keep a row for a message the viewer may not see
+        # (LEFT JOIN: its m.id is NULL), so that the caller can tell.
+        join = "LEFT JOIN messages m ON" if in_order else "CROSS JOIN messages m WHERE"
+        sql = f"FROM ({links}) AS r {join} m.id = r.message AND {seen}"
         key, order = "r.sort_key", "r.sort_key DESC, r.message DESC"
     if shape.account:
         sql += " AND m.account = ?"
@@ -151,7 +169,7 @@ def _links(shape: _Shape) -> tuple[str, bool]:
     come sorted and limited (True)."""
     after = " AND (sort_key < ? OR (sort_key = ? AND message < ?))" if shape.before else ""
     bound = ""
-    if shape.limit and not (shape.account or shape.label or shape.quarantined):
+    if shape.fast and shape.limit and not (shape.account or shape.label or shape.quarantined):
         bound = f" ORDER BY sort_key DESC, message DESC LIMIT {int(shape.limit)}"
     branch = (
         "SELECT message, sort_key FROM (SELECT message, sort_key FROM message_records"
@@ -198,7 +216,7 @@ def _as_json(j: JsonSql) -> str:
         "subject": "m.subject",
         "date": "m.date",
         "message_id": "m.message_id",
-        "records": j.parse.format("m.records_json"),  # kept by triggers (_schema.py)
+        "records": j.parse.format("m.records_json"),  # kept by triggers (_listed.py)
         "visibility": "m.visibility",
         "reason": "m.reason",
         "labels": j.parse.format("m.labels_json"),
@@ -246,6 +264,7 @@ async def raw_chunks(db: Database, message_id: int) -> AsyncIterator[bytes]:
                 sql="SELECT data FROM message_chunks WHERE message = ? AND seq = ?",
                 args=(message_id, seq),
             ),
+            quick=False,  # a megabyte from the disk: never on the event loop
         )
         if row is None:
             return

@@ -19,6 +19,7 @@ import pytest
 from mailingest.errors import StoreError
 from mailingest.model import AccountPolicy, Facts, Headers, NewMessage, Record, StoredAccount
 from mailingest.store import CHUNK, Store
+from mailingest.store import _listed as listed
 from mailingest.store import _sqlite as sqlite_backend
 from mailingest.store._db import Fetch, Plan, Reader
 from mailingest.store._schema import POSTGRES_MIGRATIONS, SQLITE_MIGRATIONS, statements
@@ -635,19 +636,35 @@ async def test_postgresql_sessions_changing_one_message_take_turns(postgres_at: 
         assert isinstance(postgres_at.database, str)
         return psycopg.connect(postgres_at.database, password=postgres_at.password)
 
-    link = "INSERT INTO message_records (message, record, sort_key) VALUES (%s, %s, 'k')"
-    retag = "UPDATE messages SET visibility = %s WHERE id = %s"
-    steps: list[tuple[tuple[str, tuple[Any, ...]], tuple[str, tuple[Any, ...]]]] = [
-        ((link, (message, "R1")), (link, (message, "R2"))),  # records_json keeps both
-        ((retag, ("shared", message)), (link, (message, "R3"))),  # R3 learns "shared"
-        ((link, (message, "R4")), (retag, ("private", message))),  # R4 learns "private"
+    Step = list[tuple[str, tuple[Any, ...]]]
+
+    def link(record: str) -> Step:
+        sql = "INSERT INTO message_records (message, record, sort_key) VALUES (%s, %s, 'k')"
+        return [(sql, (message, record))]
+
+    def retag(visibility: str) -> Step:
+        """As the store's: the message, then its links' copy (store/records.py)."""
+        return [
+            ("UPDATE messages SET visibility = %s WHERE id = %s", (visibility, message)),
+            (
+                "UPDATE message_records SET visibility = %s WHERE message = %s",
+                (visibility, message),
+            ),
+        ]
+
+    steps: list[tuple[Step, Step]] = [
+        (link("R1"), link("R2")),  # records_json keeps both
+        (retag("shared"), link("R3")),  # R3 learns "shared"
+        (link("R4"), retag("private")),  # the re-tag reaches R4
     ]
     for first, second in steps:
         with session() as a, session() as b:
-            a.execute(*first)
+            for statement in first:
+                a.execute(*statement)
 
-            def then(b: psycopg.Connection[Any] = b, step: Any = second) -> None:
-                b.execute(*step)
+            def then(b: psycopg.Connection[Any] = b, step: Step = second) -> None:
+                for statement in step:
+                    b.execute(*statement)
                 b.commit()
 
             behind = threading.Thread(target=then)
@@ -669,3 +686,33 @@ async def test_a_closed_store_reads_nothing(store_at: StoreAt) -> None:
         await store.close()
         with pytest.raises(StoreError, match="closed"):
             await store.messages("alice")
+
+
+async def test_a_bulk_retag_makes_the_index_of_shared_links_again(
+    store: Store, store_at: StoreAt, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past a number of links whose visibility one re-tag changes, SQLite drops the index of
+    shared links and makes it again at the end; the copies and the pages are as ever."""
+    monkeypatch.setattr(listed, "BULK_FLIPS", 2)
+    custom = AccountPolicy(
+        tagger=lambda f: ("shared", "custom_shared") if f.owner_shared else ("private", "x")
+    )
+    policies = {"acct": custom}
+    await store.import_records([Record("L1", "lead", "", ("l@x.example",))], policies)
+    linked = [
+        dataclasses.replace(
+            item(f"u{n}", f"m{n}".encode()), senders=("l@x.example",), link=("l@x.example",)
+        )
+        for n in range(5)
+    ]
+    await store.add_batch("acct", "alice", linked, custom)
+    for shared in (True, False, True):
+        assert await store.set_share("alice", "L1", shared, policies, actor="alice")
+        listing_copies_hold(store_at)
+        assert len(await store.messages("bob", record="L1", limit=3)) == (3 if shared else 0)
+    index = (
+        "SELECT count(*) FROM sqlite_master WHERE name = 'message_records_shared'"
+        if store_at.backend == "sqlite"
+        else "SELECT count(*) FROM pg_indexes WHERE indexname = 'message_records_shared'"
+    )
+    assert store_at.query(index) == [(1,)]

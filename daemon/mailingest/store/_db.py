@@ -170,6 +170,9 @@ class Database(abc.ABC):
     #: where a transaction would have waited (PostgreSQL in autocommit; not SQLite, whose
     #: deferred write can meet a stale snapshot and fail busy at once).
     atomic_statements = False
+    #: A bulk change may drop an index and make it again in its transaction (SQLite; on
+    #: PostgreSQL the DDL would hold every reader of the table until the COMMIT).
+    rebuilds_indexes = False
 
     def __init__(self) -> None:
         self._lock = asyncio.Lock()

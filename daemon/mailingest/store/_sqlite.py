@@ -78,6 +78,7 @@ class SqliteDatabase(Database):
         " WHERE a.message = m.id AND a.role IN ('to', 'cc'))"
     )
     address_order = "a.rowid"  # rows keep header order by rowid
+    rebuilds_indexes = True  # readers keep their snapshot (WAL), the old index with it
 
     def __init__(self, db: aiosqlite.Connection, path: Path) -> None:
         super().__init__()

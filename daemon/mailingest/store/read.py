@@ -162,9 +162,9 @@ def _select(shape: _Shape) -> _Select:
 
 def _links(shape: _Shape) -> tuple[str, bool]:
     """The record's links (message, sort_key) whose messages the viewer may see, from the
-    two indexes that say who may see each: mail shared with all, and the viewer's own
-    private mail (the rest is never read: a record of 1,000 messages the viewer may see
-    none of costs nothing). Where nothing but the record (and the cursor) filters, as on
+    two indexes that say who may see each: the viewer's own mail, and others' mail shared
+    with all (the rest is never read: a record of 1,000 messages the viewer may see none
+    of costs nothing). Where nothing but the record (and the cursor) filters, as on
     the API's page, each index is read only as far as the page reaches, and the links
     come sorted and limited (True)."""
     after = " AND (sort_key < ? OR (sort_key = ? AND message < ?))" if shape.before else ""
@@ -176,9 +176,9 @@ def _links(shape: _Shape) -> tuple[str, bool]:
         f" WHERE record = ? AND {{who}}{after}{bound}) AS {{name}}"
     )
     sql = (
-        branch.format(who="visibility = 'shared'", name="shared")
+        branch.format(who="owner = ?", name="own")
         + " UNION ALL "
-        + branch.format(who="owner = ? AND visibility = 'private'", name="own")
+        + branch.format(who="visibility = 'shared' AND owner <> ?", name="shared")
         + bound
     )
     return sql, bool(bound)
@@ -191,7 +191,7 @@ def _args(viewer: str, listing: Listing) -> list[Any]:
         before.insert(0, listing.before[0])  # key < ? OR (key = ? AND id < ?)
     args: list[Any] = []
     if listing.record is not None:
-        args += [listing.record, *before, listing.record, viewer, *before]
+        args += [listing.record, viewer, *before] * 2  # _links: its own, others' shared
     args.append(viewer)
     if listing.account is not None:
         args.append(listing.account)

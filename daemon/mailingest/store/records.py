@@ -9,6 +9,7 @@ from typing import Any
 from mailingest.model import AccountPolicy, Record
 from mailingest.store import _audit as audit
 from mailingest.store._db import Database, domain, facts, linked_to, now_iso, parts
+from mailingest.store._listed import LinkCopies
 
 #: Messages re-tagged per query: memory stays bounded for large accounts.
 _PAGE = 5000
@@ -320,6 +321,7 @@ async def _retag(
     """
     last, changed = 0, 0
     decided: dict[tuple[Any, ...], tuple[str, str]] = {}
+    copies = LinkCopies(db)
     while True:
         if len(decided) > 100_000:
             decided.clear()  # bounded memory, whatever the variety of the mail
@@ -336,6 +338,7 @@ async def _retag(
             (last, *args),
         )
         if not rows:
+            await copies.done()
             return changed
         updates = []
         for r in rows:
@@ -352,6 +355,9 @@ async def _retag(
                 )
             if tag != (r[4], r[5]):
                 updates.append((*tag, r[0]))
+                if tag[0] != r[4] and r[6]:  # linked: its links' copy too
+                    copies.flip(r[0], tag[0])
         await db.executemany("UPDATE messages SET visibility = ?, reason = ? WHERE id = ?", updates)
+        await copies.write()
         changed += len(updates)
         last = rows[-1][0]

@@ -110,8 +110,6 @@ class JsonSql:
     cost more than the rest of the request."""
 
     object: str  # the function that makes an object of key, value, ... pairs
-    parse: str  # {}: a column holding JSON text, as JSON
-    flag: str  # {}: a condition, as true or false
     text: str  # {}: a JSON value, as text the driver returns as a str
     join: str  # {value}: JSON texts joined with commas, in {order} or the rows' own
 

@@ -286,8 +286,6 @@ class PostgresDatabase(Database):
 class _PostgresReader(Reader):
     json = JsonSql(
         object="json_build_object",
-        parse="({})::json",
-        flag="({})",
         text="({})::text",
         join="string_agg({value}, ',' ORDER BY {order})",
     )

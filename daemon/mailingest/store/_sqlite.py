@@ -295,8 +295,6 @@ class SqliteDatabase(Database):
 class _SqliteReader(Reader):
     json = JsonSql(
         object="json_object",
-        parse="json({})",
-        flag="CASE WHEN {} THEN json('true') ELSE json('false') END",  # json() made once
         text="{}",
         join="group_concat({value}, ',')",
     )

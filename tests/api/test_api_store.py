@@ -9,6 +9,7 @@ import dataclasses
 import hashlib
 import io
 import json
+from pathlib import Path
 from typing import Any
 
 from mailingest.errors import StoreError
@@ -21,7 +22,8 @@ from mailingest.model import (
     Record,
     StoredMessage,
 )
-from mailingest.store import Store
+from mailingest.store import Store, read
+from mailingest.store._sqlite import _SqliteReader
 from support import StoreAt, run_sql
 
 CUSTOM = AccountPolicy(
@@ -142,6 +144,25 @@ def chosen(message: StoredMessage, where: dict[str, Any]) -> bool:
     if "label" in where and where["label"] not in message.labels:
         return False
     return not where.get("quarantined") or message.quarantine_reason is not None
+
+
+async def test_a_record_page_reads_its_links_in_order_and_no_further(tmp_path: Path) -> None:
+    """On SQLite, the API's page of a record merges the two indexes of its links (the
+    viewer's own, others' shared) as they come, in order, up to the page: no table scan,
+    no sort, whatever the record holds."""
+    at = StoreAt(tmp_path / "mail.db")
+    await (await at.open()).close()
+    for before in (None, ("2026-01-01T00:00:00+00:00", 7)):
+        listing = read.Listing(record="L1", limit=51, before=before)
+        sql = read._page_sql(read._Shape.of(listing, fast=True), _SqliteReader.json)
+        plan = " | ".join(
+            str(row[-1])
+            for row in run_sql(at, f"EXPLAIN QUERY PLAN {sql}", *read._args("bob", listing))
+        )
+        assert "MERGE (UNION ALL)" in plan, plan
+        assert "INDEX message_records_own (record=? AND owner=?" in plan, plan
+        assert "INDEX message_records_shared (record=?" in plan, plan
+        assert "TEMP B-TREE" not in plan and "SCAN message_records" not in plan, plan
 
 
 async def test_the_listing_as_json_is_what_the_messages_make(

@@ -643,12 +643,15 @@ async def test_postgresql_sessions_changing_one_message_take_turns(postgres_at: 
         return [(sql, (message, record))]
 
     def retag(visibility: str) -> Step:
-        """As the store's: the message, then its links' copy (store/records.py)."""
+        """As the store's on PostgreSQL: the message, then its links' copy from it
+        (store/_listed.py, LinkCopies)."""
         return [
             ("UPDATE messages SET visibility = %s WHERE id = %s", (visibility, message)),
             (
-                "UPDATE message_records SET visibility = %s WHERE message = %s",
-                (visibility, message),
+                "UPDATE message_records SET visibility = m.visibility FROM messages m"
+                " WHERE m.id = message_records.message AND m.id = %s"
+                " AND message_records.visibility <> m.visibility",
+                (message,),
             ),
         ]
 
@@ -674,6 +677,64 @@ async def test_postgresql_sessions_changing_one_message_take_turns(postgres_at: 
             behind.join(timeout=30)
             assert not behind.is_alive()
         listing_copies_hold(postgres_at)  # after each pair: a later one would mend it
+
+
+async def test_a_postgresql_retag_decided_on_an_old_read_still_leaves_the_copies_right(
+    postgres_at: StoreAt,
+) -> None:
+    """A re-tag reads its page, decides, then updates; meanwhile another session re-tags
+    the same message and commits (READ COMMITTED). Whatever visibility the message ends
+    with, its link says the same, so a record's page shows what the message says."""
+    shared = AccountPolicy(tagger=lambda f: ("shared", "s0"))
+    store = await postgres_at.open()
+    try:
+        await store.import_records([Record("L1", "lead", "", ("l@x.example",))], {"acct": shared})
+        linked = dataclasses.replace(
+            item("u1", b"Subject: a\r\n\r\nx"), senders=("l@x.example",), link=("l@x.example",)
+        )
+        await store.add_batch("acct", "alice", [linked], shared)
+        assert [m.id for m in await store.messages("bob", record="L1")] == [1]
+    finally:
+        await store.close()
+    first_read, second_done = threading.Event(), threading.Event()
+
+    def decided_late(facts: Facts) -> tuple[str, str]:
+        first_read.set()  # the page is read; decide after the other session committed
+        second_done.wait(30)
+        return ("shared", "later")
+
+    async def first() -> None:
+        store = await postgres_at.open()
+        try:
+            await store.retag_changed({"acct": "v1"}, {"acct": AccountPolicy(decided_late)})
+        finally:
+            await store.close()
+
+    async def second() -> None:
+        assert first_read.wait(30)
+        store = await postgres_at.open()
+        try:
+            private = AccountPolicy(tagger=lambda f: ("private", "x"))
+            await store.set_share("alice", "L1", False, {"acct": private}, actor="alice")
+        finally:
+            await store.close()
+            second_done.set()
+
+    sessions = [threading.Thread(target=asyncio.run, args=(run(),)) for run in (first, second)]
+    for session in sessions:
+        session.start()
+    for session in sessions:
+        session.join(60)
+        assert not session.is_alive()
+    listing_copies_hold(postgres_at)
+    store = await postgres_at.open()
+    try:
+        message = await store.message(1)
+        assert message is not None
+        on_page = [m.id for m in await store.messages("bob", record="L1")]
+        assert on_page == ([1] if message.visibility == "shared" else []), message
+    finally:
+        await store.close()
 
 
 async def test_a_closed_store_reads_nothing(store_at: StoreAt) -> None:

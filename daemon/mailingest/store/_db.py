@@ -171,6 +171,9 @@ class Database(abc.ABC):
     #: A bulk change may drop an index and make it again in its transaction (SQLite; on
     #: PostgreSQL the DDL would hold every reader of the table until the COMMIT).
     rebuilds_indexes = False
+    #: One write transaction at a time (SQLite's BEGIN IMMEDIATE): what a transaction read
+    #: is still so when it writes. Not PostgreSQL's READ COMMITTED.
+    serial_writes = False
 
     def __init__(self) -> None:
         self._lock = asyncio.Lock()

@@ -355,8 +355,7 @@ async def _retag(
                 )
             if tag != (r[4], r[5]):
                 updates.append((*tag, r[0]))
-                if tag[0] != r[4] and r[6]:  # linked: its links' copy too
-                    copies.flip(r[0], tag[0])
+                copies.changed(r[0], tag[0], was=r[4], linked=bool(r[6]))
         await db.executemany("UPDATE messages SET visibility = ?, reason = ? WHERE id = ?", updates)
         await copies.write()
         changed += len(updates)

@@ -253,7 +253,7 @@ async def test_a_link_whose_copy_is_wrong_neither_shows_its_message_nor_ends_the
 ) -> None:
     """A record's page trusts its links' copy of who may see each message only to find
     them; should a copy ever say "shared" of a private message, the message stays hidden
-    and the pages after it still come."""
+    and the pages after it still come, through the API and the CLI's listing alike."""
     policies = {"acct": CUSTOM}
     await store.import_records([Record("L1", "lead", "", ("l@x.example",))], policies)
     items = [
@@ -279,6 +279,10 @@ async def test_a_link_whose_copy_is_wrong_neither_shows_its_message_nor_ends_the
             break
         before = page.next
     assert paged == [i for i in reversed(ids) if i != hidden]
+    # The CLI's listing (Store.messages) reads a record's links the same way.
+    for limit in (3, 7, None):
+        listed = [m.id for m in await store.messages("bob", record="L1", limit=limit)]
+        assert listed == [i for i in reversed(ids) if i != hidden][:limit]
 
 
 async def test_reads_neither_wait_for_a_write_under_way_nor_see_it(store: Store) -> None:

@@ -51,8 +51,8 @@ def page(reader: Reader, *, viewer: str, listing: Listing) -> list[StoredMessage
     ``page_json`` does, and again checking each message if a link's copy was wrong."""
     shape, args = _Shape.of(listing, fast=True), _args(viewer, listing)
     found = _select(shape)
-    if found.in_order:
-        rows = reader.fetchall(f"SELECT {_COLUMNS} {found.body}", args)
+    if found.in_order:  # sorted again: only SQLite keeps the links' order through the join
+        rows = reader.fetchall(f"SELECT {_COLUMNS} {found.body}{found.tail}", args)
         if all(r[0] is not None for r in rows):  # None: a message the viewer may not see
             return _complete(reader, rows)
         found = _select(shape._replace(fast=False))

@@ -2,7 +2,7 @@
 
 usage: python bench/api_bench.py [--messages 1000000] [--records 1000] [--clients 50]
                                  [--seconds 30] [--think MS [--stagger]] [--dir DIR]
-                                 [--json FILE]
+                                 [--postgresql] [--json FILE]
 
 Builds a store of ``--messages`` messages (SQLite, the default backend) linked to
 ``--records`` CRM records, half of them shared, owned by alice; starts `mailingest run`
@@ -14,12 +14,14 @@ Target (issue 16): p99 < 20 ms on this 2-core machine, wrk and the daemon sharin
 The messages are written straight into the schema the store created (a bench may do what
 the package must not: SQL outside the store), as one transaction: a million messages
 through a POP3 fetch would take the better part of an hour. ``--dir`` keeps the store for
-the next run (built once).
+the next run (built once). ``--postgresql`` stores on a private PostgreSQL cluster (fsync
+on, started and removed by the bench, as bench/fleet.py does; built anew each run, as root).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -31,7 +33,14 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
+
+BENCH = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH.parent / "tests"))
+
+from postgres import Postgres, private_postgres  # noqa: E402
 
 PYTHON = sys.executable
 SCRIPT = """
@@ -68,61 +77,113 @@ def cli(config: Path, *args: str) -> str:
     return done.stdout.decode()
 
 
-def build(directory: Path, messages: int, records: int) -> Path:
+#: The rows the bench writes, as (table, columns, rows of one batch).
+_DATE = "2026-12-06T10:00:00+00:00"
+_MESSAGE_COLUMNS = (
+    "id, account, owner, direction, size, sha256, from_addr, to_addrs, subject, date,"
+    " message_id, visibility, reason, received_at"
+)
+
+
+def _rows(start: int, end: int, records: int) -> Iterator[tuple[str, str, list[tuple[Any, ...]]]]:
+    batch = range(start, end)
+    yield (
+        "messages",
+        _MESSAGE_COLUMNS,
+        [
+            (
+                n + 1,
+                "a",
+                "alice",
+                "in",
+                2048,
+                hashlib.sha256(str(n).encode()).hexdigest(),
+                f"r{n % records}@customer.example",
+                '["alice@crm.example"]',
+                f"Message {n}",
+                _DATE,
+                f"<m{n}@customer.example>",
+                "shared" if n % 2 else "private",
+                "public" if n % 2 else "mode_private",
+                _DATE,
+            )
+            for n in batch
+        ],
+    )
+    # The store's triggers copy what a record's page reads onto the links and messages.
+    yield (
+        "message_records",
+        "message, record, sort_key",
+        [(n + 1, f"R{n % records}", _DATE) for n in batch],
+    )
+    yield (
+        "message_addresses",
+        "message, role, address",
+        [(n + 1, "from", f"r{n % records}@customer.example") for n in batch],
+    )
+
+
+def build(directory: Path, messages: int, records: int, pg: Postgres | None = None) -> Path:
     database = directory / "mail.db"
     config = directory / "mailingest.toml"
-    config.write_text(f'[storage]\ndatabase = "{database}"\n')
+    if pg is None:
+        config.write_text(f'[storage]\ndatabase = "{database}"\n')
+    else:
+        secret = directory / "db-password"
+        secret.write_text(pg.password + "\n")
+        secret.chmod(0o600)
+        url = pg.new_database()
+        config.write_text(f'[storage]\ndatabase = "{url}"\npassword = {{ file = "{secret}" }}\n')
     config.chmod(0o600)
-    if database.exists():
+    if pg is None and database.exists():
         return config
     csv = directory / "records.csv"
     rows = [f"R{i},lead,r{i}@customer.example,Record {i}" for i in range(records)]
     csv.write_text("id,kind,email,name\n" + "\n".join(rows) + "\n")
     cli(config, "records", "import", str(csv))
     started = time.monotonic()
+    if pg is None:
+        _fill_sqlite(database, messages, records)
+    else:
+        _fill_postgres(pg, url, messages, records)
+    print(f"stored {messages:,} messages in {time.monotonic() - started:.0f} s", file=sys.stderr)
+    return config
+
+
+def _fill_sqlite(database: Path, messages: int, records: int) -> None:
     db = sqlite3.connect(database)
     db.execute("PRAGMA synchronous = OFF")
     with db:
         for start in range(0, messages, 50_000):
-            batch = range(start, min(start + 50_000, messages))
-            db.executemany(
-                "INSERT INTO messages (id, account, owner, direction, size, sha256, from_addr,"
-                " to_addrs, subject, date, message_id, visibility, reason, received_at)"
-                " VALUES (?, 'a', 'alice', 'in', 2048, ?, ?, '[\"alice@crm.example\"]', ?, ?,"
-                " ?, ?, ?, '2026-12-06T10:00:00+00:00')",
-                [
-                    (
-                        n + 1,
-                        hashlib.sha256(str(n).encode()).hexdigest(),
-                        f"r{n % records}@customer.example",
-                        f"Message {n}",
-                        "2026-12-06T10:00:00+00:00",
-                        f"<m{n}@customer.example>",
-                        "shared" if n % 2 else "private",
-                        "public" if n % 2 else "mode_private",
-                    )
-                    for n in batch
-                ],
-            )
-            db.executemany(  # the store's triggers copy what a record's page reads
-                "INSERT INTO message_records (message, record, sort_key)"
-                " VALUES (?, ?, '2026-12-06T10:00:00+00:00')",
-                [(n + 1, f"R{n % records}") for n in batch],
-            )
-            db.executemany(
-                "INSERT INTO message_addresses (message, role, address) VALUES (?, 'from', ?)",
-                [(n + 1, f"r{n % records}@customer.example") for n in batch],
-            )
+            for table, columns, rows in _rows(start, min(start + 50_000, messages), records):
+                marks = ", ".join("?" * len(rows[0]))
+                db.executemany(f"INSERT INTO {table} ({columns}) VALUES ({marks})", rows)
     db.execute("ANALYZE")
     db.close()
-    print(f"stored {messages:,} messages in {time.monotonic() - started:.0f} s", file=sys.stderr)
-    return config
+
+
+def _fill_postgres(pg: Postgres, url: str, messages: int, records: int) -> None:
+    import psycopg
+
+    with psycopg.connect(url, password=pg.password) as db:
+        for start in range(0, messages, 50_000):
+            for table, columns, rows in _rows(start, min(start + 50_000, messages), records):
+                with db.cursor().copy(f"COPY {table} ({columns}) FROM STDIN") as copy:
+                    for row in rows:
+                        copy.write_row(row)
+        db.commit()
+        db.execute("SELECT setval(pg_get_serial_sequence('messages', 'id'), %s)", (messages,))
+        db.commit()
+    with psycopg.connect(url, password=pg.password, autocommit=True) as db:
+        db.execute("VACUUM ANALYZE")
 
 
 def warm(config: Path) -> None:
     """Read the database once: a store kept with ``--dir`` may have left the page cache,
     and a run that reads it back from disk measures the disk."""
     database = config.parent / "mail.db"
+    if not database.exists():
+        return  # PostgreSQL: just written, in its buffers and the page cache
     with database.open("rb") as data:
         while data.read(1 << 20):
             pass
@@ -216,11 +277,18 @@ def main() -> int:
     )
     parser.add_argument("--dir", type=Path, help="keep the store here (built once)")
     parser.add_argument("--json", type=Path, help="write the figures here")
+    parser.add_argument(
+        "--postgresql", action="store_true", help="store on a private PostgreSQL cluster"
+    )
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory(prefix="mailingest-api-bench-") as tmp:
+    if args.postgresql and os.geteuid() != 0:
+        raise SystemExit("--postgresql runs as root (the cluster runs as the postgres user)")
+    with contextlib.ExitStack() as stack:
+        tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="mailingest-api-bench-"))
+        pg = stack.enter_context(private_postgres(durable=True)) if args.postgresql else None
         directory = args.dir or Path(tmp)
         directory.mkdir(parents=True, exist_ok=True)
-        config = build(directory, args.messages, args.records)
+        config = build(directory, args.messages, args.records, pg)
         warm(config)
         token = json.loads(cli(config, "api", "token", "create", "--user", "bob", "--json"))
         port = free_port()
@@ -244,6 +312,7 @@ def main() -> int:
     figures |= {"messages": args.messages, "records": args.records, "clients": args.clients}
     figures["think_ms"] = args.think
     figures["stagger"] = args.stagger
+    figures["backend"] = "postgresql" if args.postgresql else "sqlite"
     print(figures.pop("raw"), file=sys.stderr)
     print(json.dumps(figures, indent=2))
     if args.json:

@@ -679,60 +679,77 @@ async def test_postgresql_sessions_changing_one_message_take_turns(postgres_at: 
         listing_copies_hold(postgres_at)  # after each pair: a later one would mend it
 
 
-async def test_a_postgresql_retag_decided_on_an_old_read_still_leaves_the_copies_right(
-    postgres_at: StoreAt,
+@pytest.mark.parametrize("deciding", ["settings re-tag", "ingestion"])
+async def test_a_postgresql_tag_decision_never_writes_over_an_unshare_it_did_not_see(
+    postgres_at: StoreAt, deciding: str
 ) -> None:
-    """A re-tag reads its page, decides, then updates; meanwhile another session re-tags
-    the same message and commits (READ COMMITTED). Whatever visibility the message ends
-    with, its link says the same, so a record's page shows what the message says."""
-    shared = AccountPolicy(tagger=lambda f: ("shared", "s0"))
+    """A settings re-tag (or a batch being stored) reads the sharing facts and decides;
+    meanwhile the owner unshares the record in another session (READ COMMITTED). The
+    unshare waits for it and re-tags after it: the mail ends private, as the facts say,
+    and its links say so too (nothing decided on the old facts is written over it)."""
+
+    def custom(reason: str) -> Callable[[Facts], tuple[str, str]]:
+        return lambda f: ("shared", reason) if f.owner_shared else ("private", "not_shared")
+
+    first_rule = AccountPolicy(tagger=custom("shared_v1"))
     store = await postgres_at.open()
     try:
-        await store.import_records([Record("L1", "lead", "", ("l@x.example",))], {"acct": shared})
+        await store.import_records([Record("L1", "lead", "", ("l@x.example",))], {})
         linked = dataclasses.replace(
-            item("u1", b"Subject: a\r\n\r\nx"), senders=("l@x.example",), link=("l@x.example",)
+            item("u1", b"x"), senders=("l@x.example",), link=("l@x.example",)
         )
-        await store.add_batch("acct", "alice", [linked], shared)
+        await store.add_batch("acct", "alice", [linked], first_rule)
+        await store.retag_changed({"acct": '{"v": 1}'}, {"acct": first_rule})
+        assert await store.set_share("alice", "L1", True, {"acct": first_rule}, actor="alice")
         assert [m.id for m in await store.messages("bob", record="L1")] == [1]
     finally:
         await store.close()
-    first_read, second_done = threading.Event(), threading.Event()
+    read, unshared = threading.Event(), threading.Event()
 
-    def decided_late(facts: Facts) -> tuple[str, str]:
-        first_read.set()  # the page is read; decide after the other session committed
-        second_done.wait(30)
-        return ("shared", "later")
+    def second_rule(facts: Facts) -> tuple[str, str]:
+        read.set()  # the page is read: give the unshare time to commit in between
+        unshared.wait(3)
+        return custom("shared_v2")(facts)
 
-    async def first() -> None:
+    async def settings_change() -> None:
         store = await postgres_at.open()
         try:
-            await store.retag_changed({"acct": "v1"}, {"acct": AccountPolicy(decided_late)})
+            if deciding == "ingestion":
+                mail = dataclasses.replace(
+                    item("u2", b"y"), senders=linked.senders, link=linked.link
+                )
+                await store.add_batch("acct", "alice", [mail], AccountPolicy(second_rule))
+            else:
+                await store.retag_changed(
+                    {"acct": '{"v": 2}'}, {"acct": AccountPolicy(second_rule)}
+                )
         finally:
             await store.close()
 
-    async def second() -> None:
-        assert first_read.wait(30)
+    async def unshare() -> None:
+        assert read.wait(30)
         store = await postgres_at.open()
         try:
-            private = AccountPolicy(tagger=lambda f: ("private", "x"))
-            await store.set_share("alice", "L1", False, {"acct": private}, actor="alice")
+            await store.set_share("alice", "L1", False, {"acct": first_rule}, actor="alice")
         finally:
             await store.close()
-            second_done.set()
+            unshared.set()
 
-    sessions = [threading.Thread(target=asyncio.run, args=(run(),)) for run in (first, second)]
+    sessions = [
+        threading.Thread(target=asyncio.run, args=(run(),)) for run in (settings_change, unshare)
+    ]
     for session in sessions:
         session.start()
     for session in sessions:
         session.join(60)
         assert not session.is_alive()
+    assert postgres_at.query("SELECT owner, record FROM shares") == []
+    assert set(postgres_at.query("SELECT visibility FROM messages")) == {("private",)}
     listing_copies_hold(postgres_at)
     store = await postgres_at.open()
     try:
-        message = await store.message(1)
-        assert message is not None
-        on_page = [m.id for m in await store.messages("bob", record="L1")]
-        assert on_page == ([1] if message.visibility == "shared" else []), message
+        assert await store.messages("bob", record="L1") == []
+        assert await store.messages("bob") == []
     finally:
         await store.close()
 

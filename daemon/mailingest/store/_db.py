@@ -174,6 +174,10 @@ class Database(abc.ABC):
     #: One write transaction at a time (SQLite's BEGIN IMMEDIATE): what a transaction read
     #: is still so when it writes. Not PostgreSQL's READ COMMITTED.
     serial_writes = False
+    #: Where writers run at once (PostgreSQL): statements that make a transaction that
+    #: decides tags from sharing facts wait for every other one, exclusive for a re-tag,
+    #: shared for ingestion (records.py, ingest.py). None: writes are serial already.
+    tag_lock: tuple[str, str] | None = None
 
     def __init__(self) -> None:
         self._lock = asyncio.Lock()

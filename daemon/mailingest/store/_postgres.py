@@ -80,6 +80,10 @@ def _driver() -> Any:
     return psycopg
 
 
+#: The advisory lock of tag decisions (``Database.tag_lock``): "mail" in ASCII.
+_TAG_LOCK_KEY = 0x6D61696C
+
+
 class PostgresDatabase(Database):
     recipients_sql = (
         "(SELECT string_agg(a.address, ' ') FROM message_addresses a"
@@ -87,6 +91,11 @@ class PostgresDatabase(Database):
     )
     address_order = "a.pos"
     atomic_statements = True  # autocommit, synchronous_commit on
+    # A transaction-level advisory lock (released by COMMIT or ROLLBACK) on one key.
+    tag_lock = (
+        f"SELECT pg_advisory_xact_lock({_TAG_LOCK_KEY})",
+        f"SELECT pg_advisory_xact_lock_shared({_TAG_LOCK_KEY})",
+    )
 
     def __init__(self, url: str, password: str | None, spool_dir: Path) -> None:
         super().__init__()

@@ -11,6 +11,7 @@ from mailingest.store._db import (
     CHUNK,
     Chunks,
     Database,
+    Fetch,
     Many,
     NewIds,
     Plan,
@@ -40,14 +41,21 @@ async def add_batch(
     The batch costs a fixed number of statements, not a number per message, and is one
     plan (``Database.run_plan``): on SQLite a single trip to its thread.
     """
-    plan = _batch(account, owner, items, policy)
+    lock = db.tag_lock[1] if db.tag_lock is not None else None
+    plan = _batch(account, owner, items, policy, lock)
     return await db.run_plan(f"storing mail of account {account!r}", plan)
 
 
 def _batch(
-    account: str, owner: str, items: Sequence[NewMessage], policy: AccountPolicy
+    account: str,
+    owner: str,
+    items: Sequence[NewMessage],
+    policy: AccountPolicy,
+    lock: str | None,
 ) -> Plan[list[StoreOutcome]]:
     outcomes: list[StoreOutcome] = []
+    if lock is not None:  # tags are decided from sharing facts no re-tag is changing
+        yield Fetch(lock)
     received = now_iso()
     known = {
         str(r[0])

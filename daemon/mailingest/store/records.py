@@ -30,6 +30,7 @@ async def import_records(
 ) -> int:
     """Upsert records (their address sets replaced) and link stored mail, atomically."""
     async with db.write("importing records"):
+        await _tags_alone(db)
         for record in found:
             await db.execute(
                 "INSERT INTO records (id, kind, name) VALUES (?,?,?) ON CONFLICT (id)"
@@ -49,6 +50,7 @@ async def create_record(
     """A new record, its stored mail linked and re-tagged at once: how many messages it
     links now (None: the id is taken, nothing changed)."""
     async with db.write("creating a record"):
+        await _tags_alone(db)
         if await db.fetchone("SELECT 1 FROM records WHERE id = ?", (record.id,)) is not None:
             return None
         await db.execute(
@@ -68,6 +70,7 @@ async def set_record_emails(
 ) -> bool:
     """Address change: links stay, stored mail from the new addresses links now."""
     async with db.write("changing record addresses"):
+        await _tags_alone(db)
         if await db.fetchone("SELECT 1 FROM records WHERE id = ?", (record,)) is None:
             return False
         await _replace_emails(db, record, emails, policies)
@@ -86,6 +89,7 @@ async def set_share(
     """Toggle the owner's custom-mode share flag and re-tag that mail, atomically; the
     change (if it is one) goes to the audit log in the same transaction."""
     async with db.write("changing a share flag"):
+        await _tags_alone(db)
         if await db.fetchone("SELECT 1 FROM records WHERE id = ?", (record,)) is None:
             return False
         if on:
@@ -117,6 +121,7 @@ async def delete_record(
     unlabelled where linked to nothing now) in the same transaction. Each share flag it
     drops goes to the audit log as an ``unshare``."""
     async with db.write("deleting a record"):
+        await _tags_alone(db)
         if await db.fetchone("SELECT 1 FROM records WHERE id = ?", (record,)) is None:
             return False
         linked = [
@@ -186,6 +191,7 @@ async def retag_changed(
     if not todo:
         return changed
     async with db.write("re-tagging after a settings change"):
+        await _tags_alone(db)
         # Only mail can need new tags or labels: an account without any (every account of a
         # new store, where this ran once per account) just has its settings recorded.
         with_mail = {
@@ -310,6 +316,15 @@ async def _replace_emails(
                 " AND m.direction = 'in' ON CONFLICT DO NOTHING",
                 (policy.magnet_label, record, account),
             )
+
+
+async def _tags_alone(db: Database) -> None:
+    """First in a transaction that re-tags: where writers run at once (PostgreSQL), wait
+    for every other transaction that decides tags (ingestion included) to end, and keep
+    them waiting until this one ends. Its reads then see what they committed, and none
+    writes a tag decided on facts this one changes (an unshare, say), nor the reverse."""
+    if db.tag_lock is not None:
+        await db.fetchone(db.tag_lock[0])
 
 
 async def _retag(

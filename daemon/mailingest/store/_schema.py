@@ -340,6 +340,17 @@ POSTGRES_MIGRATIONS: tuple[str, ...] = (
     _ACCOUNT_CHANGED_BY,
     # 9: as SQLite's migration 11
     POSTGRES_LISTED,
+    # 10: PostgreSQL only. Raw mail is compressed with lz4, not pglz (the default): pglz
+    # cost the server 1 s of CPU for 42 MB of mail, lz4 0.2 s, storing it in 21 MB against
+    # pglz's 13 MB and 44 MB uncompressed. A server built without lz4 keeps pglz.
+    """
+    DO $$
+    BEGIN
+        ALTER TABLE message_chunks ALTER COLUMN data SET COMPRESSION lz4;
+    EXCEPTION WHEN feature_not_supported THEN
+        NULL;
+    END $$;
+    """,
 )
 
 

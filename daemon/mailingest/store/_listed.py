@@ -21,8 +21,8 @@ from __future__ import annotations
 
 from mailingest.store._db import Database, parts
 
-#: Links whose visibility one re-tag changes past which SQLite makes the index of shared
-#: links again rather than changing it a link at a time (LinkCopies).
+#: Linked messages whose visibility one re-tag changes past which SQLite may make the index
+#: of shared links again rather than changing it a link at a time (LinkCopies).
 BULK_FLIPS = 20_000
 
 #: The links of mail shared with all, by record in listing order (a re-tag may make it again).
@@ -122,10 +122,10 @@ class LinkCopies:
 
     SQLite writes one transaction at a time, so what the re-tag read is what it changes:
     the links of a message whose visibility it changed get the new one, a statement per
-    visibility. Past BULK_FLIPS links in one re-tag (an account's mode changed), and past
-    1 in 30 of the shared links, it drops the index of shared links and makes it again at
-    the end: one sort instead of an insert or delete at a random place for each (500,000
-    messages re-tagged: 1.3 s instead of 5 s).
+    visibility. Past BULK_FLIPS such messages in one re-tag (an account's mode changed),
+    and past 1 in 30 of the shared links, it drops the index of shared links and makes it
+    again at the end: one sort instead of an insert or delete at a random place for each
+    (500,000 messages re-tagged: 1.3 s instead of 5 s).
 
     On PostgreSQL another session may have changed a message, or linked it, between the
     re-tag's read and its update (READ COMMITTED): the links of every message it updated

@@ -171,9 +171,6 @@ class Database(abc.ABC):
     #: A bulk change may drop an index and make it again in its transaction (SQLite; on
     #: PostgreSQL the DDL would hold every reader of the table until the COMMIT).
     rebuilds_indexes = False
-    #: One write transaction at a time (SQLite's BEGIN IMMEDIATE): what a transaction read
-    #: is still so when it writes. Not PostgreSQL's READ COMMITTED.
-    serial_writes = False
     #: Where writers run at once (PostgreSQL): statements that make a transaction that
     #: decides tags from sharing facts wait for every other one, exclusive for a re-tag,
     #: shared for ingestion (records.py, ingest.py). None: writes are serial already.

@@ -118,19 +118,16 @@ POSTGRES_LISTED = _migration(_POSTGRES_ARRAY, _POSTGRES_KEPT, _POSTGRES_WHO, cha
 
 class LinkCopies:
     """A re-tag's changes to its messages' links' copy of their visibility (_listed.py),
-    written a page at a time (``changed`` for each message the re-tag updated).
+    written a page at a time: the links of a message whose visibility it changed get the
+    new one, a statement per visibility. What the re-tag read is still so when it writes:
+    SQLite writes one transaction at a time, and on PostgreSQL a re-tag holds the tag lock
+    (``Database.tag_lock``) that every writer of tags and links takes.
 
-    SQLite writes one transaction at a time, so what the re-tag read is what it changes:
-    the links of a message whose visibility it changed get the new one, a statement per
-    visibility. Past BULK_FLIPS such messages in one re-tag (an account's mode changed),
-    and past 1 in 30 of the shared links, it drops the index of shared links and makes it
-    again at the end: one sort instead of an insert or delete at a random place for each
-    (500,000 messages re-tagged: 1.3 s instead of 5 s).
-
-    On PostgreSQL another session may have changed a message, or linked it, between the
-    re-tag's read and its update (READ COMMITTED): the links of every message it updated
-    take their message's visibility as it now is (the re-tag holds the rows' locks, and a
-    new link's trigger waits for them). The index stays: DDL would hold every reader."""
+    Past BULK_FLIPS such messages in one re-tag (an account's mode changed), and past 1 in
+    30 of the shared links, SQLite drops the index of shared links and makes it again at
+    the end: one sort instead of an insert or delete at a random place for each (500,000
+    messages re-tagged: 1.3 s instead of 5 s). PostgreSQL keeps it: DDL would hold every
+    reader."""
 
     def __init__(self, db: Database) -> None:
         self._db = db
@@ -139,11 +136,8 @@ class LinkCopies:
         self._dropped = False
         self._indexed: int | None = None  # shared links when the re-tag began to count
 
-    def changed(self, message: int, visibility: str, *, was: str, linked: bool) -> None:
-        if not self._db.serial_writes:
-            self._flips.setdefault("", []).append(message)
-        elif visibility != was and linked:
-            self._flips.setdefault(visibility, []).append(message)
+    def flip(self, message: int, visibility: str) -> None:
+        self._flips.setdefault(visibility, []).append(message)
 
     async def write(self) -> None:
         for visibility, ids in self._flips.items():
@@ -151,19 +145,11 @@ class LinkCopies:
             if self._count > BULK_FLIPS and self._db.rebuilds_indexes and not self._dropped:
                 await self._drop_if_cheaper()
             for part in parts(ids):
-                marks = ",".join("?" * len(part))
-                if visibility:
-                    await self._db.execute(
-                        f"UPDATE message_records SET visibility = ? WHERE message IN ({marks})",
-                        (visibility, *part),
-                    )
-                else:
-                    await self._db.execute(
-                        "UPDATE message_records SET visibility = m.visibility FROM messages m"
-                        f" WHERE m.id = message_records.message AND m.id IN ({marks})"
-                        " AND message_records.visibility <> m.visibility",
-                        part,
-                    )
+                await self._db.execute(
+                    "UPDATE message_records SET visibility = ?"
+                    f" WHERE message IN ({','.join('?' * len(part))})",
+                    (visibility, *part),
+                )
         self._flips.clear()
 
     async def _drop_if_cheaper(self) -> None:

@@ -79,7 +79,6 @@ class SqliteDatabase(Database):
     )
     address_order = "a.rowid"  # rows keep header order by rowid
     rebuilds_indexes = True  # readers keep their snapshot (WAL), the old index with it
-    serial_writes = True
 
     def __init__(self, db: aiosqlite.Connection, path: Path) -> None:
         super().__init__()

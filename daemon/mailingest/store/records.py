@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import AsyncIterator, Collection, Mapping, Sequence
 from typing import Any
 
 from mailingest.model import AccountPolicy, Record
@@ -29,8 +30,7 @@ async def import_records(
     db: Database, found: Sequence[Record], policies: dict[str, AccountPolicy]
 ) -> int:
     """Upsert records (their address sets replaced) and link stored mail, atomically."""
-    async with db.write("importing records"):
-        await _tags_alone(db)
+    async with _retagging(db, "importing records"):
         for record in found:
             await db.execute(
                 "INSERT INTO records (id, kind, name) VALUES (?,?,?) ON CONFLICT (id)"
@@ -49,8 +49,7 @@ async def create_record(
 ) -> int | None:
     """A new record, its stored mail linked and re-tagged at once: how many messages it
     links now (None: the id is taken, nothing changed)."""
-    async with db.write("creating a record"):
-        await _tags_alone(db)
+    async with _retagging(db, "creating a record"):
         if await db.fetchone("SELECT 1 FROM records WHERE id = ?", (record.id,)) is not None:
             return None
         await db.execute(
@@ -69,8 +68,7 @@ async def set_record_emails(
     db: Database, record: str, emails: Sequence[str], policies: dict[str, AccountPolicy]
 ) -> bool:
     """Address change: links stay, stored mail from the new addresses links now."""
-    async with db.write("changing record addresses"):
-        await _tags_alone(db)
+    async with _retagging(db, "changing record addresses"):
         if await db.fetchone("SELECT 1 FROM records WHERE id = ?", (record,)) is None:
             return False
         await _replace_emails(db, record, emails, policies)
@@ -88,8 +86,7 @@ async def set_share(
 ) -> bool:
     """Toggle the owner's custom-mode share flag and re-tag that mail, atomically; the
     change (if it is one) goes to the audit log in the same transaction."""
-    async with db.write("changing a share flag"):
-        await _tags_alone(db)
+    async with _retagging(db, "changing a share flag"):
         if await db.fetchone("SELECT 1 FROM records WHERE id = ?", (record,)) is None:
             return False
         if on:
@@ -120,8 +117,7 @@ async def delete_record(
     """Forget a record, its addresses, links and share flags; its mail re-tagged (and
     unlabelled where linked to nothing now) in the same transaction. Each share flag it
     drops goes to the audit log as an ``unshare``."""
-    async with db.write("deleting a record"):
-        await _tags_alone(db)
+    async with _retagging(db, "deleting a record"):
         if await db.fetchone("SELECT 1 FROM records WHERE id = ?", (record,)) is None:
             return False
         linked = [
@@ -190,8 +186,7 @@ async def retag_changed(
     }
     if not todo:
         return changed
-    async with db.write("re-tagging after a settings change"):
-        await _tags_alone(db)
+    async with _retagging(db, "re-tagging after a settings change"):
         # Only mail can need new tags or labels: an account without any (every account of a
         # new store, where this ran once per account) just has its settings recorded.
         with_mail = {
@@ -318,13 +313,17 @@ async def _replace_emails(
             )
 
 
-async def _tags_alone(db: Database) -> None:
-    """First in a transaction that re-tags: where writers run at once (PostgreSQL), wait
-    for every other transaction that decides tags (ingestion included) to end, and keep
-    them waiting until this one ends. Its reads then see what they committed, and none
-    writes a tag decided on facts this one changes (an unshare, say), nor the reverse."""
-    if db.tag_lock is not None:
-        await db.fetchone(db.tag_lock[0])
+@contextlib.asynccontextmanager
+async def _retagging(db: Database, what: str) -> AsyncIterator[None]:
+    """A write transaction that re-tags. Where writers run at once (PostgreSQL), its first
+    statement waits for every other transaction that decides tags (ingestion included) to
+    end, and keeps them waiting until this one ends: its reads see what they committed,
+    none writes a tag decided on facts this one changes (an unshare, say), nor the
+    reverse, and what it reads of a message is still so when it writes."""
+    async with db.write(what):
+        if db.tag_lock is not None:
+            await db.fetchone(db.tag_lock[0])
+        yield
 
 
 async def _retag(
@@ -370,7 +369,8 @@ async def _retag(
                 )
             if tag != (r[4], r[5]):
                 updates.append((*tag, r[0]))
-                copies.changed(r[0], tag[0], was=r[4], linked=bool(r[6]))
+                if tag[0] != r[4] and r[6]:  # linked: its links' copy too
+                    copies.flip(r[0], tag[0])
         await db.executemany("UPDATE messages SET visibility = ?, reason = ? WHERE id = ?", updates)
         await copies.write()
         changed += len(updates)

@@ -2,7 +2,7 @@
 
 usage: python bench/api_bench.py [--messages 1000000] [--records 1000] [--clients 50]
                                  [--seconds 30] [--think MS [--stagger]] [--dir DIR]
-                                 [--postgresql] [--json FILE]
+                                 [--processes N] [--postgresql] [--json FILE]
 
 Builds a store of ``--messages`` messages (SQLite, the default backend) linked to
 ``--records`` CRM records, half of them shared, owned by alice; starts `mailingest run`
@@ -10,6 +10,8 @@ with `[api]` and no accounts; then wrk (Debian's `wrk`) sends ``--clients`` conc
 requests for ``--seconds``, each for the first page (50) of a random record's messages, as
 bob (who sees the shared half). It reports wrk's latency percentiles and the request rate.
 Target (issue 16): p99 < 20 ms on this 2-core machine, wrk and the daemon sharing it.
+``--processes`` sets ``[api] processes`` (the daemon and its helper processes; the bench
+waits until every helper listens, as wrk's connections are spread when they connect).
 
 The messages are written straight into the schema the store created (a bench may do what
 the package must not: SQL outside the store), as one transaction: a million messages
@@ -189,10 +191,11 @@ def warm(config: Path) -> None:
             pass
 
 
-def serve(config: Path, port: int) -> subprocess.Popen[bytes]:
+def serve(config: Path, port: int, processes: int = 1) -> subprocess.Popen[bytes]:
     text = config.read_text()
-    text = re.sub(r"\n\[api\][^\[]*", "\n", text)
+    text = re.sub(r"\n\[(api|daemon)\][^\[]*", "\n", text)
     text += f'\n[daemon]\nlog_format = "json"\n\n[api]\nlisten = "127.0.0.1:{port}"\n'
+    text += f"processes = {processes}\n"
     config.write_text(text)
     log = (config.parent / "daemon.log").open("wb")
     proc = subprocess.Popen(
@@ -203,12 +206,15 @@ def serve(config: Path, port: int) -> subprocess.Popen[bytes]:
     )
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
+        # wrk's connections are spread when they connect: every helper must listen first.
+        helpers = (config.parent / "daemon.log").read_text().count('"api_helper_started"')
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as r:
-                if r.status == 200:
+                if r.status == 200 and helpers == processes - 1:
                     return proc
         except OSError:
-            time.sleep(0.2)
+            pass
+        time.sleep(0.2)
     proc.kill()
     raise SystemExit(f"the API did not come up; see {config.parent / 'daemon.log'}")
 
@@ -275,6 +281,9 @@ def main() -> int:
         action="store_true",
         help="start each connection after a random part of --think, not all at once",
     )
+    parser.add_argument(
+        "--processes", type=int, default=1, help="[api] processes: the daemon and its helpers"
+    )
     parser.add_argument("--dir", type=Path, help="keep the store here (built once)")
     parser.add_argument("--json", type=Path, help="write the figures here")
     parser.add_argument(
@@ -292,7 +301,7 @@ def main() -> int:
         warm(config)
         token = json.loads(cli(config, "api", "token", "create", "--user", "bob", "--json"))
         port = free_port()
-        daemon = serve(config, port)
+        daemon = serve(config, port, args.processes)
         try:
             shown = first_page(port, token["token"], "R1")
             assert shown == 50, f"bob sees {shown} messages of R1's first page, not 50"
@@ -313,6 +322,7 @@ def main() -> int:
     figures["think_ms"] = args.think
     figures["stagger"] = args.stagger
     figures["backend"] = "postgresql" if args.postgresql else "sqlite"
+    figures["processes"] = args.processes
     print(figures.pop("raw"), file=sys.stderr)
     print(json.dumps(figures, indent=2))
     if args.json:

@@ -5,7 +5,11 @@ from __future__ import annotations
 
 import functools
 import json
+import re
+import subprocess
+import sys
 import time
+import uuid
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -51,7 +55,10 @@ class ApiWorld:
         bob: Mapping[str, Any] | None = None,
         storage: Mapping[str, Any] | None = None,
         file_accounts: bool = True,
+        through_helper: bool = False,
     ) -> None:
+        """``through_helper``: the daemon runs with ``[api] processes = 2``, and the tests
+        talk to a helper process of its own started on another port (HelperProcess)."""
         self.directory = directory
         self.alice: Mailbox = dovecot.new_mailbox()
         self.bob: Mailbox = dovecot.new_mailbox()
@@ -70,6 +77,10 @@ class ApiWorld:
         )
         with self.config.open("a") as config:
             config.write(f'\n[api]\nlisten = "127.0.0.1:{self.port}"\n')
+            if through_helper:
+                config.write("processes = 2\n")
+        self.through_helper = through_helper
+        self.helper: HelperProcess | None = None
         self.url = f"http://127.0.0.1:{self.port}"
         self.tokens: dict[str, str] = {}
         self.daemon: DaemonProcess | None = None
@@ -132,7 +143,14 @@ class ApiWorld:
             self.daemon = daemon
             self.wait_ready()
             try:
-                yield daemon
+                if self.through_helper:
+                    with HelperProcess.beside(daemon) as helper:
+                        self.helper = helper
+                        self.url = helper.url
+                        self.http = httpx.Client(base_url=self.url, timeout=WAIT)
+                        yield daemon
+                else:
+                    yield daemon
             finally:
                 self.http.close()
                 code, _ = daemon.stop()
@@ -162,3 +180,56 @@ class ApiWorld:
     def stored(self) -> int:
         own = [m for who in ("alice", "bob") for m in self.all_messages(who) if m["owner"] == who]
         return len(own)
+
+
+class HelperProcess:
+    """One more API helper process (`python -m mailingest.api.worker`) beside a daemon that
+    runs its own (``[api] processes`` > 1), on a port of its own, so that a test knows
+    which process answers: this one serves the read routes and forwards the rest over the
+    daemon's socket (read from its helper's command line)."""
+
+    def __init__(self, config: Path, socket: str) -> None:
+        self.port = free_port()
+        text = re.sub(
+            r'listen = "127.0.0.1:\d+"', f'listen = "127.0.0.1:{self.port}"', config.read_text()
+        )
+        self.config = config.with_name("helper.toml")
+        self.config.write_text(text)
+        self.config.chmod(0o600)
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = config.parent / f"helper-{uuid.uuid4().hex[:8]}.log"
+        with self.log_path.open("wb") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "mailingest.api.worker", "--config", str(self.config),
+                 "--forward", socket],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=log,
+            )  # fmt: skip
+        assert self.proc.stdout is not None
+        ready = self.proc.stdout.readline()
+        assert json.loads(ready or b"null") == {"ready": True}, self.text()
+
+    @classmethod
+    @contextmanager
+    def beside(cls, daemon: DaemonProcess) -> Iterator[HelperProcess]:
+        started = daemon.wait_event("api_helper_started")
+        args = Path(f"/proc/{started['pid']}/cmdline").read_bytes().split(b"\0")
+        socket = args[args.index(b"--forward") + 1].decode()
+        helper = cls(daemon.config, socket)
+        try:
+            yield helper
+        finally:
+            assert helper.stop() == 0, helper.text()
+            assert [line for line in helper.text().splitlines() if '"error"' in line] == []
+
+    def stop(self) -> int:
+        """EOF on its stdin, as when its daemon ends: its exit code."""
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.close()
+        code = self.proc.wait(WAIT)
+        self.proc.stdout.close()
+        return code
+
+    def text(self) -> str:
+        return self.log_path.read_text(encoding="utf-8", errors="replace")

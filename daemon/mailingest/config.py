@@ -34,6 +34,8 @@ LOG_FORMATS = ("auto", "json", "console")
 _POP3_PORTS = {"tls": 995, "starttls": 110, "plain": 110}
 _SMTP_PORTS = {"tls": 465, "starttls": 587, "plain": 25}
 
+#: ``[api] processes`` at most: one per core is the point, and each holds a store connection.
+MAX_API_PROCESSES = 16
 _TOP_KEYS = ("storage", "daemon", "accounts", "api")
 _STORAGE_KEYS = ("database", "password", "secret_key")
 #: The shortest secret_key accepted (characters).
@@ -191,7 +193,7 @@ def _daemon(t: _Table, ctx: _Context) -> DaemonSettings:
 
 def _api(t: _Table, ctx: _Context) -> ApiSettings | None:
     """``listen = "host:port"`` (``[::1]:8025`` for IPv6); no ``[api]`` table: no API."""
-    t.check_keys(("listen", "tls_cert", "tls_key"))
+    t.check_keys(("listen", "tls_cert", "tls_key", "processes"))
     if not t.data:
         return None
     listen = t.string("listen")
@@ -206,7 +208,8 @@ def _api(t: _Table, ctx: _Context) -> ApiSettings | None:
         other = "tls_key" if given[0] == "tls_cert" else "tls_cert"
         raise t.error(other, f"{given[0]} is set: HTTPS needs both tls_cert and tls_key")
     cert, key = (ctx.resolve(v) if v else None for v in paths.values())
-    return ApiSettings(host, int(port_text), cert, key)
+    processes = t.integer("processes", 1, 1, MAX_API_PROCESSES)
+    return ApiSettings(host, int(port_text), cert, key, processes)
 
 
 def _account(

@@ -88,12 +88,17 @@ class Metrics:
         )
         self._answered: dict[int, Counter] = {}
 
-    def answered(self, status: int) -> None:
-        """An API request was answered with ``status`` (its counter looked up once)."""
+    def answered(self, status: int, count: int = 1) -> None:
+        """``count`` API requests were answered with ``status`` (here, or by a helper
+        process: api/helpers.py); its counter is looked up once."""
         counter = self._answered.get(status)
         if counter is None:
             counter = self._answered[status] = self.requests.labels(code=str(status))
-        counter.inc()
+        counter.inc(count)
+
+    def sent(self, ok: bool) -> None:
+        """A send through the API ended (``ok``: the server took it)."""
+        self.sends.labels(result="ok" if ok else "failed").inc()
 
     def watch(self, accounts: Callable[[], int], paused: Callable[[], int]) -> None:
         """The gauges read these when scraped."""

@@ -150,6 +150,9 @@ class ApiSettings:
     #: Both or neither: HTTPS with this certificate chain and key (PEM), read at start.
     tls_cert: Path | None = None
     tls_key: Path | None = None
+    #: Processes that answer on ``listen``: 1 is the daemon alone; each one more is a helper
+    #: that serves the read routes from its own store connection (api/helpers.py).
+    processes: int = 1
 
 
 @dataclass(frozen=True, slots=True)

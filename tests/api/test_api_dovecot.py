@@ -33,11 +33,13 @@ HTML_MAIL = (
 )
 
 
-@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+@pytest.fixture(scope="module", params=["sqlite", "postgresql", "sqlite-helper"])
 def world(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, dovecot: Dovecot
 ) -> Iterator[ApiWorld]:
-    """The daemon on each backend (the other API tests use SQLite)."""
+    """The daemon on each backend (the other API tests use SQLite); "helper": every
+    request goes to a helper process ([api] processes), which answers the reads from the
+    store itself and passes the rest to the daemon."""
     directory = tmp_path_factory.mktemp("api")
     storage = None
     if request.param == "postgresql":
@@ -46,7 +48,7 @@ def world(
         secret.write_text(postgres.password + "\n")
         secret.chmod(0o600)
         storage = StoreAt(postgres.new_database(), secret).storage()
-    world = ApiWorld(directory, dovecot, storage=storage)
+    world = ApiWorld(directory, dovecot, storage=storage, through_helper="helper" in request.param)
     world.import_records()
     world.make_tokens()
     world.alice.deliver_many(

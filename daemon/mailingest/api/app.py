@@ -6,12 +6,15 @@ from __future__ import annotations
 import asyncio
 import ssl
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 from aiohttp import web
 
 from mailingest.api import accounts, messages, ops, records, sending
 from mailingest.api.auth import authenticate
 from mailingest.api.errors import ApiError, error_response
+from mailingest.api.forward import FORWARDED
+from mailingest.api.helpers import Helpers
 from mailingest.api.host import CALLER, HOST, ApiHost, host_of
 from mailingest.config import ApiSettings
 from mailingest.errors import ConfigError, MailIngestError, StoreError
@@ -50,9 +53,12 @@ ROUTES: tuple[tuple[str, str, Handler, bool], ...] = (
     ("POST", "/accounts/{name}/check", accounts.check, True),
     ("POST", "/accounts/{name}/fetch", accounts.fetch_now, True),
 )
+Route = tuple[str, str, Handler, bool]
 _PUBLIC = {handler for _, _, handler, token in ROUTES if not token}
-#: Token routes whose handler looks the token up itself, in the same read as its answer.
-_OWN_TOKEN = {messages.list_messages}
+#: Handlers the token middleware leaves alone: no token (the public ones), or the handler
+#: looks the token up itself, in the same read as its answer.
+NO_TOKEN_CHECK = frozenset({*_PUBLIC, messages.list_messages})
+_NO_TOKEN_CHECK = web.AppKey("no_token_check", frozenset)
 
 
 @web.middleware
@@ -81,66 +87,96 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
             "api_request_failed", method=request.method, path=request.path, error=repr(exc)
         )
         response = error_response(500, "internal error; the daemon's log has the details")
-    host_of(request).metrics.answered(response.status)
+    if not request.get(FORWARDED):  # else the daemon counted it
+        host_of(request).metrics.answered(response.status)
     return response
 
 
 @web.middleware
 async def _token(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Routes that need a token get the caller in ``request["caller"]`` (those in
-    ``_OWN_TOKEN`` set it themselves). A NUL in the path or a query value is bad input
-    (PostgreSQL would refuse it as the store being down)."""
+    """Routes that need a token get the caller in ``request["caller"]`` (handlers in
+    ``NO_TOKEN_CHECK`` set it themselves, or need none). A NUL in the path or a query value
+    is bad input (PostgreSQL would refuse it as the store being down)."""
     for key, value in [("path", request.path), *request.query.items()]:
         if "\x00" in value or "\x00" in key:
             raise ApiError(422, "a NUL byte", field=key)
-    mine = handler in _PUBLIC or handler in _OWN_TOKEN
+    mine = handler in request.app[_NO_TOKEN_CHECK]
     if request.match_info.http_exception is None and not mine:
         request[CALLER] = await authenticate(request, host_of(request).store)
     return await handler(request)
 
 
-def build_app(host: ApiHost) -> web.Application:
+def build_app(
+    host: ApiHost,
+    routes: tuple[Route, ...] = ROUTES,
+    no_token_check: frozenset[Handler] = NO_TOKEN_CHECK,
+) -> web.Application:
+    """The daemon's app; a helper process (worker.py) gives its own handlers and set."""
     app = web.Application(middlewares=[_errors, _token], client_max_size=MAX_BODY)
     app[HOST] = host
+    app[_NO_TOKEN_CHECK] = no_token_check
     app[messages.DECODING] = asyncio.Semaphore(messages.DECODE_AT_ONCE)
     app[accounts.TEST_LOGINS] = asyncio.Semaphore(accounts.TEST_LOGINS_AT_ONCE)
     app[ops.WRITE_PROBE] = ops.WriteProbe()
-    for method, path, handler, _ in ROUTES:
+    for method, path, handler, _ in routes:
         app.router.add_route(method, path, handler)
     return app
 
 
 class ApiServer:
-    """The API listening; ``close`` stops it (requests in flight get SHUTDOWN_TIMEOUT)."""
+    """The API listening; ``close`` stops it (requests in flight get SHUTDOWN_TIMEOUT),
+    its helper processes first."""
 
-    def __init__(self, runner: web.AppRunner) -> None:
+    def __init__(self, runner: web.AppRunner, helpers: Helpers | None) -> None:
         self._runner = runner
+        self._helpers = helpers
 
     async def close(self) -> None:
-        await self._runner.cleanup()
+        try:
+            if self._helpers is not None:
+                await self._helpers.close()
+        finally:
+            await self._runner.cleanup()
 
 
-async def serve(host: ApiHost, settings: ApiSettings) -> ApiServer:
-    """Listen on ``[api] listen``; a port taken or a TLS file unusable is a ConfigError."""
-    context = _tls(settings)
+async def serve(host: ApiHost, settings: ApiSettings, config_path: Path) -> ApiServer:
+    """Listen on ``[api] listen``; a port taken or a TLS file unusable is a ConfigError.
+    With ``processes`` above 1, the port is shared (SO_REUSEPORT) with helper processes
+    that read ``config_path`` (helpers.py)."""
+    context = tls_context(settings)
     runner = web.AppRunner(
         build_app(host), access_log=None, handle_signals=False, shutdown_timeout=SHUTDOWN_TIMEOUT
     )
     await runner.setup()
-    site = web.TCPSite(runner, settings.host, settings.port, ssl_context=context)
+    shared = settings.processes > 1
+    site = web.TCPSite(runner, settings.host, settings.port, ssl_context=context, reuse_port=shared)
+    helpers = Helpers(config_path, settings.processes, host.metrics) if shared else None
     try:
-        await site.start()
-    except OSError as exc:
+        try:
+            await site.start()
+        except OSError as exc:
+            where = f"{settings.host}:{settings.port}"
+            raise ConfigError(
+                f"cannot listen on {where}: {exc.strerror or exc}", key_path="api.listen"
+            ) from exc
+        if helpers is not None:
+            await helpers.start(runner)
+    except BaseException:
+        if helpers is not None:
+            await helpers.close()
         await runner.cleanup()
-        where = f"{settings.host}:{settings.port}"
-        raise ConfigError(
-            f"cannot listen on {where}: {exc.strerror or exc}", key_path="api.listen"
-        ) from exc
-    log.info("api_started", host=settings.host, port=settings.port, tls=context is not None)
-    return ApiServer(runner)
+        raise
+    log.info(
+        "api_started",
+        host=settings.host,
+        port=settings.port,
+        tls=context is not None,
+        processes=settings.processes,
+    )
+    return ApiServer(runner, helpers)
 
 
-def _tls(settings: ApiSettings) -> ssl.SSLContext | None:
+def tls_context(settings: ApiSettings) -> ssl.SSLContext | None:
     if settings.tls_cert is None or settings.tls_key is None:
         return None
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)

@@ -9,8 +9,17 @@ from aiohttp import web
 
 from mailingest.api.auth import Caller
 from mailingest.config import Config
-from mailingest.metrics import Metrics
 from mailingest.store import Store
+
+
+class ApiMetrics(Protocol):
+    """What the API records and shows (metrics.Metrics; a helper process counts only)."""
+
+    def answered(self, status: int, count: int = 1) -> None: ...
+
+    def sent(self, ok: bool) -> None: ...
+
+    def render(self) -> tuple[bytes, str]: ...
 
 
 class ApiHost(Protocol):
@@ -28,7 +37,7 @@ class ApiHost(Protocol):
         ...
 
     @property
-    def metrics(self) -> Metrics: ...
+    def metrics(self) -> ApiMetrics: ...
 
     async def accounts_changed(self) -> None:
         """Apply a change of the accounts kept in the database now (re-tag, add, remove)."""

@@ -107,7 +107,7 @@ async def _sent(
     is 422 like the CLI's 65, an SMTP server unreachable or failing 502 (69), one that
     answers "try later" (4xx) or the daily limit 503 (75). A reply to too many recipients
     is bad input (422 naming ``crowd``), refused before any send, as a send's."""
-    sends = host_of(request).metrics.sends
+    metrics = host_of(request).metrics
     try:
         sent: Sent = await sending
     except PermissionDenied as exc:
@@ -115,19 +115,19 @@ async def _sent(
     except TooManyRecipients as exc:
         raise ApiError(422, str(exc), field=crowd) from None
     except UsageError as exc:
-        sends.labels(result="failed").inc()
+        metrics.sent(False)
         raise ApiError(422, mask_text(str(exc)), field=field) from None
     except DataError as exc:  # the SMTP server refused the message (5xx), as the CLI's 65
-        sends.labels(result="failed").inc()
+        metrics.sent(False)
         raise ApiError(422, mask_text(str(exc))) from None
     except ConfigError as exc:
-        sends.labels(result="failed").inc()
+        metrics.sent(False)
         raise ApiError(422, f"this account cannot send: {exc}", field="account") from None
     except (TemporaryError, StoreError) as exc:
-        sends.labels(result="failed").inc()
+        metrics.sent(False)
         raise ApiError(503, mask_text(str(exc))) from None
     except MailIngestError as exc:  # its server's words quoted: masked as `check` does
-        sends.labels(result="failed").inc()
+        metrics.sent(False)
         raise ApiError(502, mask_text(f"the SMTP server: {exc}")) from None
-    sends.labels(result="ok").inc()
+    metrics.sent(True)
     return web.json_response(sent.to_json())

@@ -1,0 +1,191 @@
+"""``[api] processes``: helper processes share the daemon's port, answer the read routes
+from their own store connection and pass the rest to the daemon. What they answer is
+checked route by route in test_api_dovecot.py (its "helper" world); here: their counts in
+the daemon's /metrics, their life beside the daemon's, and a helper without its daemon."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from api_support import HelperProcess, api_config
+from builders import self_signed_cert
+from daemon_support import WAIT, DaemonProcess, wait_until
+from dovecot import free_port
+from mailingest.config import ApiSettings, load_config
+from mailingest.config_render import render_config
+from support import run_cli
+
+
+def _config(tmp_path: Path, processes: int = 2) -> tuple[Path, int]:
+    port = free_port()
+    api = f'[api]\nlisten = "127.0.0.1:{port}"\nprocesses = {processes}\n'
+    return api_config(tmp_path, api, '[daemon]\nlog_format = "json"\n'), port
+
+
+def _token(config: Path, user: str) -> dict[str, str]:
+    made = run_cli(config, "api", "token", "create", "--user", user, "--json")
+    assert made.returncode == 0, made.stderr.decode()
+    return {"Authorization": f"Bearer {json.loads(made.stdout)['token']}"}
+
+
+def _ready(url: str) -> None:
+    def answers() -> bool:
+        try:
+            return httpx.get(url + "/readyz", timeout=2).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    wait_until(answers, f"{url}/readyz")
+
+
+def _answered(url: str, code: int) -> float:
+    text = httpx.get(url + "/metrics", timeout=WAIT).text
+    found = re.search(rf'^mailingest_api_requests_total\{{code="{code}"\}} (\S+)$', text, re.M)
+    return float(found.group(1)) if found else 0.0
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie (dead, not yet reaped by its parent) counts as gone.
+    return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z"
+
+
+def test_the_helpers_answers_count_in_the_daemons_metrics(tmp_path: Path) -> None:
+    config, port = _config(tmp_path)
+    url = f"http://127.0.0.1:{port}"
+    with DaemonProcess(config) as daemon:
+        _ready(url)
+        daemon.wait_event("api_helper_started")
+        # A connection each: the kernel spreads them over the daemon and its helper (the
+        # chance that all 40 go to one is 2**-39), and each process counts its own.
+        for _ in range(40):
+            assert httpx.get(url + "/messages", timeout=WAIT).status_code == 401
+        # The helper sends its counts every second.
+        wait_until(lambda: _answered(url, 401) == 40, "40 answers counted")
+        time.sleep(1.5)
+        assert _answered(url, 401) == 40  # and none twice
+        code, _ = daemon.stop()
+        assert code == 0, daemon.text()
+
+
+def test_helpers_are_restarted_and_end_with_the_daemon(tmp_path: Path) -> None:
+    config, port = _config(tmp_path, processes=3)
+    with DaemonProcess(config) as daemon:
+        _ready(f"http://127.0.0.1:{port}")
+        wait_until(lambda: len(daemon.events("api_helper_started")) == 2, "two helpers")
+        first = {e["helper"]: e["pid"] for e in daemon.events("api_helper_started")}
+        assert sorted(first) == [1, 2]
+        os.kill(first[1], signal.SIGKILL)
+        exited = daemon.wait_event("api_helper_exited", helper=1)
+        assert exited["code"] == -signal.SIGKILL and exited["level"] == "error"
+        wait_until(lambda: len(daemon.events("api_helper_started", helper=1)) == 2, "restart")
+        pids = [e["pid"] for e in daemon.events("api_helper_started")]
+        # Killed: the daemon's end leaves its helpers reading EOF; they stop themselves.
+        daemon.send(signal.SIGKILL)
+        daemon.proc.wait(WAIT)
+        wait_until(lambda: not any(_alive(pid) for pid in pids), "the helpers to stop")
+    with socket.socket() as probe:  # nobody holds the port any more
+        probe.bind(("127.0.0.1", port))
+
+
+def test_a_stopped_daemon_stops_its_helpers_and_removes_its_socket(tmp_path: Path) -> None:
+    config, port = _config(tmp_path)
+    with DaemonProcess(config) as daemon:
+        _ready(f"http://127.0.0.1:{port}")
+        started = daemon.wait_event("api_helper_started")
+        args = Path(f"/proc/{started['pid']}/cmdline").read_bytes().split(b"\0")
+        forward = Path(args[args.index(b"--forward") + 1].decode())
+        assert forward.is_socket() and forward.parent.stat().st_mode & 0o777 == 0o700
+        code, _ = daemon.stop()
+        assert code == 0, daemon.text()
+        assert not _alive(started["pid"])
+        assert not forward.parent.exists()
+        assert daemon.events("api_helper_exited") == []  # a stop is no failure
+
+
+def test_a_helper_without_its_daemon_still_reads_and_answers_503_for_the_rest(
+    tmp_path: Path,
+) -> None:
+    config, _ = _config(tmp_path)
+    bob = _token(config, "bob")  # creates the store
+    helper = HelperProcess(config, str(tmp_path / "no-daemon.sock"))
+    try:
+        with httpx.Client(base_url=helper.url, timeout=WAIT) as http:
+            assert http.get("/messages", headers=bob).json() == {
+                "messages": [],
+                "next_cursor": None,
+            }
+            for method, path in (("GET", "/healthz"), ("PUT", "/records/L1/shares/bob")):
+                answer = http.request(method, path, headers=bob)
+                assert answer.status_code == 503
+                assert answer.json()["message"] == "the daemon does not answer; try again"
+    finally:
+        assert helper.stop() == 0, helper.text()
+
+
+@pytest.mark.parametrize("processes", ["0", "17", '"2"'])
+def test_processes_out_of_range_is_78_naming_the_key(tmp_path: Path, processes: str) -> None:
+    path = api_config(tmp_path, f'[api]\nlisten = "127.0.0.1:8025"\nprocesses = {processes}\n')
+    done = run_cli(path, "config")
+    assert done.returncode == 78
+    assert "api.processes" in done.stderr.decode()
+
+
+def test_a_helper_serves_tls_with_the_daemons_certificate(tmp_path: Path) -> None:
+    cert, key = self_signed_cert(tmp_path)
+    port = free_port()
+    api = (
+        f'[api]\nlisten = "127.0.0.1:{port}"\nprocesses = 2\n'
+        f'tls_cert = "{cert}"\ntls_key = "{key}"\n'
+    )
+    config = api_config(tmp_path, api, '[daemon]\nlog_format = "json"\n')
+    bob = _token(config, "bob")
+    trusted = ssl.create_default_context(cafile=str(cert))
+    with DaemonProcess(config) as daemon, HelperProcess.beside(daemon) as helper:
+        url = helper.url.replace("http:", "https:")
+        with httpx.Client(base_url=url, verify=trusted, timeout=WAIT) as http:
+            assert http.get("/messages", headers=bob).status_code == 200  # its own
+            assert http.get("/healthz").json()["status"] == "ok"  # the daemon's
+        code, _ = daemon.stop()
+        assert code == 0, daemon.text()
+
+
+def test_no_room_for_the_daemons_socket_is_78_naming_api_processes(tmp_path: Path) -> None:
+    config, port = _config(tmp_path)
+    deep = tmp_path / ("d" * 100)  # a Unix socket's path holds at most 107 bytes
+    deep.mkdir()
+    done = subprocess.run(
+        [sys.executable, "-m", "mailingest", "-c", str(config), "run"],
+        capture_output=True,
+        timeout=WAIT,
+        stdin=subprocess.DEVNULL,
+        env={**os.environ, "TMPDIR": str(deep)},
+    )
+    assert done.returncode == 78, done.stderr.decode()
+    assert "api.processes" in done.stderr.decode()
+    assert list(deep.iterdir()) == []  # its directory removed again
+    with socket.socket() as probe:  # and the port let go
+        probe.bind(("127.0.0.1", port))
+
+
+def test_processes_defaults_to_the_daemon_alone(tmp_path: Path) -> None:
+    listen = '[api]\nlisten = "127.0.0.1:8025"\n'
+    assert load_config(api_config(tmp_path, listen), {}).api == ApiSettings("127.0.0.1", 8025)
+    config = load_config(api_config(tmp_path, listen + "processes = 4\n"), {})
+    assert config.api is not None and config.api.processes == 4
+    assert "processes = 4" in render_config(config)

@@ -3,9 +3,9 @@ real process serving [api] on loopback, and tokens made with the CLI."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
-import re
 import subprocess
 import sys
 import time
@@ -20,6 +20,8 @@ import httpx
 from builders import dovecot_account, numbered_mail
 from daemon_support import WAIT, DaemonProcess
 from dovecot import Dovecot, Mailbox, free_port
+from mailingest.api.helpers import Launch
+from mailingest.config import load_config
 from support import run_cli, write_config
 
 RECORDS_CSV = """id,kind,email,name
@@ -186,29 +188,32 @@ class HelperProcess:
     """One more API helper process (`python -m mailingest.api.worker`) beside a daemon that
     runs its own (``[api] processes`` > 1), on a port of its own, so that a test knows
     which process answers: this one serves the read routes and forwards the rest over the
-    daemon's socket (read from its helper's command line)."""
+    daemon's socket (read from its helper's command line). It is told what the daemon
+    would tell it (helpers.Launch), but for the port."""
 
-    def __init__(self, config: Path, socket: str) -> None:
+    def __init__(self, config: Path, socket: str, launch: Launch | None = None) -> None:
+        """``launch``: what it is told on its stdin; by default what the daemon would tell
+        it for ``config``, but for the port, which is its own."""
         self.port = free_port()
-        text = re.sub(
-            r'listen = "127.0.0.1:\d+"', f'listen = "127.0.0.1:{self.port}"', config.read_text()
-        )
-        self.config = config.with_name("helper.toml")
-        self.config.write_text(text)
-        self.config.chmod(0o600)
+        if launch is None:
+            launch = dataclasses.replace(Launch.of(load_config(config)), port=self.port)
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = config.parent / f"helper-{uuid.uuid4().hex[:8]}.log"
         with self.log_path.open("wb") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "mailingest.api.worker", "--config", str(self.config),
-                 "--forward", socket],
+                [sys.executable, "-P", "-m", "mailingest.api.worker", "--forward", socket],
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 stderr=log,
-            )  # fmt: skip
-        assert self.proc.stdout is not None
-        ready = self.proc.stdout.readline()
-        assert json.loads(ready or b"null") == {"ready": True}, self.text()
+            )
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write(launch.line())
+        self.proc.stdin.flush()
+        self.ready = self.proc.stdout.readline()
+
+    def wait_ready(self) -> HelperProcess:
+        assert json.loads(self.ready or b"null") == {"ready": True}, self.text()
+        return self
 
     @classmethod
     @contextmanager
@@ -216,7 +221,7 @@ class HelperProcess:
         started = daemon.wait_event("api_helper_started")
         args = Path(f"/proc/{started['pid']}/cmdline").read_bytes().split(b"\0")
         socket = args[args.index(b"--forward") + 1].decode()
-        helper = cls(daemon.config, socket)
+        helper = cls(daemon.config, socket).wait_ready()
         try:
             yield helper
         finally:

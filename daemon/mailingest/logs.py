@@ -58,7 +58,7 @@ EVENTS: dict[str, str] = {
     "api_helper_started": "helper, pid — a helper process of the API answers",
     "api_helper_exited": "helper, code, restart_in_s — a helper process ended; restarted",
     "api_helper_not_started": "helper, error — a helper process could not be started",
-    "api_helper_failed": "error — a helper process stopped at start",
+    "api_helper_failed": "error — a helper process stopped: settings, version, store, port",
     "api_helper_said": "helper, line — a helper process wrote an unknown report line",
     "api_request_failed": "method, path, error — an internal error answered 500; traceback",
     "api_test_login_failed": "account, status, error — POST /accounts: its test login failed",

@@ -5,6 +5,8 @@ the daemon's /metrics, their life beside the daemon's, and a helper without its 
 
 from __future__ import annotations
 
+import dataclasses
+import gzip
 import json
 import os
 import re
@@ -23,6 +25,7 @@ from api_support import HelperProcess, api_config
 from builders import self_signed_cert
 from daemon_support import WAIT, DaemonProcess, wait_until
 from dovecot import free_port
+from mailingest.api.helpers import Launch
 from mailingest.config import ApiSettings, load_config
 from mailingest.config_render import render_config
 from support import run_cli
@@ -35,7 +38,11 @@ def _config(tmp_path: Path, processes: int = 2) -> tuple[Path, int]:
 
 
 def _token(config: Path, user: str) -> dict[str, str]:
-    made = run_cli(config, "api", "token", "create", "--user", user, "--json")
+    return _token_flags(config, user)
+
+
+def _token_flags(config: Path, user: str, *flags: str) -> dict[str, str]:
+    made = run_cli(config, "api", "token", "create", "--user", user, "--json", *flags)
     assert made.returncode == 0, made.stderr.decode()
     return {"Authorization": f"Bearer {json.loads(made.stdout)['token']}"}
 
@@ -123,14 +130,15 @@ def test_a_helper_without_its_daemon_still_reads_and_answers_503_for_the_rest(
 ) -> None:
     config, _ = _config(tmp_path)
     bob = _token(config, "bob")  # creates the store
-    helper = HelperProcess(config, str(tmp_path / "no-daemon.sock"))
+    helper = HelperProcess(config, str(tmp_path / "no-daemon.sock")).wait_ready()
     try:
         with httpx.Client(base_url=helper.url, timeout=WAIT) as http:
             assert http.get("/messages", headers=bob).json() == {
                 "messages": [],
                 "next_cursor": None,
             }
-            for method, path in (("GET", "/healthz"), ("PUT", "/records/L1/shares/bob")):
+            assert http.get("/healthz").json() == {"status": "ok", "store": "ok"}  # its own
+            for method, path in (("GET", "/readyz"), ("PUT", "/records/L1/shares/bob")):
                 answer = http.request(method, path, headers=bob)
                 assert answer.status_code == 503
                 assert answer.json()["message"] == "the daemon does not answer; try again"
@@ -189,3 +197,63 @@ def test_processes_defaults_to_the_daemon_alone(tmp_path: Path) -> None:
     config = load_config(api_config(tmp_path, listen + "processes = 4\n"), {})
     assert config.api is not None and config.api.processes == 4
     assert "processes = 4" in render_config(config)
+
+
+def test_a_taken_port_is_78_with_helpers_too(tmp_path: Path) -> None:
+    """SO_REUSEPORT would let a second daemon share the port: it is checked first."""
+    config, port = _config(tmp_path)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", port))
+        taken.listen()
+        done = subprocess.run(
+            [sys.executable, "-m", "mailingest", "-c", str(config), "run"],
+            capture_output=True,
+            timeout=WAIT,
+            stdin=subprocess.DEVNULL,
+        )
+    assert done.returncode == 78, done.stderr.decode()
+    assert "api.listen" in done.stderr.decode()
+
+
+def test_a_helper_of_another_version_refuses_to_start(tmp_path: Path) -> None:
+    config, _ = _config(tmp_path)
+    launch = dataclasses.replace(Launch.of(load_config(config)), version="0.0.0")
+    helper = HelperProcess(config, str(tmp_path / "no-daemon.sock"), launch)
+    assert helper.proc.wait(WAIT) == 78
+    assert helper.ready == b""
+    [failed] = [json.loads(line) for line in helper.text().splitlines()]
+    assert failed["event"] == "api_helper_failed" and "the daemon runs 0.0.0" in failed["error"]
+    assert helper.stop() == 78
+
+
+def test_through_a_helper_requests_reach_the_daemon_as_sent(tmp_path: Path) -> None:
+    """A compressed body, an absolute-form request line, and no token with a body too
+    large: answered as the daemon answers them."""
+    config, _ = _config(tmp_path)
+    admin = _token_flags(config, "root", "--admin")
+    with DaemonProcess(config) as daemon, HelperProcess.beside(daemon) as helper:
+        body = json.dumps({"kind": "lead", "name": "Ann", "emails": ["ann@x.example"]})
+        with httpx.Client(base_url=helper.url, timeout=WAIT) as http:
+            headers = admin | {"Content-Encoding": "gzip", "Content-Type": "application/json"}
+            done = http.put("/records/R1", headers=headers, content=gzip.compress(body.encode()))
+            assert done.status_code == 200, done.text
+            assert done.json()["record"]["name"] == "Ann"
+            assert [r["id"] for r in http.get("/records", headers=admin).json()["records"]] == [
+                "R1"
+            ]
+            big = b"x" * (2 * 1024 * 1024)
+            refused = http.put("/records/R2", content=big)
+            assert refused.status_code == 401  # who asks first, as the daemon does
+        with socket.create_connection(("127.0.0.1", helper.port), timeout=WAIT) as raw:
+            raw.sendall(
+                b"GET http://elsewhere.example/accounts HTTP/1.1\r\nHost: elsewhere.example\r\n"
+                + f"Authorization: {admin['Authorization']}\r\nConnection: close\r\n\r\n".encode()
+            )
+            answer = b""
+            while chunk := raw.recv(65536):
+                answer += chunk
+        assert answer.startswith(b"HTTP/1.1 200"), answer[:300]
+        assert json.loads(answer.split(b"\r\n\r\n", 1)[1]) == {"accounts": []}
+        code, _ = daemon.stop()
+        assert code == 0, daemon.text()
+    assert daemon.events("api_request_failed") == []

@@ -4,9 +4,9 @@ daemon's event loop (``serve``), plain or over TLS."""
 from __future__ import annotations
 
 import asyncio
+import socket
 import ssl
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 
 from aiohttp import web
 
@@ -14,7 +14,7 @@ from mailingest.api import accounts, messages, ops, records, sending
 from mailingest.api.auth import authenticate
 from mailingest.api.errors import ApiError, error_response
 from mailingest.api.forward import FORWARDED
-from mailingest.api.helpers import Helpers
+from mailingest.api.helpers import Helpers, Launch
 from mailingest.api.host import CALLER, HOST, ApiHost, host_of
 from mailingest.config import ApiSettings
 from mailingest.errors import ConfigError, MailIngestError, StoreError
@@ -132,17 +132,20 @@ class ApiServer:
         self._helpers = helpers
 
     async def close(self) -> None:
-        try:
-            if self._helpers is not None:
-                await self._helpers.close()
-        finally:
-            await self._runner.cleanup()
+        # Together: the helpers' requests in flight may need the daemon's socket, and the
+        # stop's grace period counts from the signal.
+        closing = [self._runner.cleanup()]
+        if self._helpers is not None:
+            closing.append(self._helpers.close())
+        for outcome in await asyncio.gather(*closing, return_exceptions=True):
+            if isinstance(outcome, BaseException):
+                raise outcome
 
 
-async def serve(host: ApiHost, settings: ApiSettings, config_path: Path) -> ApiServer:
+async def serve(host: ApiHost, settings: ApiSettings) -> ApiServer:
     """Listen on ``[api] listen``; a port taken or a TLS file unusable is a ConfigError.
     With ``processes`` above 1, the port is shared (SO_REUSEPORT) with helper processes
-    that read ``config_path`` (helpers.py)."""
+    (helpers.py), once it is known to be free."""
     context = tls_context(settings)
     runner = web.AppRunner(
         build_app(host), access_log=None, handle_signals=False, shutdown_timeout=SHUTDOWN_TIMEOUT
@@ -150,9 +153,11 @@ async def serve(host: ApiHost, settings: ApiSettings, config_path: Path) -> ApiS
     await runner.setup()
     shared = settings.processes > 1
     site = web.TCPSite(runner, settings.host, settings.port, ssl_context=context, reuse_port=shared)
-    helpers = Helpers(config_path, settings.processes, host.metrics) if shared else None
+    helpers = Helpers(Launch.of(host.config), settings.processes, host.metrics) if shared else None
     try:
         try:
+            if shared:  # SO_REUSEPORT would let a second daemon bind beside the first
+                await _check_free(settings.host, settings.port)
             await site.start()
         except OSError as exc:
             where = f"{settings.host}:{settings.port}"
@@ -174,6 +179,18 @@ async def serve(host: ApiHost, settings: ApiSettings, config_path: Path) -> ApiS
         processes=settings.processes,
     )
     return ApiServer(runner, helpers)
+
+
+async def _check_free(host: str, port: int) -> None:
+    """OSError if something listens on ``host:port`` (a bind without SO_REUSEPORT fails)."""
+    loop = asyncio.get_running_loop()
+    found = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    for family, kind, proto, _, address in found:
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as aiohttp's
+            if family == socket.AF_INET6:
+                probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            probe.bind(address)
 
 
 def tls_context(settings: ApiSettings) -> ssl.SSLContext | None:

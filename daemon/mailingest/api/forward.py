@@ -1,7 +1,8 @@
 """A helper process's way to the daemon: a request it does not answer itself goes, as it
 came (method, path and query byte for byte, headers, body), over the daemon's private Unix
 socket, and the daemon's answer comes back as the daemon sent it. The daemon checks the
-token and counts the answer in its /metrics; the helper adds nothing."""
+token again and counts the answer in its /metrics; the helper counts nothing it passed on.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +10,12 @@ import aiohttp
 from aiohttp import web
 from yarl import URL
 
+from mailingest.api.auth import authenticate
 from mailingest.api.errors import ApiError
+from mailingest.api.host import host_of
+from mailingest.logs import get_logger
+
+log = get_logger("mailingest.api")
 
 #: The daemon's client session (a Unix connector to its socket), in the helper's app.
 DAEMON = web.AppKey("daemon", aiohttp.ClientSession)
@@ -36,20 +42,29 @@ _HOP = frozenset(
 
 
 def daemon_session(socket: str) -> aiohttp.ClientSession:
-    """No total timeout: a "check now" waits for a test login, as it does on the daemon."""
+    """No total timeout: a "check now" waits for a test login, as it does on the daemon;
+    no limit on connections: the helper's own clients are the bound."""
     return aiohttp.ClientSession(
-        connector=aiohttp.UnixConnector(path=socket),
+        connector=aiohttp.UnixConnector(path=socket, limit=0),
         timeout=aiohttp.ClientTimeout(total=None, sock_connect=5),
         auto_decompress=False,
-        skip_auto_headers=("User-Agent", "Accept-Encoding"),
+        skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
     )
+
+
+async def forward_with_token(request: web.Request) -> web.StreamResponse:
+    """A route that needs a token: checked here first (one read, as the daemon's first
+    step), so that a caller without one is refused before its body is read."""
+    await authenticate(request, host_of(request).store)
+    return await forward(request)
 
 
 async def forward(request: web.Request) -> web.StreamResponse:
     """The daemon's answer to ``request``; 503 if the daemon does not take it."""
     headers = [(k, v) for k, v in request.headers.items() if k.lower() not in _HOP]
     body = await request.read() if request.body_exists else None  # 413 past MAX_BODY
-    url = URL(f"http://mailingest{request.raw_path}", encoded=True)
+    # The path and query as sent (an absolute-form request line gives its path only).
+    url = URL(f"http://mailingest{request.rel_url.raw_path_qs}", encoded=True)
     session = request.app[DAEMON]
     try:
         reply = await session.request(
@@ -69,8 +84,12 @@ async def forward(request: web.Request) -> web.StreamResponse:
         try:
             async for chunk in reply.content.iter_any():
                 await response.write(chunk)
-        except aiohttp.ClientError as exc:
-            # The answer has begun: no error can be sent now, only the connection cut.
-            raise ConnectionResetError(f"the daemon's answer broke off: {exc}") from exc
+        except aiohttp.ClientError as exc:  # too late for a status: cut the answer short
+            log.error(
+                "api_request_failed", method=request.method, path=request.path, error=str(exc)
+            )
+            if request.transport is not None:
+                request.transport.close()
+            return response
         await response.write_eof()
         return response

@@ -5,13 +5,15 @@ so under load the queue, not the store, sets the latency. Each helper is `python
 mailingest.api.worker`: it listens on the same address with SO_REUSEPORT (the kernel
 spreads new connections over the processes), answers the read routes from its own store
 connection, and passes every other request to the daemon over a private Unix socket, so
-that a write, a poll or a metric is the daemon's as before.
+that a write, a poll or a metric is the daemon's as before. It takes its settings from the
+daemon (``Launch``, on its stdin), never from the config file, which may have changed
+since the daemon read it; a helper of another version than the daemon refuses to start.
 
 The daemon starts the helpers, restarts one that ends (1 s, doubling to a minute), and
-stops them first at its stop. A helper stops by itself when the daemon is gone, even
-killed: its stdin is a pipe from the daemon, and reads EOF. On its stdout it writes JSON
-lines: ``{"ready": true}`` once it listens, and every second the answers it counted by
-status (``{"answered": {"200": 812}}``), which the daemon adds to its /metrics.
+stops them at its stop. A helper stops by itself when the daemon is gone, even killed: its
+stdin is a pipe from the daemon, which reads EOF after the launch line. On its stdout it
+writes JSON lines: ``{"ready": true}`` once it listens, and every second the answers it
+counted by status (``{"answered": {"200": 812}}``), which the daemon adds to its /metrics.
 """
 
 from __future__ import annotations
@@ -25,27 +27,70 @@ import signal
 import sys
 import tempfile
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from aiohttp import web
 
+from mailingest import __version__
 from mailingest.api.host import ApiMetrics
 from mailingest.errors import ConfigError
 from mailingest.logs import get_logger
+from mailingest.settings import ApiSettings, Config
 
 log = get_logger("mailingest.api")
 
 RESTART_FIRST = 1.0
 RESTART_MAX = 60.0
-#: A helper asked to stop gets this long (its requests in flight end), then is killed.
-STOP_WAIT = 5.0
+#: A helper asked to stop gets this long (its requests in flight get SHUTDOWN_TIMEOUT, as
+#: the daemon's), then is killed.
+STOP_WAIT = 3.0
+
+
+@dataclass(frozen=True, slots=True)
+class Launch:
+    """What the daemon tells a helper at its start (one JSON line on its stdin)."""
+
+    version: str
+    database: str
+    password: str | None
+    host: str
+    port: int
+    tls_cert: str | None
+    tls_key: str | None
+    log_format: str
+
+    @classmethod
+    def of(cls, config: Config) -> Launch:
+        """The daemon's settings as it runs them (a reload that changes them needs a
+        restart: ``[api]``, ``[storage]``)."""
+        api, storage = config.api, config.storage
+        assert api is not None, "serving the API"
+        cert, key = (str(p) if p else None for p in (api.tls_cert, api.tls_key))
+        return cls(
+            __version__,
+            str(storage.database),
+            storage.reveal_password(),
+            api.host,
+            api.port,
+            cert,
+            key,
+            config.daemon.log_format,
+        )
+
+    def line(self) -> bytes:
+        return json.dumps(asdict(self)).encode() + b"\n"
+
+    def api(self) -> ApiSettings:
+        cert, key = (Path(p) if p else None for p in (self.tls_cert, self.tls_key))
+        return ApiSettings(self.host, self.port, cert, key)
 
 
 class Helpers:
     """The helper processes of one API server; ``start`` once, ``close`` once."""
 
-    def __init__(self, config_path: Path, processes: int, metrics: ApiMetrics) -> None:
-        self._config = config_path
+    def __init__(self, launch: Launch, processes: int, metrics: ApiMetrics) -> None:
+        self._launch = launch
         self._count = processes - 1
         self._metrics = metrics
         self._directory: Path | None = None
@@ -109,12 +154,12 @@ class Helpers:
     async def _run(self, index: int) -> int | None:
         """One helper from start to end: its exit code (None: it could not be started)."""
         try:
+            # -P: the working directory is not put on the module path.
             proc = await asyncio.create_subprocess_exec(
                 sys.executable,
+                "-P",
                 "-m",
                 "mailingest.api.worker",
-                "--config",
-                str(self._config),
                 "--forward",
                 str(self.socket),
                 stdin=asyncio.subprocess.PIPE,
@@ -125,9 +170,15 @@ class Helpers:
             return None
         self._procs[index] = proc
         try:
-            assert proc.stdout is not None
+            assert proc.stdin is not None and proc.stdout is not None
+            proc.stdin.write(self._launch.line())  # a pipe's buffer holds it: no wait
             async for line in proc.stdout:
                 self._heard(index, proc.pid, line)
+            return await proc.wait()
+        except (OSError, ValueError) as exc:  # its pipe broke, or a line was too long
+            log.error("api_helper_said", helper=index, line=str(exc)[:200])
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
             return await proc.wait()
         finally:
             del self._procs[index]

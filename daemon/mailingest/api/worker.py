@@ -1,10 +1,13 @@
-"""A helper process of the API (``[api] processes``, helpers.py): `python -m
-mailingest.api.worker --config FILE --forward SOCKET`, started by the daemon only.
+"""A helper process of the API (``[api] processes``, helpers.py): `python -P -m
+mailingest.api.worker --forward SOCKET`, started by the daemon only.
 
-It answers the read routes that need nothing but the store (a page of messages, one
-message, its raw bytes, the records) with the daemon's own handlers, and forwards every
-other request to the daemon (forward.py): writes, polls, accounts, health, metrics, and a
-listing by account (the daemon knows the accounts added since this process started).
+It reads its settings from the daemon, one JSON line on stdin (helpers.Launch): the daemon's
+version, store, address and log format as the daemon runs them, so that neither an edited
+config file nor an upgraded package reaches a helper before the daemon has them. It
+answers the read routes that need nothing but the store (a page of messages, one message,
+its raw bytes, the records) and /healthz with the daemon's own handlers, and forwards
+every other request to the daemon (forward.py): writes, polls, accounts, /readyz, metrics,
+and a listing by account (the daemon knows the accounts added since this process started).
 """
 
 from __future__ import annotations
@@ -17,39 +20,45 @@ import os
 import signal
 import sys
 from collections import Counter
-from pathlib import Path
 
 from aiohttp import web
 
-from mailingest import logs
-from mailingest.api import messages, records
+from mailingest import __version__, logs
+from mailingest.api import messages, ops, records
 from mailingest.api.app import ROUTES, SHUTDOWN_TIMEOUT, Handler, Route, build_app, tls_context
-from mailingest.api.forward import DAEMON, daemon_session, forward
-from mailingest.config import Config, load_config
-from mailingest.errors import EX_UNAVAILABLE, MailIngestError
+from mailingest.api.forward import DAEMON, daemon_session, forward, forward_with_token
+from mailingest.api.helpers import Launch
+from mailingest.config import Config
+from mailingest.errors import EX_CONFIG, EX_UNAVAILABLE, MailIngestError
 from mailingest.store import Store
 
 log = logs.get_logger("mailingest.api")
 
 #: Served here; every other route goes to the daemon.
-LOCAL = frozenset({messages.get_message, messages.get_raw, records.list_records})
+LOCAL = frozenset({messages.get_message, messages.get_raw, records.list_records, ops.healthz})
 #: Seconds between the counts this process sends the daemon for its /metrics.
 REPORT_EVERY = 1.0
 
 
 async def _list_messages(request: web.Request) -> web.StreamResponse:
     if "account" in request.query:  # checked against the daemon's accounts, as they are now
-        return await forward(request)
+        return await forward_with_token(request)
     return await messages.list_messages(request)
 
 
 def helper_routes() -> tuple[Route, ...]:
-    def handler(original: Handler) -> Handler:
+    def handler(original: Handler, token: bool) -> Handler:
         if original is messages.list_messages:
             return _list_messages
-        return original if original in LOCAL else forward
+        if original in LOCAL:
+            return original
+        return forward_with_token if token else forward
 
-    return tuple((method, path, handler(h), token) for method, path, h, token in ROUTES)
+    return tuple((method, path, handler(h, token), token) for method, path, h, token in ROUTES)
+
+
+#: Handlers that check the token themselves, or need none.
+NO_TOKEN_CHECK = frozenset({forward, forward_with_token, _list_messages, ops.healthz})
 
 
 class _Tally:
@@ -77,9 +86,8 @@ class _Tally:
 class _Host:
     """The ApiHost of a helper: its own store; what the local routes never use raises."""
 
-    def __init__(self, store: Store, config: Config) -> None:
+    def __init__(self, store: Store) -> None:
         self._store = store
-        self._config = config
         self.metrics = _Tally()
         self.ready = True
 
@@ -89,11 +97,11 @@ class _Host:
 
     @property
     def config(self) -> Config:
-        return self._config
+        raise RuntimeError("the daemon's: forwarded")
 
     @property
     def file_config(self) -> Config:
-        return self._config
+        raise RuntimeError("the daemon's: forwarded")
 
     async def accounts_changed(self) -> None:
         raise RuntimeError("the daemon's: forwarded")
@@ -106,22 +114,24 @@ class _Host:
 
 
 def _say(message: dict[str, object]) -> None:
-    sys.stdout.write(json.dumps(message) + "\n")
-    sys.stdout.flush()
+    """A line to the daemon; none if it is gone (stdin's EOF stops this process then)."""
+    with contextlib.suppress(BrokenPipeError):
+        sys.stdout.write(json.dumps(message) + "\n")
+        sys.stdout.flush()
 
 
-async def serve(config: Config, socket: str) -> None:
-    api = config.api
-    if api is None:
-        raise MailIngestError("the config has no [api] table")
-    storage = config.storage
-    store = await Store.open(storage.database, password=storage.reveal_password())
-    host = _Host(store, config)
-    no_check = frozenset({forward, _list_messages})
-    app = build_app(host, helper_routes(), no_check)
+async def serve(launch: Launch, socket: str) -> None:
+    store = await Store.open(launch.database, password=launch.password)
+    host = _Host(store)
+    app = build_app(host, helper_routes(), NO_TOKEN_CHECK)
     app[DAEMON] = daemon_session(socket)
+    # Bodies go to the daemon as they came, compressed or not.
     runner = web.AppRunner(
-        app, access_log=None, handle_signals=False, shutdown_timeout=SHUTDOWN_TIMEOUT
+        app,
+        access_log=None,
+        handle_signals=False,
+        shutdown_timeout=SHUTDOWN_TIMEOUT,
+        auto_decompress=False,
     )
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -129,8 +139,10 @@ async def serve(config: Config, socket: str) -> None:
     loop.add_reader(sys.stdin.fileno(), _on_stdin, stop)
     try:
         await runner.setup()
-        context = tls_context(api)
-        site = web.TCPSite(runner, api.host, api.port, ssl_context=context, reuse_port=True)
+        api = launch.api()
+        site = web.TCPSite(
+            runner, api.host, api.port, ssl_context=tls_context(api), reuse_port=True
+        )
         await site.start()
         _say({"ready": True})
         while not stop.is_set():
@@ -146,16 +158,30 @@ async def serve(config: Config, socket: str) -> None:
 
 
 def _on_stdin(stop: asyncio.Event) -> None:
-    """The daemon writes nothing: readable means EOF, the daemon closed it or is gone."""
+    """After the launch line the daemon writes nothing: readable means EOF, the daemon
+    closed it or is gone."""
     with contextlib.suppress(OSError):
         if os.read(sys.stdin.fileno(), 4096):
             return
     stop.set()
 
 
+def _launch() -> Launch:
+    line = sys.stdin.buffer.readline()  # unbuffered below: nothing read past it
+    try:
+        launch = Launch(**json.loads(line))
+    except (ValueError, TypeError) as exc:
+        raise MailIngestError(f"no launch line from the daemon on stdin ({exc})") from None
+    if launch.version != __version__:
+        raise MailIngestError(
+            f"this is mailingest {__version__}, the daemon runs {launch.version}: restart the"
+            " daemon after an upgrade"
+        )
+    return launch
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mailingest.api.worker")
-    parser.add_argument("--config", type=Path, required=True)
     parser.add_argument("--forward", required=True, metavar="SOCKET")
     args = parser.parse_args(argv)
     # Ctrl-C and SIGHUP reach the whole process group: the daemon decides for its helpers.
@@ -163,10 +189,14 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     logs.configure("auto")
     try:
-        config = load_config(args.config, secrets=False)
-        logs.register_secrets(config.secrets())
-        logs.configure(config.daemon.log_format)
-        asyncio.run(serve(config, args.forward))
+        launch = _launch()
+    except MailIngestError as exc:
+        log.error("api_helper_failed", error=str(exc))
+        return EX_CONFIG
+    logs.register_secrets([launch.password] if launch.password else [])
+    logs.configure(launch.log_format)
+    try:
+        asyncio.run(serve(launch, args.forward))
     except MailIngestError as exc:
         log.error("api_helper_failed", error=str(exc))
         return exc.exit_code

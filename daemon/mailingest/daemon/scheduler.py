@@ -134,7 +134,7 @@ class Daemon:
             if self.config.api is not None:
                 from mailingest.api.app import serve  # the web stack only where it serves
 
-                api = await serve(self, self.config.api, self.config.path)
+                api = await serve(self, self.config.api)
             log.info("daemon_started", accounts=len(self.runners), paused=self.paused_count())
             self.notifier.ready(self.summary())
             period = watchdog_period()

@@ -37,6 +37,17 @@ def _config(tmp_path: Path, processes: int = 2) -> tuple[Path, int]:
     return api_config(tmp_path, api, '[daemon]\nlog_format = "json"\n'), port
 
 
+def _run(config: Path, **env: str) -> subprocess.CompletedProcess[bytes]:
+    """`mailingest run` to its end (a failing start), with ``env`` added."""
+    return subprocess.run(
+        [sys.executable, "-m", "mailingest", "-c", str(config), "run"],
+        capture_output=True,
+        timeout=WAIT,
+        stdin=subprocess.DEVNULL,
+        env={**os.environ, **env},
+    )
+
+
 def _token(config: Path, user: str) -> dict[str, str]:
     return _token_flags(config, user)
 
@@ -177,13 +188,7 @@ def test_no_room_for_the_daemons_socket_is_78_naming_api_processes(tmp_path: Pat
     config, port = _config(tmp_path)
     deep = tmp_path / ("d" * 100)  # a Unix socket's path holds at most 107 bytes
     deep.mkdir()
-    done = subprocess.run(
-        [sys.executable, "-m", "mailingest", "-c", str(config), "run"],
-        capture_output=True,
-        timeout=WAIT,
-        stdin=subprocess.DEVNULL,
-        env={**os.environ, "TMPDIR": str(deep)},
-    )
+    done = _run(config, TMPDIR=str(deep))
     assert done.returncode == 78, done.stderr.decode()
     assert "api.processes" in done.stderr.decode()
     assert list(deep.iterdir()) == []  # its directory removed again
@@ -205,12 +210,7 @@ def test_a_taken_port_is_78_with_helpers_too(tmp_path: Path) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", port))
         taken.listen()
-        done = subprocess.run(
-            [sys.executable, "-m", "mailingest", "-c", str(config), "run"],
-            capture_output=True,
-            timeout=WAIT,
-            stdin=subprocess.DEVNULL,
-        )
+        done = _run(config)
     assert done.returncode == 78, done.stderr.decode()
     assert "api.listen" in done.stderr.decode()
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import select
 import subprocess
 import sys
 import time
@@ -191,9 +192,9 @@ class HelperProcess:
     daemon's socket (read from its helper's command line). It is told what the daemon
     would tell it (helpers.Launch), but for the port."""
 
-    def __init__(self, config: Path, socket: str, launch: Launch | None = None) -> None:
-        """``launch``: what it is told on its stdin; by default what the daemon would tell
-        it for ``config``, but for the port, which is its own."""
+    def __init__(self, config: Path, socket: str, launch: Launch | bytes | None = None) -> None:
+        """``launch``: what it is told on its stdin (a Launch, or the raw line); by default
+        what the daemon would tell it for ``config``, but for the port, which is its own."""
         self.port = free_port()
         if launch is None:
             launch = dataclasses.replace(Launch.of(load_config(config)), port=self.port)
@@ -206,14 +207,31 @@ class HelperProcess:
                 stdout=subprocess.PIPE,
                 stderr=log,
             )
-        assert self.proc.stdin is not None and self.proc.stdout is not None
-        self.proc.stdin.write(launch.line())
-        self.proc.stdin.flush()
-        self.ready = self.proc.stdout.readline()
+        try:
+            assert self.proc.stdin is not None and self.proc.stdout is not None
+            self.proc.stdin.write(launch.line() if isinstance(launch, Launch) else launch)
+            self.proc.stdin.flush()
+            readable, _, _ = select.select([self.proc.stdout], [], [], WAIT)
+            assert readable, f"the helper said nothing in {WAIT} s:\n{self.text()}"
+            self.ready = self.proc.stdout.readline()
+        except BaseException:
+            self.kill()
+            raise
 
     def wait_ready(self) -> HelperProcess:
-        assert json.loads(self.ready or b"null") == {"ready": True}, self.text()
+        try:
+            assert json.loads(self.ready or b"null") == {"ready": True}, self.text()
+        except BaseException:
+            self.kill()
+            raise
         return self
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.wait(WAIT)
+        for pipe in (self.proc.stdin, self.proc.stdout):
+            if pipe is not None:
+                pipe.close()
 
     @classmethod
     @contextmanager
@@ -232,7 +250,11 @@ class HelperProcess:
         """EOF on its stdin, as when its daemon ends: its exit code."""
         assert self.proc.stdin is not None and self.proc.stdout is not None
         self.proc.stdin.close()
-        code = self.proc.wait(WAIT)
+        try:
+            code = self.proc.wait(WAIT)
+        finally:
+            if self.proc.returncode is None:
+                self.kill()
         self.proc.stdout.close()
         return code
 

@@ -5,6 +5,7 @@ the daemon's /metrics, their life beside the daemon's, and a helper without its 
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import gzip
 import json
@@ -25,9 +26,10 @@ from api_support import HelperProcess, api_config
 from builders import self_signed_cert
 from daemon_support import WAIT, DaemonProcess, wait_until
 from dovecot import free_port
-from mailingest.api.helpers import Launch
+from mailingest.api.helpers import Helpers, Launch
 from mailingest.config import ApiSettings, load_config
 from mailingest.config_render import render_config
+from mailingest.metrics import Metrics
 from support import run_cli
 
 
@@ -75,12 +77,12 @@ def _answered(url: str, code: int) -> float:
 
 
 def _alive(pid: int) -> bool:
+    """Running: not gone, nor a zombie (dead, not yet reaped by its parent)."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
         return False
-    # A zombie (dead, not yet reaped by its parent) counts as gone.
-    return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z"
+    return stat.rsplit(") ", 1)[1][0] != "Z"
 
 
 def test_the_helpers_answers_count_in_the_daemons_metrics(tmp_path: Path) -> None:
@@ -89,14 +91,40 @@ def test_the_helpers_answers_count_in_the_daemons_metrics(tmp_path: Path) -> Non
     with DaemonProcess(config) as daemon:
         _ready(url)
         daemon.wait_event("api_helper_started")
-        # A connection each: the kernel spreads them over the daemon and its helper (the
-        # chance that all 40 go to one is 2**-39), and each process counts its own.
+        # A connection each: the kernel spreads them over the daemon and its helper, and
+        # each process counts its own (that the helper answers some: the next test).
         for _ in range(40):
             assert httpx.get(url + "/messages", timeout=WAIT).status_code == 401
         # The helper sends its counts every second.
         wait_until(lambda: _answered(url, 401) == 40, "40 answers counted")
         time.sleep(1.5)
         assert _answered(url, 401) == 40  # and none twice
+        code, _ = daemon.stop()
+        assert code == 0, daemon.text()
+
+
+def test_the_helper_answers_on_the_shared_port_while_the_daemon_cannot(tmp_path: Path) -> None:
+    """The daemon stopped (SIGSTOP): a connection the kernel gives the helper is answered,
+    one it gives the daemon waits. Of 40, at least one goes to the helper unless the
+    spreading is broken (each is about a coin toss)."""
+    config, port = _config(tmp_path)
+    url = f"http://127.0.0.1:{port}"
+    with DaemonProcess(config) as daemon:
+        _ready(url)
+        daemon.wait_event("api_helper_started")
+        answered = 0
+        daemon.send(signal.SIGSTOP)
+        try:
+            for _ in range(40):
+                try:
+                    reply = httpx.get(url + "/messages", timeout=0.3)
+                except httpx.TimeoutException:
+                    continue
+                assert reply.status_code == 401  # the helper checks the token itself
+                answered += 1
+        finally:
+            daemon.send(signal.SIGCONT)
+        assert 0 < answered < 40
         code, _ = daemon.stop()
         assert code == 0, daemon.text()
 
@@ -179,7 +207,7 @@ def test_a_helper_serves_tls_with_the_daemons_certificate(tmp_path: Path) -> Non
         url = helper.url.replace("http:", "https:")
         with httpx.Client(base_url=url, verify=trusted, timeout=WAIT) as http:
             assert http.get("/messages", headers=bob).status_code == 200  # its own
-            assert http.get("/healthz").json()["status"] == "ok"  # the daemon's
+            assert http.get("/readyz").json()["status"] == "ok"  # the daemon's
         code, _ = daemon.stop()
         assert code == 0, daemon.text()
 
@@ -215,14 +243,28 @@ def test_a_taken_port_is_78_with_helpers_too(tmp_path: Path) -> None:
     assert "api.listen" in done.stderr.decode()
 
 
-def test_a_helper_of_another_version_refuses_to_start(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("change", "said"),
+    [
+        ({"version": "0.0.0"}, "the daemon runs 0.0.0"),
+        ({"version": "9.9", "new_setting": 1}, "the daemon runs 9.9"),  # checked first
+        ({"new_setting": 1}, "not a launch line this version reads"),
+        ({"version": None, "port": None}, "the daemon runs None"),
+    ],
+)
+def test_a_helper_refuses_settings_it_cannot_use(
+    tmp_path: Path, change: dict[str, object], said: str
+) -> None:
     config, _ = _config(tmp_path)
-    launch = dataclasses.replace(Launch.of(load_config(config)), version="0.0.0")
-    helper = HelperProcess(config, str(tmp_path / "no-daemon.sock"), launch)
+    launch = dataclasses.asdict(Launch.of(load_config(config))) | {"password": "launch-pw-1"}
+    fields = launch | change
+    line = json.dumps(fields).encode() + b"\n"
+    helper = HelperProcess(config, str(tmp_path / "no-daemon.sock"), line)
     assert helper.proc.wait(WAIT) == 78
     assert helper.ready == b""
     [failed] = [json.loads(line) for line in helper.text().splitlines()]
-    assert failed["event"] == "api_helper_failed" and "the daemon runs 0.0.0" in failed["error"]
+    assert failed["event"] == "api_helper_failed" and said in failed["error"]
+    assert "launch-pw-1" not in helper.text()  # the launch's password is never shown
     assert helper.stop() == 78
 
 
@@ -257,3 +299,20 @@ def test_through_a_helper_requests_reach_the_daemon_as_sent(tmp_path: Path) -> N
         code, _ = daemon.stop()
         assert code == 0, daemon.text()
     assert daemon.events("api_request_failed") == []
+
+
+async def test_a_helper_that_exits_78_is_not_started_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """78: it cannot use the daemon's settings (another version): the same at every start."""
+    config, _ = _config(tmp_path)
+    helpers = Helpers(Launch.of(load_config(config)), 2, Metrics())
+    runs: list[int] = []
+
+    async def run(index: int) -> int:
+        runs.append(index)
+        return 78
+
+    monkeypatch.setattr(helpers, "_run", run)
+    await asyncio.wait_for(helpers._keep(1), WAIT)
+    assert runs == [1]

@@ -27,6 +27,7 @@ _HOP = frozenset(
     h.lower()
     for h in (
         "Connection",
+        "Expect",
         "Keep-Alive",
         "Proxy-Connection",
         "TE",
@@ -81,15 +82,19 @@ async def forward(request: web.Request) -> web.StreamResponse:
         if reply.content_length is not None:
             response.content_length = reply.content_length
         await response.prepare(request)
-        try:
-            async for chunk in reply.content.iter_any():
-                await response.write(chunk)
-        except aiohttp.ClientError as exc:  # too late for a status: cut the answer short
-            log.error(
-                "api_request_failed", method=request.method, path=request.path, error=str(exc)
-            )
-            if request.transport is not None:
-                request.transport.close()
-            return response
+        while True:
+            try:
+                chunk = await reply.content.readany()
+            except aiohttp.ClientError as exc:
+                # The daemon's side broke: too late for a status, the answer is cut short.
+                log.error(
+                    "api_request_failed", method=request.method, path=request.path, error=str(exc)
+                )
+                if request.transport is not None:
+                    request.transport.close()
+                return response
+            if not chunk:
+                break
+            await response.write(chunk)  # a client gone raises: aiohttp ends the request
         await response.write_eof()
         return response

@@ -27,14 +27,14 @@ import signal
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from aiohttp import web
 
 from mailingest import __version__
 from mailingest.api.host import ApiMetrics
-from mailingest.errors import ConfigError
+from mailingest.errors import EX_CONFIG, ConfigError
 from mailingest.logs import get_logger
 from mailingest.settings import ApiSettings, Config
 
@@ -53,7 +53,7 @@ class Launch:
 
     version: str
     database: str
-    password: str | None
+    password: str | None = field(repr=False)
     host: str
     port: int
     tls_cert: str | None
@@ -121,16 +121,14 @@ class Helpers:
         return self._directory / "daemon.sock"
 
     async def close(self) -> None:
+        """Each helper is asked to stop; one not gone within STOP_WAIT is killed (its
+        task's ``_run`` kills and reaps it when cancelled)."""
         self._closing = True
         try:
-            for proc in self._procs.values():
+            for proc in list(self._procs.values()):
                 _stop(proc)
-            waits = [asyncio.wait_for(p.wait(), STOP_WAIT) for p in self._procs.values()]
-            for outcome in await asyncio.gather(*waits, return_exceptions=True):
-                if isinstance(outcome, TimeoutError):
-                    for proc in self._procs.values():
-                        with contextlib.suppress(ProcessLookupError):
-                            proc.kill()
+            if self._tasks:
+                await asyncio.wait(self._tasks, timeout=STOP_WAIT)
             for task in self._tasks:
                 task.cancel()
             await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -144,6 +142,9 @@ class Helpers:
             started = time.monotonic()
             code = await self._run(index)
             if self._closing:
+                return
+            if code == EX_CONFIG:  # its settings or version: the same again at every start
+                log.error("api_helper_exited", helper=index, code=code, restart_in_s=None)
                 return
             if time.monotonic() - started > RESTART_MAX:
                 wait = RESTART_FIRST  # it served a while: a new failure, not the same one
@@ -169,6 +170,8 @@ class Helpers:
             log.error("api_helper_not_started", helper=index, error=str(exc))
             return None
         self._procs[index] = proc
+        if self._closing:  # started while close() asked the others to stop
+            _stop(proc)
         try:
             assert proc.stdin is not None and proc.stdout is not None
             proc.stdin.write(self._launch.line())  # a pipe's buffer holds it: no wait
@@ -182,9 +185,10 @@ class Helpers:
             return await proc.wait()
         finally:
             del self._procs[index]
-            if proc.returncode is None:  # cancelled: never leave it behind
+            if proc.returncode is None:  # cancelled: never leave it behind, nor unreaped
                 with contextlib.suppress(ProcessLookupError):
                     proc.kill()
+                await proc.wait()
 
     def _heard(self, index: int, pid: int, line: bytes) -> None:
         try:

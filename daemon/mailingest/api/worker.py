@@ -121,40 +121,38 @@ def _say(message: dict[str, object]) -> None:
 
 
 async def serve(launch: Launch, socket: str) -> None:
-    store = await Store.open(launch.database, password=launch.password)
-    host = _Host(store)
-    app = build_app(host, helper_routes(), NO_TOKEN_CHECK)
-    app[DAEMON] = daemon_session(socket)
-    # Bodies go to the daemon as they came, compressed or not.
-    runner = web.AppRunner(
-        app,
-        access_log=None,
-        handle_signals=False,
-        shutdown_timeout=SHUTDOWN_TIMEOUT,
-        auto_decompress=False,
-    )
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
-    loop.add_signal_handler(signal.SIGTERM, stop.set)
-    loop.add_reader(sys.stdin.fileno(), _on_stdin, stop)
-    try:
+    async with contextlib.AsyncExitStack() as held:  # each part closed whatever fails next
+        store = await Store.open(launch.database, password=launch.password)
+        held.push_async_callback(store.close)
+        host = _Host(store)
+        app = build_app(host, helper_routes(), NO_TOKEN_CHECK)
+        app[DAEMON] = daemon_session(socket)
+        held.push_async_callback(app[DAEMON].close)
+        held.callback(host.metrics.report)  # the last counts, once the requests ended
+        # Bodies go to the daemon as they came, compressed or not.
+        runner = web.AppRunner(
+            app,
+            access_log=None,
+            handle_signals=False,
+            shutdown_timeout=SHUTDOWN_TIMEOUT,
+            auto_decompress=False,
+        )
+        held.push_async_callback(runner.cleanup)
+        loop.add_signal_handler(signal.SIGTERM, stop.set)
+        loop.add_reader(sys.stdin.fileno(), _on_stdin, stop)
+        held.callback(loop.remove_reader, sys.stdin.fileno())
         await runner.setup()
         api = launch.api()
-        site = web.TCPSite(
-            runner, api.host, api.port, ssl_context=tls_context(api), reuse_port=True
-        )
+        context = tls_context(api)
+        site = web.TCPSite(runner, api.host, api.port, ssl_context=context, reuse_port=True)
         await site.start()
         _say({"ready": True})
         while not stop.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), REPORT_EVERY)
             host.metrics.report()
-    finally:
-        loop.remove_reader(sys.stdin.fileno())
-        await runner.cleanup()
-        host.metrics.report()
-        await app[DAEMON].close()
-        await store.close()
 
 
 def _on_stdin(stop: asyncio.Event) -> None:
@@ -166,18 +164,33 @@ def _on_stdin(stop: asyncio.Event) -> None:
     stop.set()
 
 
+def _read_line(fd: int, limit: int = 65536) -> bytes:
+    """One line from ``fd``, a byte at a time: nothing after it is read (or buffered away
+    from the EOF that stops this process)."""
+    line = bytearray()
+    while len(line) < limit and not line.endswith(b"\n"):
+        byte = os.read(fd, 1)
+        if not byte:
+            break
+        line += byte
+    return bytes(line)
+
+
 def _launch() -> Launch:
-    line = sys.stdin.buffer.readline()  # unbuffered below: nothing read past it
     try:
-        launch = Launch(**json.loads(line))
-    except (ValueError, TypeError) as exc:
-        raise MailIngestError(f"no launch line from the daemon on stdin ({exc})") from None
-    if launch.version != __version__:
+        said = json.loads(_read_line(sys.stdin.fileno()))
+        version = said["version"]
+    except (ValueError, KeyError, TypeError, OSError) as exc:
+        raise MailIngestError(f"no launch line from the daemon on stdin ({exc!r})") from None
+    if version != __version__:  # first: another version may say other things
         raise MailIngestError(
-            f"this is mailingest {__version__}, the daemon runs {launch.version}: restart the"
+            f"this is mailingest {__version__}, the daemon runs {version}: restart the"
             " daemon after an upgrade"
         )
-    return launch
+    try:
+        return Launch(**said)
+    except TypeError as exc:
+        raise MailIngestError(f"not a launch line this version reads ({exc})") from None
 
 
 def main(argv: list[str] | None = None) -> int:

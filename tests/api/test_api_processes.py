@@ -131,7 +131,8 @@ def test_the_helper_answers_on_the_shared_port_while_the_daemon_cannot(tmp_path:
 
 def test_helpers_are_restarted_and_end_with_the_daemon(tmp_path: Path) -> None:
     config, port = _config(tmp_path, processes=3)
-    with DaemonProcess(config) as daemon:
+    # A killed daemon leaves its socket's directory behind (README): in the test's dir.
+    with DaemonProcess(config, env={"TMPDIR": str(tmp_path)}) as daemon:
         _ready(f"http://127.0.0.1:{port}")
         wait_until(lambda: len(daemon.events("api_helper_started")) == 2, "two helpers")
         first = {e["helper"]: e["pid"] for e in daemon.events("api_helper_started")}

@@ -29,8 +29,10 @@ SHUTDOWN_TIMEOUT = 2.0
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
-#: (method, path, handler, needs a token). openapi.py describes exactly these.
-ROUTES: tuple[tuple[str, str, Handler, bool], ...] = (
+#: (method, path, handler, needs a token).
+Route = tuple[str, str, Handler, bool]
+#: openapi.py describes exactly these.
+ROUTES: tuple[Route, ...] = (
     ("GET", "/healthz", ops.healthz, False),
     ("GET", "/readyz", ops.readyz, False),
     ("GET", "/metrics", ops.metrics, False),
@@ -53,12 +55,12 @@ ROUTES: tuple[tuple[str, str, Handler, bool], ...] = (
     ("POST", "/accounts/{name}/check", accounts.check, True),
     ("POST", "/accounts/{name}/fetch", accounts.fetch_now, True),
 )
-Route = tuple[str, str, Handler, bool]
-_PUBLIC = {handler for _, _, handler, token in ROUTES if not token}
 #: Handlers the token middleware leaves alone: no token (the public ones), or the handler
 #: looks the token up itself, in the same read as its answer.
-NO_TOKEN_CHECK = frozenset({*_PUBLIC, messages.list_messages})
-_NO_TOKEN_CHECK = web.AppKey("no_token_check", frozenset)
+NO_TOKEN_CHECK = frozenset(
+    {*(handler for _, _, handler, token in ROUTES if not token), messages.list_messages}
+)
+_NO_TOKEN_CHECK = web.AppKey("no_token_check", frozenset[Handler])
 
 
 @web.middleware

@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from mailingest.config import Account, Config, Secret, stored_account, with_accounts
+from mailingest.config import Account, Config, Secret, Taken, stored_account, with_accounts
 from mailingest.crm import settings_snapshot
 from mailingest.crypto import SecretBox
 from mailingest.errors import ConfigError, DataError, UsageError
@@ -43,13 +43,15 @@ async def with_stored(store: Store, config: Config, *, secrets: bool = True) -> 
     if secrets:
         box.get()
     extra: list[Account] = []
+    in_file = {a.name for a in config.accounts}
+    taken = Taken(config.accounts)
     for row in stored:
-        earlier = [*config.accounts, *extra]
-        if any(a.name == row.name for a in config.accounts):
+        if row.name in in_file:
             _skipped(row.name, "the config file defines an account of this name; it wins")
             continue
         try:
-            extra.append(await asyncio.to_thread(_account, row, box, config, earlier, secrets))
+            account = await asyncio.to_thread(_account, row, box, config, taken, secrets)
+            extra.append(taken.add(account))
         except ConfigError as exc:
             if exc.key_path == "storage.secret_key":
                 raise
@@ -99,7 +101,7 @@ class _Box:
 
 
 def _account(
-    row: StoredAccount, box: _Box, config: Config, earlier: list[Account], now: bool = True
+    row: StoredAccount, box: _Box, config: Config, earlier: Taken, now: bool = True
 ) -> Account:
     table = dict(row.settings)
     table.update(name=row.name, owner=row.owner)

@@ -35,7 +35,7 @@ async def take_poll(
     in a new holder's name; a lease left by a process of this host that died is taken over."""
     holder = f"{lease_host()}:{os.getpid()}:{_TOKEN}{next(_SERIAL)}"
     claim = await store.take_poll(account, holder, LEASE_TTL, due=due, force=force)
-    if claim.busy and claim.holder is not None and _dead_here(claim.holder):
+    if claim.busy and claim.holder is not None and dead_here(claim.holder):
         claim = await store.take_poll(
             account, holder, LEASE_TTL, due=due, force=force, stale=claim.holder
         )
@@ -95,7 +95,7 @@ def lease_host() -> str:
     return f"{host}/{'-'.join(scope)}" if scope else host
 
 
-def _dead_here(holder: str) -> bool:
+def dead_here(holder: str) -> bool:
     """A lease holder on this host whose process is gone (killed, crashed) holds nothing."""
     host, _, rest = holder.partition(":")
     pid = rest.partition(":")[0]

@@ -27,6 +27,9 @@ class Roster:
         self.host = host
         self.active: dict[str, AccountRunner] = {}
         self.retiring: set[AccountRunner] = set()  # removed by a reload, finishing their poll
+        #: Runners leaving their account to another process until it falls overdue
+        #: (takeover.py).
+        self.dormant: set[AccountRunner] = set()
 
     def __len__(self) -> int:
         return len(self.active)
@@ -50,6 +53,7 @@ class Roster:
     def forget(self, runner: AccountRunner) -> None:
         """A runner's task ended (removed by a reload, or stopped)."""
         self.retiring.discard(runner)
+        self.dormant.discard(runner)
 
     async def states(self) -> dict[str, AccountState]:
         """What the store holds of every account (an empty start if it fails)."""

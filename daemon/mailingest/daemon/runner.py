@@ -10,6 +10,7 @@ is pausing.py's.
 from __future__ import annotations
 
 import asyncio
+import random
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
@@ -71,6 +72,11 @@ class RunnerHost(Protocol):
     @property
     def fetch(self) -> Fetch: ...
 
+    @property
+    def dormant(self) -> set[AccountRunner]:
+        """The runners that left their account to another process (takeover.py)."""
+        ...
+
     def forget(self, runner: AccountRunner) -> None:
         """The runner's task ended."""
 
@@ -101,6 +107,8 @@ class AccountRunner:
         self.alarm = timing.Alarm()
         self.polled = account  # the settings the last poll used (a reload may change them)
         self.planned: float | None = None  # loop time of the next poll, as the claim recorded
+        self.lost = 0  # polls taken by another process in a row (see _elsewhere)
+        self.dormant = False  # the next sleep leaves the account to another process
 
     def __repr__(self) -> str:
         state = "paused" if self.paused else ("polling" if self.in_flight else "idle")
@@ -153,9 +161,14 @@ class AccountRunner:
                 if delay > 0:
                     delay += self.spread()
                 self.due = loop.time() + delay
+                if self.dormant:
+                    self.host.dormant.add(self)
                 # Paused: woken by a reload, and once an interval to see whether a sign-in
                 # lifted the pause in the store.
                 await self.alarm.sleep(self.interval if self.paused else delay)
+                if self.dormant:
+                    self.dormant = False
+                    self.host.dormant.discard(self)
                 if self.paused and not self.done:
                     await self.pause.check_lifted(self.account)
                 if self.done or self.paused:
@@ -165,19 +178,12 @@ class AccountRunner:
     async def _cycle(self) -> float:
         """Poll, retrying transient failures; the delay until the next poll."""
         generation = self.generation
-        retrying = poll_retrying(
-            backoff=self.host.backoff,
-            interval=self.interval,
-            sleep=self._retry_sleep,
-            stop=lambda: self.done or self.generation != generation,
-            before_sleep=self._retry_scheduled,
-        )
         try:
-            result: FetchResult = await retrying(self._attempt, generation)
+            result: FetchResult = await self._attempts(generation)
         except Interrupted:
             return 0.0  # changed: poll again at once; stopping: the loop ends
         except ClaimedElsewhere as elsewhere:
-            return elsewhere.wait
+            return self._elsewhere(elsewhere.wait)
         except PollFailure as failure:  # transient, and the retries stopped: as above
             self._poll_failed(failure.status, failure.message, None if self.done else 0.0)
             return 0.0
@@ -210,6 +216,31 @@ class AccountRunner:
         if planned is not None and delay >= floor:
             return delay  # the claim recorded it: no second write
         return await self._schedule(delay, floor)
+
+    async def _attempts(self, generation: int) -> FetchResult:
+        """The poll, and tenacity's retries once it failed transiently. Most polls succeed
+        at once: they skip building the retry loop, a good part of an empty poll's CPU."""
+        try:
+            return await self._attempt(generation)
+        except PollFailure as failure:
+            first: PollFailure | None = failure
+        retrying = poll_retrying(
+            backoff=self.host.backoff,
+            interval=self.interval,
+            sleep=self._retry_sleep,
+            stop=lambda: self.done or self.generation != generation,
+            before_sleep=self._retry_scheduled,
+        )
+
+        async def attempt(generation: int) -> FetchResult:
+            nonlocal first
+            if first is not None:  # the failure above is the loop's first attempt
+                failed, first = first, None
+                raise failed
+            return await self._attempt(generation)
+
+        result: FetchResult = await retrying(attempt, generation)
+        return result
 
     async def _attempt(self, generation: int) -> FetchResult:
         host = self.host
@@ -273,13 +304,31 @@ class AccountRunner:
             log.error("state_not_recorded", account=self.name, error=str(exc))
             return None
         if claim.taken:
+            self.lost = 0
             self.claimed_generation = generation
             self.planned = loop.time() + delay
             return claim
         if claim.busy:
             raise ClaimedElsewhere(self.interval)  # it is being polled now, by another
         due_at = datetime.fromisoformat(claim.next_poll) if claim.next_poll else now
-        raise ClaimedElsewhere(max(0.1, (due_at - now).total_seconds()))
+        # The store keeps the next poll in whole seconds, cut short: the process that took
+        # this one wakes at some point of that second. So does this runner, at random, and
+        # the two contest the poll as equals (see _elsewhere); one that woke at the start of
+        # the second would always win it.
+        raise ClaimedElsewhere(max(0.1, (due_at - now).total_seconds() + random.random()))
+
+    def _elsewhere(self, wait: float) -> float:
+        """Another process took this poll; its next is ``wait`` s away. The first loss in a
+        row contests that next poll (two daemons that start together race for each
+        account); the second leaves the account to the other process: the runner goes
+        dormant, woken if the account falls overdue (takeover.py), else after
+        timing.DORMANT_INTERVALS intervals, a wake that falls between the other's polls and so
+        loses once more, and contests the next one."""
+        self.lost += 1
+        if self.lost % 2:
+            return wait
+        self.dormant = True
+        return wait + self.interval * (timing.DORMANT_INTERVALS - 1)
 
     def spread(self) -> float:
         return timing.claim_spread(self.interval)

@@ -28,6 +28,7 @@ from mailingest.daemon.retag import Retags
 from mailingest.daemon.roster import Roster
 from mailingest.daemon.runner import AccountRunner, Fetch
 from mailingest.daemon.status import StatusLine
+from mailingest.daemon.takeover import watch as watch_overdue
 from mailingest.errors import EX_OK
 from mailingest.fetch import FetchResult, fetch_account
 from mailingest.metrics import Metrics
@@ -64,6 +65,7 @@ class Daemon:
         self._stop_at: float | None = None
         self._executors: list[ThreadPoolExecutor] = []
         self._owns_process = False
+        self._shortest: tuple[Config, float] | None = None
         #: /metrics; the gauges read the runners when scraped.
         self.metrics = Metrics()
         self.metrics.watch(lambda: len(self.runners), self.paused_count)
@@ -91,6 +93,19 @@ class Daemon:
         return self.reloads.file_config
 
     @property
+    def dormant(self) -> set[AccountRunner]:
+        return self.runners.dormant
+
+    @property
+    def shortest_interval(self) -> float:
+        """The shortest poll interval of any account now (takeover.py's pace)."""
+        config = self.config
+        if self._shortest is None or self._shortest[0] is not config:
+            overrides = (a.poll_interval for a in config.accounts if a.poll_interval)
+            self._shortest = (config, min([config.daemon.poll_interval, *overrides]))
+        return self._shortest[1]
+
+    @property
     def retag_pending(self) -> set[str]:
         """Accounts whose stored mail may still carry tags of older sharing settings."""
         return self.retags.pending
@@ -115,6 +130,7 @@ class Daemon:
         loop.set_exception_handler(process.log_loop_error)  # keep even these lines JSON
         watchdog: asyncio.Task[None] | None = None
         watcher: asyncio.Task[None] | None = None
+        takeover: asyncio.Task[None] | None = None
         api = None
         if signals:  # before anything slow: a SIGTERM during start-up is a clean stop too
             loop.add_signal_handler(signal.SIGTERM, self.stop, "SIGTERM")
@@ -141,6 +157,7 @@ class Daemon:
             if period is not None and self.notifier.enabled:
                 watchdog = asyncio.create_task(self.status_line.watchdog(period), name="watchdog")
             watcher = asyncio.create_task(self.reloads.watch_accounts(), name="accounts")
+            takeover = asyncio.create_task(watch_overdue(self), name="takeover")
             await self.stopping.wait()
         finally:
             self.stop("error")  # no-op after a signal; after an exception, still drain
@@ -148,7 +165,7 @@ class Daemon:
                 await api.close()
             self.notifier.stopping()
             abandoned = await self._drain()
-            side = [task for task in (watchdog, watcher) if task is not None]
+            side = [task for task in (watchdog, watcher, takeover) if task is not None]
             for task in side:
                 task.cancel()
             await asyncio.gather(*side, return_exceptions=True)

@@ -27,6 +27,9 @@ FIRST_SPREAD = 5.0
 #: Who wakes first takes a due poll; every daemon adds up to this much (or 5 % of the
 #: interval, if less) at random before it tries, so polls spread over the daemons.
 CLAIM_SPREAD = 1.0
+#: A runner that left its account to another process contests it again after this many
+#: intervals (unless woken sooner because the account fell overdue: takeover.py).
+DORMANT_INTERVALS = 10
 
 
 def jittered(interval: float) -> float:

@@ -203,6 +203,9 @@ class Store:
             self._db.observer.lease_taken_over(account)
         return claim
 
+    async def overdue(self, before: datetime, limit: int) -> list[tuple[str, str | None]]:
+        return await state.overdue(self._db, before, limit)
+
     async def renew_lease(self, account: str, holder: str, ttl: float) -> None:
         await state.renew_lease(self._db, account, holder, ttl)
 

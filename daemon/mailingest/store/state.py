@@ -93,6 +93,19 @@ def _iso(when: datetime) -> str:
     return when.isoformat(timespec="seconds")
 
 
+async def overdue(db: Database, before: datetime, limit: int) -> list[tuple[str, str | None]]:
+    """Accounts, not paused, whose scheduled poll is older than ``before``: their poller
+    died or lags. Each with the holder of its lease if that is still live (else None)."""
+    async with db.statement("reading the overdue accounts", write=False):
+        rows = await db.fetchall(
+            "SELECT account, CASE WHEN lease_expires >= ? THEN lease_holder END"
+            " FROM account_state WHERE paused = 0"
+            " AND (next_poll IS NULL OR next_poll < ?) LIMIT ?",
+            (time.time(), _iso(before), limit),
+        )
+    return [(str(name), None if holder is None else str(holder)) for name, holder in rows]
+
+
 async def renew_lease(db: Database, account: str, holder: str, ttl: float) -> None:
     # Locked: typed, so the fetch reports temp_failed.
     await db.write_one(

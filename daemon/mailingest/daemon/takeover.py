@@ -1,0 +1,94 @@
+"""Taking over the accounts another daemon on the database stopped polling.
+
+A runner whose account another process keeps polling goes dormant (runner.py): it no longer
+wakes at each of that process's polls only to find the poll taken, a failed claim costing
+about as much CPU as a poll of an empty mailbox. Instead, while any runner is dormant, the
+daemon asks the store every few seconds (one statement) which accounts' polls are overdue,
+and wakes their dormant runners: the process that polled them died, or lags behind.
+
+A dormant runner also wakes on its own after timing.DORMANT_INTERVALS intervals and contests the
+account's next poll, so that work spreads again over daemons that joined later.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime, timedelta
+from typing import Protocol
+
+from mailingest.daemon import timing
+from mailingest.daemon.roster import Roster
+from mailingest.errors import StoreError
+from mailingest.lease import dead_here
+from mailingest.logs import get_logger
+from mailingest.store import Store
+
+log = get_logger("mailingest.daemon")
+
+#: How often (seconds) a daemon with dormant runners looks for overdue accounts, at most: a
+#: tenth of the shortest poll interval if less.
+SCAN_EVERY = 2.0
+#: Overdue accounts read per look, at most (the rest come at the next).
+SCAN_LIMIT = 1000
+
+
+class TakeoverHost(Protocol):
+    """What the watch needs of the daemon (scheduler.Daemon)."""
+
+    @property
+    def store(self) -> Store: ...
+
+    @property
+    def stopping(self) -> asyncio.Event: ...
+
+    @property
+    def runners(self) -> Roster: ...
+
+    @property
+    def shortest_interval(self) -> float:
+        """The shortest poll interval of any account now."""
+        ...
+
+
+def period(shortest_interval: float) -> float:
+    """The time between two looks."""
+    return max(0.05, min(SCAN_EVERY, shortest_interval / 10))
+
+
+def grace(shortest_interval: float) -> float:
+    """How late a poll must be to count as overdue: the jitter of an interval, and at least
+    a second (the store keeps the schedule in seconds). A daemon that lags behind a burst
+    of polls (every account starts within seconds) keeps its accounts; one that lags
+    more, or died, loses them."""
+    return max(1.0, period(shortest_interval), timing.JITTER * shortest_interval)
+
+
+async def watch(host: TakeoverHost) -> None:
+    """Wake the dormant runners of overdue accounts, until the daemon stops."""
+    while not host.stopping.is_set():
+        await asyncio.sleep(period(host.shortest_interval))
+        if not host.runners.dormant:
+            continue
+        try:
+            await wake_overdue(host.store, host.runners, grace(host.shortest_interval))
+        except StoreError as exc:
+            log.error("state_not_recorded", error=str(exc))
+        except Exception:  # a bug must not end the takeovers for good
+            log.exception("task_failed", message="looking for overdue accounts")
+
+
+async def wake_overdue(store: Store, runners: Roster, late: float) -> int:
+    """Wake the dormant runners whose account's poll is more than ``late`` s overdue and
+    free to take (no lease, an expired one, or one whose process died on this host);
+    returns how many."""
+    before = datetime.now(UTC) - timedelta(seconds=late)
+    woken = 0
+    for name, holder in await store.overdue(before, SCAN_LIMIT):
+        runner = runners.get(name)
+        if runner is None or runner not in runners.dormant:
+            continue
+        if holder is not None and not dead_here(holder):
+            continue
+        runner.wake()
+        woken += 1
+    return woken

@@ -47,6 +47,7 @@ EVENTS: dict[str, str] = {
     "stored_account_skipped": "account, error — an account kept in the database is not polled:"
     " the file defines one of that name, or it no longer validates",
     "account_busy": "account, holder — another process holds the account's lease; skipped",
+    "takeover_check_failed": "error — the look for overdue accounts failed in the store",
     "account_paused": "account, reason — no more logins until the credentials change",
     "account_resumed": "account, reason — a reload brought other credentials; polling again",
     "retry_scheduled": "account, attempt, wait_s, error_kind — a transient failure backs off",

@@ -8,6 +8,7 @@ POP3 server; in-process daemons with intervals of a second.
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
 import time
@@ -18,13 +19,15 @@ from typing import Any, cast
 import pytest
 
 from builders import loopback_account, make_message
-from daemon_support import running, until
+from daemon_support import until
+from mailingest import lease
 from mailingest.config import Account, load_config
-from mailingest.daemon import Daemon, timing
+from mailingest.daemon import Daemon, runner, timing
 from mailingest.daemon.roster import Roster
 from mailingest.daemon.takeover import grace, period, wake_overdue
 from mailingest.fetch import FetchResult, fetch_account
 from mailingest.lease import lease_host
+from mailingest.model import Claim
 from mailingest.store import Store
 from pop3d import Mailbox, Pop3TestServer
 from support import StoreAt, write_config
@@ -84,8 +87,9 @@ async def test_only_dormant_runners_of_overdue_accounts_free_to_take_are_woken(
     names = ["free", "expired", "held", "dead", "later", "paused", "awake", "unknown"]
     roster, fakes = _roster(names, dormant=[n for n in names if n != "awake"])
 
-    assert await wake_overdue(store, roster, 5.0) == 3
-    assert sorted(n for n, f in fakes.items() if f.woken) == ["dead", "expired", "free"]
+    # A paused account too: a daemon whose config brings another login polls it.
+    assert await wake_overdue(store, roster, 5.0) == 4
+    assert sorted(n for n, f in fakes.items() if f.woken) == ["dead", "expired", "free", "paused"]
 
 
 def test_the_watch_looks_often_and_waits_a_jitter_before_taking_over() -> None:
@@ -94,12 +98,22 @@ def test_the_watch_looks_often_and_waits_a_jitter_before_taking_over() -> None:
     assert period(0.1) == 0.05
 
 
-async def test_two_daemons_leave_accounts_to_each_other_and_take_over_a_stopped_ones(
+async def test_two_daemons_leave_accounts_to_each_other_and_take_over_a_stopped_ones_accounts(
     store_at: StoreAt, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # A dormant runner only wakes on its own after many intervals: any takeover below
     # is the watch's doing.
     monkeypatch.setattr(timing, "DORMANT_INTERVALS", 1000)
+    refused: list[str] = []  # claims that found the poll taken, while counted
+    counting = False
+
+    async def take_poll(store: Store, account: str, *args: Any, **kwargs: Any) -> Claim:
+        claim = await lease.take_poll(store, account, *args, **kwargs)
+        if counting and not claim.taken:
+            refused.append(account)
+        return claim
+
+    monkeypatch.setattr(runner, "take_poll", take_poll)
     boxes = [Mailbox(f"u{i}", PASSWORD, [make_message(i)]) for i in range(ACCOUNTS)]
     async with Pop3TestServer(boxes) as server:
         accounts = [
@@ -110,11 +124,11 @@ async def test_two_daemons_leave_accounts_to_each_other_and_take_over_a_stopped_
             tmp_path,
             accounts,
             storage=store_at.storage(),
-            daemon={"poll_interval": "1s", "shutdown_timeout": "5s"},
+            daemon={"poll_interval": "2s", "shutdown_timeout": "5s"},
         )
-        polls: dict[str, list[tuple[str, float]]] = {}
+        polls: dict[str, list[tuple[int, float]]] = {}
 
-        def noting(who: str) -> Any:
+        def noting(who: int) -> Any:
             async def fetch(account: Account, store: Store, **kwargs: Any) -> FetchResult:
                 result = await fetch_account(account, store, **kwargs)
                 if not result.busy:
@@ -123,32 +137,40 @@ async def test_two_daemons_leave_accounts_to_each_other_and_take_over_a_stopped_
 
             return fetch
 
-        first = Daemon(load_config(config), config, fetch=noting("first"))
-        second = Daemon(load_config(config), config, fetch=noting("second"))
-        async with running(second):
-            async with running(first):
-                # Each account ends up with one daemon: the other's runner is dormant.
-                await until(
-                    lambda: len(first.dormant) + len(second.dormant) == ACCOUNTS,
-                    "every account left to one daemon",
-                    60,
-                )
-                assert first.dormant and second.dormant  # the work is spread
-                mine = {r.name for r in second.dormant}  # the accounts the first polls
-                idle = {name: len(polls[name]) for name in mine}
-                await until(
-                    lambda: all(len(polls[n]) >= idle[n] + 2 for n in mine), "two more polls"
-                )
-                # Left alone: those polls were all the first daemon's.
-                assert all(who == "first" for n in mine for who, _ in polls[n][idle[n] :])
+        daemons = [Daemon(load_config(config), config, fetch=noting(n)) for n in range(2)]
+        tasks = [asyncio.create_task(d.async_run(signals=False)) for d in daemons]
+        try:
+            # Each account ends up with one daemon: the other's runner is dormant.
+            await until(
+                lambda: sum(len(d.dormant) for d in daemons) == ACCOUNTS,
+                "every account left to one daemon",
+                90,
+            )
+            # The daemon to stop: one that polls some accounts (most often both do).
+            victim = 0 if daemons[1].dormant else 1
+            heir = 1 - victim
+            theirs = {r.name for r in daemons[heir].dormant}
+            seen = {name: len(polls[name]) for name in theirs}
+            counting = True
+            await until(lambda: all(len(polls[n]) >= seen[n] + 2 for n in theirs), "more polls")
+            counting = False
+            # Left alone: those polls were all the victim's, and the heir claimed none.
+            assert all(who == victim for n in theirs for who, _ in polls[n][seen[n] :])
+            assert not set(refused) & theirs, refused
+            daemons[victim].stop("test")
+            assert await asyncio.wait_for(tasks[victim], 30) == 0
             stopped = time.monotonic()
-            # The first daemon is gone: the second takes its accounts over, woken by the
-            # watch (its dormant runners would sleep a thousand intervals).
+            # The victim is gone: the heir takes its accounts over, woken by the watch (its
+            # dormant runners would sleep a thousand intervals).
             await until(
                 lambda: all(
-                    any(who == "second" and at > stopped for who, at in polls[n]) for n in mine
+                    any(who == heir and at > stopped for who, at in polls[n]) for n in theirs
                 ),
                 "the stopped daemon's accounts polled by the other",
                 30,
             )
-            assert not second.dormant
+            assert not daemons[heir].dormant
+        finally:
+            for daemon, task in zip(daemons, tasks, strict=True):
+                daemon.stop("test")
+                assert await asyncio.wait_for(task, 30) == 0

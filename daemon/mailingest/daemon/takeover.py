@@ -13,6 +13,7 @@ account's next poll, so that work spreads again over daemons that joined later.
 from __future__ import annotations
 
 import asyncio
+import time
 from datetime import UTC, datetime, timedelta
 from typing import Protocol
 
@@ -30,6 +31,8 @@ log = get_logger("mailingest.daemon")
 SCAN_EVERY = 2.0
 #: Overdue accounts read per look, at most (the rest come at the next).
 SCAN_LIMIT = 1000
+#: A store that keeps failing the look is logged this often (seconds), at most.
+FAILURE_LOG_EVERY = 60.0
 
 
 class TakeoverHost(Protocol):
@@ -56,15 +59,17 @@ def period(shortest_interval: float) -> float:
 
 
 def grace(shortest_interval: float) -> float:
-    """How late a poll must be to count as overdue: the jitter of an interval, and at least
-    a second (the store keeps the schedule in seconds). A daemon that lags behind a burst
-    of polls (every account starts within seconds) keeps its accounts; one that lags
-    more, or died, loses them."""
+    """How late a poll must be to count as overdue: the jitter of the shortest interval,
+    and at least a second (the store keeps the schedule in seconds). A daemon that lags
+    behind a burst of polls (every account starts within seconds) keeps its accounts; one
+    that lags more, or died, loses them."""
     return max(1.0, period(shortest_interval), timing.JITTER * shortest_interval)
 
 
 async def watch(host: TakeoverHost) -> None:
-    """Wake the dormant runners of overdue accounts, until the daemon stops."""
+    """Wake the dormant runners of overdue accounts, until the daemon stops. A failing
+    store is logged once a minute at most (the look is tried again every period)."""
+    logged = -FAILURE_LOG_EVERY
     while not host.stopping.is_set():
         await asyncio.sleep(period(host.shortest_interval))
         if not host.runners.dormant:
@@ -72,7 +77,9 @@ async def watch(host: TakeoverHost) -> None:
         try:
             await wake_overdue(host.store, host.runners, grace(host.shortest_interval))
         except StoreError as exc:
-            log.error("state_not_recorded", error=str(exc))
+            if time.monotonic() - logged >= FAILURE_LOG_EVERY:
+                logged = time.monotonic()
+                log.warning("takeover_check_failed", error=str(exc))
         except Exception:  # a bug must not end the takeovers for good
             log.exception("task_failed", message="looking for overdue accounts")
 

@@ -94,13 +94,15 @@ def _iso(when: datetime) -> str:
 
 
 async def overdue(db: Database, before: datetime, limit: int) -> list[tuple[str, str | None]]:
-    """Accounts, not paused, whose scheduled poll is older than ``before``: their poller
-    died or lags. Each with the holder of its lease if that is still live (else None)."""
+    """Accounts whose scheduled poll is older than ``before`` (their poller died or lags),
+    the most recent first, then paused ones (a daemon whose config brings another login
+    polls those); each with the holder of its lease if that is still live (else None).
+    Rows nobody polls any more (accounts removed, or only fetched by hand) come last."""
     async with db.statement("reading the overdue accounts", write=False):
         rows = await db.fetchall(
             "SELECT account, CASE WHEN lease_expires >= ? THEN lease_holder END"
-            " FROM account_state WHERE paused = 0"
-            " AND (next_poll IS NULL OR next_poll < ?) LIMIT ?",
+            " FROM account_state WHERE paused = 1 OR next_poll IS NULL OR next_poll < ?"
+            " ORDER BY next_poll IS NULL, next_poll DESC LIMIT ?",
             (time.time(), _iso(before), limit),
         )
     return [(str(name), None if holder is None else str(holder)) for name, holder in rows]

@@ -1,13 +1,16 @@
 """Fleet on PostgreSQL: N accounts (empty mailboxes) shared by 2 daemons on one database.
 
-usage: python bench/fleet.py [--accounts 10000] [--interval 300] [--intervals 2] [--json F]
+usage: python bench/fleet.py [--accounts 10000] [--interval 300] [--intervals 2] [--settle 0]
+                             [--json F]
 
 A scripted loopback POP3 server serves N empty mailboxes; a private PostgreSQL (fsync on)
 holds the store; two ``mailingest run`` processes share one config. After every account's
-first poll, for ``--intervals`` poll intervals: each daemon's CPU (utime + stime, as a share
-of one core) and RSS, and how many times each account was polled (target: once per
-interval, by either daemon). Then daemon A is SIGKILLed and the time until every account
-it polled last has been polled by B is measured (target: within one interval).
+first poll and ``--settle`` intervals more (the daemons contest each account's first polls
+until one of them leaves it to the other), for ``--intervals`` poll intervals: each daemon's
+CPU (utime + stime, as a share of one core) and RSS, and how many times each account was
+polled (target: once per interval, by either daemon). Then daemon A is SIGKILLed and the
+time until every account it polled last has been polled by B is measured (target: within
+one interval).
 
 See bench/README.md ("PostgreSQL backend") for results.
 """
@@ -72,7 +75,9 @@ def _wait(check: Any, what: str, timeout: float) -> None:
         time.sleep(1)
 
 
-def run(accounts: int, interval: float, intervals: int, work: Path) -> dict[str, Any]:
+def run(
+    accounts: int, interval: float, intervals: int, work: Path, settle: int = 0
+) -> dict[str, Any]:
     boxes = [Mailbox(f"u{i}", password(i), []) for i in range(accounts)]
     with private_postgres(durable=True) as pg, ThreadedPop3Server(boxes, max_clients=256) as pop:
         secret = work / "db-password"
@@ -91,6 +96,7 @@ def run(accounts: int, interval: float, intervals: int, work: Path) -> dict[str,
                 "every account's first poll",
                 interval * 3 + 120,
             )
+            time.sleep(interval * settle)
             start = time.time()
             cpu0 = {d: _cpu_seconds(d.proc.pid) for d in (a, b)}
             time.sleep(interval * intervals)
@@ -143,6 +149,7 @@ def run(accounts: int, interval: float, intervals: int, work: Path) -> dict[str,
     return {
         "accounts": accounts,
         "interval_s": interval,
+        "settle_intervals": settle,
         "window_s": round(end - start, 1),
         "cpu_share_of_a_core": {"a": round(cpu[a], 4), "b": round(cpu[b], 4)},
         "rss_mb": {"a": round(rss[a], 1), "b": round(rss[b], 1)},
@@ -168,12 +175,13 @@ def main() -> int:
     parser.add_argument("--accounts", type=int, default=10_000)
     parser.add_argument("--interval", type=float, default=300.0, help="poll interval, s")
     parser.add_argument("--intervals", type=int, default=2, help="intervals measured")
+    parser.add_argument("--settle", type=int, default=0, help="intervals before measuring")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     if os.geteuid() != 0:
         raise SystemExit("run as root (the private PostgreSQL runs as the postgres user)")
     with tempfile.TemporaryDirectory(prefix="mailingest-fleet-") as tmp:
-        result = run(args.accounts, args.interval, args.intervals, Path(tmp))
+        result = run(args.accounts, args.interval, args.intervals, Path(tmp), args.settle)
     text = json.dumps(result, indent=2)
     print(text)
     if args.json:

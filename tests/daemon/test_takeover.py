@@ -138,8 +138,12 @@ async def test_two_daemons_leave_accounts_to_each_other_and_take_over_a_stopped_
             return fetch
 
         daemons = [Daemon(load_config(config), config, fetch=noting(n)) for n in range(2)]
-        tasks = [asyncio.create_task(d.async_run(signals=False)) for d in daemons]
+        tasks: list[asyncio.Task[int]] = []
         try:
+            for daemon in daemons:  # one after the other: both would create the SQLite file
+                task = asyncio.create_task(daemon.async_run(signals=False))
+                tasks.append(task)
+                await until(lambda d=daemon, t=task: d.ready or t.done(), "the daemon to start")
             # Each account ends up with one daemon: the other's runner is dormant.
             await until(
                 lambda: sum(len(d.dormant) for d in daemons) == ACCOUNTS,
@@ -171,6 +175,6 @@ async def test_two_daemons_leave_accounts_to_each_other_and_take_over_a_stopped_
             )
             assert not daemons[heir].dormant
         finally:
-            for daemon, task in zip(daemons, tasks, strict=True):
+            for daemon, task in zip(daemons, tasks, strict=False):  # those started
                 daemon.stop("test")
                 assert await asyncio.wait_for(task, 30) == 0

@@ -1,8 +1,8 @@
 """Taking over the accounts another daemon on the database stopped polling.
 
 A runner whose account another process keeps polling goes dormant (runner.py): it no longer
-wakes at each of that process's polls only to find the poll taken, a failed claim costing
-about as much CPU as a poll of an empty mailbox. Instead, while any runner is dormant, the
+wakes at each of that process's polls only to find the poll taken (each a wake-up and two
+statements, for this daemon and for the database). Instead, while any runner is dormant, the
 daemon asks the store every few seconds (one statement) which accounts' polls are overdue,
 and wakes their dormant runners: the process that polled them died, or lags behind.
 

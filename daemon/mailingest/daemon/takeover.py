@@ -85,9 +85,10 @@ async def watch(host: TakeoverHost) -> None:
 
 
 async def wake_overdue(store: Store, runners: Roster, late: float) -> int:
-    """Wake the dormant runners whose account's poll is more than ``late`` s overdue and
-    free to take (no lease, an expired one, or one whose process died on this host);
-    returns how many."""
+    """Wake the dormant runners whose account's poll is more than ``late`` s overdue, or
+    whose account is paused (the runner takes up the pause, or polls with another login),
+    where the lease is free (none, an expired one, or one whose process died on this
+    host); returns how many."""
     before = datetime.now(UTC) - timedelta(seconds=late)
     woken = 0
     for name, holder in await store.overdue(before, SCAN_LIMIT):

@@ -47,6 +47,15 @@ def _stored(at: StoreAt) -> dict[str, list[str]]:
     return found
 
 
+def _polls(daemons: list[DaemonProcess]) -> dict[str, int]:
+    """How many polls of each account these daemons completed so far."""
+    count: dict[str, int] = defaultdict(int)
+    for daemon in daemons:
+        for event in daemon.events("poll_completed"):
+            count[event["account"]] += 1
+    return count
+
+
 def _complete(at: StoreAt, sent: dict[str, set[str]]) -> bool:
     return sum(len(v) for v in _stored(at).values()) >= sum(len(v) for v in sent.values())
 
@@ -90,8 +99,16 @@ def test_three_daemons_share_sixty_accounts_and_take_over_a_killed_ones(
             return bool(held)
 
         wait_until(victim_fetching, "the first daemon holding a lease", 60)
+        before = _polls(daemons[1:])
         os.kill(victim.proc.pid, signal.SIGKILL)
         victim.proc.wait(10)
+        # Each account it held is polled again by another daemon (the victim may have stored
+        # all of one's mail before the kill, so the mail alone does not show the takeover).
+        wait_until(
+            lambda: all(_polls(daemons[1:])[a] > before[a] for a in held),
+            "the killed daemon's accounts polled by the others",
+            INTERVAL + 30,
+        )
         # Its accounts are fetched by the others within one interval (plus the fetch).
         wait_until(
             lambda: _complete(store_at, sent), "every message, after the kill", INTERVAL + 30
@@ -113,11 +130,9 @@ def test_three_daemons_share_sixty_accounts_and_take_over_a_killed_ones(
         assert sorted(stored[account]) == sorted(digests), account  # 0 lost, 0 duplicated
     assert sum(len(v) for v in stored.values()) == sum(len(v) for v in sent.values())
 
-    # The polls spread over the daemons; the killed daemon's accounts were polled by others.
+    # The polls spread over the daemons.
     polled_by = [{e["account"] for e in d.events("poll_completed")} for d in daemons]
     assert all(polled_by), [len(p) for p in polled_by]
-    taken_over = polled_by[1] | polled_by[2]
-    assert set(held) <= taken_over, (held, taken_over)
 
     # No two sessions of one user overlapped, except one cut by the kill.
     by_user: dict[str, list[tuple[float, float]]] = defaultdict(list)

@@ -16,6 +16,7 @@ import contextlib
 import fcntl
 import hashlib
 import os
+import random
 import sqlite3
 import threading
 import time
@@ -117,7 +118,7 @@ class SqliteDatabase(Database):
 
     async def _setup(self) -> None:
         await self.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-        await self.execute("PRAGMA journal_mode = WAL")
+        await self._switch_to_wal()
         # FULL: a COMMIT is fsynced, so a committed message survives power loss too;
         # bookkeeping writes switch to NORMAL for their transaction (``_begin``).
         await self.execute("PRAGMA synchronous = FULL")
@@ -125,6 +126,19 @@ class SqliteDatabase(Database):
         await self.execute("PRAGMA foreign_keys = ON")
         # One plan: a new store's schema is some 40 statements, one trip.
         await self.run_plan(f"migrating {self.path}", _migrations())
+
+    async def _switch_to_wal(self) -> None:
+        """Two connections switching a new file to WAL at once: SQLite refuses one at once
+        ("locked"; waiting would deadlock them), so it tries again within the busy timeout."""
+        deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
+        while True:
+            try:
+                await self.execute("PRAGMA journal_mode = WAL")
+                return
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc).lower() or time.monotonic() > deadline:
+                    raise
+            await asyncio.sleep(random.uniform(0.005, 0.05))
 
     async def execute(self, sql: str, args: Sequence[Any] = ()) -> int:
         cursor = await self._db.execute(sql, args)

@@ -13,7 +13,8 @@ if [ -n "$need" ]; then
     # shellcheck disable=SC2086  # one word per package
     DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq $need </dev/null
 fi
-(set -- && . scripts/venv.sh)  # no arguments: venv.sh reads $1 as pip extras
+extras=
+. scripts/venv.sh
 # The bench starts a private Dovecot as root (useradd, chown), like the test suite.
 if [ "$(id -u)" = 0 ]; then
     exec .venv/bin/python bench/run.py "$@"

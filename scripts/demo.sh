@@ -9,8 +9,10 @@ if [ "${1:-}" = postgresql ]; then
         as_root apt-get update -qq
         DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq postgresql
     fi
-    . scripts/venv.sh postgresql
+    extras=postgresql
+    . scripts/venv.sh
     exec .venv/bin/python scripts/demo_postgres.py
 fi
+extras=
 . scripts/venv.sh
 exec .venv/bin/mailingest demo

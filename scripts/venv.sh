@@ -1,6 +1,8 @@
 #!/bin/sh
 # Create .venv (once) and install mailingest into it; sourced by demo.sh and test.sh.
-# usage: . scripts/venv.sh [EXTRAS]   e.g. ". scripts/venv.sh test,dev"
+# usage: extras=EXTRAS; . scripts/venv.sh   e.g. "extras=test,dev; . scripts/venv.sh"
+# (a variable, not an argument: Debian's sh, dash, gives `.` no arguments of its own, so the
+# sourced file would read the caller's $1 instead)
 set -eu
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 if ! python3 -c 'import ensurepip, venv' >/dev/null 2>&1; then
@@ -9,7 +11,7 @@ if ! python3 -c 'import ensurepip, venv' >/dev/null 2>&1; then
     DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq python3-venv
 fi
 [ -x .venv/bin/python ] || python3 -m venv .venv
-extras=${1:-}
+extras=${extras:-}
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
 if [ -n "$extras" ]; then
     .venv/bin/python -m pip install -q -e ".[$extras]"

@@ -6,6 +6,7 @@ import base64
 import itertools
 import os
 import pwd
+import random
 import re
 import shutil
 import signal
@@ -43,12 +44,44 @@ class PortTaken(RuntimeError):
     """Another process bound one of our ports between free_port() and Dovecot's listen()."""
 
 
+#: Ports free_port hands out lie below this, outside the kernel's ephemeral range.
+_PORTS_FROM = 10_000
+_given: set[int] = set()
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32_768
+
+
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
+    """A TCP port on 127.0.0.1 that was free a moment ago and is handed out once.
+
+    It is picked below the ephemeral range (no outgoing connection takes it as its local
+    port before the server binds it) and, when pytest-xdist runs the suite in several
+    processes, from this process's own slice (no other worker picks it)."""
+    count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw")
+    span = (_ephemeral_low() - _PORTS_FROM) // max(count, 1)
+    if span < 100:  # an unusual ephemeral range: the kernel's choice, as before
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind(("127.0.0.1", 0))
+            return int(sock.getsockname()[1])
+    first = _PORTS_FROM + int(worker or 0) % count * span
+    for _ in range(1000):  # bounded: a slice of a hundred ports or more has a free one
+        port = random.randrange(first, first + span)
+        if port in _given:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _given.add(port)
         return port
+    raise RuntimeError(f"no free port in {first}-{first + span - 1} on 127.0.0.1")
 
 
 def ensure_mail_user(name: str = MAIL_USER) -> pwd.struct_passwd:
@@ -57,19 +90,22 @@ def ensure_mail_user(name: str = MAIL_USER) -> pwd.struct_passwd:
         return pwd.getpwnam(name)
     except KeyError:
         pass
-    # Another test process may create it at the same moment: judge by the lookup, not the exit code.
-    done = subprocess.run(
-        ["useradd", "-r", "-M", "-s", "/usr/sbin/nologin", name],
-        check=False,
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-    )
-    try:
-        return pwd.getpwnam(name)
-    except KeyError:
-        detail = done.stderr.strip()
-        raise RuntimeError(f"could not create the system user {name!r}: {detail}") from None
+    # Another test process (a pytest-xdist worker) may create it at the same moment, and
+    # useradd refuses while it holds /etc/passwd's lock: judge by the lookup, a few times.
+    for _ in range(50):  # bounded: about 10 s
+        done = subprocess.run(
+            ["useradd", "-r", "-M", "-s", "/usr/sbin/nologin", name],
+            check=False,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+        )
+        try:
+            return pwd.getpwnam(name)
+        except KeyError:
+            time.sleep(0.2)
+    detail = done.stderr.strip()
+    raise RuntimeError(f"could not create the system user {name!r}: {detail}")
 
 
 def _unblocked_path(path: Path) -> Path | None:

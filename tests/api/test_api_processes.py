@@ -6,16 +6,19 @@ the daemon's /metrics, their life beside the daemon's, and a helper without its 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import gzip
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import ssl
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -60,14 +63,18 @@ def _token_flags(config: Path, user: str, *flags: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {json.loads(made.stdout)['token']}"}
 
 
-def _ready(url: str) -> None:
+def _ready(url: str, daemon: DaemonProcess) -> None:
     def answers() -> bool:
+        assert daemon.proc.poll() is None, f"the daemon exited:\n{daemon.text()}"
         try:
             return httpx.get(url + "/readyz", timeout=2).status_code == 200
         except httpx.TransportError:
             return False
 
-    wait_until(answers, f"{url}/readyz")
+    try:
+        wait_until(answers, f"{url}/readyz")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; the daemon's log:\n{daemon.text()}") from None
 
 
 def _answered(url: str, code: int) -> float:
@@ -89,7 +96,7 @@ def test_the_helpers_answers_count_in_the_daemons_metrics(tmp_path: Path) -> Non
     config, port = _config(tmp_path)
     url = f"http://127.0.0.1:{port}"
     with DaemonProcess(config) as daemon:
-        _ready(url)
+        _ready(url, daemon)
         daemon.wait_event("api_helper_started")
         # A connection each: the kernel spreads them over the daemon and its helper, and
         # each process counts its own (that the helper answers some: the next test).
@@ -110,7 +117,7 @@ def test_the_helper_answers_on_the_shared_port_while_the_daemon_cannot(tmp_path:
     config, port = _config(tmp_path)
     url = f"http://127.0.0.1:{port}"
     with DaemonProcess(config) as daemon:
-        _ready(url)
+        _ready(url, daemon)
         daemon.wait_event("api_helper_started")
         answered = 0
         daemon.send(signal.SIGSTOP)
@@ -131,9 +138,13 @@ def test_the_helper_answers_on_the_shared_port_while_the_daemon_cannot(tmp_path:
 
 def test_helpers_are_restarted_and_end_with_the_daemon(tmp_path: Path) -> None:
     config, port = _config(tmp_path, processes=3)
-    # A killed daemon leaves its socket's directory behind (README): in the test's dir.
-    with DaemonProcess(config, env={"TMPDIR": str(tmp_path)}) as daemon:
-        _ready(f"http://127.0.0.1:{port}")
+    # A killed daemon leaves its socket's directory behind (README): in a directory of the
+    # test's own, short (pytest's tmp_path under pytest-xdist is too long for a socket).
+    sockets = Path(tempfile.mkdtemp(prefix="mailingest-sock-"))
+    with contextlib.ExitStack() as cleanup:
+        cleanup.callback(shutil.rmtree, sockets, ignore_errors=True)
+        daemon = cleanup.enter_context(DaemonProcess(config, env={"TMPDIR": str(sockets)}))
+        _ready(f"http://127.0.0.1:{port}", daemon)
         wait_until(lambda: len(daemon.events("api_helper_started")) == 2, "two helpers")
         first = {e["helper"]: e["pid"] for e in daemon.events("api_helper_started")}
         assert sorted(first) == [1, 2]
@@ -153,7 +164,7 @@ def test_helpers_are_restarted_and_end_with_the_daemon(tmp_path: Path) -> None:
 def test_a_stopped_daemon_stops_its_helpers_and_removes_its_socket(tmp_path: Path) -> None:
     config, port = _config(tmp_path)
     with DaemonProcess(config) as daemon:
-        _ready(f"http://127.0.0.1:{port}")
+        _ready(f"http://127.0.0.1:{port}", daemon)
         started = daemon.wait_event("api_helper_started")
         args = Path(f"/proc/{started['pid']}/cmdline").read_bytes().split(b"\0")
         forward = Path(args[args.index(b"--forward") + 1].decode())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import fcntl
 import itertools
 import os
 import pwd
@@ -90,9 +91,16 @@ def ensure_mail_user(name: str = MAIL_USER) -> pwd.struct_passwd:
         return pwd.getpwnam(name)
     except KeyError:
         pass
-    # Another test process (a pytest-xdist worker) may create it at the same moment, and
-    # useradd refuses while it holds /etc/passwd's lock: judge by the lookup, a few times.
-    for _ in range(50):  # bounded: about 10 s
+    # pytest-xdist workers may all find it missing at once. Two useradd at once are not
+    # safe here (one run ended with the user made twice, its Maildirs owned by a uid that
+    # was gone): one process at a time, and each looks again once it holds the lock.
+    lock_path = Path(tempfile.gettempdir()) / f"{name}.useradd.lock"
+    with open(lock_path, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        try:
+            return pwd.getpwnam(name)
+        except KeyError:
+            pass
         done = subprocess.run(
             ["useradd", "-r", "-M", "-s", "/usr/sbin/nologin", name],
             check=False,
@@ -103,9 +111,8 @@ def ensure_mail_user(name: str = MAIL_USER) -> pwd.struct_passwd:
         try:
             return pwd.getpwnam(name)
         except KeyError:
-            time.sleep(0.2)
-    detail = done.stderr.strip()
-    raise RuntimeError(f"could not create the system user {name!r}: {detail}")
+            detail = done.stderr.strip()
+            raise RuntimeError(f"could not create the system user {name!r}: {detail}") from None
 
 
 def _unblocked_path(path: Path) -> Path | None:

@@ -27,7 +27,7 @@ from mailingest.daemon.roster import Roster
 from mailingest.daemon.takeover import grace, period, wake_overdue
 from mailingest.fetch import FetchResult, fetch_account
 from mailingest.lease import lease_host
-from mailingest.model import Claim
+from mailingest.model import AccountState, Claim
 from mailingest.store import Store
 from pop3d import Mailbox, Pop3TestServer
 from support import StoreAt, write_config
@@ -96,6 +96,19 @@ def test_the_watch_looks_often_and_waits_a_jitter_before_taking_over() -> None:
     assert period(300) == 2.0 and grace(300) == pytest.approx(300 * timing.JITTER)
     assert period(4) == pytest.approx(0.4) and grace(4) == 1.0  # the store keeps seconds
     assert period(0.1) == 0.05
+
+
+def test_a_restarted_daemon_wakes_at_a_random_point_of_the_second_the_store_keeps() -> None:
+    """The store keeps the next poll in whole seconds, cut short: a daemon that restarts
+    wakes somewhere in the second after it, as the other daemon's runner of the account
+    does, so neither wins the first contest for sure; a backoff is kept, capped at an
+    interval."""
+    now = datetime(2026, 12, 7, 12, 0, 0, tzinfo=UTC)
+    state = AccountState("a1", next_poll=(now + timedelta(seconds=30)).isoformat())
+    delays = [timing.first_delay(state, now, 300.0, paused=False) for _ in range(200)]
+    assert all(30.0 <= d < 31.0 for d in delays), (min(delays), max(delays))
+    assert max(delays) - min(delays) > 0.5  # spread over the second, not at its start
+    assert timing.first_delay(state, now, 20.0, paused=False) == 20.0
 
 
 async def test_two_daemons_leave_accounts_to_each_other_and_take_over_a_stopped_ones_accounts(

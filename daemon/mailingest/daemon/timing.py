@@ -50,7 +50,11 @@ def first_delay(state: AccountState | None, now: datetime, interval: float, paus
     if state is not None and state.next_poll and not paused:
         persisted = (datetime.fromisoformat(state.next_poll) - now).total_seconds()
         if persisted > 0:
-            delay = min(persisted, interval)  # a restart keeps a backoff
+            # A restart keeps a backoff. The store keeps the time in whole seconds, cut
+            # short: the poll is due at some point of the second after, where another
+            # daemon's runner of the account wakes too (runner.py), so that neither wins it
+            # for sure.
+            delay = min(persisted + random.random(), interval)
     if state is not None and state.next_login:
         floor = seconds_until_login(datetime.fromisoformat(state.next_login))
         delay = max(delay, floor)

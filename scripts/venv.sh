@@ -1,5 +1,6 @@
 #!/bin/sh
-# Create .venv (once) and install mailingest into it; sourced by demo.sh and test.sh.
+# Create .venv (once) and install mailingest into it; sourced by demo.sh, test.sh,
+# bench/run.sh and .ci/run.
 # usage: extras=EXTRAS; . scripts/venv.sh   e.g. "extras=test,dev; . scripts/venv.sh"
 # (a variable, not an argument: Debian's sh, dash, gives `.` no arguments of its own, so the
 # sourced file would read the caller's $1 instead)

@@ -141,8 +141,11 @@ class DaemonProcess:
         return self.log_path.read_text(encoding="utf-8", errors="replace")
 
     def events(self, name: str | None = None, **match: Any) -> list[dict[str, Any]]:
-        """The log's events (every line must be JSON), optionally filtered."""
+        """The log's events (every line must be JSON), optionally filtered. A last line
+        still being written (no newline yet) is left for the next look."""
         text = self.text()
+        if self.proc.poll() is None:
+            text = text[: text.rfind("\n") + 1]
         try:
             lines = [json.loads(line) for line in text.splitlines() if line.strip()]
         except json.JSONDecodeError:

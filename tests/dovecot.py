@@ -65,12 +65,14 @@ def free_port() -> int:
     processes, from this process's own slice (no other worker picks it)."""
     count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
     worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw")
-    span = (_ephemeral_low() - _PORTS_FROM) // max(count, 1)
+    # One slice a worker, and one more for the workers xdist starts in place of a crashed
+    # one (gw<count> and later share it).
+    span = (_ephemeral_low() - _PORTS_FROM) // (max(count, 1) + 1)
     if span < 100:  # an unusual ephemeral range: the kernel's choice, as before
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
             sock.bind(("127.0.0.1", 0))
             return int(sock.getsockname()[1])
-    first = _PORTS_FROM + int(worker or 0) % count * span
+    first = _PORTS_FROM + min(int(worker or 0), count) * span
     for _ in range(1000):  # bounded: a slice of a hundred ports or more has a free one
         port = random.randrange(first, first + span)
         if port in _given:

@@ -65,7 +65,7 @@ def _token_flags(config: Path, user: str, *flags: str) -> dict[str, str]:
 
 def _ready(url: str, daemon: DaemonProcess) -> None:
     def answers() -> bool:
-        assert daemon.proc.poll() is None, f"the daemon exited:\n{daemon.text()}"
+        assert daemon.proc.poll() is None, f"the daemon exited with {daemon.proc.returncode}"
         try:
             return httpx.get(url + "/readyz", timeout=2).status_code == 200
         except httpx.TransportError:

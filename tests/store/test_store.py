@@ -122,6 +122,7 @@ def test_a_new_sqlite_file_opened_by_several_connections_at_once_opens_for_all(
             thread.start()
         for thread in threads:
             thread.join(WAIT_S)
+            assert not thread.is_alive(), f"an open still waits after {WAIT_S:.0f}s"
         assert failures == [], (round_, failures)
 
 

@@ -155,7 +155,10 @@ def test_sigterm_or_sigint_abandons_a_hung_fetch_in_time_exits_0_and_deletes_not
             "timeout": "60s",  # longer than the stop deadline: the thread stays blocked
             "leave_on_server": False,
         }
-        config = write_config(tmp_path, [account], daemon={**DAEMON, "shutdown_timeout": "2s"})
+        # 5 s: the poll is given 3 s, then cut off; what follows (the lease released, the
+        # store closed, daemon_stopped) has the rest before the forced exit, time that a
+        # disk busy with another test's fsyncs can take (with 2 s, it had 0.7 s).
+        config = write_config(tmp_path, [account], daemon={**DAEMON, "shutdown_timeout": "5s"})
         with DaemonProcess(config) as daemon:
             wait_until(lambda: server.server.commands_seen("RETR 2") > 0, "the hung RETR")
             code, took = daemon.stop(sig=sig)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import fcntl
+import functools
 import itertools
 import os
 import pwd
@@ -50,6 +51,7 @@ _PORTS_FROM = 10_000
 _given: set[int] = set()
 
 
+@functools.cache  # read once a process, not at every port
 def _ephemeral_low() -> int:
     try:
         return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])

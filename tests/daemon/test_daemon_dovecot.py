@@ -98,7 +98,12 @@ def test_sigterm_during_a_large_deleting_fetch_exits_0_and_loses_nothing(
         wait_until(lambda: _stored(config) > 0, "the first committed batch")
         code, took = daemon.stop()
         assert code == 0 and took < STOP_BOUND, daemon.text()
-        assert len(daemon.events("daemon_stopped")) == 1  # (abandoned: 1 is usual with 1 s)
+        # One last line: daemon_stopped (abandoned: 1 is usual with 1 s). With 1 s a disk
+        # busy with fsyncs may delay the store's close past the deadline: the forced exit is
+        # then the documented end, as safe as a kill, which the checks below cover.
+        stopped, forced = daemon.events("daemon_stopped"), daemon.events("shutdown_forced")
+        ends = (len(stopped), len(forced))
+        assert ends in ([(1, 0)] if grace == "10s" else [(1, 0), (0, 1), (1, 1)]), daemon.text()
         _check_log_lines(daemon, [mailbox.password])
     stored_then, left_then = _stored(config), mailbox.count()
     assert 0 < stored_then <= len(messages)

@@ -33,11 +33,12 @@ WORKER_PREFIX = "mailingest-worker"
 
 #: The stop budget, as shares of ``shutdown_timeout`` after the signal: in-flight polls may
 #: finish until FINISH_SHARE, cancelled ones unwind until UNWIND_SHARE, then the store
-#: closes; at EXIT_SHARE the process leaves whatever still blocks (the rest is the
-#: interpreter's own exit).
-FINISH_SHARE = 0.6
-UNWIND_SHARE = 0.8
-EXIT_SHARE = 0.95
+#: closes; at EXIT_SHARE the process leaves whatever still blocks (os._exit: nothing is
+#: left to the interpreter). The close gets over a quarter: it waits for a commit still
+#: under way and checkpoints SQLite's WAL, two fsyncs that a busy disk makes slow.
+FINISH_SHARE = 0.5
+UNWIND_SHARE = 0.7
+EXIT_SHARE = 0.97
 #: The most open files the daemon asks for (within the hard limit).
 FD_LIMIT = 65536
 

@@ -33,6 +33,7 @@ from mailingest.errors import (
     UnavailableError,
     UsageError,
 )
+from mailingest.masking import hold_secrets
 from mailingest.model import Status
 from mailingest.oauth2 import Token, http_form
 from mailingest.store import Store
@@ -250,4 +251,5 @@ def _token(name: str, status: int, data: dict[str, Any]) -> Token:
     access, refresh = data.get("access_token"), data.get("refresh_token")
     if status != 200 or not isinstance(access, str):
         raise AuthError(f"sign-in refused: {data.get('error') or f'HTTP {status}'}", account=name)
+    hold_secrets(f"{name} sign-in", [access, *([refresh] if isinstance(refresh, str) else [])])
     return Token(access, time.time(), refresh if isinstance(refresh, str) else None)

@@ -33,30 +33,64 @@ class Secrets:
     indexed by their first characters: a line is masked in one pass over its
     positions, however many accounts (each with its own password) the daemon holds. A
     position is tried against the lengths of the forms starting there, not each form, so
-    thousands of passwords made alike ("Acme-...") cost no more than a few. The index is
-    replaced whole, never changed, so a thread that masks sees one or the other."""
+    thousands of passwords made alike ("Acme-...") cost no more than a few.
+
+    Secrets are kept for the process's life (``add``: the config's), or in a named slot
+    whose values a later ``hold`` replaces (an account's OAuth2 tokens, new every hour,
+    must not pile up). A bucket of the index is replaced, never changed, in one
+    assignment, so a thread that masks sees it before or after a change."""
 
     def __init__(self) -> None:
-        self.values: frozenset[str] = frozenset()
         self._index: dict[str, _Bucket] = {}
-        self._adding = threading.Lock()  # two registrations at once must not lose one
+        self._counts: dict[str, int] = {}  # form -> how many held secrets have it
+        self._kept: frozenset[str] = frozenset()
+        self._slots: dict[str, frozenset[str]] = {}
+        self._changing = threading.Lock()  # two changes at once must not lose one
 
     def add(self, values: Iterable[str]) -> None:
-        """Remember ``values``; ones shorter than _PREFIX are left out (see there)."""
-        wanted = {v for v in values if len(v) >= _PREFIX}
-        with self._adding:
-            fresh = wanted - self.values
-            if not fresh:
+        """Mask ``values`` for good; ones shorter than _PREFIX are left out (see there)."""
+        with self._changing:
+            fresh = _maskable(values) - self._kept
+            if fresh:
+                self._kept = self._kept | fresh
+                self._change(fresh, ())
+
+    def hold(self, slot: str, values: Iterable[str]) -> None:
+        """Mask ``values`` in place of what ``slot`` held before."""
+        with self._changing:
+            new = _maskable(values)
+            old = self._slots.get(slot, frozenset())
+            if new == old:
                 return
-            grouped = {k: set(forms) for k, (_, forms) in self._index.items()}
-            for secret in fresh:
-                for form in rendered_forms(secret):
-                    grouped.setdefault(form[:_PREFIX], set()).add(form)
-            self._index = {
-                k: (tuple(sorted({len(f) for f in v}, reverse=True)), frozenset(v))
-                for k, v in grouped.items()
-            }
-            self.values = self.values | fresh
+            if new:
+                self._slots[slot] = new
+            else:
+                self._slots.pop(slot, None)
+            self._change(new - old, old - new)
+
+    def _change(self, gained: Iterable[str], lost: Iterable[str]) -> None:
+        """Count the forms of ``gained`` in and those of ``lost`` out; rebuild each bucket
+        whose forms changed, once."""
+        added: dict[str, set[str]] = {}
+        dropped: dict[str, set[str]] = {}
+        for secret in gained:
+            for form in rendered_forms(secret):
+                self._counts[form] = self._counts.get(form, 0) + 1
+                if self._counts[form] == 1:
+                    added.setdefault(form[:_PREFIX], set()).add(form)
+        for secret in lost:
+            for form in rendered_forms(secret):
+                self._counts[form] -= 1
+                if not self._counts[form]:
+                    del self._counts[form]
+                    dropped.setdefault(form[:_PREFIX], set()).add(form)
+        for key in added.keys() | dropped.keys():
+            _, forms = self._index.get(key, ((), frozenset()))
+            now = (forms | added.get(key, set())) - dropped.get(key, set())
+            if now:
+                self._index[key] = (tuple(sorted({len(f) for f in now}, reverse=True)), now)
+            else:
+                del self._index[key]
 
     def mask(self, text: str) -> str:
         """``text`` with every stretch that is (part of overlapping) secrets as ``***``."""
@@ -88,6 +122,10 @@ class Secrets:
         return "".join(out)
 
 
+def _maskable(values: Iterable[str]) -> frozenset[str]:
+    return frozenset(v for v in values if len(v) >= _PREFIX)
+
+
 #: The process's secrets: the config's, registered as it is loaded (and reloaded).
 registered = Secrets()
 
@@ -95,6 +133,11 @@ registered = Secrets()
 def register_secrets(values: Iterable[str]) -> None:
     """Remember secret values so that any log line containing one is masked."""
     registered.add(values)
+
+
+def hold_secrets(slot: str, values: Iterable[str]) -> None:
+    """Mask ``values`` in place of what ``slot`` held (tokens that replace each other)."""
+    registered.hold(slot, values)
 
 
 def mask_text(text: str) -> str:

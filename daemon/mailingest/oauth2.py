@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mailingest.errors import AuthError, ConfigError, ProtocolError, TemporaryError
+from mailingest.masking import hold_secrets
 
 PROVIDERS = ("microsoft", "google", "custom")
 GRANTS = ("refresh_token", "client_credentials", "jwt_bearer")
@@ -116,8 +117,10 @@ class TokenSource:
         *,
         rotated: Rotated | None = None,
         stored: Stored | None = None,
+        slot: str | None = None,
     ) -> None:
         self.name = name
+        self.slot = slot or name  # the log mask's slot of its tokens (masking.hold_secrets)
         self.settings = settings
         self._rotated = rotated
         self._stored = stored
@@ -144,6 +147,9 @@ class TokenSource:
                 if newest is not None:
                     self._refresh_token = newest
             token = await request_token(self.name, self.settings, self._refresh_token)
+            refresh = token.refresh_token or self._current_refresh()
+            # Masked before anything can log them; the next tokens replace these.
+            hold_secrets(self.slot, [token.access_token, *([refresh] if refresh else [])])
             self._token = token
             if token.refresh_token and token.refresh_token != self._current_refresh():
                 # Kept here first: the provider may have revoked the previous one already,

@@ -58,7 +58,7 @@ def _source(
     from mailingest.oauth2 import TokenSource  # only accounts that sign in with OAuth2
 
     if conf.grant != "refresh_token":
-        return TokenSource(name, conf.settings(http_timeout))
+        return TokenSource(name, conf.settings(http_timeout), slot=f"{name} {service}")
     assert conf.seal_key is not None  # the config requires it with this grant
     box = SecretBox(conf.seal_key.reveal())
     origin = conf.origin(username)
@@ -82,7 +82,9 @@ def _source(
             )
         return None
 
-    return TokenSource(name, conf.settings(http_timeout), rotated=rotated, stored=stored)
+    return TokenSource(
+        name, conf.settings(http_timeout), rotated=rotated, stored=stored, slot=f"{name} {service}"
+    )
 
 
 async def pop3_login(account: Account, store: Store) -> tuple[Pop3Login, bool | None]:

@@ -16,6 +16,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from mailingest.errors import AuthError, ProtocolError, TemporaryError
+from mailingest.masking import hold_secrets, mask_text
 from mailingest.oauth2 import (
     OAuth2Settings,
     TokenSource,
@@ -63,6 +64,25 @@ async def test_a_refresh_token_grant_is_cached_until_shortly_before_expiry() -> 
         # expires_in 60 s is within the early margin: every use asks again
         assert await source.access_token() == "at-2" and source.refreshed
         assert len(endpoint.requests) == 3
+
+
+async def test_the_tokens_in_use_are_masked_in_every_log_line_and_replace_the_last() -> None:
+    """An access token (and a rotated refresh token) is a secret from the moment it
+    arrives; the next one takes its place in the mask, so an hourly refresh of thousands
+    of accounts does not pile them up."""
+    with token_endpoint() as endpoint:
+        endpoint.replies = [
+            endpoint.token("at-first-Qx1", refresh_token="rt-second-Qx2"),
+            endpoint.token("at-second-Qx3"),
+        ]
+        source = TokenSource("a", _settings(endpoint), slot="a pop3")
+        await source.access_token()
+        assert mask_text("at-first-Qx1 rt-second-Qx2") == "*** ***"
+        source.forget()
+        await source.access_token()
+        assert mask_text("at-second-Qx3 rt-second-Qx2") == "*** ***"
+        assert mask_text("at-first-Qx1") == "at-first-Qx1"  # replaced, not kept for ever
+    hold_secrets("a pop3", [])
 
 
 async def test_a_rotated_refresh_token_is_stored_before_it_is_used() -> None:

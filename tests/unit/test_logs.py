@@ -305,3 +305,58 @@ def test_a_secret_inside_an_object_is_masked_before_json_escapes_its_repr() -> N
         logs.reset()
     line = stream.getvalue()
     assert "***" in line and "ss\\" not in line and "Zebra" not in line, line
+
+
+_OPS = st.lists(
+    st.tuples(
+        st.sampled_from([None, "a pop3", "a smtp", "b pop3"]),
+        st.lists(_SECRET_TEXT | st.text("ab'\"", min_size=3, max_size=5), max_size=4),
+    ),
+    min_size=1,
+    max_size=8,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(ops=_OPS, pieces=st.lists(st.one_of(st.text(max_size=8), st.integers(0, 40)), max_size=12))
+def test_slots_mask_what_they_hold_now_as_if_registered_afresh(
+    ops: list[tuple[str | None, list[str]]], pieces: list[object]
+) -> None:
+    """Secrets kept for good (slot None: the config's) and slots whose values replace each
+    other (an account's OAuth2 tokens) in any order, sharing values or not: the mask is the
+    one a new registry of what is held now would apply, so a replaced token is no longer
+    looked for and a value still held elsewhere stays masked."""
+    masker = masking.Secrets()
+    kept: set[str] = set()
+    slots: dict[str, list[str]] = {}
+    for slot, values in ops:
+        if slot is None:
+            masker.add(values)
+            kept |= set(values)
+        else:
+            masker.hold(slot, values)
+            slots[slot] = values
+    held = kept.union(*slots.values())
+    afresh = masking.Secrets()
+    afresh.add(held)
+    seen = sorted({f for _, values in ops for s in values for f in masking.rendered_forms(s)})
+    seen = seen or ["x"]
+    text = "".join(p if isinstance(p, str) else seen[p % len(seen)] for p in pieces)
+    assert masker.mask(text) == afresh.mask(text)
+    assert masker._index == afresh._index  # nothing of a replaced token is left behind
+
+
+def test_an_hourly_token_replaces_the_last_one_in_the_mask() -> None:
+    """A day of tokens of 500 accounts leaves the mask holding one token each."""
+    masker = masking.Secrets()
+    masker.add(["config-password-1"])
+    for hour in range(24):
+        for n in range(500):
+            masker.hold(f"acct{n} pop3", [f"ya29.token-{n}-{hour}", f"refresh-{n}"])
+    assert masker.mask("ya29.token-7-23 refresh-7 ya29.token-7-22") == "*** *** ya29.token-7-22"
+    assert masker.mask("config-password-1") == "***"
+    latest = [f"ya29.token-{n}-23" for n in range(500)] + [f"refresh-{n}" for n in range(500)]
+    forms = {f for s in [*latest, "config-password-1"] for f in masking.rendered_forms(s)}
+    assert sum(len(held) for _, held in masker._index.values()) == len(forms)
+    masker.hold("acct7 pop3", [])
+    assert masker.mask("ya29.token-7-23 refresh-7") == "ya29.token-7-23 refresh-7"

@@ -92,10 +92,11 @@ async def test_only_dormant_runners_of_overdue_accounts_free_to_take_are_woken(
     assert sorted(n for n, f in fakes.items() if f.woken) == ["dead", "expired", "free", "paused"]
 
 
-def test_the_watch_looks_often_and_waits_a_jitter_before_taking_over() -> None:
-    assert period(300) == 2.0 and grace(300) == pytest.approx(300 * timing.JITTER)
-    assert period(4) == pytest.approx(0.4) and grace(4) == 1.0  # the store keeps seconds
-    assert period(0.1) == 0.05
+def test_the_watch_looks_often_and_waits_a_few_seconds_before_taking_over() -> None:
+    # The store's second, a claim's spread and 2 s of lag: at every interval from 40 s on.
+    assert period(300) == 2.0 and grace(300) == grace(3600) == grace(40) == 4.0
+    assert period(4) == pytest.approx(0.4) and grace(4) == pytest.approx(1.6)
+    assert period(0.1) == 0.05 and grace(0.1) == pytest.approx(1.015)  # the store keeps seconds
 
 
 def test_a_restarted_daemon_wakes_at_a_random_point_of_the_second_the_store_keeps() -> None:

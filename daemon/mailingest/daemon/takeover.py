@@ -29,6 +29,8 @@ log = get_logger("mailingest.daemon")
 #: How often (seconds) a daemon with dormant runners looks for overdue accounts, at most: a
 #: tenth of the shortest poll interval if less.
 SCAN_EVERY = 2.0
+#: How far (seconds) a daemon may lag behind its polls before another takes them over.
+LAG = 2.0
 #: Overdue accounts read per look, at most (the rest come at the next).
 SCAN_LIMIT = 1000
 #: A store that keeps failing the look is logged this often (seconds), at most.
@@ -59,11 +61,13 @@ def period(shortest_interval: float) -> float:
 
 
 def grace(shortest_interval: float) -> float:
-    """How late a poll must be to count as overdue: the jitter of the shortest interval,
-    and at least a second (the store keeps the schedule in seconds). A daemon that lags
-    behind a burst of polls (every account starts within seconds) keeps its accounts; one
-    that lags more, or died, loses them."""
-    return max(1.0, period(shortest_interval), timing.JITTER * shortest_interval)
+    """How late a poll must be to count as overdue: what the schedule explains (the store
+    keeps the next poll cut short to the second, and the poller waits up to a claim spread
+    before it claims), plus LAG for a daemon that lags behind a burst of polls (a tenth of
+    the interval if less). Not a share of the interval: at 300 s a tenth would add 30 s to
+    every takeover, and a daemon's lag does not grow with the interval."""
+    spread = min(timing.CLAIM_SPREAD, 0.05 * shortest_interval)  # as timing.claim_spread
+    return 1.0 + spread + min(LAG, timing.JITTER * shortest_interval)
 
 
 async def watch(host: TakeoverHost) -> None:

@@ -10,6 +10,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from mailingest.config_storage import storage_settings
 from mailingest.config_values import Context as _Context
 from mailingest.config_values import Secret as Secret  # re-exported: the config's own type
 from mailingest.config_values import Table as _Table
@@ -37,9 +38,6 @@ _SMTP_PORTS = {"tls": 465, "starttls": 587, "plain": 25}
 #: ``[api] processes`` at most: one per core is the point, and each holds a store connection.
 MAX_API_PROCESSES = 16
 _TOP_KEYS = ("storage", "daemon", "accounts", "api")
-_STORAGE_KEYS = ("database", "password", "secret_key")
-#: The shortest secret_key accepted (characters).
-SECRET_KEY_MIN = 16
 _DAEMON_KEYS = (
     "poll_interval max_concurrent max_sessions_per_cycle log_format shutdown_timeout env_file"
 )
@@ -93,7 +91,7 @@ def load_config(
     root = _Table(data, ctx.file, "")
     root.check_keys(_TOP_KEYS)
     daemon = _daemon(root.table("daemon"), ctx)  # first: its env_file serves every { env }
-    storage = _storage(root.table("storage"), ctx)
+    storage = storage_settings(root.table("storage"), ctx)
     raw_accounts = data.get("accounts", [])
     if not isinstance(raw_accounts, list):
         raise root.error("accounts", "expected an array of tables ([[accounts]])")
@@ -110,58 +108,6 @@ def load_config(
             file=file,
         )
     return Config(path, storage, daemon, tuple(accounts), _api(root.table("api"), ctx))
-
-
-def _storage(t: _Table, ctx: _Context) -> StorageSettings:
-    t.check_keys(_STORAGE_KEYS)
-    key = _secret_key(t, ctx)
-    if "database" in t.data:
-        database = t.string("database")
-        if database.startswith(("postgresql://", "postgres://")):
-            return StorageSettings(_postgres_url(t, database), _db_password(t, ctx), key)
-        if "password" in t.data:
-            raise t.error("password", "only a postgresql:// database takes a password")
-        return StorageSettings(ctx.resolve(database), secret_key=key)
-    if "password" in t.data:
-        raise t.error("password", "only a postgresql:// database takes a password")
-    state = ctx.environ.get("STATE_DIRECTORY", "").split(":")[0]  # systemd StateDirectory=
-    default = Path(state) / "mail.db" if state else ctx.base / "mail.db"
-    return StorageSettings(default, secret_key=key)
-
-
-def _secret_key(t: _Table, ctx: _Context) -> Secret | None:
-    if "secret_key" not in t.data:
-        return None
-
-    def long_enough(key: Secret) -> Secret:
-        if len(key.value) < SECRET_KEY_MIN:
-            raise t.error(
-                "secret_key",
-                f"the key ({key.describe()}) is shorter than {SECRET_KEY_MIN} characters; "
-                "make one with: openssl rand -base64 32",
-            )
-        return key
-
-    return _secret(t, "secret_key", ctx, lazy=True, check=long_enough)
-
-
-def _postgres_url(t: _Table, url: str) -> str:
-    rest = url.partition("://")[2]
-    userinfo, at, _ = rest.rpartition("@")
-    if at and ":" in userinfo:
-        # Never echo the URL: it holds the password.
-        raise t.error(
-            "database",
-            "the URL holds a password; move it to storage.password "
-            '(password = { env = "VAR" }, { file = ... } or { credential = ... })',
-        )
-    if "password=" in rest.partition("?")[2]:
-        raise t.error("database", "the URL holds a password; move it to storage.password")
-    return url
-
-
-def _db_password(t: _Table, ctx: _Context) -> Secret | None:
-    return _secret(t, "password", ctx) if "password" in t.data else None
 
 
 def _daemon(t: _Table, ctx: _Context) -> DaemonSettings:

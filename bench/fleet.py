@@ -26,6 +26,8 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -75,20 +77,27 @@ def _wait(check: Any, what: str, timeout: float) -> None:
         time.sleep(1)
 
 
-def run(
-    accounts: int, interval: float, intervals: int, work: Path, settle: int = 0
-) -> dict[str, Any]:
+@contextmanager
+def on_postgres(accounts: int, interval: float, work: Path) -> Iterator[Path]:
+    """A private PostgreSQL and the scripted server with ``accounts`` empty mailboxes, and
+    the config of a daemon that polls them all every ``interval`` s; its path."""
     boxes = [Mailbox(f"u{i}", password(i), []) for i in range(accounts)]
     with private_postgres(durable=True) as pg, ThreadedPop3Server(boxes, max_clients=256) as pop:
         secret = work / "db-password"
         secret.write_text(pg.password + "\n")
         secret.chmod(0o600)
-        config = write_config(
+        yield write_config(
             work,
             _accounts(pop.port, accounts, f"{interval:g}s"),
             storage={"database": pg.new_database(), "password": {"file": str(secret)}},
             daemon={"log_format": "json", "max_concurrent": 16},
         )
+
+
+def run(
+    accounts: int, interval: float, intervals: int, work: Path, settle: int = 0
+) -> dict[str, Any]:
+    with on_postgres(accounts, interval, work) as config:
         a, b = Daemon(config, work / "a.log"), Daemon(config, work / "b.log")
         try:
             _wait(

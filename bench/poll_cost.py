@@ -41,11 +41,8 @@ import pstats  # noqa: E402
 
 sys.path[:0] = [str(BENCH), str(BENCH.parent / "tests")]
 
-from daemon_idle import TICKS, _accounts, password  # noqa: E402
-
-from pop3d import Mailbox, ThreadedPop3Server  # noqa: E402
-from postgres import private_postgres  # noqa: E402
-from support import write_config  # noqa: E402
+from daemon_idle import TICKS  # noqa: E402
+from fleet import on_postgres  # noqa: E402
 
 
 def _threads_cpu() -> dict[str, tuple[str, float]]:
@@ -125,17 +122,7 @@ def child(config: Path, log: Path, warm: float, window: float, profile: bool) ->
 
 
 def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
-    boxes = [Mailbox(f"u{i}", password(i), []) for i in range(args.accounts)]
-    with private_postgres(durable=True) as pg, ThreadedPop3Server(boxes, max_clients=256) as pop:
-        secret = work / "db-password"
-        secret.write_text(pg.password + "\n")
-        secret.chmod(0o600)
-        config = write_config(
-            work,
-            _accounts(pop.port, args.accounts, f"{args.interval:g}s"),
-            storage={"database": pg.new_database(), "password": {"file": str(secret)}},
-            daemon={"log_format": "json", "max_concurrent": 16},
-        )
+    with on_postgres(args.accounts, args.interval, work) as config:
         log, out = work / "daemon.log", work / "result.json"
         command = [sys.executable, __file__, "--child", str(config), str(log), str(out)]
         command += ["--warm", str(args.warm), "--window", str(args.window)]

@@ -61,13 +61,14 @@ def period(shortest_interval: float) -> float:
 
 
 def grace(shortest_interval: float) -> float:
-    """How late a poll must be to count as overdue: what the schedule explains (the store
-    keeps the next poll cut short to the second, and the poller waits up to a claim spread
-    before it claims), plus LAG for a daemon that lags behind a burst of polls (a tenth of
-    the interval if less). Not a share of the interval: at 300 s a tenth would add 30 s to
-    every takeover, and a daemon's lag does not grow with the interval."""
+    """How late a poll must be to count as overdue: the poller's claim spread, plus LAG for
+    a daemon that lags behind a burst of polls or waits for a slot under max_concurrent (a
+    tenth of the interval if less). The store keeps the next poll cut short to the second
+    and the look compares whole seconds, which adds up to one more. Not a share of the
+    interval: at 300 s a tenth would add 30 s to every takeover, and a daemon's lag does not
+    grow with its interval."""
     spread = min(timing.CLAIM_SPREAD, 0.05 * shortest_interval)  # as timing.claim_spread
-    return 1.0 + spread + min(LAG, timing.JITTER * shortest_interval)
+    return spread + min(LAG, timing.JITTER * shortest_interval)
 
 
 async def watch(host: TakeoverHost) -> None:

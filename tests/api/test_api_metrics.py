@@ -116,29 +116,37 @@ async def _load(world: ApiWorld, raws: list[bytes]) -> tuple[list[int], int]:
     load it once missed every moment in between (seen in a run on both cores)."""
     statuses: list[int] = []
     partial = 0
+    failed: list[BaseException] = []
     done = threading.Event()
 
     def sample() -> None:
         nonlocal partial
-        while not done.is_set():
-            partial += 0 < _count(world.config) < len(raws)
-            done.wait(0.02)
+        try:
+            while not done.is_set():
+                partial += 0 < _count(world.config) < len(raws)
+                done.wait(0.02)
+        except BaseException as exc:  # reported by the test, not lost with the thread
+            failed.append(exc)
 
-    sampler = threading.Thread(target=sample, name="sampler")
+    sampler = threading.Thread(target=sample, name="sampler", daemon=True)
     sampler.start()
-    delivered = asyncio.create_task(asyncio.to_thread(world.alice.deliver_many, raws))
-    limits = httpx.Limits(max_connections=CONCURRENT)
-    async with httpx.AsyncClient(base_url=world.url, timeout=WAIT, limits=limits) as client:
-        deadline = time.monotonic() + 4 * WAIT
-        while _count(world.config) < len(raws):
-            assert time.monotonic() < deadline, "the mail was never all stored"
-            listing = await _get(client, world, "alice", "/messages")
-            ids = [m["id"] for m in listing.json()["messages"]]
-            jobs = [_one(client, world, i, ids) for i in range(CONCURRENT)]
-            statuses += [r.status_code for r in await asyncio.gather(*jobs)]
-        await delivered
-    done.set()
-    sampler.join()
+    try:
+        delivered = asyncio.create_task(asyncio.to_thread(world.alice.deliver_many, raws))
+        limits = httpx.Limits(max_connections=CONCURRENT)
+        async with httpx.AsyncClient(base_url=world.url, timeout=WAIT, limits=limits) as client:
+            deadline = time.monotonic() + 4 * WAIT
+            while _count(world.config) < len(raws):
+                assert time.monotonic() < deadline, "the mail was never all stored"
+                listing = await _get(client, world, "alice", "/messages")
+                ids = [m["id"] for m in listing.json()["messages"]]
+                jobs = [_one(client, world, i, ids) for i in range(CONCURRENT)]
+                statuses += [r.status_code for r in await asyncio.gather(*jobs)]
+            await delivered
+    finally:
+        done.set()
+        sampler.join()
+    if failed:
+        raise failed[0]
     return statuses, partial
 
 

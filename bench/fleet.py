@@ -81,6 +81,8 @@ def _wait(check: Any, what: str, timeout: float) -> None:
 def on_postgres(accounts: int, interval: float, work: Path) -> Iterator[Path]:
     """A private PostgreSQL and the scripted server with ``accounts`` empty mailboxes, and
     the config of a daemon that polls them all every ``interval`` s; its path."""
+    if os.geteuid() != 0:
+        raise SystemExit("run as root (the private PostgreSQL runs as the postgres user)")
     boxes = [Mailbox(f"u{i}", password(i), []) for i in range(accounts)]
     with private_postgres(durable=True) as pg, ThreadedPop3Server(boxes, max_clients=256) as pop:
         secret = work / "db-password"
@@ -187,15 +189,18 @@ def main() -> int:
     parser.add_argument("--settle", type=int, default=0, help="intervals before measuring")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
-    if os.geteuid() != 0:
-        raise SystemExit("run as root (the private PostgreSQL runs as the postgres user)")
     with tempfile.TemporaryDirectory(prefix="mailingest-fleet-") as tmp:
         result = run(args.accounts, args.interval, args.intervals, Path(tmp), args.settle)
+    report(result, args.json)
+    return 0
+
+
+def report(result: dict[str, Any], path: Path | None) -> None:
+    """Print ``result`` as JSON, and write it to ``path`` too if given."""
     text = json.dumps(result, indent=2)
     print(text)
-    if args.json:
-        args.json.write_text(text + "\n")
-    return 0
+    if path:
+        path.write_text(text + "\n")
 
 
 if __name__ == "__main__":

@@ -42,7 +42,7 @@ import pstats  # noqa: E402
 sys.path[:0] = [str(BENCH), str(BENCH.parent / "tests")]
 
 from daemon_idle import TICKS  # noqa: E402
-from fleet import on_postgres  # noqa: E402
+from fleet import on_postgres, report  # noqa: E402
 
 
 def _threads_cpu() -> dict[str, tuple[str, float]]:
@@ -153,14 +153,9 @@ def main() -> int:
         result = child(config, log, args.warm, args.window, args.profile)
         out.write_text(json.dumps(result))
         return 0
-    if os.geteuid() != 0:
-        raise SystemExit("run as root (the private PostgreSQL runs as the postgres user)")
     with tempfile.TemporaryDirectory(prefix="mailingest-pollcost-") as tmp:
         result = run(args, Path(tmp))
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.json:
-        args.json.write_text(text + "\n")
+    report(result, args.json)
     return 0
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from mailingest import accounts, logs
 from mailingest.config import Config, DaemonSettings
-from mailingest.daemon import process
+from mailingest.daemon import process, timing
 from mailingest.daemon.reloads import Reloads
 from mailingest.daemon.retag import Retags
 from mailingest.daemon.roster import Roster
@@ -140,6 +140,7 @@ class Daemon:
             storage = self.config.storage
             self._store = await Store.open(storage.database, password=storage.reveal_password())
             self._store.observer = self.metrics
+            self._batch_polls()
             version, self.config = await accounts.with_stored(self.store, self.config)
             self.reloads.accounts_version = version
             logs.register_secrets(self.config.secrets())
@@ -188,6 +189,8 @@ class Daemon:
         self._stop_at = time.monotonic()
         log.info("daemon_stopping", reason=reason)
         self.stopping.set()
+        if self._store is not None:
+            self._store.batch_polls(0, 0)  # what polls still record goes out at once
         if self._owns_process:
             process.exit_at(self._by(process.EXIT_SHARE), self.config.daemon.shutdown_timeout)
         for runner in self.runners.all():
@@ -234,6 +237,8 @@ class Daemon:
             # Polls under the old gate keep their slot; new polls queue at the new size.
             self.gate = asyncio.Semaphore(new.daemon.max_concurrent)
             self._size_executor(new.daemon.max_concurrent)
+        if not self.stopping.is_set():
+            self._batch_polls()
         added, removed, changed = await self.runners.apply(new.accounts)
         # After the runners took the new settings: a poll still under the old ones is then
         # either seen in flight here, or re-tags its account itself once it ends.
@@ -252,6 +257,11 @@ class Daemon:
         """A poll of ``account`` ended: re-tag what it stored if the sharing settings changed
         meanwhile (see retag.py)."""
         await self.retags.after_poll(account)
+
+    def _batch_polls(self) -> None:
+        """The claims and records of polls close in time go out together (timing.py)."""
+        window = min(timing.BATCH_WINDOW, self.shortest_interval * timing.BATCH_SHARE)
+        self.store.batch_polls(window, self.settings.max_concurrent)
 
     def _size_executor(self, concurrency: int) -> None:
         """New worker threads for ``concurrency`` (process.worker_pool); the old ones exit

@@ -48,12 +48,13 @@ from mailingest.store import (
     api_tokens,
     health,
     ingest,
+    polls,
     read,
     records,
     state,
     tokens,
 )
-from mailingest.store._db import CHUNK, Database, Reader
+from mailingest.store._db import CHUNK, Database, Reader, now_iso
 from mailingest.store._postgres import is_postgres_url, redacted
 from mailingest.store._sqlite import BUSY_TIMEOUT_MS, SqliteDatabase
 
@@ -63,6 +64,7 @@ class Store:
 
     def __init__(self, db: Database) -> None:
         self._db = db
+        self._polls: polls.PollBatches | None = None
 
     def __repr__(self) -> str:
         return f"<Store {self._db!r}>"
@@ -81,7 +83,18 @@ class Store:
         return cls(await SqliteDatabase.open(Path(database)))
 
     async def close(self) -> None:
+        if self._polls is not None:
+            await self._polls.drain()
         await self._db.close()
+
+    def batch_polls(self, window: float, most: int) -> None:
+        """Claims and records of polls that come within ``window`` s of each other go out
+        in one statement each, at once when ``most`` wait (polls.py: a daemon's many
+        accounts; ``most``: its polls at once). ``most`` 0: each at once from now on."""
+        if self._polls is None:
+            self._polls = polls.PollBatches(self._db, window, most)
+        self._polls.window, self._polls.most = window, most
+        self._polls.flush()  # what waits under the old window goes now
 
     @property
     def spool_dir(self) -> Path:
@@ -196,6 +209,12 @@ class Store:
         force: bool = False,
         stale: str | None = None,
     ) -> Claim:
+        if self._polls is not None and due is not None and not (force or stale):
+            at, until = due
+            row = polls.ClaimRow(account, holder, ttl, state.iso(at), state.iso(until))
+            done = await self._polls.claim(row)
+            if done.done:
+                return Claim(taken=True, holder=holder, next_login=done.next_login)
         claim = await state.take_poll(
             self._db, account, holder, ttl, due=due, force=force, stale=stale
         )
@@ -228,6 +247,14 @@ class Store:
         new: int,
         holder: str | None = None,
     ) -> str | None:
+        if self._polls is not None:
+            failed = result is not Status.OK
+            row = polls.RecordRow(
+                account, owner, now_iso(), str(result), error, new, failed, holder
+            )
+            done = await self._polls.record(row)
+            if done.done:
+                return done.next_login
         return await state.record_poll(
             self._db, account, owner, result=result, error=error, new=new, holder=holder
         )

@@ -44,8 +44,8 @@ async def take_poll(
     usual claim of a free lease.
     """
     now = time.time()
-    until = _iso(due[1]) if due else None
-    at = _iso(due[0]) if due else ""
+    until = iso(due[1]) if due else None
+    at = iso(due[0]) if due else ""
     expired: str | None = None  # a holder seen with its lease expired: taken if still so
     for _ in range(3):  # a refusal explained by nothing any more: the row changed between
         rows = await db.write_one(
@@ -88,7 +88,7 @@ async def take_poll(
     raise StoreError(f"account {account!r}: its lease row keeps changing; try again")
 
 
-def _iso(when: datetime) -> str:
+def iso(when: datetime) -> str:
     """As next_poll is stored: whole seconds, so that ISO strings compare as times."""
     return when.isoformat(timespec="seconds")
 
@@ -103,7 +103,7 @@ async def overdue(db: Database, before: datetime, limit: int) -> list[tuple[str,
             "SELECT account, CASE WHEN lease_expires >= ? THEN lease_holder END"
             " FROM account_state WHERE paused = 1 OR next_poll IS NULL OR next_poll < ?"
             " ORDER BY next_poll IS NULL, next_poll DESC LIMIT ?",
-            (time.time(), _iso(before), limit),
+            (time.time(), iso(before), limit),
         )
     return [(str(name), None if holder is None else str(holder)) for name, holder in rows]
 
@@ -284,7 +284,7 @@ async def set_next_polls(
             "UPDATE account_state SET next_poll = ?"
             " WHERE account = ? AND (? OR coalesce(next_poll, '') = ?)",
             [
-                (_iso(t) if t else None, name, seen is None, (seen or {}).get(name) or "")
+                (iso(t) if t else None, name, seen is None, (seen or {}).get(name) or "")
                 for name, t in when.items()
             ],
         )

@@ -11,6 +11,7 @@ Who asked for the change (an API caller) is actors.py's; the re-tag itself, crm.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Collection
 from typing import Protocol
 
@@ -53,6 +54,7 @@ class Retags:
         #: Who changed which account's settings through the API (the audit log's actor).
         self.changed_by = ChangedBy()
         self._lock = asyncio.Lock()
+        self._changed = asyncio.Event()  # set, and replaced, when ``pending`` changes
 
     def reloaded(self, old: Config, new: Config) -> None:
         """A reload replaced ``old`` with ``new``: note the accounts whose tagging changed."""
@@ -86,6 +88,7 @@ class Retags:
             # Pending until the re-tag has committed: whoever waits for the set to empty
             # then reads the new tags.
             self.pending = left | polling | todo
+            self._note()
             self.changed_by.put_off(polling)
             if not todo:
                 return
@@ -101,9 +104,21 @@ class Retags:
                 return
             self.changed_by.done(todo)
             self.pending -= todo
+            self._note()
             self.forced -= forced
             if changed:
                 log.info("mail_retagged", accounts=changed)
+
+    async def settled(self, known: set[str], within: float) -> None:
+        """Return once no account but ``known`` waits for its re-tag, or after ``within`` s."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(within):
+                while self.pending - known:
+                    await self._changed.wait()
+
+    def _note(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
 
     async def after_poll(self, account: str) -> None:
         """A poll of ``account`` ended: re-tag it if a reload changed its sharing settings

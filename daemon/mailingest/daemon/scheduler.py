@@ -38,6 +38,10 @@ from mailingest.systemd import Notifier, watchdog_period
 
 log = logs.get_logger("mailingest.daemon")
 
+#: How long a change through the API waits for a poll under way to end before answering,
+#: so that the poll's mail is re-tagged before the answer (see accounts_changed).
+RETAG_WAIT = 5.0
+
 
 class Daemon:
     """Polls every configured account until stopped (the runners' ``RunnerHost``)."""
@@ -203,8 +207,13 @@ class Daemon:
 
     async def accounts_changed(self) -> None:
         """The API changed the accounts kept in the database: apply that now (re-tag,
-        add, remove) rather than at the next look, and return once it is applied."""
+        add, remove) rather than at the next look, and return once it is applied. An
+        account whose poll is still under way under the old settings is re-tagged once
+        that poll ends: waited for too, up to RETAG_WAIT s (a poll storing much mail may
+        take longer; its re-tag then follows the answer)."""
+        before = set(self.retag_pending)
         await self.reloads.now()
+        await self.retags.settled(before, RETAG_WAIT)
 
     def changing(self, account: str, actor: str) -> contextlib.AbstractContextManager[None]:
         """An API request changes ``account``'s settings: its re-tag is ``actor``'s."""

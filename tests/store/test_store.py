@@ -347,12 +347,14 @@ async def test_a_wrong_postgresql_password_is_a_store_error_naming_the_database(
 async def test_postgresql_notifies_account_changes_to_other_connections(
     postgres_at: StoreAt,
 ) -> None:
-    """A watcher that would poll only every minute wakes as soon as another store commits."""
+    """A watcher wakes as soon as another store commits, and looks once when it starts to
+    listen (for what changed before); it looks for nothing in between."""
     watcher, writer = await postgres_at.open(), await postgres_at.open()
-    changes = watcher.account_changes(every=60.0)
+    changes = watcher.account_changes(every=0.1)
     try:
+        await asyncio.wait_for(anext(changes), 10)  # LISTEN is in place
         pending = asyncio.ensure_future(anext(changes))
-        await asyncio.sleep(0.5)  # LISTEN is in place
+        await asyncio.sleep(0.5)
         assert not pending.done()
         row = StoredAccount("mine", "alice", {"host": "h"}, password="sealed")
         assert await writer.add_account(row)

@@ -220,8 +220,9 @@ class Database(abc.ABC):
     async def close(self) -> None: ...
 
     async def changes(self, channel: str, every: float) -> AsyncGenerator[None, None]:
-        """Yields when something may have changed on ``channel``: at the latest every
-        ``every`` seconds (backends with notifications also at once)."""
+        """Yields when something may have changed on ``channel``: every ``every`` seconds
+        (a backend with notifications instead at once, and once each time it starts to
+        listen, for what changed before)."""
         while True:
             await asyncio.sleep(every)
             yield

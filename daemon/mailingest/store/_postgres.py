@@ -39,6 +39,8 @@ if TYPE_CHECKING:
 _MIGRATION_LOCK = 0x6D61696C  # "mail"
 CONNECT_TIMEOUT = 10
 LOCK_TIMEOUT_MS = 10_000
+#: While listening, what changed is also looked for this often (seconds; see changes).
+LISTEN_CHECK = 30.0
 #: Bytes of raw message chunks sent in one pipelined batch.
 CHUNK_BATCH = 4 * 1024 * 1024
 #: A snapshot: one committed state for all its statements, and nothing written.
@@ -211,8 +213,11 @@ class PostgresDatabase(Database):
 
     async def changes(self, channel: str, every: float) -> AsyncGenerator[None, None]:
         # LISTEN on a connection of its own: a NOTIFY committed by any process wakes us
-        # at once; the timeout still yields every ``every`` s (a notification sent while
-        # this connection was being replaced is never lost for longer than that).
+        # at once. What changed before LISTEN took hold (at the start, or while this
+        # connection was being replaced) is seen by the yield right after it; beyond that a
+        # look every ``every`` s would find nothing, and it cost an idle daemon more than
+        # anything else it did. A look every LISTEN_CHECK s stays, for a connection that
+        # died without a word.
         while True:
             try:
                 conn = await self._connect()
@@ -222,8 +227,9 @@ class PostgresDatabase(Database):
                 continue
             try:
                 await conn.execute(f"LISTEN {channel}")
+                yield
                 while True:
-                    async for _ in conn.notifies(timeout=every, stop_after=1):
+                    async for _ in conn.notifies(timeout=LISTEN_CHECK, stop_after=1):
                         pass
                     yield
             except _driver().Error:

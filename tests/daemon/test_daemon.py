@@ -16,9 +16,10 @@ from typing import Any
 from builders import loopback_account, make_message
 from daemon_support import events, running, until
 from dovecot import free_port
-from mailingest import commands
+from mailingest import commands, lease
 from mailingest.config import Account, load_config
 from mailingest.daemon import Daemon
+from mailingest.daemon import runner as runner_module
 from mailingest.fetch import FetchResult, fetch_account
 from mailingest.logs import capture
 from mailingest.retry import Backoff
@@ -391,3 +392,37 @@ def test_the_daemon_raises_its_open_file_limit_to_the_hard_limit() -> None:
     )
     expected = min(hard, 65536) if hard != resource.RLIM_INFINITY else 65536
     assert int(done.stdout) == max(256, expected)
+
+
+async def test_a_reload_while_a_poll_is_being_claimed_retags_what_that_poll_stores(
+    tmp_path: Path, monkeypatch: Any
+) -> None:
+    """A claim may wait for its batch (store/polls.py): a reload to `public` meanwhile finds
+    the poll under way already, puts the re-tag off to its end, and what it stored under
+    `private` is re-tagged then, not left tagged the old way."""
+    messages = [make_message(i) for i in range(1, 3)]
+    server = Pop3TestServer([Mailbox("u", PASSWORD, list(messages))])
+    claiming, go_on = asyncio.Event(), asyncio.Event()
+
+    async def held_claim(*args: Any, **kwargs: Any) -> Any:
+        claiming.set()
+        await go_on.wait()
+        return await lease.take_poll(*args, **kwargs)
+
+    monkeypatch.setattr(runner_module, "take_poll", held_claim)
+    async with server:
+        config = config_file(tmp_path, [account(server.port, "a")], poll_interval="1h")
+        csv = "id,kind,email,name\nL1,lead,lead@example.org,Lead\n"
+        await commands.records_import(load_config(config), csv, "records.csv")
+        daemon = Daemon(load_config(config), config, backoff=FAST)
+        with capture() as logs:
+            async with running(daemon):
+                await until(claiming.is_set, "the claim")
+                config_file(tmp_path, [account(server.port, "a", sharing="public")])
+                daemon.reload()
+                await until(lambda: "a" in daemon.retag_pending, "the re-tag put off")
+                go_on.set()
+                await until(lambda: bool(events(logs, "poll_completed", "a")), "the poll's end")
+                await until(lambda: not daemon.retag_pending, "the re-tag after the poll")
+                seen = await daemon.store.messages("bob")
+    assert [(m.visibility, m.reason) for m in seen] == [("shared", "public")] * len(messages)

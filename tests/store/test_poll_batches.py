@@ -33,7 +33,11 @@ async def counted(
     def counting(kind: str, send: Callable[..., Awaitable[list[polls.Done]]]) -> Any:
         async def wrapped(db: Any, rows: Sequence[Any]) -> list[polls.Done]:
             sent.append((kind, len(rows)))
-            return await send(db, rows)
+            try:
+                return await send(db, rows)
+            except StoreError:
+                sent.append((f"{kind} failed", len(rows)))
+                raise
 
         return wrapped
 
@@ -203,20 +207,72 @@ async def test_closing_the_store_sends_what_waits(store_at: StoreAt) -> None:
     assert store_at.query("SELECT lease_holder FROM account_state") == [("h1",)]
 
 
-async def test_a_failed_batch_is_each_callers_own_store_error(
-    store: Store, monkeypatch: pytest.MonkeyPatch
+async def test_a_failed_batch_leaves_each_row_to_its_own_statement(
+    counted: tuple[Store, list[tuple[str, int]]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """A batch that fails (a deadlock with another daemon's, a row that cannot be written)
+    fails no poll: each row goes alone, and meets the error itself if it lasts."""
+    store, sent = counted
+
     async def failing(db: Any, rows: Sequence[Any]) -> list[polls.Done]:
-        raise StoreError("the database went away")
+        sent.append(("failed", len(rows)))
+        raise StoreError("deadlock detected")
 
     monkeypatch.setattr(polls, "take_polls", failing)
+    monkeypatch.setattr(polls, "record_polls", failing)
     store.batch_polls(0.05, 1000)
-    errors = await asyncio.gather(
-        *(store.take_poll(f"a{i}", f"h{i}", 60, due=(NOW, LATER)) for i in range(3)),
-        return_exceptions=True,
+    claims = await asyncio.gather(
+        *(store.take_poll(f"a{i}", f"h{i}", 60, due=(NOW, LATER)) for i in range(3))
     )
-    assert all(isinstance(e, StoreError) for e in errors)
-    assert len({id(e) for e in errors}) == 3  # one each: a caller may add its account
+    assert [c.taken for c in claims] == [True] * 3
+    await asyncio.gather(
+        *(
+            store.record_poll(f"a{i}", "o", result=Status.OK, error=None, new=0, holder=f"h{i}")
+            for i in range(3)
+        )
+    )
+    assert sent == [("failed", 3), ("failed", 3)]
+    assert [(await store.take_poll(f"a{i}", "next", 60)).taken for i in range(3)] == [True] * 3
+
+
+async def test_two_daemons_batching_the_same_accounts_each_take_a_poll_once(
+    counted: tuple[Store, list[tuple[str, int]]], store_at: StoreAt
+) -> None:
+    """Two stores (two daemons) claim and record the same accounts in batches, in
+    opposite orders, round after round: every poll is taken by exactly one of them, and
+    nothing fails (their batches lock rows in one order)."""
+    store, sent = counted
+    other = await store_at.open()
+    try:
+        for s in (store, other):
+            s.batch_polls(0.05, 1000)
+        names = [f"acct-{i:02}" for i in range(12)]
+
+        async def poll(s: Store, name: str, holder: str, due: tuple[datetime, datetime]) -> int:
+            claim = await s.take_poll(name, holder, 60, due=due)
+            if claim.taken:
+                await s.record_poll(
+                    name, "o", result=Status.OK, error=None, new=0, holder=claim.holder
+                )
+            return int(claim.taken)
+
+        for round_ in range(4):
+            due = (NOW + timedelta(minutes=10 * round_), LATER + timedelta(minutes=10 * round_))
+            taken = await asyncio.wait_for(
+                asyncio.gather(
+                    *(poll(store, n, f"a-{n}-{round_}", due) for n in names),
+                    *(poll(other, n, f"b-{n}-{round_}", due) for n in reversed(names)),
+                ),
+                WAIT_S,
+            )
+            by_name = [taken[i] + taken[2 * len(names) - 1 - i] for i in range(len(names))]
+            assert by_name == [1] * len(names), round_
+        assert [kind for kind, _ in sent if "failed" in kind] == []  # no deadlock, say
+        assert store_at.query("SELECT count(*) FROM account_state WHERE lease_holder IS NULL") == [
+            (len(names),)
+        ]
+    finally:
+        await other.close()
 
 
 async def test_a_cancelled_claim_leaves_nothing_whether_sent_or_not(

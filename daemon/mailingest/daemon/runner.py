@@ -247,25 +247,31 @@ class AccountRunner:
         if self.done or self.generation != generation:
             raise Interrupted
         account = self.polled = self.account
-        async with host.gate:
-            if self.done or self.generation != generation:
-                raise Interrupted
-            # Under the gate: the claim moves the next poll an interval ahead from the
-            # moment this poll really starts, not from when it began to wait for a slot.
-            claim = await self._claim(generation)
-            self.lag = max(0.0, asyncio.get_running_loop().time() - self.due)
-            self.in_flight = True
-            host.status_changed()
-            try:
-                result = await host.fetch(
-                    account,
-                    host.store,
-                    max_sessions=host.settings.max_sessions_per_cycle,
-                    log_failure=False,  # logged here, with the wait before the next attempt
-                    claim=claim,
-                )
-            finally:
-                self.in_flight = False
+        try:
+            async with host.gate:
+                if self.done or self.generation != generation:
+                    raise Interrupted
+                # From its claim on, the poll is under way: a re-tag waits for its end (it
+                # tags what it stores the way ``account`` says), and so does a stop.
+                self.in_flight = True
+                try:
+                    # Under the gate: the claim moves the next poll an interval ahead from
+                    # the moment this poll really starts, not from when it began to wait.
+                    claim = await self._claim(generation)
+                    self.lag = max(0.0, asyncio.get_running_loop().time() - self.due)
+                    host.status_changed()
+                    result = await host.fetch(
+                        account,
+                        host.store,
+                        max_sessions=host.settings.max_sessions_per_cycle,
+                        log_failure=False,  # logged here, with the wait before the next attempt
+                        claim=claim,
+                    )
+                finally:
+                    self.in_flight = False
+        except (Interrupted, ClaimedElsewhere):
+            await host.retag_after_poll(self.name)  # one that waited for this claim
+            raise
         # A reload may have changed the sharing settings during this poll, which tagged what
         # it stored the old way: re-tagged now that it is over (or a failed re-tag retried).
         await host.retag_after_poll(self.name)

@@ -144,8 +144,8 @@ class Daemon:
             storage = self.config.storage
             self._store = await Store.open(storage.database, password=storage.reveal_password())
             self._store.observer = self.metrics
-            self._batch_polls()
             version, self.config = await accounts.with_stored(self.store, self.config)
+            self._batch_polls()  # from every account's interval, the database's too
             self.reloads.accounts_version = version
             logs.register_secrets(self.config.secrets())
             await self.retags.sync()  # settings changed while stopped: re-tag before polling

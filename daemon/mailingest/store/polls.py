@@ -17,7 +17,6 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Generic, NamedTuple, TypeVar
 
-from mailingest.errors import StoreError
 from mailingest.store._db import Database
 
 #: The most rows one statement carries (a batch that fills up goes at once).
@@ -92,19 +91,13 @@ class Batch(Generic[_Item]):
     async def _answer(self, batch: list[tuple[_Item, asyncio.Future[Done]]]) -> None:
         try:
             answers = await self._send([item for item, _ in batch])
-        except Exception as exc:  # each caller sees the error, as with a statement of its own
-            for _, future in batch:
-                if not future.done():
-                    future.set_exception(_copy(exc))
-            return
+        except Exception:
+            # Each row then goes alone, and meets the error itself if it lasts (a database
+            # gone), or not (a deadlock with another daemon's batch, a row that failed).
+            answers = [Done(False, None)] * len(batch)
         for (_, future), answer in zip(batch, answers, strict=True):
             if not future.done():  # else its caller was cancelled
                 future.set_result(answer)
-
-
-def _copy(exc: Exception) -> Exception:
-    """One exception object per caller: a caller may add to it (the account's name)."""
-    return StoreError(str(exc)) if isinstance(exc, StoreError) else exc
 
 
 class PollBatches:
@@ -164,6 +157,7 @@ async def take_polls(db: Database, rows: Sequence[ClaimRow]) -> list[Done]:
     """State.take_poll's statement for many due claims at once: each row's lease and next
     poll, where its account is due, not paused and its lease free (or new)."""
     now = time.time()
+    ordered = sorted(rows)  # every daemon locks rows in one order: no deadlock between them
     taken = await db.write_one(
         "taking the account leases",
         "INSERT INTO account_state (account, next_poll, lease_holder, lease_expires) VALUES "
@@ -177,7 +171,7 @@ async def take_polls(db: Database, rows: Sequence[ClaimRow]) -> list[Done]:
         " RETURNING account, next_login",
         # A row claimed later than it asked is still due: the latest "now" of the batch
         # refuses only what every one of them would.
-        [v for r in rows for v in (r.account, r.until, r.holder, now + r.ttl)]
+        [v for r in ordered for v in (r.account, r.until, r.holder, now + r.ttl)]
         + [max(r.at for r in rows)],
         durable=False,
     )
@@ -186,6 +180,7 @@ async def take_polls(db: Database, rows: Sequence[ClaimRow]) -> list[Done]:
 
 async def record_polls(db: Database, rows: Sequence[RecordRow]) -> list[Done]:
     """State.record_poll's statement for many polls at once, where each row exists."""
+    ordered = sorted(rows)  # as in take_polls
     recorded = await db.write_one(
         "recording the poll results",
         "UPDATE account_state SET owner = v.column2, last_poll = v.column3,"
@@ -201,7 +196,7 @@ async def record_polls(db: Database, rows: Sequence[RecordRow]) -> list[Done]:
         + ",".join(["(?,?,?,?,?,?,?,?)"] * len(rows))
         + ") AS v WHERE account_state.account = v.column1"
         " RETURNING account_state.account, account_state.next_login",
-        [v for r in rows for v in (*r[:6], int(r.failed), r.holder)],
+        [v for r in ordered for v in (*r[:6], int(r.failed), r.holder)],
         durable=False,
     )
     return _answers([r.account for r in rows], recorded)

@@ -58,6 +58,14 @@ class Recorder:
         return len(self.starts.get(name, []))
 
 
+async def private_with_a_lead(tmp_path: Path, port: int) -> Daemon:
+    """A daemon polling account "a" (private, hourly) of a store that knows one lead."""
+    config = config_file(tmp_path, [account(port, "a")], poll_interval="1h")
+    csv = "id,kind,email,name\nL1,lead,lead@example.org,Lead\n"
+    await commands.records_import(load_config(config), csv, "records.csv")
+    return Daemon(load_config(config), config, backoff=FAST)
+
+
 async def status(config: Path) -> dict[str, dict[str, Any]]:
     return {row["account"]: row for row in await commands.status(load_config(config))}
 
@@ -351,10 +359,7 @@ async def test_mail_a_poll_stores_under_old_sharing_settings_is_retagged_when_it
     faults = Faults(per_session=lambda n: Faults(delay={"RETR 3": 3.0}) if n == 0 else Faults())
     server = Pop3TestServer([Mailbox("u", PASSWORD, list(messages))], faults)
     async with server:
-        config = config_file(tmp_path, [account(server.port, "a")], poll_interval="1h")
-        csv = "id,kind,email,name\nL1,lead,lead@example.org,Lead\n"
-        await commands.records_import(load_config(config), csv, "records.csv")
-        daemon = Daemon(load_config(config), config, backoff=FAST)
+        daemon = await private_with_a_lead(tmp_path, server.port)
         with capture() as logs:
             async with running(daemon):
                 await until(lambda: server.commands_seen("RETR 3") > 0, "the slow retrieval")
@@ -411,10 +416,7 @@ async def test_a_reload_while_a_poll_is_being_claimed_retags_what_that_poll_stor
 
     monkeypatch.setattr(runner_module, "take_poll", held_claim)
     async with server:
-        config = config_file(tmp_path, [account(server.port, "a")], poll_interval="1h")
-        csv = "id,kind,email,name\nL1,lead,lead@example.org,Lead\n"
-        await commands.records_import(load_config(config), csv, "records.csv")
-        daemon = Daemon(load_config(config), config, backoff=FAST)
+        daemon = await private_with_a_lead(tmp_path, server.port)
         with capture() as logs:
             async with running(daemon):
                 await until(claiming.is_set, "the claim")

@@ -68,15 +68,19 @@ class Batch(Generic[_Item]):
         self.pending[key] = (item, future)
         return future
 
-    def start(self) -> asyncio.Task[None] | None:
-        """Send what is pending; the task that does, if anything was."""
+    @property
+    def sending(self) -> set[asyncio.Task[None]]:
+        """The statements under way."""
+        return set(self._sent)
+
+    def start(self) -> None:
+        """Send what is pending, if anything is."""
         if not self.pending:
-            return None
+            return
         batch, self.pending = list(self.pending.values()), {}
         task = asyncio.ensure_future(self._answer(batch))
         self._sent[task] = [future for _, future in batch]
         task.add_done_callback(self._sent.pop)
-        return task
 
     def forget(self, key: str, future: asyncio.Future[Done]) -> None:
         """Its caller was cancelled: a row not sent yet is dropped, and a statement that
@@ -111,7 +115,6 @@ class PollBatches:
         self.claims = Batch[ClaimRow](lambda rows: take_polls(db, rows))
         self.records = Batch[RecordRow](lambda rows: record_polls(db, rows))
         self._timer: asyncio.TimerHandle | None = None
-        self._sending: set[asyncio.Task[None]] = set()
 
     async def claim(self, row: ClaimRow) -> Done:
         return await self._submit(self.claims, row.account, row)
@@ -138,19 +141,16 @@ class PollBatches:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        for batch in (self.claims, self.records):
-            task = batch.start()
-            if task is not None:
-                self._sending.add(task)
-                task.add_done_callback(self._sending.discard)
+        self.claims.start()
+        self.records.start()
 
     async def drain(self) -> None:
         """Send every row at once from now on, and wait for what is under way (before the
         store closes)."""
         self.most = 0
         self.flush()
-        while self._sending:
-            await asyncio.wait(set(self._sending))
+        while sending := self.claims.sending | self.records.sending:
+            await asyncio.wait(sending)
 
 
 async def take_polls(db: Database, rows: Sequence[ClaimRow]) -> list[Done]:
